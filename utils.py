@@ -1,0 +1,271 @@
+"""Shared plumbing for the scripts: settings, run folders, logging, checkpoints, metrics."""
+import ast
+import csv
+import datetime
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(Exception):
+    """A problem with the user's input or settings: printed as one line, without a traceback."""
+
+
+# ---------------------------------------------------------------- settings
+
+def _literal(text):
+    """Parse a command-line value: a Python literal if it is one, else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(name, value, default):
+    """Check an override against the type of its default (ints are accepted for floats)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    elif isinstance(value, type(default)):
+        return value
+    elif isinstance(default, str) and isinstance(value, (int, float)):
+        return str(value)
+    elif isinstance(value, str) and isinstance(default, (int, float)):
+        raise UserError(f'--{name}={value!r}: expected a {type(default).__name__}')
+    else:
+        return value
+    raise UserError(f'--{name}={value!r}: expected a {type(default).__name__}')
+
+
+def read_config_file(path, known):
+    """Read NAME = literal lines from a config .py file without executing it."""
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError) as e:
+        raise UserError(f'config file {path}: {e}') from None
+    values = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f'config file {path}, line {node.lineno}: only NAME = value lines are allowed')
+        name = node.targets[0].id
+        if name not in known:
+            raise UserError(f'config file {path}: unknown setting {name} (known: {", ".join(sorted(known))})')
+        try:
+            values[name] = ast.literal_eval(node.value)
+        except ValueError:
+            raise UserError(f'config file {path}, line {node.lineno}: {name} must be a literal') from None
+    return values
+
+
+def parse_settings(defaults, argv):
+    """Resolve settings: defaults, then an optional config .py file (first argument), then --NAME=value."""
+    cfg = dict(defaults)
+    args = list(argv)
+    if args and not args[0].startswith('--'):
+        cfg.update({k: _coerce(k, v, defaults[k]) for k, v in read_config_file(args.pop(0), defaults).items()})
+    for arg in args:
+        if not arg.startswith('--') or '=' not in arg:
+            raise UserError(f'cannot parse argument {arg!r}: use --NAME=value')
+        name, text = arg[2:].split('=', 1)
+        if name not in defaults:
+            raise UserError(f'unknown setting --{name} (known: {", ".join(sorted(defaults))})')
+        cfg[name] = _coerce(name, _literal(text), defaults[name])
+    return cfg
+
+
+def settings_of(module_globals):
+    """The UPPERCASE constants of a script, as a dict of defaults."""
+    plain = (int, float, str, bool, list, tuple, type(None))
+    return {k: v for k, v in module_globals.items() if k.isupper() and not k.startswith('_') and isinstance(v, plain)}
+
+
+def run_cli(main, defaults):
+    """Entry point of a script: parse sys.argv, run main(**settings), print user errors as one line."""
+    try:
+        main(**parse_settings(defaults, sys.argv[1:]))
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted: the last checkpoint is kept; rerun with --RESUME=<run folder> to continue',
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def check_settings(cfg, defaults):
+    """Reject unknown keyword settings passed to main(**overrides)."""
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise UserError(f'unknown setting(s) {", ".join(unknown)} (known: {", ".join(sorted(defaults))})')
+    return {**defaults, **cfg}
+
+
+# ---------------------------------------------------------------- run folders and logs
+
+def git_commit():
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or 'unknown'
+    except (OSError, subprocess.SubprocessError):
+        return 'unknown'
+
+
+def default_device():
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+class Run:
+    """A run folder runs/<script>-<timestamp>[-tag]/ with config.json, log.txt and metrics.csv."""
+
+    def __init__(self, script, cfg, root='runs', tag='', path=None):
+        if path is None:
+            stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')
+            path = os.path.join(root, f'{script}-{stamp}' + (f'-{tag}' if tag else ''))
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+        self.quiet = False
+        with open(self.file('config.json'), 'w') as f:
+            json.dump(cfg, f, indent=1, default=str)
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def log(self, text):
+        if not self.quiet:
+            print(text, flush=True)
+        with open(self.file('log.txt'), 'a') as f:
+            f.write(text + '\n')
+
+    def header(self, cfg, device):
+        self.log(f'run folder {self.path}')
+        self.log(f'git {git_commit()}  python {platform.python_version()}  torch {torch.__version__}  '
+                 f'cuda {torch.version.cuda}  device {device}'
+                 + (f' ({torch.cuda.get_device_name(device)})' if str(device).startswith('cuda') else ''))
+        for k, v in cfg.items():
+            self.log(f'  {k} = {v!r}')
+
+    def metrics_row(self, row, name='metrics.csv'):
+        """Append one row (a dict) to a CSV, writing the header on first use."""
+        path = self.file(name)
+        new = not os.path.exists(path)
+        with open(path, 'a', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def truncate_metrics(self, epochs_done, name='metrics.csv'):
+        """On resume, drop rows of epochs that the checkpoint does not contain."""
+        path = self.file(name)
+        if not os.path.exists(path):
+            return
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+        keep = [r for r in rows if int(r['epoch']) < epochs_done]
+        if rows:
+            with open(path, 'w', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(keep)
+
+
+def progress(iterable, total=None, desc=None):
+    """tqdm progress bar when the output is a terminal, the plain iterable otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=False)
+    return iterable
+
+
+# ---------------------------------------------------------------- checkpoints and randomness
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise UserError(f'checkpoint {path} does not exist')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise UserError(f'checkpoint {path} cannot be read: {e}') from None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states():
+    states = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states['cuda'] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states):
+    random.setstate(states['python'])
+    np.random.set_state(states['numpy'])
+    torch.set_rng_state(states['torch'])
+    if 'cuda' in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+# ---------------------------------------------------------------- metrics
+
+def binary_metrics(labels, prob_malignant, threshold=0.5):
+    """Accuracy, sensitivity, specificity, F1 and ROC AUC in percent; malignant (1) is positive."""
+    from sklearn.metrics import roc_auc_score
+    y = np.asarray(labels).astype(int)
+    p = np.asarray(prob_malignant, dtype=float)
+    pred = (p >= threshold).astype(int)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    fn = int(((pred == 0) & (y == 1)).sum())
+
+    def ratio(a, b):
+        return 100.0 * a / b if b else float('nan')
+    auc = 100.0 * roc_auc_score(y, p) if len(set(y.tolist())) == 2 else float('nan')
+    return {'acc': ratio(tp + tn, len(y)), 'sens': ratio(tp, tp + fn), 'spec': ratio(tn, tn + fp),
+            'f1': ratio(2 * tp, 2 * tp + fp + fn), 'auc': auc}
+
+
+METRIC_NAMES = ('acc', 'sens', 'spec', 'f1', 'auc')
+
+
+def results_table(rows, keys=METRIC_NAMES, extra=()):
+    """Per-fold rows ({'fold': f, metric: value}) and a mean +/- std line, as text."""
+    cols = list(keys) + list(extra)
+    lines = ['fold  ' + ''.join(f'{k:>14}' for k in cols)]
+    for r in rows:
+        lines.append(f'{r["fold"]!s:<6}' + ''.join(f'{r[k]:>14.2f}' for k in cols))
+    if rows:
+        stats = []
+        for k in cols:
+            v = np.array([r[k] for r in rows], dtype=float)
+            stats.append(f'{np.nanmean(v):>7.2f} ± {np.nanstd(v):<4.2f}')
+        lines.append('mean  ' + ''.join(f'{s:>14}' for s in stats))
+    return '\n'.join(lines)
