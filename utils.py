@@ -73,20 +73,20 @@ def read_config_file(path, known):
     return values
 
 
-def parse_settings(defaults, argv):
-    """Resolve settings: defaults, then an optional config .py file (first argument), then --NAME=value."""
-    cfg = dict(defaults)
+def parse_overrides(defaults, argv):
+    """Settings given on the command line: an optional config .py file (first argument), then --NAME=value."""
+    given = {}
     args = list(argv)
     if args and not args[0].startswith('--'):
-        cfg.update({k: _coerce(k, v, defaults[k]) for k, v in read_config_file(args.pop(0), defaults).items()})
+        given.update({k: _coerce(k, v, defaults[k]) for k, v in read_config_file(args.pop(0), defaults).items()})
     for arg in args:
         if not arg.startswith('--') or '=' not in arg:
             raise UserError(f'cannot parse argument {arg!r}: use --NAME=value')
         name, text = arg[2:].split('=', 1)
         if name not in defaults:
             raise UserError(f'unknown setting --{name} (known: {", ".join(sorted(defaults))})')
-        cfg[name] = _coerce(name, _literal(text), defaults[name])
-    return cfg
+        given[name] = _coerce(name, _literal(text), defaults[name])
+    return given
 
 
 def settings_of(module_globals):
@@ -96,9 +96,9 @@ def settings_of(module_globals):
 
 
 def run_cli(main, defaults):
-    """Entry point of a script: parse sys.argv, run main(**settings), print user errors as one line."""
+    """Entry point of a script: parse sys.argv, run main(**overrides), print user errors as one line."""
     try:
-        main(**parse_settings(defaults, sys.argv[1:]))
+        main(**parse_overrides(defaults, sys.argv[1:]))
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
@@ -108,12 +108,12 @@ def run_cli(main, defaults):
         sys.exit(130)
 
 
-def check_settings(cfg, defaults):
-    """Reject unknown keyword settings passed to main(**overrides)."""
-    unknown = sorted(set(cfg) - set(defaults))
+def check_settings(overrides, defaults):
+    """Defaults updated with main(**overrides); unknown names and wrong types are rejected."""
+    unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise UserError(f'unknown setting(s) {", ".join(unknown)} (known: {", ".join(sorted(defaults))})')
-    return {**defaults, **cfg}
+    return {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in overrides.items()}}
 
 
 # ---------------------------------------------------------------- run folders and logs
