@@ -1,0 +1,84 @@
+"""The retrain network: a stack of cells fixed by a genotype (no auxiliary head)."""
+import torch
+from torch import nn
+
+from operations import FactorizedReduce, ReLUConvBN, make_op
+
+
+def drop_path(x, drop_prob):
+    """Zero whole samples with probability drop_prob and rescale the rest by 1/keep.
+    x: (N, C, D, H, W); one Bernoulli draw per sample."""
+    keep = 1.0 - drop_prob
+    mask = torch.empty(x.shape[0], 1, 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(keep)
+    return x * mask / keep
+
+
+class Cell(nn.Module):
+    """One discrete cell. Inputs s0 (N, C_prev_prev, ...) and s1 (N, C_prev, ...) from the two
+    previous cells; output (N, len(concat) * C, D', H', W'), D' = D/2 in a reduction cell."""
+
+    def __init__(self, genotype, C_prev_prev, C_prev, C, reduction, reduction_prev):
+        super().__init__()
+        # s0 comes from two cells back: if the previous cell reduced, it is twice as large.
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=True)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=True)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=True)
+        edges = genotype.reduce if reduction else genotype.normal
+        self.concat = list(genotype.reduce_concat if reduction else genotype.normal_concat)
+        self.reduction = reduction
+        self.multiplier = len(self.concat)
+        self.steps = len(edges) // 2
+        # Only edges from the cell inputs (states 0, 1) change the resolution.
+        self.ops = nn.ModuleList(
+            make_op(name, C, 2 if reduction and j < 2 else 1, affine=True) for name, j in edges)
+        self.indices = [j for _, j in edges]
+
+    def forward(self, s0, s1, drop_prob):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for i in range(self.steps):
+            node = 0
+            for e in (2 * i, 2 * i + 1):
+                op = self.ops[e]
+                h = op(states[self.indices[e]])
+                if self.training and drop_prob > 0 and not isinstance(op, nn.Identity):
+                    h = drop_path(h, drop_prob)
+                node = node + h
+            states.append(node)
+        return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class NetworkLUNA(nn.Module):
+    """Stem, `layers` cells (reductions at layers//3 and 2*layers//3), global average pool, linear.
+    (N, 1, D, H, W) -> (N, num_classes) logits; D, H, W divisible by 4 keep every shape exact.
+    Set `model.drop_path_prob` per epoch; it acts only in training mode."""
+
+    def __init__(self, C, num_classes, layers, genotype, drop_path_prob=0.0, stem_multiplier=3):
+        super().__init__()
+        self.drop_path_prob = drop_path_prob
+        C_curr = stem_multiplier * C
+        self.stem = nn.Sequential(
+            nn.Conv3d(1, C_curr, 3, padding=1, bias=False),
+            nn.BatchNorm3d(C_curr),
+        )
+        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(layers):
+            reduction = i in (layers // 3, 2 * layers // 3)
+            if reduction:
+                C_curr *= 2
+            cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+            self.cells.append(cell)
+            reduction_prev = reduction
+            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
+        self.global_pooling = nn.AdaptiveAvgPool3d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+    def forward(self, x):
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+        out = self.global_pooling(s1).flatten(1)            # (N, C_prev)
+        return self.classifier(out)

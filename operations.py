@@ -1,0 +1,161 @@
+"""Candidate operations of the 3D cells and the cell preprocessing blocks.
+
+Every candidate op is built as OP(C, stride, affine) and maps (N, C, D, H, W) to
+(N, C, ceil(D/stride), ceil(H/stride), ceil(W/stride)). All depthwise convolutions go through
+dwconv3d.DepthwiseConv3d, the single place where the fast GPU kernels plug in.
+"""
+import re
+
+import torch
+from torch import nn
+
+from dwconv3d import DepthwiseConv3d
+from utils import UserError
+
+
+def same_padding(kernel_size, dilation=1):
+    """Padding that keeps the spatial size at stride 1 (odd kernels)."""
+    return dilation * (kernel_size - 1) // 2
+
+
+class ReLUConvBN(nn.Sequential):
+    """ReLU, dense Conv3d (no bias), BN. Used for the 1x1x1 cell preprocessing."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv3d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm3d(C_out, affine=affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU, depthwise kxkxk conv (carries stride and dilation), pointwise 1x1x1 conv, BN."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, dilation, affine=True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            DepthwiseConv3d(C_in, kernel_size, stride, same_padding(kernel_size, dilation), dilation),
+            nn.Conv3d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm3d(C_out, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Two stacked DilConv blocks with dilation 1; only the first carries the stride."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, affine=True):
+        super().__init__(
+            DilConv(C_in, C_in, kernel_size, stride, 1, affine),
+            DilConv(C_in, C_out, kernel_size, 1, 1, affine),
+        )
+
+
+class MBConv(nn.Sequential):
+    """Inverted bottleneck without residual: expand 1x1x1 + BN + ReLU6, depthwise kxkxk
+    (carries the stride) + BN + ReLU6, project 1x1x1 + BN. Hidden width = C_in * expansion."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, expansion, affine=True):
+        hidden = C_in * expansion
+        super().__init__(
+            nn.Conv3d(C_in, hidden, 1, bias=False),
+            nn.BatchNorm3d(hidden, affine=affine),
+            nn.ReLU6(inplace=False),
+            DepthwiseConv3d(hidden, kernel_size, stride, same_padding(kernel_size)),
+            nn.BatchNorm3d(hidden, affine=affine),
+            nn.ReLU6(inplace=False),
+            nn.Conv3d(hidden, C_out, 1, bias=False),
+            nn.BatchNorm3d(C_out, affine=affine),
+        )
+
+
+class Zero(nn.Module):
+    """The 'none' op: zeros of the output shape (subsampled by stride)."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        s = self.stride
+        return x[:, :, ::s, ::s, ::s].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Halve D, H, W with two 1x1x1 stride-2 convs, the second on x shifted by one voxel on every
+    spatial axis, so together they see every voxel; outputs concatenated on channels, then BN.
+    (N, C_in, D, H, W) -> (N, C_out, ceil(D/2), ceil(H/2), ceil(W/2)).
+    """
+
+    def __init__(self, C_in, C_out, affine=True):
+        super().__init__()
+        # Odd C_out (e.g. PC-DARTS partial channels) gives the first conv the extra channel.
+        c_second = C_out // 2
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv3d(C_in, C_out - c_second, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv3d(C_in, c_second, 1, stride=2, bias=False) if c_second else None
+        self.bn = nn.BatchNorm3d(C_out, affine=affine)
+
+    def forward(self, x):
+        x = self.relu(x)
+        out = self.conv_1(x)
+        if self.conv_2 is not None:
+            # Shift by one voxel and pad the far end so odd sizes give the same output size.
+            shifted = nn.functional.pad(x[:, :, 1:, 1:, 1:], (0, 1, 0, 1, 0, 1))
+            out = torch.cat([out, self.conv_2(shifted)], dim=1)
+        return self.bn(out)
+
+
+def _skip(C, stride, affine):
+    return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine)
+
+
+# Fixed-name candidate ops: name -> constructor(C, stride, affine).
+OPS = {
+    'none': lambda C, stride, affine: Zero(stride),
+    'max_pool_3x3x3': lambda C, stride, affine: nn.MaxPool3d(3, stride=stride, padding=1),
+    'avg_pool_3x3x3': lambda C, stride, affine: nn.AvgPool3d(
+        3, stride=stride, padding=1, count_include_pad=False),
+    'skip_connect': _skip,
+    'sep_conv_3x3x3': lambda C, stride, affine: SepConv(C, C, 3, stride, affine),
+    'sep_conv_5x5x5': lambda C, stride, affine: SepConv(C, C, 5, stride, affine),
+    'dil_conv_3x3x3': lambda C, stride, affine: DilConv(C, C, 3, stride, 2, affine),
+    'dil_conv_5x5x5': lambda C, stride, affine: DilConv(C, C, 5, stride, 2, affine),
+}
+
+# MBConv_{k}x{k}x{k}_{e}: kernel k (same on all axes), expansion ratio e.
+MBCONV_PATTERN = re.compile(r'MBConv_(\d+)x(\d+)x(\d+)_(\d+)')
+MBCONV_FORMAT = 'MBConv_{k}x{k}x{k}_{e}'
+
+
+def parse_mbconv(name):
+    """Return (kernel, expansion) for a valid MBConv name, None for any other string.
+    Raises UserError for an MBConv-shaped name with unequal or even kernels or zero expansion."""
+    m = MBCONV_PATTERN.fullmatch(name)
+    if m is None:
+        return None
+    k, k2, k3, e = (int(g) for g in m.groups())
+    if not (k == k2 == k3 and k % 2 == 1 and e >= 1):
+        raise UserError(f"op '{name}': MBConv needs one odd kernel size on all axes and "
+                        f"expansion >= 1 (format {MBCONV_FORMAT})")
+    return k, e
+
+
+def known_op_names():
+    """Human-readable list of accepted op names (for error messages)."""
+    return sorted(OPS) + [MBCONV_FORMAT + ' (odd k, e >= 1)']
+
+
+def check_op_name(name):
+    """Raise UserError unless `name` is a fixed op name or a valid MBConv name."""
+    if not isinstance(name, str) or (name not in OPS and parse_mbconv(name) is None):
+        raise UserError(f"unknown op {name!r}; known ops: {', '.join(known_op_names())}")
+
+
+def make_op(name, C, stride, affine):
+    """Build candidate op `name` for C channels: (N, C, D, H, W) -> (N, C, D/stride, ...)."""
+    check_op_name(name)
+    if name in OPS:
+        return OPS[name](C, stride, affine)
+    k, e = parse_mbconv(name)
+    return MBConv(C, C, k, stride, e, affine)

@@ -1,0 +1,69 @@
+"""The retrain network: shapes, gradients, drop path, and the paper's parameter count."""
+import pytest
+import torch
+
+from genotypes import NAS_HBO_PAPER, Genotype
+from model import Cell, NetworkLUNA, drop_path
+
+
+def tiny(drop_path_prob=0.0):
+    torch.manual_seed(0)
+    return NetworkLUNA(4, 2, 3, NAS_HBO_PAPER, drop_path_prob)
+
+
+def test_forward_shapes():
+    model = tiny()
+    assert model(torch.randn(2, 1, 16, 16, 16)).shape == (2, 2)
+    assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2)
+    # 3 cells: reductions at 1 and 2; cell 2 follows a reduction (FactorizedReduce preprocess0).
+    assert [c.reduction for c in model.cells] == [False, True, True]
+    assert model.classifier.in_features == 4 * 4 * 4
+
+
+def test_every_parameter_gets_gradient():
+    model = tiny()
+    model(torch.randn(2, 1, 16, 16, 16)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_drop_path_only_in_training():
+    x = torch.randn(4, 1, 16, 16, 16)
+    model = tiny(drop_path_prob=0.5)
+    base = tiny(drop_path_prob=0.0)                          # same seed: same weights
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), base.eval()(x))  # eval: drop path off
+        model.train()
+        base.train()
+        ref = base(x)
+        assert torch.equal(base(x), ref)                     # no drop path: deterministic
+        assert not torch.allclose(model(x), ref)             # same weights, paths dropped
+        model.drop_path_prob = 0.0                           # settable per epoch
+        assert torch.allclose(model(x), ref)
+
+
+def test_drop_path_is_per_sample_and_rescaled():
+    torch.manual_seed(0)
+    out = drop_path(torch.ones(2000, 3, 2, 2, 2), 0.25)
+    per_sample = out.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all()
+    assert abs(per_sample[:, 0].mean().item() - 1.0) < 0.05
+
+
+def test_identity_edges_are_not_dropped():
+    skip_only = Genotype([('skip_connect', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5],
+                         [('skip_connect', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5])
+    cell = Cell(skip_only, 4, 4, 4, reduction=False, reduction_prev=False).train()
+    s0, s1 = torch.randn(3, 4, 4, 4, 4), torch.randn(3, 4, 4, 4, 4)
+    assert torch.equal(cell(s0, s1, 0.9), cell(s0, s1, 0.0))
+
+
+@pytest.fixture(scope='module')
+def paper_model():
+    return NetworkLUNA(36, 2, 20, NAS_HBO_PAPER)
+
+
+def test_paper_parameter_count(paper_model):
+    n = sum(p.numel() for p in paper_model.parameters())
+    assert abs(n / 1e6 - 12.79) <= 0.01
+    assert [i for i, c in enumerate(paper_model.cells) if c.reduction] == [6, 13]
