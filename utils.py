@@ -116,6 +116,19 @@ def check_settings(overrides, defaults):
     return {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in overrides.items()}}
 
 
+def resumed_settings(run_path, overrides, defaults):
+    """Settings of a run being continued: its config.json, then the overrides given now (DEVICE is this
+    machine's unless given)."""
+    path = os.path.join(run_path, 'config.json')
+    if not os.path.exists(path):
+        raise UserError(f'RESUME={run_path}: {path} is missing (not a run folder of this script?)')
+    with open(path) as f:
+        saved = json.load(f)
+    checked = check_settings(overrides, defaults)
+    return {**saved, **{k: checked[k] for k in overrides}, 'RESUME': run_path,
+            'DEVICE': overrides.get('DEVICE', defaults['DEVICE'])}
+
+
 # ---------------------------------------------------------------- run folders and logs
 
 def git_commit():

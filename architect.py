@@ -1,0 +1,91 @@
+"""Architecture steps: first-order and DARTS second-order hypergradients of the validation loss.
+
+The second-order virtual step w' = w - eta * (grad_w L_train + wd * w + momentum * buffer) is evaluated
+functionally (torch.func.functional_call): no model is copied or rebuilt. The Hessian-vector product
+d^2 L_train / (d alpha d w) . v uses a central finite difference at w +/- r v, r = 0.01 / ||v||.
+"""
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from model_search import zero_one_loss
+
+HYPERGRADS = ('second', 'first', 'zeroth')
+
+
+class Architect:
+    def __init__(self, model, w_optimizer, a_optimizer, order='second', zero_one='l2', zero_one_weight=10.0):
+        self.model = model
+        self.w_optimizer = w_optimizer
+        self.a_optimizer = a_optimizer
+        self.order = order
+        self.zero_one = zero_one
+        self.zero_one_weight = zero_one_weight
+        self.arch = model.arch_parameters()
+        arch_ids = {id(p) for p in self.arch}
+        self.w_names = [n for n, p in model.named_parameters() if id(p) not in arch_ids]
+
+    def state_dict(self):
+        return {}  # stateless: the optimizers are checkpointed by the caller
+
+    def load_state_dict(self, state):
+        pass
+
+    def arch_loss(self, logits, y):
+        """Validation objective: cross-entropy + weight * zero-one loss of the architecture weights."""
+        return F.cross_entropy(logits, y) + self.zero_one_weight * zero_one_loss(self.model, self.zero_one)
+
+    def _call(self, weights, x):
+        """Model output with the weight parameters replaced by `weights` (name -> tensor)."""
+        return functional_call(self.model, weights, (x,), strict=False)
+
+    def step(self, x_train, y_train, x_val, y_val, eta):
+        """One architecture update; eta is the current weight learning rate. Returns the validation loss."""
+        self.a_optimizer.zero_grad(set_to_none=True)
+        if self.order == 'first':
+            loss = self.arch_loss(self.model(x_val), y_val)
+            grads = torch.autograd.grad(loss, self.arch)
+        else:
+            loss, grads = self.second_order_grads(x_train, y_train, x_val, y_val, eta)
+        for p, g in zip(self.arch, grads):
+            p.grad = g
+        self.a_optimizer.step()
+        return loss.detach()
+
+    def virtual_weights(self, x_train, y_train, eta):
+        """w' after one SGD step on the training batch (momentum and weight decay as the weight optimizer)."""
+        params = dict(self.model.named_parameters())
+        w = [params[n] for n in self.w_names]
+        loss = F.cross_entropy(self.model(x_train), y_train)
+        grads = torch.autograd.grad(loss, w)
+        group = self.w_optimizer.param_groups[0]
+        momentum, wd = group['momentum'], group['weight_decay']
+        out = {}
+        with torch.no_grad():
+            for n, p, g in zip(self.w_names, w, grads):
+                buf = self.w_optimizer.state.get(p, {}).get('momentum_buffer')
+                d = g + wd * p
+                if buf is not None:
+                    d = d + momentum * buf
+                out[n] = p - eta * d
+        return out
+
+    def second_order_grads(self, x_train, y_train, x_val, y_val, eta):
+        w_virtual = {n: t.requires_grad_() for n, t in self.virtual_weights(x_train, y_train, eta).items()}
+        loss = self.arch_loss(self._call(w_virtual, x_val), y_val)
+        names = list(w_virtual)
+        grads = torch.autograd.grad(loss, self.arch + [w_virtual[n] for n in names])
+        d_arch, v = grads[:len(self.arch)], dict(zip(names, grads[len(self.arch):]))
+        implicit = self.hessian_vector_product(v, x_train, y_train)
+        return loss, [d - eta * h for d, h in zip(d_arch, implicit)]
+
+    def hessian_vector_product(self, v, x, y, r=1e-2):
+        """(d/d alpha) (grad_w L_train . v) by central difference at w +/- eps v, eps = r / ||v||."""
+        eps = r / torch.sqrt(sum((t * t).sum() for t in v.values()))
+        params = dict(self.model.named_parameters())
+        out = []
+        for sign in (1.0, -1.0):
+            w = {n: (params[n] + sign * eps * v[n]).detach() for n in v}
+            loss = F.cross_entropy(self._call(w, x), y)
+            out.append(torch.autograd.grad(loss, self.arch))
+        return [(gp - gm) / (2 * eps) for gp, gm in zip(*out)]

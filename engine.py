@@ -1,0 +1,71 @@
+"""The loops shared by the scripts: one training step, evaluation, checkpoints, and the NaN guard."""
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import batches
+from utils import UserError, binary_metrics, load_checkpoint, rng_states, save_atomic, set_rng_states
+
+
+def check_finite(loss, where, run_path):
+    """Stop the run on a NaN/inf loss; the checkpoint of the last good epoch stays in place."""
+    if not math.isfinite(float(loss)):
+        raise UserError(f'loss is {float(loss)} at {where}; stopping. The last good checkpoint is kept in '
+                        f'{os.path.join(run_path, "last.pt")} (try a lower learning rate)')
+
+
+def train_step(model, optimizer, x, y, params, grad_clip):
+    """One SGD step on a batch; returns (loss tensor, number correct) without a host sync."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+@torch.no_grad()
+def evaluate(model, data, batch_size):
+    """Loss, metrics (percent) and malignancy probabilities of a model on CubeData, without augmentation."""
+    was_training = model.training
+    model.eval()
+    losses, probs = [], []
+    for idx in batches(len(data), batch_size, shuffle=False, device=data.device):
+        x, y = data.eval_batch(idx)
+        logits = model(x)
+        losses.append(F.cross_entropy(logits, y, reduction='sum'))
+        probs.append(F.softmax(logits.float(), dim=1)[:, 1])
+    model.train(was_training)
+    prob = torch.cat(probs).cpu().numpy()
+    labels = data.labels.cpu().numpy()
+    out = {'loss': float(torch.stack(losses).sum()) / len(data), **binary_metrics(labels, prob)}
+    out['prob'] = prob
+    return out
+
+
+def save_state(path, epoch, cfg, gen, objects, **extra):
+    """Checkpoint: state_dicts of `objects` (name -> object), epoch, config, every RNG state and `extra`;
+    written atomically."""
+    state = {name: obj.state_dict() for name, obj in objects.items()}
+    state.update(epoch=epoch, config=cfg, rng=rng_states(), gen=gen.get_state(), **extra)
+    save_atomic(state, path)
+
+
+def load_state(path, gen, objects):
+    """Restore a checkpoint written by save_state into the given objects; returns it."""
+    state = load_checkpoint(path)
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    set_rng_states(state['rng'])
+    gen.set_state(state['gen'])
+    return state
+
+
+def class_balance(labels):
+    """'n (benign/malignant)' for logs."""
+    labels = np.asarray(labels)
+    return f'{len(labels)} ({int((labels == 0).sum())}/{int((labels == 1).sum())})'

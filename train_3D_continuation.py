@@ -1,0 +1,147 @@
+"""Retrain a genotype from scratch and evaluate it by k-fold (by LUNA16 subset); continue a killed run.
+
+python train_3D_continuation.py [config.py] [--NAME=value ...]
+Each test fold f is evaluated by training on all other folds and reporting the final epoch on f.
+"""
+import json
+import os
+import time
+
+import torch
+
+import data
+import engine
+import genotypes
+import utils
+from model import NetworkLUNA
+
+DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
+GENOTYPE = 'NAS_HBO_PAPER'  # a registered genotype name, or the path of a genotype.json from train_search.py
+FOLD = 'all'  # test fold: a fold number, or 'all' for every fold in TEST_FOLDS
+TEST_FOLDS = (5, 6, 7, 8, 9)  # folds evaluated when FOLD = 'all' (the paper reports 5-9)
+TRAIN_FOLDS = ()  # training folds; () = every fold of the cube set except the test fold
+CUBE = 32  # network input edge in voxels
+EPOCHS = 600  # training epochs per fold
+BATCH_SIZE = 4  # cubes per step
+LR = 0.025  # SGD learning rate, cosine-annealed to LR_MIN over EPOCHS
+LR_MIN = 0.0  # final learning rate
+MOMENTUM = 0.9  # SGD momentum
+WEIGHT_DECAY = 3e-4  # SGD weight decay
+GRAD_CLIP = 5.0  # max gradient norm
+C = 36  # initial channels
+LAYERS = 20  # cells (reductions at LAYERS//3 and 2*LAYERS//3)
+DROP_PATH = 0.2  # drop-path probability, rising linearly from 0 to this over the epochs
+REPORT_BEST = True  # also print the best epoch on the test fold (the published, optimistic protocol)
+SEED = 0  # seed of initialization and augmentation
+DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+RUNS = 'runs'  # folder of run folders
+TAG = ''  # suffix of the run folder name
+RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
+DEFAULTS = utils.settings_of(globals())
+
+
+def test_folds(cfg):
+    if str(cfg['FOLD']) == 'all':
+        return [int(f) for f in cfg['TEST_FOLDS']]
+    try:
+        return [int(cfg['FOLD'])]
+    except ValueError:
+        raise utils.UserError(f"FOLD must be a fold number or 'all', not {cfg['FOLD']!r}") from None
+
+
+def fold_data(cfg, table, fold):
+    """Training and test CubeData of one test fold; normalization from the training folds only."""
+    train_folds = [int(f) for f in cfg['TRAIN_FOLDS']] or sorted(set(table['fold']) - {fold})
+    if fold in train_folds:
+        raise utils.UserError(f'test fold {fold} is also in TRAIN_FOLDS {train_folds}')
+    train, tr_table = data.load_split(cfg['DATA'], train_folds, cfg['CUBE'], cfg['DEVICE'], what='TRAIN_FOLDS')
+    test, te_table = data.load_split(cfg['DATA'], [fold], cfg['CUBE'], cfg['DEVICE'], (train.mean, train.std),
+                                     what='test folds')
+    return train, test, train_folds
+
+
+def train_fold(cfg, genotype, table, fold, run):
+    """Train on all other folds, evaluate on `fold` every epoch; returns final and best-epoch metrics."""
+    result_path = run.file(f'result_fold{fold}.json')
+    if os.path.exists(result_path):
+        run.log(f'fold {fold}: finished earlier, result read from {result_path}')
+        return json.load(open(result_path))
+    train, test, train_folds = fold_data(cfg, table, fold)
+    run.log(f'fold {fold}: train folds {train_folds} {engine.class_balance(train.labels.cpu())}, '
+            f'test {engine.class_balance(test.labels.cpu())} nodules (benign/malignant)')
+    utils.seed_everything(cfg['SEED'] + fold)
+    model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype).to(cfg['DEVICE'])
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, cfg['LR'], momentum=cfg['MOMENTUM'], weight_decay=cfg['WEIGHT_DECAY'])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['EPOCHS'], eta_min=cfg['LR_MIN'])
+    gen = data.make_generator(cfg['DEVICE'], cfg['SEED'] + fold)
+    ckpt_path, objects = run.file(f'last_fold{fold}.pt'), {'model': model, 'opt': opt, 'sched': sched}
+    start, best = 0, {'acc': -1.0}
+    metrics_name = f'metrics_fold{fold}.csv'
+    if os.path.exists(ckpt_path):
+        state = engine.load_state(ckpt_path, gen, objects)
+        start, best = state['epoch'] + 1, state['best']
+        run.truncate_metrics(start, metrics_name)
+        run.log(f'fold {fold}: continuing after epoch {state["epoch"]} from {ckpt_path}')
+    n_params = sum(p.numel() for p in params) / 1e6
+    ev = None
+    for epoch in range(start, cfg['EPOCHS']):
+        t0 = time.time()
+        model.drop_path_prob = cfg['DROP_PATH'] * epoch / cfg['EPOCHS']
+        lr = opt.param_groups[0]['lr']
+        model.train()
+        total, correct = torch.zeros((), device=train.device), torch.zeros((), device=train.device)
+        steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
+        for i, idx in enumerate(utils.progress(steps, desc=f'fold {fold} epoch {epoch}')):
+            loss, hits = engine.train_step(model, opt, *train.train_batch(idx, gen), params, cfg['GRAD_CLIP'])
+            if i % 20 == 0:
+                engine.check_finite(loss, f'fold {fold} epoch {epoch} step {i}', run.path)
+            total += loss * len(idx)
+            correct += hits
+        engine.check_finite(total, f'fold {fold} epoch {epoch}', run.path)
+        sched.step()
+        ev = engine.evaluate(model, test, cfg['BATCH_SIZE'])
+        row = {'epoch': epoch, 'lr': lr, 'train_loss': float(total) / len(train),
+               'train_acc': 100.0 * float(correct) / len(train), 'test_loss': ev['loss'],
+               **{f'test_{k}': ev[k] for k in utils.METRIC_NAMES}, 'seconds': time.time() - t0}
+        if ev['acc'] > best['acc']:
+            best = {**{k: ev[k] for k in utils.METRIC_NAMES}, 'epoch': epoch}
+        run.metrics_row(row, metrics_name)
+        run.log(f'fold {fold} epoch {epoch:3d} lr {lr:.5f} train loss {row["train_loss"]:.4f} acc '
+                f'{row["train_acc"]:6.2f} | test loss {ev["loss"]:.4f} acc {ev["acc"]:6.2f} sens {ev["sens"]:6.2f} '
+                f'spec {ev["spec"]:6.2f} f1 {ev["f1"]:6.2f} auc {ev["auc"]:6.2f} | {row["seconds"]:.1f} s')
+        engine.save_state(ckpt_path, epoch, cfg, gen, objects, best=best)
+    if ev is None:  # every epoch was done before the interruption: evaluate the final weights again
+        ev = engine.evaluate(model, test, cfg['BATCH_SIZE'])
+    result = {'fold': fold, **{k: ev[k] for k in utils.METRIC_NAMES}, 'params_M': n_params,
+              'best': {'fold': fold, **best}}
+    utils.save_atomic(model.state_dict(), run.file(f'model_fold{fold}.pt'))
+    with open(result_path, 'w') as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def main(**overrides):
+    cfg = utils.check_settings(overrides, DEFAULTS)
+    if cfg['RESUME']:
+        cfg = utils.resumed_settings(cfg['RESUME'], overrides, DEFAULTS)
+    genotype = genotypes.get_genotype(cfg['GENOTYPE'])
+    folds = test_folds(cfg)
+    table = data.read_table(cfg['DATA'])
+    data.select_folds(table, folds, cfg['DATA'], 'test folds')
+    run = utils.Run('train_3D_continuation', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
+    run.header(cfg, cfg['DEVICE'])
+    run.log(f'genotype {cfg["GENOTYPE"]}: {genotype}')
+    results = [train_fold(cfg, genotype, table, f, run) for f in folds]
+    run.log('final epoch on each test fold (our protocol):')
+    run.log(utils.results_table(results, extra=('params_M',)))
+    if cfg['REPORT_BEST']:
+        run.log('best epoch on each test fold (published protocol; optimistic, selected on the test fold):')
+        run.log(utils.results_table([r['best'] for r in results], extra=('epoch',)))
+    with open(run.file('results.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    return {'folds': results, 'run': run.path}
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, DEFAULTS)

@@ -1,0 +1,203 @@
+"""Architecture search (NAS-HBO): bilevel DARTS-style search of a 3D cell on the search folds only.
+
+python train_search.py [config.py] [--NAME=value ...]
+"""
+
+import os
+import time
+
+import torch
+
+import architect as arch_mod
+import data
+import engine
+import genotypes
+import operations
+import utils
+import zo
+from model_search import SearchNetwork
+from sparsemax import temperature
+
+DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
+SEARCH_FOLDS = (0, 1, 2, 3, 4)  # the only folds the search reads (the test folds are never touched)
+VAL_FRACTION = 0.5  # share of the search folds' scans used as the search-validation set
+CUBE = 32  # network input edge in voxels (larger cubes are centre-cropped)
+EPOCHS = 50  # search epochs
+WARMUP_EPOCHS = 23  # weight-only epochs before architecture updates start ("pretrain W")
+BATCH_SIZE = 7  # cubes per step, for weights and architecture
+LR = 0.1  # weight SGD learning rate, cosine-annealed to LR_MIN over EPOCHS
+LR_MIN = 0.0  # final weight learning rate
+MOMENTUM = 0.9  # weight SGD momentum
+WEIGHT_DECAY = 3e-4  # weight SGD weight decay
+GRAD_CLIP = 5.0  # max gradient norm of the weights
+ARCH_LR = 6e-4  # Adam learning rate of alphas/betas
+ARCH_BETA1 = 0.5  # Adam beta1 of alphas/betas (beta2 0.999)
+ARCH_WEIGHT_DECAY = 1e-3  # Adam weight decay of alphas/betas
+C = 16  # initial channels of the supernet
+LAYERS = 8  # cells (reductions at LAYERS//3 and 2*LAYERS//3)
+PC_K = 4  # partial channels: 1/PC_K of the channels go through the candidate ops
+PRIMITIVES = 'mrfc'  # candidate ops: 'mrfc' (receptive-field criterion, the paper's 9) or a tuple of op names
+WEIGHTS = 'sigmoid'  # op weighting: 'sigmoid' (Fair-DARTS, paper), 'softmax', or 'sparsemax' (ZO-DARTS+)
+EDGE_WEIGHTS = True  # multiply each edge by sigmoid(beta)
+ZERO_ONE = 'auto'  # zero-one loss on sigmoid(alpha), sigmoid(beta): 'l2', 'l1', 'off'; auto = l2 if sigmoid else off
+ZERO_ONE_WEIGHT = 10.0  # weight of the zero-one loss in the architecture loss
+HYPERGRAD = 'second'  # 'second' (DARTS 2nd order, paper), 'first', or 'zeroth' (ZO-DARTS+)
+TAU0 = 1.5  # sparsemax: initial temperature
+TAU_FACTOR = 0.75  # sparsemax: temperature multiplied by this ...
+TAU_EVERY = 5  # ... every this many epochs
+ZO_T = 10  # zeroth order: weight steps between architecture updates (counted across epochs)
+ZO_MU = 0.005  # zeroth order: perturbation size relative to ||alpha||
+ZO_ARCH_LR = 1.5e-2  # zeroth order: Adam learning rate of alphas/betas
+PATIENCE = 0  # stop when search-val accuracy has not improved for this many epochs after warm-up (0: off)
+SEED = 2  # seed of model initialization, split and augmentation
+DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+RUNS = 'runs'  # folder of run folders
+TAG = ''  # suffix of the run folder name
+RESUME = ''  # a run folder of this script to continue from its last checkpoint
+DEFAULTS = utils.settings_of(globals())
+
+def build(cfg, n_train):
+    """Model, optimizers, scheduler and architecture updater from the settings."""
+    prims = genotypes.mrfc() if cfg['PRIMITIVES'] == 'mrfc' else list(cfg['PRIMITIVES'])
+    for name in prims:
+        operations.check_op_name(name)
+    zero_one = cfg['ZERO_ONE'] if cfg['ZERO_ONE'] != 'auto' else ('l2' if cfg['WEIGHTS'] == 'sigmoid' else 'off')
+    model = SearchNetwork(cfg['C'], 2, cfg['LAYERS'], prims, k=cfg['PC_K'], weighting=cfg['WEIGHTS'],
+                          edge_weights=cfg['EDGE_WEIGHTS']).to(cfg['DEVICE'])
+    w_opt = torch.optim.SGD(model.weight_parameters(), cfg['LR'], momentum=cfg['MOMENTUM'],
+                            weight_decay=cfg['WEIGHT_DECAY'])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg['EPOCHS'], eta_min=cfg['LR_MIN'])
+    zeroth = cfg['HYPERGRAD'] == 'zeroth'
+    a_opt = torch.optim.Adam(model.arch_parameters(), cfg['ZO_ARCH_LR'] if zeroth else cfg['ARCH_LR'],
+                             betas=(cfg['ARCH_BETA1'], 0.999), weight_decay=cfg['ARCH_WEIGHT_DECAY'])
+    if cfg['HYPERGRAD'] not in arch_mod.HYPERGRADS:
+        raise utils.UserError(f'unknown HYPERGRAD {cfg["HYPERGRAD"]!r} (known: {", ".join(arch_mod.HYPERGRADS)})')
+    if zeroth:
+        updater = zo.ZerothOrder(model, w_opt, a_opt, cfg['ZO_T'], cfg['ZO_MU'], cfg['GRAD_CLIP'],
+                                 zero_one, cfg['ZERO_ONE_WEIGHT'])
+    else:
+        updater = arch_mod.Architect(model, w_opt, a_opt, cfg['HYPERGRAD'], zero_one, cfg['ZERO_ONE_WEIGHT'])
+    return model, w_opt, sched, a_opt, updater
+
+class ValStream:
+    """Shuffled search-validation batches for the architecture steps, reshuffled after each pass."""
+
+    def __init__(self, data_val, batch_size, gen):
+        self.data, self.batch_size, self.gen = data_val, batch_size, gen
+        self.queue = []
+
+    def next(self):
+        if not self.queue:
+            self.queue = data.batches(len(self.data), self.batch_size, True, self.gen, self.data.device)
+        return self.data.eval_batch(self.queue.pop(0))
+
+def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run):
+    """One epoch: (after warm-up) an architecture step then a weight step per training batch."""
+    lr = w_opt.param_groups[0]['lr']
+    arch_on = epoch >= cfg['WARMUP_EPOCHS']
+    model.train()
+    if cfg['WEIGHTS'] == 'sparsemax':
+        model.tau = temperature(epoch, cfg['TAU0'], cfg['TAU_FACTOR'], cfg['TAU_EVERY'])
+    total_loss, correct = torch.zeros((), device=train.device), torch.zeros((), device=train.device)
+    steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
+    for i, idx in enumerate(utils.progress(steps, desc=f'search epoch {epoch}')):
+        x, y = train.train_batch(idx, gen)
+        if isinstance(updater, zo.ZerothOrder):
+            loss, hits = updater.weight_step(x, y, arch_on, val_stream)
+        else:
+            if arch_on:
+                updater.step(x, y, *val_stream.next(), lr)
+            loss, hits = engine.train_step(model, w_opt, x, y, model.weight_parameters(), cfg['GRAD_CLIP'])
+        if i % 20 == 0:
+            engine.check_finite(loss, f'epoch {epoch} step {i}', run.path)
+        total_loss += loss * len(idx)
+        correct += hits
+    engine.check_finite(total_loss, f'epoch {epoch}', run.path)
+    return float(total_loss) / len(train), 100.0 * float(correct) / len(train)
+
+def log_weights(run, epoch, model):
+    """Per-epoch op weights (and edge weights) of every edge, one CSV row per edge x op."""
+    for cell in ('normal', 'reduce'):
+        ops = model.op_weights(getattr(model, f'alphas_{cell}')).detach().cpu()
+        edges = model.edge_weights(getattr(model, f'betas_{cell}')).detach().cpu()
+        for e in range(ops.shape[0]):
+            for k, name in enumerate(model.primitives):
+                run.metrics_row({'epoch': epoch, 'cell': cell, 'edge': e, 'op': name, 'weight': float(ops[e, k]),
+                                 'edge_weight': float(edges[e])}, 'weights.csv')
+
+def main(**overrides):
+    cfg = utils.check_settings(overrides, DEFAULTS)
+    if cfg['RESUME']:
+        cfg = utils.resumed_settings(cfg['RESUME'], overrides, DEFAULTS)
+    run = utils.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
+    run.header(cfg, cfg['DEVICE'])
+    utils.seed_everything(cfg['SEED'])
+    table = data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
+    tr_idx, va_idx = data.split_by_scan(table, cfg['VAL_FRACTION'], cfg['SEED'])
+    cubes = data.load_cubes(cfg['DATA'], table, cfg['CUBE'])
+    stats = data.cube_stats(cubes[tr_idx])  # normalization from search-train cubes only
+    labels = table['label'].to_numpy()
+    train = data.CubeData(cubes[tr_idx], labels[tr_idx], *stats, cfg['DEVICE'])
+    val = data.CubeData(cubes[va_idx], labels[va_idx], *stats, cfg['DEVICE'])
+    run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(labels[tr_idx])}, '
+            f'search-val {engine.class_balance(labels[va_idx])} nodules (benign/malignant), split by scan')
+    model, w_opt, sched, a_opt, updater = build(cfg, len(train))
+    gen = data.make_generator(cfg['DEVICE'], cfg['SEED'])
+    ckpt = {'model': model, 'w_opt': w_opt, 'a_opt': a_opt, 'sched': sched, 'updater': updater}
+    start, best = 0, {'acc': -1.0, 'epoch': -1, 'genotype': None}
+    if cfg['RESUME']:
+        state = engine.load_state(run.file('last.pt'), gen, ckpt)
+        start, best = state['epoch'] + 1, state['best']
+        run.truncate_metrics(start)
+        run.truncate_metrics(start, 'weights.csv')
+        run.log(f'resumed from {run.file("last.pt")} after epoch {state["epoch"]}')
+    run.log(f'supernet: {sum(p.numel() for p in model.weight_parameters()) / 1e6:.3f} M weights, '
+            f'candidate ops {model.primitives}')
+    val_stream = ValStream(val, cfg['BATCH_SIZE'], gen)
+    epoch = start - 1
+    for epoch in range(start, cfg['EPOCHS']):
+        t0 = time.time()
+        lr = w_opt.param_groups[0]['lr']
+        tr_loss, tr_acc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
+        sched.step()
+        ev = engine.evaluate(model, val, cfg['BATCH_SIZE'])
+        geno = model.genotype()
+        if epoch >= cfg['WARMUP_EPOCHS'] and ev['acc'] > best['acc']:
+            best = {'acc': ev['acc'], 'epoch': epoch, 'genotype': geno}
+        run.log(f'epoch {epoch:3d} lr {lr:.4f} train loss {tr_loss:.4f} acc {tr_acc:6.2f} | search-val loss '
+                f'{ev["loss"]:.4f} acc {ev["acc"]:6.2f} auc {ev["auc"]:6.2f} | {time.time() - t0:6.1f} s')
+        run.log(f'  genotype {geno}')
+        w = model.edge_op_weights()
+        run.log('  edge weights normal ' + ' '.join(f'{v:.2f}' for v in model.edge_weights(model.betas_normal))
+                + ' | reduce ' + ' '.join(f'{v:.2f}' for v in model.edge_weights(model.betas_reduce)))
+        run.log('  max W per edge normal ' + ' '.join(f'{v:.2f}' for v in w['normal'].max(1).values)
+                + ' | reduce ' + ' '.join(f'{v:.2f}' for v in w['reduce'].max(1).values))
+        run.metrics_row({'epoch': epoch, 'lr': lr, 'train_loss': tr_loss, 'train_acc': tr_acc,
+                         'val_loss': ev['loss'], 'val_acc': ev['acc'], 'val_auc': ev['auc'],
+                         'seconds': time.time() - t0})
+        log_weights(run, epoch, model)
+        engine.save_state(run.file('last.pt'), epoch, cfg, gen, ckpt, best=best)
+        genotypes.save_genotype(geno, run.file('genotype.json'))
+        if (cfg['PATIENCE'] and epoch >= cfg['WARMUP_EPOCHS'] and best['epoch'] >= 0
+                and epoch - best['epoch'] >= cfg['PATIENCE']):
+            run.log(f'early stop: no search-val improvement for {cfg["PATIENCE"]} epochs')
+            break
+    return finish(run, model, best, epoch)
+
+def finish(run, model, best, epoch):
+    """Write the final and best-validation genotypes and the weight plot; return the results."""
+    geno = model.genotype()
+    genotypes.save_genotype(geno, run.file('genotype.json'))
+    if best['genotype'] is not None:
+        genotypes.save_genotype(best['genotype'], run.file('genotype_best.json'))
+    if os.path.exists(run.file('weights.csv')):
+        import plots
+        plots.plot_op_weights(run.file('weights.csv'), run.file('weights.png'), title=run.path)
+    run.log(f'final genotype (epoch {epoch}): {geno}')
+    run.log(f'best search-val genotype (epoch {best["epoch"]}, acc {best["acc"]:.2f}): {best["genotype"]}')
+    run.log(f'written {run.file("genotype.json")}')
+    return {'genotype': geno, 'best_genotype': best['genotype'], 'best_epoch': best['epoch'], 'run': run.path,
+            'epochs_done': epoch + 1}
+
+if __name__ == '__main__':
+    utils.run_cli(main, DEFAULTS)

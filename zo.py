@@ -1,0 +1,128 @@
+"""ZO-DARTS+ zeroth-order hypergradient: no Hessian-vector products.
+
+Every T weight steps a direction u is drawn uniformly on the unit sphere over all architecture
+parameters. During those T steps a twin copy of the weights takes the same SGD steps (same batches,
+learning rate, momentum state, clipping) with the architecture frozen at alpha + mu * u, mu = MU * ||alpha||.
+Then, on one validation batch at alpha, with g_a = dL/d alpha, g_w = dL/dw, delta = (w_twin - w) / mu:
+h = (g_a . u + g_w . delta) * u, a directional estimate of the hypergradient, goes to the architecture optimizer.
+"""
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from model_search import zero_one_loss
+
+
+def random_direction(shapes, gen=None, device='cpu'):
+    """A list of tensors of the given shapes, jointly uniform on the unit sphere."""
+    flat = torch.randn(sum(int(torch.Size(s).numel()) for s in shapes), generator=gen, device=device)
+    flat = flat / flat.norm()
+    return list(torch.split(flat, [int(torch.Size(s).numel()) for s in shapes])), flat
+
+
+def estimate(g_arch, g_w, w, w_twin, u, mu):
+    """h = (g_a . u + g_w . (w_twin - w) / mu) * u, for lists of tensors (u as a list shaped like g_arch)."""
+    directional = sum((g * d).sum() for g, d in zip(g_arch, u))
+    directional = directional + sum((g * (t - p)).sum() for g, p, t in zip(g_w, w, w_twin)) / mu
+    return [directional * d for d in u]
+
+
+class ZerothOrder:
+    def __init__(self, model, w_opt, a_opt, T, mu_rel, grad_clip, zero_one='off', zero_one_weight=0.0,
+                 loss_fn=F.cross_entropy):
+        self.model, self.w_opt, self.a_opt = model, w_opt, a_opt
+        self.T, self.mu_rel, self.grad_clip = T, mu_rel, grad_clip
+        self.zero_one, self.zero_one_weight = zero_one, zero_one_weight
+        self.loss_fn = loss_fn
+        self.arch = model.arch_parameters()
+        arch_ids = {id(p) for p in self.arch}
+        self.w_names = [n for n, p in model.named_parameters() if id(p) not in arch_ids]
+        self.params = [dict(model.named_parameters())[n] for n in self.w_names]
+        self.count = 0  # weight steps taken in the current period
+        self.twin = None  # dict: weights, buffers, optimizer, direction, mu
+
+    def _start_period(self):
+        dev = self.arch[0].device
+        u, _ = random_direction([p.shape for p in self.arch], device=dev)
+        mu = self.mu_rel * float(torch.sqrt(sum((p.detach() ** 2).sum() for p in self.arch)))
+        mu = max(mu, 1e-8)
+        weights = [p.detach().clone().requires_grad_() for p in self.params]
+        opt = torch.optim.SGD(weights, lr=self.w_opt.param_groups[0]['lr'])
+        opt.load_state_dict(self.w_opt.state_dict())  # same hyperparameters and momentum buffers (copied)
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        self.twin = {'weights': weights, 'opt': opt, 'buffers': buffers, 'u': u, 'mu': mu}
+        self.count = 0
+
+    def _twin_step(self, x, y):
+        t = self.twin
+        frozen = {n: (p + t['mu'] * d).detach() for n, p, d in zip(self.model.ARCH_NAMES, self.arch, t['u'])} \
+            if hasattr(self.model, 'ARCH_NAMES') else self._arch_dict(t)
+        values = {**dict(zip(self.w_names, t['weights'])), **frozen, **t['buffers']}
+        loss = self.loss_fn(functional_call(self.model, values, (x,)), y)
+        t['opt'].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(t['weights'], self.grad_clip)
+        for group in t['opt'].param_groups:
+            group['lr'] = self.w_opt.param_groups[0]['lr']
+        t['opt'].step()
+
+    def _arch_dict(self, t):
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: (p + t['mu'] * d).detach() for p, d in zip(self.arch, t['u'])}
+
+    def weight_step(self, x, y, arch_on, val_stream):
+        """A weight step at alpha (and the twin's step at alpha + mu u); an architecture step every T."""
+        if arch_on and self.twin is None:
+            self._start_period()
+        if self.twin is not None:
+            self._twin_step(x, y)
+        self.w_opt.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        for p in self.arch:
+            p.grad = None
+        self.w_opt.step()
+        if self.twin is not None:
+            self.count += 1
+            if self.count >= self.T:
+                self.arch_step(*val_stream.next())
+                self.twin = None
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+    def arch_step(self, x_val, y_val):
+        loss = self.loss_fn(self.model(x_val), y_val)
+        if self.zero_one != 'off':
+            loss = loss + self.zero_one_weight * zero_one_loss(self.model, self.zero_one)
+        grads = torch.autograd.grad(loss, self.arch + self.params, allow_unused=True)
+        g_arch = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[:len(self.arch)], self.arch)]
+        g_w = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[len(self.arch):], self.params)]
+        t = self.twin
+        h = estimate(g_arch, g_w, [p.detach() for p in self.params], [w.detach() for w in t['weights']],
+                     t['u'], t['mu'])
+        self.a_opt.zero_grad(set_to_none=True)
+        for p, g in zip(self.arch, h):
+            p.grad = g.detach()
+        self.a_opt.step()
+
+    def state_dict(self):
+        if self.twin is None:
+            return {'count': self.count, 'twin': None}
+        t = self.twin
+        return {'count': self.count, 'twin': {'weights': [w.detach().clone() for w in t['weights']],
+                                              'opt': t['opt'].state_dict(), 'buffers': t['buffers'],
+                                              'u': t['u'], 'mu': t['mu']}}
+
+    def load_state_dict(self, state):
+        self.count = state.get('count', 0)
+        saved = state.get('twin')
+        if saved is None:
+            self.twin = None
+            return
+        dev = self.arch[0].device
+        weights = [w.to(dev).requires_grad_() for w in saved['weights']]
+        opt = torch.optim.SGD(weights, lr=self.w_opt.param_groups[0]['lr'])
+        opt.load_state_dict(saved['opt'])
+        self.twin = {'weights': weights, 'opt': opt, 'buffers': {n: b.to(dev) for n, b in saved['buffers'].items()},
+                     'u': [d.to(dev) for d in saved['u']], 'mu': saved['mu']}
