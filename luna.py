@@ -1,0 +1,190 @@
+"""LUNA16 files and geometry: scans and headers, annotations, world <-> voxel, label matching, atomic writes.
+
+Arrays are (z, y, x); spacing and origin are kept in the same (z, y, x) order, in mm, while LUNA16's world
+coordinates (annotations.csv) are (x, y, z). A preprocessed volume (see lungmask.py) comes with a geometry
+dict: spacing, origin, flip and raw_shape of the scan, resolution (mm) of the saved volume and box_start
+(its first voxel in the resampled scan), so that world_to_voxel() maps a world point into it.
+"""
+import csv
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import SimpleITK as sitk
+
+from utils import UserError
+
+ANNOTATION_COLUMNS = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm')
+
+
+class ScanError(Exception):
+    """A scan that cannot be processed; the message is the reason listed in the failures file."""
+
+
+# ---------------------------------------------------------------- files
+
+def find_scans(root):
+    """{seriesuid: (fold, .mhd path)} for root/subset<k>/*.mhd; fold = k, the LUNA16 subset index."""
+    if not os.path.isdir(root):
+        raise UserError(f'LUNA16 folder {root} does not exist (expected subset0..subset9 and annotations.csv)')
+    scans = {}
+    for folder in sorted(glob.glob(os.path.join(root, 'subset*'))):
+        m = re.fullmatch(r'subset(\d+)', os.path.basename(folder))
+        if not (m and os.path.isdir(folder)):
+            continue
+        for path in sorted(glob.glob(os.path.join(folder, '*.mhd'))):
+            uid = os.path.basename(path)[:-4]
+            if uid in scans:
+                raise UserError(f'scan {uid} is in two subsets: {scans[uid][1]} and {path}')
+            scans[uid] = (int(m.group(1)), path)
+    if not scans:
+        raise UserError(f'LUNA16 folder {root} has no subset<k>/*.mhd scans')
+    return scans
+
+
+def read_header(path, reader=None):
+    """Geometry of a .mhd scan without its pixels: spacing, origin, size (z, y, x), direction (3x3, x y z)."""
+    if reader is None:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise ScanError(f'bad header: {itk_message(e)}') from None
+    return check_header(reader, path)
+
+
+def check_header(image, path):
+    """Header dict of an sitk image or reader, or ScanError naming what is wrong."""
+    if image.GetDimension() != 3:
+        raise ScanError(f'bad header: {image.GetDimension()}-D image, expected 3-D ({path})')
+    spacing = np.array(image.GetSpacing()[::-1], dtype=float)
+    size = np.array(image.GetSize()[::-1], dtype=int)
+    if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0) and np.all(spacing < 50)):
+        raise ScanError(f'bad header: element spacing {spacing[::-1].tolist()} ({path})')
+    if np.any(size < 2):
+        raise ScanError(f'bad header: size {size[::-1].tolist()} ({path})')
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    return {'spacing': spacing.tolist(), 'origin': list(image.GetOrigin()[::-1]), 'size': size.tolist(),
+            'direction': direction.tolist(), 'flip': bool(not np.allclose(direction, np.eye(3)))}
+
+
+def read_annotations(path):
+    """LUNA16 annotations.csv as a list of dicts (seriesuid str, coordX/Y/Z and diameter_mm floats)."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path} does not exist (LUNA16 annotations.csv)')
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in ANNOTATION_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise UserError(f'{path} lacks column(s) {", ".join(missing)}')
+        try:
+            return [{'seriesuid': r['seriesuid'], **{k: float(r[k]) for k in ANNOTATION_COLUMNS[1:]}}
+                    for r in reader]
+        except ValueError as e:
+            raise UserError(f'{path}, line {reader.line_num}: {e}') from None
+
+
+def itk_message(error):
+    """The useful part of a SimpleITK exception: its lines after the location line, without ITK's prefix."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    text = ' '.join(lines[1:] if len(lines) > 1 else lines)
+    return re.sub(r'^(ITK ERROR: \S+: |sitk::ERROR: )', '', text)[:300] or type(error).__name__
+
+
+# ---------------------------------------------------------------- geometry
+
+def world_to_voxel(world_xyz, geometry):
+    """World (x, y, z) mm, shape (3,) or (N, 3) -> float (z, y, x) voxel of the saved volume.
+
+    Raw scan index = |world - origin| / spacing; a flipped scan was mirrored in y and x (index n-1-i);
+    the volume was resampled to `resolution` mm and cropped at box_start."""
+    w = np.asarray(world_xyz, dtype=float)[..., ::-1]
+    raw = np.abs(w - np.asarray(geometry['origin'])) / np.asarray(geometry['spacing'])
+    if geometry['flip']:
+        n = np.asarray(geometry['raw_shape'], dtype=float)
+        raw[..., 1:] = n[1:] - 1 - raw[..., 1:]
+    return raw * np.asarray(geometry['spacing']) / geometry['resolution'] - np.asarray(geometry['box_start'])
+
+
+def pixel_to_world(row, col, z, header):
+    """World (x, y, z) of a point given as pixel (row, col) of the scan and world z (LIDC's convention),
+    using the scan's origin, spacing and direction: world = origin + direction @ (index * spacing)."""
+    sz, sy, sx = header['spacing']
+    d = np.asarray(header['direction'])
+    oz, oy, ox = header['origin']
+    return (ox + d[0, 0] * col * sx + d[0, 1] * row * sy, oy + d[1, 0] * col * sx + d[1, 1] * row * sy, z)
+
+
+def match_nodules(clusters, annotations, tolerance_mm):
+    """Pair reader clusters with annotations of the same scan, nearest first, one to one, within tolerance.
+
+    clusters, annotations: lists of dicts with 'seriesuid' and 'world' ((x, y, z) mm).
+    Returns [(cluster index, annotation index, distance mm)]."""
+    by_scan = {}
+    for j, a in enumerate(annotations):
+        by_scan.setdefault(a['seriesuid'], []).append(j)
+    pairs = []
+    for uid, idx_a in by_scan.items():
+        idx_c = [i for i, c in enumerate(clusters) if c['seriesuid'] == uid]
+        if not idx_c:
+            continue
+        wc = np.array([clusters[i]['world'] for i in idx_c], dtype=float)
+        wa = np.array([annotations[j]['world'] for j in idx_a], dtype=float)
+        dist = np.linalg.norm(wc[:, None] - wa[None], axis=2)  # (clusters, annotations) of this scan
+        used_c, used_a = set(), set()
+        for flat in np.argsort(dist, axis=None, kind='stable'):
+            i, j = np.unravel_index(flat, dist.shape)
+            if dist[i, j] > tolerance_mm:
+                break
+            if i not in used_c and j not in used_a:
+                used_c.add(i)
+                used_a.add(j)
+                pairs.append((idx_c[i], idx_a[j], float(dist[i, j])))
+    return sorted(pairs, key=lambda p: p[1])
+
+
+# ---------------------------------------------------------------- cubes
+
+def crop_cube(volume, centre_zyx, size, pad_value):
+    """size^3 cube of `volume` centred on the voxel nearest centre_zyx (voxel size//2 of the cube);
+    voxels outside the volume are pad_value. Keeps the volume's dtype."""
+    cube = np.full((size,) * 3, pad_value, dtype=volume.dtype)
+    start = np.round(np.asarray(centre_zyx, dtype=float)).astype(int) - size // 2
+    src, dst = [], []
+    for a in range(3):
+        lo, hi = max(start[a], 0), min(start[a] + size, volume.shape[a])
+        if hi <= lo:
+            return cube
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start[a], hi - start[a]))
+    cube[tuple(dst)] = volume[tuple(src)]
+    return cube
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def save_npy_atomic(path, array):
+    """np.save to a temporary file in the same folder, then rename."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def save_json_atomic(path, obj):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(path, rows, fieldnames):
+    tmp = path + '.tmp'
+    with open(tmp, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames, extrasaction='ignore')
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)

@@ -1,0 +1,270 @@
+"""One LUNA16 scan -> a preprocessed uint8 volume (DeepLung lineage, DESIGN.md section 3).
+
+Steps: per-slice lung binarization (Gaussian sigma 1, -600 HU, area and eccentricity filters), 3-D
+component analysis, hole filling, two-lung split, per-lung per-slice convex hull, 3-D dilation (10
+iterations); HU window [-1200, 600] -> 0..255; outside the dilated mask = 170, bright (> 210) voxels in the
+dilation ring = 170 (bone); resampling to 1 mm (linear) of the lung bounding box (+ margin) only.
+A scan whose TransformMatrix is not identity is mirrored in y and x first. Arrays are (z, y, x).
+"""
+import os
+import time
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+from skimage.draw import polygon
+
+from luna import ScanError, itk_message, read_header, save_json_atomic, save_npy_atomic
+
+HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)
+LUNG_HU = -600.0              # a smoothed voxel below this is air or lung
+SMOOTH_SIGMA = 1.0            # Gaussian sigma (pixels) of the per-slice smoothing
+MIN_SLICE_AREA_MM2 = 30.0     # per-slice air regions smaller than this are noise or vessels' gaps
+MAX_ECCENTRICITY = 0.99       # per-slice regions more elongated than this are not lung (e.g. the table gap)
+HULL_GROWTH = 1.5             # a slice's convex hull replaces its lung only if it adds at most 50 % area
+DILATION = 10                 # iterations of the 3-D (6-neighbour) mask dilation, in raw voxels
+PAD_VALUE = 170               # intensity outside the dilated lung mask
+BONE_VALUE = 210              # in the dilation ring, brighter voxels (bone) are set to PAD_VALUE
+RESOLUTION = 1.0              # mm per voxel of the saved volume
+BOX_MARGIN_MM = 5             # margin around the lung bounding box, mm
+MAX_SPLIT_EROSIONS = 10       # erosions (of SPLIT_MM blocks) tried to separate the two lungs where they touch
+SPLIT_MM = 3.0                # block size (mm) of the coarse mask on which the lungs are split
+SPLIT_RATIO = 0.1             # the smaller of two lungs must have at least this fraction of the larger
+
+
+def read_scan(path):
+    """(hu, header): int16 HU array (z, y, x), already mirrored in y and x when the scan is flipped."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    header = read_header(path, reader)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise ScanError(f'unreadable scan: {itk_message(e)}') from None
+    hu = sitk.GetArrayFromImage(image)
+    if not np.issubdtype(hu.dtype, np.number) or hu.ndim != 3:
+        raise ScanError(f'bad pixel data: {hu.dtype} array of shape {hu.shape}')
+    hu = np.clip(hu, -32768, 32767).astype(np.int16, copy=False)
+    if header['flip']:
+        hu = np.ascontiguousarray(hu[:, ::-1, ::-1])
+    return hu, header
+
+
+def binarize_slices(hu, spacing, chunk=32):
+    """Per-slice candidate lung/air mask (z, y, x) bool: smoothed HU below LUNG_HU, keeping 2-D regions
+    (8-connected) with area >= MIN_SLICE_AREA_MM2 and eccentricity < MAX_ECCENTRICITY. Slices are done
+    `chunk` at a time, all regions of a chunk at once (labels that do not connect across slices)."""
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = True
+    out = np.zeros(hu.shape, dtype=bool)
+    for z0 in range(0, hu.shape[0], chunk):
+        smooth = ndimage.gaussian_filter(hu[z0:z0 + chunk].astype(np.float32), (0, SMOOTH_SIGMA, SMOOTH_SIGMA),
+                                         truncate=2.0)
+        labels, n = ndimage.label(smooth < LUNG_HU, structure=in_plane)  # (k, y, x) int
+        if n == 0:
+            continue
+        area = np.bincount(labels.ravel(), minlength=n + 1) * (spacing[1] * spacing[2])
+        keep = (area >= MIN_SLICE_AREA_MM2) & (eccentricity(labels, n) < MAX_ECCENTRICITY)
+        keep[0] = False
+        out[z0:z0 + chunk] = keep[labels]
+    return out
+
+
+def eccentricity(labels, n):
+    """(n + 1,) eccentricity of each labelled 2-D region of labels (k, y, x), from its second moments:
+    sqrt(1 - l2 / l1) with l1 >= l2 the eigenvalues of the (row, col) covariance (as skimage's regionprops)."""
+    flat = labels.ravel()
+    k, h, w = labels.shape
+    count = np.maximum(np.bincount(flat, minlength=n + 1), 1).astype(float)
+    rows = np.broadcast_to(np.arange(h, dtype=float)[None, :, None], labels.shape).ravel()
+    cols = np.broadcast_to(np.arange(w, dtype=float)[None, None, :], labels.shape).ravel()
+
+    def mean(weights):
+        return np.bincount(flat, weights=weights, minlength=n + 1) / count
+    mr, mc = mean(rows), mean(cols)
+    vrr, vcc, vrc = mean(rows * rows) - mr ** 2, mean(cols * cols) - mc ** 2, mean(rows * cols) - mr * mc
+    half_trace = (vrr + vcc) / 2
+    root = np.sqrt(np.maximum(half_trace ** 2 - (vrr * vcc - vrc ** 2), 0))
+    l1, l2 = half_trace + root, np.maximum(half_trace - root, 0)
+    return np.sqrt(1 - np.divide(l2, l1, out=np.ones_like(l1), where=l1 > 1e-12))
+
+
+def fill_holes(mask):
+    """3-D hole filling: background components that do not reach the bounding box's border become mask."""
+    box = bounding_box(mask, 1, mask.shape)
+    sub = mask[box]
+    background, _ = ndimage.label(~sub)
+    outside = np.unique(np.concatenate([f.ravel() for f in
+                                        (background[0], background[-1], background[:, 0], background[:, -1],
+                                         background[:, :, 0], background[:, :, -1])]))
+    out = mask.copy()
+    out[box] |= ~np.isin(background, outside)
+    return out
+
+
+def bounding_box(mask, margin, shape):
+    """Slices (z, y, x) of the bounding box of a non-empty mask, grown by margin voxels (clipped)."""
+    box = []
+    for a in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))
+        box.append(slice(max(idx[0] - margin, 0), min(idx[-1] + margin + 1, shape[a])))
+    return tuple(box)
+
+
+def select_lungs(air, spacing, volume_ml):
+    """3-D components of the per-slice air mask that may be lung: not touching the in-plane border (that is
+    the air around the body) and with a volume within volume_ml = (min, max) millilitres; holes filled."""
+    labels, n = ndimage.label(air)
+    if n == 0:
+        return np.zeros(air.shape, dtype=bool)
+    border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
+                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    ml = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing)) / 1000.0
+    ok = (ml >= volume_ml[0]) & (ml <= volume_ml[1])
+    ok[0] = False
+    ok[border] = False
+    lungs = ok[labels]
+    # nodules and vessels inside the lung are bright holes of the air mask: fill them in 3-D
+    return fill_holes(lungs) if lungs.any() else lungs
+
+
+def split_lungs(lungs, spacing):
+    """The lung mask as a list of masks: the two lungs if they can be told apart, else [lungs].
+
+    Works on a coarse copy (blocks of ~SPLIT_MM, a block is lung if any voxel is): the two largest
+    components, found after eroding until the lungs come apart where they touch, are grown back within
+    the coarse mask; voxels reached by neither (other small components) form a third mask."""
+    factor = np.maximum(np.round(SPLIT_MM / np.asarray(spacing)), 1).astype(int)
+    coarse = _block_any(lungs, factor)
+    cross = ndimage.generate_binary_structure(3, 1)
+    mask = coarse
+    for _ in range(MAX_SPLIT_EROSIONS + 1):
+        labels, n = ndimage.label(mask)
+        if n >= 2:
+            size = np.bincount(labels.ravel())[1:]
+            a, b = np.argsort(size)[::-1][:2] + 1
+            if size[b - 1] >= SPLIT_RATIO * size[a - 1]:
+                owner = _grow_seeds(np.where(labels == a, 1, np.where(labels == b, 2, 0)).astype(np.int8),
+                                    coarse, cross)
+                # back to full resolution: each voxel takes its block's owner
+                full = owner[np.ix_(*[np.arange(s) // f for s, f in zip(lungs.shape, factor)])]
+                parts = [lungs & (full == 1), lungs & (full == 2), lungs & (full == 0)]
+                return [p for p in parts if p.any()]
+        if n == 0:
+            break
+        mask = ndimage.binary_erosion(mask, structure=cross)
+    return [lungs]
+
+
+def _block_any(mask, factor):
+    """Coarse mask: blocks of factor (z, y, x) voxels, True where any voxel of the block is."""
+    pad = [(0, -s % f) for s, f in zip(mask.shape, factor)]
+    m = np.pad(mask, pad)
+    k = [s // f for s, f in zip(m.shape, factor)]
+    return m.reshape(k[0], factor[0], k[1], factor[1], k[2], factor[2]).any(axis=(1, 3, 5))
+
+
+def _grow_seeds(owner, mask, cross):
+    """Grow seed labels 1 and 2 (int8 array) one voxel per step inside `mask` until nothing changes."""
+    while True:
+        grown = ndimage.grey_dilation(owner, footprint=cross)
+        new = (owner == 0) & mask & (grown > 0)
+        if not new.any():
+            return owner
+        owner[new] = grown[new]
+
+
+def hull_mask(lung):
+    """Per-slice convex hull of one lung, keeping the plain slice where the hull would grow it > HULL_GROWTH."""
+    out = lung.copy()
+    for z in np.flatnonzero(lung.any(axis=(1, 2))):
+        hull = slice_hull(lung[z])
+        if hull.sum() <= HULL_GROWTH * lung[z].sum():
+            out[z] = hull
+    return out
+
+
+def slice_hull(mask):
+    """Convex hull of a 2-D mask (pixel centres), including the mask itself. The hull of a pixel set is
+    the hull of each row's first and last pixel, so only those (<= 2 per row) go to qhull."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    first = mask[rows].argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    points = np.concatenate([np.c_[rows, first], np.c_[rows, last]]).astype(float)
+    try:
+        vertices = points[ConvexHull(points).vertices]
+    except QhullError:  # all points on a line: the mask is its own hull
+        return mask.copy()
+    hull = mask.copy()
+    rr, cc = polygon(vertices[:, 0], vertices[:, 1], shape=mask.shape)
+    hull[rr, cc] = True
+    return hull
+
+
+def window(hu):
+    """HU -> uint8 0..255 over HU_WINDOW (computed in float32, clipped: no wrap-around)."""
+    lo, hi = HU_WINDOW
+    scaled = (hu.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def lung_box(lungs, spacing, shape):
+    """Start and stop (z, y, x) in the RESOLUTION grid of the lung bounding box plus BOX_MARGIN_MM."""
+    box = bounding_box(lungs, 0, shape)
+    lo = np.array([b.start for b in box]) * spacing / RESOLUTION
+    hi = np.array([b.stop - 1 for b in box]) * spacing / RESOLUTION
+    last = np.floor((np.asarray(shape) - 1) * spacing / RESOLUTION).astype(int)
+    start = np.maximum(np.floor(lo).astype(int) - BOX_MARGIN_MM, 0)
+    stop = np.minimum(np.ceil(hi).astype(int) + BOX_MARGIN_MM, last) + 1
+    return start, stop
+
+
+def resample_box(image, spacing, start, stop):
+    """Linear resampling of uint8 `image` onto the RESOLUTION grid points start..stop-1 (z, y, x).
+
+    Grid point j lies at j * RESOLUTION mm, i.e. at raw index j * RESOLUTION / spacing."""
+    step = RESOLUTION / np.asarray(spacing)
+    first = np.floor(start * step).astype(int)
+    last = np.minimum(np.ceil((stop - 1) * step).astype(int) + 1, np.asarray(image.shape) - 1)
+    sub = image[first[0]:last[0] + 1, first[1]:last[1] + 1, first[2]:last[2] + 1].astype(np.float32)
+    out = ndimage.affine_transform(sub, step, offset=start * step - first, output_shape=tuple(stop - start),
+                                   order=1, mode='nearest')
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def preprocess(hu, spacing, volume_ml):
+    """(volume uint8 (z, y, x) at RESOLUTION mm, box_start) of a HU array; ScanError if no lung is found."""
+    spacing = np.asarray(spacing, dtype=float)
+    lungs = select_lungs(binarize_slices(hu, spacing), spacing, volume_ml)
+    if not lungs.any():
+        raise ScanError('empty lung mask (no air region inside the body of lung size)')
+    # mask work happens in the lung bounding box, grown by the dilation reach
+    box = bounding_box(lungs, DILATION + 1, lungs.shape)
+    hull = np.zeros(lungs[box].shape, dtype=bool)
+    for lung in split_lungs(lungs[box], spacing):
+        hull |= hull_mask(lung)
+    dilated = np.zeros_like(lungs)
+    dilated[box] = ndimage.binary_dilation(hull, structure=ndimage.generate_binary_structure(3, 1),
+                                           iterations=DILATION)
+    image = window(hu)
+    image[~dilated] = PAD_VALUE
+    image[dilated & ~lungs & (image > BONE_VALUE)] = PAD_VALUE
+    start, stop = lung_box(lungs, spacing, hu.shape)
+    return resample_box(image, spacing, start, stop), start
+
+
+def process_scan(job):
+    """Worker: preprocess job['path'] into job['out_dir']/<seriesuid>.npy and .json (geometry, written last).
+
+    job: dict(seriesuid, path, out_dir, volume_ml). Returns dict(seriesuid, shape, seconds)."""
+    t0 = time.time()
+    hu, header = read_scan(job['path'])
+    volume, start = preprocess(hu, header['spacing'], job['volume_ml'])
+    geometry = {'seriesuid': job['seriesuid'], 'spacing': header['spacing'], 'origin': header['origin'],
+                'direction': header['direction'], 'flip': header['flip'], 'raw_shape': list(hu.shape),
+                'resolution': RESOLUTION, 'box_start': start.tolist(), 'shape': list(volume.shape)}
+    base = os.path.join(job['out_dir'], job['seriesuid'])
+    save_npy_atomic(base + '.npy', volume)
+    save_json_atomic(base + '.json', geometry)
+    return {'seriesuid': job['seriesuid'], 'shape': list(volume.shape), 'seconds': round(time.time() - t0, 2)}

@@ -1,0 +1,233 @@
+"""prepare.py on a tiny synthetic LUNA16 tree: nodule positions, failure isolation, resume, labels."""
+import csv
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import luna
+import prepare
+import scanpool
+from utils import UserError
+
+FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+SMALL_LUNGS = (20.0, 8200.0)  # the phantom's lungs are ~100 ml each, smaller than an adult's
+
+
+def make_scan(path, spacing=(1.4, 1.4, 2.5), size=(100, 100, 40), origin=(-70.0, -70.0, -320.0),
+              flip=False, lungs=True, nodules=((34.0, 3.0, 8.0),), seed=0):
+    """Write a phantom .mhd/.raw: air, an elliptic body (30 HU), a spine (700 HU), two lungs (-850 HU) and
+    bright spheres (400 HU, radius 4 mm) at `nodules`, given as mm offsets (x, y, z) from the volume
+    centre along the index axes. Returns the world (x, y, z) of each nodule as ITK computes it, and its
+    raw (x, y, z) index."""
+    size, spacing = np.asarray(size), np.asarray(spacing, dtype=float)
+    z, y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(size[::-1], spacing[::-1])],
+                          indexing='ij')  # (z, y, x) grids of mm offsets
+    hu = np.full(z.shape, -1000.0)
+    hu[(x / 62) ** 2 + (y / 48) ** 2 <= 1] = 30.0
+    hu[(x / 9) ** 2 + ((y - 36) / 9) ** 2 <= 1] = 700.0
+    if lungs:
+        for cx in (-28.0, 28.0):
+            hu[((x - cx) / 21) ** 2 + ((y + 3) / 31) ** 2 + (z / 44) ** 2 <= 1] = -850.0
+    for ox, oy, oz in nodules:
+        hu[(x - ox) ** 2 + (y - oy) ** 2 + (z - oz) ** 2 <= 16.0] = 400.0
+    hu += np.random.default_rng(seed).normal(0, 15, hu.shape)
+    image = sitk.GetImageFromArray(hu.astype(np.int16))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(origin)
+    if flip:
+        image.SetDirection(FLIPPED)
+    sitk.WriteImage(image, path)
+    index = [np.asarray(o) / spacing + (size - 1) / 2 for o in nodules]  # continuous (x, y, z) raw index
+    return [image.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in index], index
+
+
+def write_csv(path, rows):
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def tree(tmp_path_factory):
+    """LUNA16 tree: 3 good scans (one flipped) in subsets 0 and 3, and 3 bad ones; annotations and a
+    cluster table. Returns (root, world centres by scan, cluster rows)."""
+    root = str(tmp_path_factory.mktemp('luna16'))
+    for k in (0, 3):
+        os.makedirs(os.path.join(root, f'subset{k}'))
+    specs = {'scanA': dict(folder=0, nodules=((34.0, 3.0, 8.0), (-30.0, -10.0, -12.0))),
+             'scanB': dict(folder=0, flip=True, spacing=(1.2, 1.2, 2.0), origin=(60.0, 80.0, -100.0),
+                           nodules=((20.0, 12.0, 15.0),)),
+             'scanC': dict(folder=3, spacing=(1.6, 1.6, 1.8), size=(88, 88, 50), nodules=((-25.0, 5.0, 0.0),)),
+             'nolungs': dict(folder=3, lungs=False, nodules=())}
+    world, index = {}, {}
+    for uid, spec in specs.items():
+        folder = spec.pop('folder')
+        world[uid], index[uid] = make_scan(os.path.join(root, f'subset{folder}', f'{uid}.mhd'), **spec)
+    # a truncated .raw, and a header with a zero spacing
+    make_scan(os.path.join(root, 'subset3', 'truncated.mhd'))
+    raw = os.path.join(root, 'subset3', 'truncated.raw')
+    os.truncate(raw, os.path.getsize(raw) // 2)
+    with open(os.path.join(root, 'subset0', 'badheader.mhd'), 'w') as f:
+        f.write('ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementSpacing = 0 1 1\n'
+                'ElementType = MET_SHORT\nElementDataFile = badheader.raw\n')
+    with open(os.path.join(root, 'subset0', 'badheader.raw'), 'wb') as f:
+        f.write(bytes(2 * 8 ** 3))
+    # annotations (world centres off by up to 1 mm) plus one nodule no reader marked
+    ann = [{'seriesuid': u, 'coordX': w[0] + 0.6, 'coordY': w[1] - 0.5, 'coordZ': w[2] + 0.8, 'diameter_mm': 8.0}
+           for u in ('scanA', 'scanB', 'scanC') for w in world[u]]
+    ann.append({'seriesuid': 'scanC', 'coordX': 0.0, 'coordY': 0.0, 'coordZ': -200.0, 'diameter_mm': 5.0})
+    write_csv(os.path.join(root, 'annotations.csv'), ann)
+    # reader clusters: (row, col) pixel indices of the raw scan and world z, as lidc.nodule_table gives them
+    clusters = []
+    labels = {'scanA': [0, 1], 'scanB': [1], 'scanC': [-1]}
+    for uid, labs in labels.items():
+        for w, i, lab in zip(world[uid], index[uid], labs):
+            clusters.append({'nodule_id': f'{uid}_{lab}', 'seriesuid': uid, 'label': lab, 'diameter_mm': 7.5,
+                             'row': i[1], 'col': i[0], 'z': w[2], 'malignancy': 2.0 + 2 * lab})
+    clusters.append({'nodule_id': 'far', 'seriesuid': 'scanA', 'label': 1, 'diameter_mm': 9.0, 'row': 0.0,
+                     'col': 0.0, 'z': -320.0, 'malignancy': 4.5})
+    write_csv(os.path.join(root, 'clusters.csv'), clusters)
+    return root, world, clusters
+
+
+@pytest.fixture(scope='module')
+def prepared(tree, tmp_path_factory):
+    root, _, _ = tree
+    out = str(tmp_path_factory.mktemp('prepared'))
+    runs = str(tmp_path_factory.mktemp('runs'))
+    summary = prepare.main(LUNA16_DIR=root, OUT_DIR=out, NODULE_TABLE=os.path.join(root, 'clusters.csv'),
+                           WORKERS=2, LUNG_ML=SMALL_LUNGS, RUNS_DIR=runs)
+    return out, runs, summary
+
+
+def test_good_scans_processed_bad_ones_listed(prepared):
+    out, _, summary = prepared
+    assert sorted(summary['processed']) == ['scanA', 'scanB', 'scanC']
+    assert summary['skipped'] == []
+    reasons = {f['seriesuid']: f['reason'] for f in summary['failed']}
+    assert sorted(reasons) == ['badheader', 'nolungs', 'truncated']
+    assert 'empty lung mask' in reasons['nolungs']
+    assert reasons['truncated'].startswith('unreadable scan')
+    assert reasons['badheader'].startswith('bad header') and 'spacing' in reasons['badheader']
+    listed = {r['seriesuid']: r['reason'] for r in read_csv(os.path.join(out, 'failures.csv'))}
+    assert listed == reasons
+    assert not os.path.exists(os.path.join(out, 'volumes', 'nolungs.npy'))
+
+
+def test_nodules_land_at_world_to_voxel(prepared, tree):
+    """The bright spheres' centroid in each saved volume is where world_to_voxel puts the world centre."""
+    out, _, _ = prepared
+    _, world, _ = tree
+    for uid, centres in world.items():
+        if uid == 'nolungs':
+            continue
+        volume = np.load(os.path.join(out, 'volumes', f'{uid}.npy'))
+        with open(os.path.join(out, 'volumes', f'{uid}.json')) as f:
+            geometry = json.load(f)
+        assert volume.dtype == np.uint8 and list(volume.shape) == geometry['shape']
+        assert geometry['flip'] == (uid == 'scanB')
+        for w in centres:
+            expected = prepare.world_to_voxel(w, geometry)
+            lo = np.maximum(np.round(expected).astype(int) - 8, 0)
+            patch = volume[lo[0]:lo[0] + 17, lo[1]:lo[1] + 17, lo[2]:lo[2] + 17]
+            bright = np.argwhere(patch > 215)  # the spheres: 400 HU -> 227; bone in the mask ring -> 170
+            assert len(bright) > 20, uid
+            assert np.abs(bright.mean(0) + lo - expected).max() < 1.0, uid
+        # the spine (700 HU) is bone: only the spheres stay brighter than 215 anywhere
+        assert (volume > 215).sum() < 300 * len(centres)
+        assert (volume == 170).mean() > 0.05  # outside the dilated lungs
+
+
+def test_world_to_voxel_worked_example():
+    """Hand-computed: flipped scan, raw shape (10, 20, 30), spacing z 2, y 0.5, x 0.5, box start (1, 2, 3)."""
+    g = {'origin': [-100.0, 50.0, 40.0], 'spacing': [2.0, 0.5, 0.5], 'flip': True, 'raw_shape': [10, 20, 30],
+         'resolution': 1.0, 'box_start': [1, 2, 3]}
+    # world (x 38, y 45, z -96): raw index z 2, y 10, x 4; mirrored y 19 - 10 = 9, x 29 - 4 = 25;
+    # in mm: z 4, y 4.5, x 12.5; minus the box start
+    assert np.allclose(luna.world_to_voxel((38.0, 45.0, -96.0), g), [3.0, 2.5, 9.5])
+    g['flip'] = False
+    assert np.allclose(luna.world_to_voxel([[38.0, 45.0, -96.0]] * 2, g), [[3.0, 3.0, -1.0]] * 2)
+
+
+def test_labels_matched_by_scan_and_world_centre(prepared, tree):
+    out, _, summary = prepared
+    rows = read_csv(os.path.join(out, 'labels.csv'))
+    assert len(rows) == 5
+    got = {(r['seriesuid'], round(float(r['coordZ']), 1)): (int(r['label']), int(r['fold'])) for r in rows}
+    _, world, _ = tree
+    z = {u: [round(w[2] + 0.8, 1) for w in world[u]] for u in world}
+    assert got[('scanA', z['scanA'][0])] == (0, 0)
+    assert got[('scanA', z['scanA'][1])] == (1, 0)
+    assert got[('scanB', z['scanB'][0])] == (1, 0)  # flipped: (row, col) -> world uses the direction
+    assert got[('scanC', z['scanC'][0])] == (-1, 3)
+    assert got[('scanC', -200.0)] == (-1, 3)  # no reader cluster
+    counts = summary['labels']
+    assert (counts['matched'], counts['benign'], counts['malignant'], counts['excluded'], counts['unmatched']) \
+        == (4, 1, 2, 1, 1)
+    assert counts['clusters'] == 5
+    assert all(float(r['match_mm']) < 1.5 for r in rows if r['match_mm'] not in ('', 'nan'))
+
+
+def test_second_run_skips_done_scans(prepared, tree):
+    out, runs, first = prepared
+    root = tree[0]
+    stamp = os.path.getmtime(os.path.join(out, 'volumes', 'scanA.npy'))
+    t0 = time.time()
+    summary = prepare.main(LUNA16_DIR=root, OUT_DIR=out, NODULE_TABLE=os.path.join(root, 'clusters.csv'),
+                           WORKERS=2, LUNG_ML=SMALL_LUNGS, RUNS_DIR=runs, LABELS=False)
+    assert sorted(summary['skipped']) == ['scanA', 'scanB', 'scanC']
+    assert summary['processed'] == []
+    assert sorted(f['seriesuid'] for f in summary['failed']) == ['badheader', 'nolungs', 'truncated']
+    assert os.path.getmtime(os.path.join(out, 'volumes', 'scanA.npy')) == stamp
+    assert time.time() - t0 < 30
+
+
+def test_nothing_processed_is_an_error(tmp_path):
+    os.makedirs(tmp_path / 'luna' / 'subset0')
+    make_scan(str(tmp_path / 'luna' / 'subset0' / 'empty.mhd'), lungs=False, nodules=())
+    with pytest.raises(UserError, match='no scan could be processed'):
+        prepare.main(LUNA16_DIR=str(tmp_path / 'luna'), OUT_DIR=str(tmp_path / 'out'), WORKERS=1, LABELS=False,
+                     RUNS_DIR=str(tmp_path / 'runs'), START_METHOD='fork')
+    assert 'empty lung mask' in read_csv(str(tmp_path / 'out' / 'failures.csv'))[0]['reason']
+
+
+def test_missing_folder_and_unknown_setting(tmp_path):
+    with pytest.raises(UserError, match='does not exist'):
+        prepare.main(LUNA16_DIR=str(tmp_path / 'nowhere'), RUNS_DIR=str(tmp_path / 'runs'))
+    with pytest.raises(UserError, match='unknown setting'):
+        prepare.main(WORKRS=2)
+
+
+def toy_job(job):
+    """A job for the pool test: 'crash' kills its worker, 'hang' never ends, 'raise' raises."""
+    if job == 'crash':
+        os._exit(3)
+    if job == 'hang':
+        time.sleep(600)
+    if job == 'raise':
+        raise ValueError('bad input')
+    return job * 10
+
+
+def test_pool_isolates_crash_hang_and_error():
+    jobs = [1, 2, 'crash', 3, 'raise', 4, 'hang', 5, 6]
+    t0 = time.time()
+    results = {j: (ok, r) for j, ok, r in scanpool.run_isolated(toy_job, jobs, workers=3, timeout_s=2.0,
+                                                                 start_method='fork')}
+    assert sorted(results, key=str) == sorted(jobs, key=str)  # every job reported exactly once
+    for j in (1, 2, 3, 4, 5, 6):
+        assert results[j] == (True, j * 10)
+    assert results['crash'] == (False, scanpool.DIED)
+    assert results['raise'] == (False, 'ValueError: bad input')
+    assert results['hang'] == (False, 'timed out after 2 s')
+    assert time.time() - t0 < 20
