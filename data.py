@@ -35,7 +35,8 @@ def read_table(root):
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise UserError(f'{path} lacks column(s) {", ".join(missing)}')
-    bad = table[~table['label'].isin([0, 1])]
+    # compared as numbers: one text label makes pandas read the whole column as strings
+    bad = table[~pd.to_numeric(table['label'], errors='coerce').isin([0, 1])]
     if len(bad):
         first = bad.iloc[0]
         raise UserError(f'{path}: label must be 0 or 1; nodule {first["nodule_id"]} has {first["label"]}')
@@ -94,7 +95,8 @@ class CubeData:
 
     def __init__(self, cubes, labels, mean, std, device):
         self.cubes = torch.as_tensor(cubes).to(device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
+        # a copy: arrays from pandas may be read-only, which torch warns about
+        self.labels = torch.tensor(np.array(labels), dtype=torch.long, device=device)
         self.mean, self.std = float(mean), float(std)
         self.device = torch.device(device)
         self.size = self.cubes.shape[-1]

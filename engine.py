@@ -10,11 +10,12 @@ from data import batches
 from utils import UserError, binary_metrics, load_checkpoint, rng_states, save_atomic, set_rng_states
 
 
-def check_finite(loss, where, run_path):
-    """Stop the run on a NaN/inf loss; the checkpoint of the last good epoch stays in place."""
+def check_finite(loss, where, run_path, checkpoint='last.pt'):
+    """Stop the run on a NaN/inf loss; the checkpoint of the last good epoch (run_path/checkpoint) stays."""
     if not math.isfinite(float(loss)):
-        raise UserError(f'loss is {float(loss)} at {where}; stopping. The last good checkpoint is kept in '
-                        f'{os.path.join(run_path, "last.pt")} (try a lower learning rate)')
+        path = os.path.join(run_path, checkpoint)
+        kept = f'the last good checkpoint is kept in {path}' if os.path.exists(path) else 'no checkpoint yet'
+        raise UserError(f'loss is {float(loss)} at {where}; stopping: {kept} (try a lower learning rate)')
 
 
 def train_step(model, optimizer, x, y, params, grad_clip):

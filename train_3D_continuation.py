@@ -65,7 +65,8 @@ def train_fold(cfg, genotype, table, fold, run):
     result_path = run.file(f'result_fold{fold}.json')
     if os.path.exists(result_path):
         run.log(f'fold {fold}: finished earlier, result read from {result_path}')
-        return json.load(open(result_path))
+        with open(result_path) as f:
+            return json.load(f)
     train, test, train_folds = fold_data(cfg, table, fold)
     run.log(f'fold {fold}: train folds {train_folds} {engine.class_balance(train.labels.cpu())}, '
             f'test {engine.class_balance(test.labels.cpu())} nodules (benign/malignant)')
@@ -75,7 +76,8 @@ def train_fold(cfg, genotype, table, fold, run):
     opt = torch.optim.SGD(params, cfg['LR'], momentum=cfg['MOMENTUM'], weight_decay=cfg['WEIGHT_DECAY'])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['EPOCHS'], eta_min=cfg['LR_MIN'])
     gen = data.make_generator(cfg['DEVICE'], cfg['SEED'] + fold)
-    ckpt_path, objects = run.file(f'last_fold{fold}.pt'), {'model': model, 'opt': opt, 'sched': sched}
+    ckpt_name, objects = f'last_fold{fold}.pt', {'model': model, 'opt': opt, 'sched': sched}
+    ckpt_path = run.file(ckpt_name)
     start, best = 0, {'acc': -1.0}
     metrics_name = f'metrics_fold{fold}.csv'
     if os.path.exists(ckpt_path):
@@ -95,10 +97,10 @@ def train_fold(cfg, genotype, table, fold, run):
         for i, idx in enumerate(utils.progress(steps, desc=f'fold {fold} epoch {epoch}')):
             loss, hits = engine.train_step(model, opt, *train.train_batch(idx, gen), params, cfg['GRAD_CLIP'])
             if i % 20 == 0:
-                engine.check_finite(loss, f'fold {fold} epoch {epoch} step {i}', run.path)
+                engine.check_finite(loss, f'fold {fold} epoch {epoch} step {i}', run.path, ckpt_name)
             total += loss * len(idx)
             correct += hits
-        engine.check_finite(total, f'fold {fold} epoch {epoch}', run.path)
+        engine.check_finite(total, f'fold {fold} epoch {epoch}', run.path, ckpt_name)
         sched.step()
         ev = engine.evaluate(model, test, cfg['BATCH_SIZE'])
         row = {'epoch': epoch, 'lr': lr, 'train_loss': float(total) / len(train),

@@ -40,14 +40,11 @@ def _coerce(name, value, default):
         return float(value)
     elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(default)(value)
-    elif isinstance(value, type(default)):
+    elif isinstance(value, type(default)) and not isinstance(value, bool):
         return value
-    elif isinstance(default, str) and isinstance(value, (int, float)):
-        return str(value)
-    elif isinstance(value, str) and isinstance(default, (int, float)):
-        raise UserError(f'--{name}={value!r}: expected a {type(default).__name__}')
-    else:
-        return value
+    elif isinstance(default, str):
+        # string settings also take other literals: FOLD=8, PRIMITIVES=('sep_conv_3x3x3', ...)
+        return str(value) if isinstance(value, (int, float)) else value
     raise UserError(f'--{name}={value!r}: expected a {type(default).__name__}')
 
 
@@ -212,8 +209,13 @@ def progress(iterable, total=None, desc=None):
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
     tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # also KeyboardInterrupt: never leave a half-written temp file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path):
