@@ -38,7 +38,7 @@ L2 = 1.0                  # L2 regularization of the leaf values
 MIN_SAMPLES_LEAF = 20     # fewest training cubes in a leaf
 THREADS = 0               # OpenMP threads of the classifier (0 = all cores; 1 is faster on a busy machine)
 SEED = 0                  # random state of the classifier
-RUNS_DIR = 'runs'         # run folders go here
+RUNS = 'runs'             # folder of run folders
 TAG = ''                  # suffix of the run folder name
 
 DEFAULTS = utils.settings_of(globals())
@@ -112,7 +112,7 @@ def main(**overrides):
     cfg = utils.check_settings(overrides, DEFAULTS)
     if cfg['DOWNSAMPLE'] < 1 or cfg['DOWNSAMPLE'] > cfg['CUBE_SIZE']:
         raise utils.UserError(f'DOWNSAMPLE={cfg["DOWNSAMPLE"]} must be between 1 and CUBE_SIZE={cfg["CUBE_SIZE"]}')
-    run = utils.Run('nodclsgbt', cfg, root=cfg['RUNS_DIR'], tag=cfg['TAG'])
+    run = utils.Run('nodclsgbt', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
     if cfg['CROP']:
         crop_cube_set(cfg['PREPARED_DIR'], cfg['CUBE_SET'], cfg['CUBE_SIZE'], run.log)

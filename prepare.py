@@ -35,7 +35,7 @@ WORKERS = 4               # worker processes; each needs ~2-3 GB of memory for a
 SCAN_TIMEOUT = 1800.0     # seconds; a scan that runs longer fails as timed out
 START_METHOD = 'spawn'    # how workers start: 'spawn' is safe with threaded libraries, 'fork' starts faster
 LUNG_ML = (100.0, 8200.0)  # volume range (ml) of a 3-D air component inside the body that counts as lung
-RUNS_DIR = 'runs'         # run folders (log, config) go here
+RUNS = 'runs'             # folder of run folders (log, config)
 TAG = ''                  # suffix of the run folder name
 
 DEFAULTS = utils.settings_of(globals())
@@ -146,7 +146,7 @@ def main(**overrides):
     if not (cfg['VOLUMES'] or cfg['LABELS']):
         raise utils.UserError('nothing to do: VOLUMES and LABELS are both False')
     scans = luna.find_scans(cfg['LUNA16_DIR'])
-    run = utils.Run('prepare', cfg, root=cfg['RUNS_DIR'], tag=cfg['TAG'])
+    run = utils.Run('prepare', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
     folds = sorted({f for f, _ in scans.values()})
     run.log(f'{len(scans)} scans in LUNA16 subsets {folds}')

@@ -54,7 +54,7 @@ def make_cube_set(root, n_per_fold=12, folds=(0, 1, 2), size=16, seed=0):
 def test_gbt_on_cube_set_end_to_end(tmp_path):
     make_cube_set(str(tmp_path / 'set'))
     out = nodclsgbt.main(CROP=False, CUBE_SET=str(tmp_path / 'set'), TEST_FOLDS=(0, 1, 2),
-                         RUNS_DIR=str(tmp_path / 'runs'), **TINY)
+                         RUNS=str(tmp_path / 'runs'), **TINY)
     assert [r['fold'] for r in out['folds']] == [0, 1, 2]
     preds = read_csv(os.path.join(out['run'], 'predictions.csv'))
     assert len(preds) == 36
@@ -74,7 +74,7 @@ def test_missing_test_fold_is_named(tmp_path):
     make_cube_set(str(tmp_path / 'set'), folds=(0, 1))
     with pytest.raises(UserError, match='fold 7'):
         nodclsgbt.main(CROP=False, CUBE_SET=str(tmp_path / 'set'), TEST_FOLDS=(0, 7),
-                       RUNS_DIR=str(tmp_path / 'runs'), **TINY)
+                       RUNS=str(tmp_path / 'runs'), **TINY)
 
 
 def write_prepared(root):

@@ -106,7 +106,7 @@ def prepared(tree, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('prepared'))
     runs = str(tmp_path_factory.mktemp('runs'))
     summary = prepare.main(LUNA16_DIR=root, OUT_DIR=out, NODULE_TABLE=os.path.join(root, 'clusters.csv'),
-                           WORKERS=2, LUNG_ML=SMALL_LUNGS, RUNS_DIR=runs)
+                           WORKERS=2, LUNG_ML=SMALL_LUNGS, RUNS=runs)
     return out, runs, summary
 
 
@@ -184,7 +184,7 @@ def test_second_run_skips_done_scans(prepared, tree):
     stamp = os.path.getmtime(os.path.join(out, 'volumes', 'scanA.npy'))
     t0 = time.time()
     summary = prepare.main(LUNA16_DIR=root, OUT_DIR=out, NODULE_TABLE=os.path.join(root, 'clusters.csv'),
-                           WORKERS=2, LUNG_ML=SMALL_LUNGS, RUNS_DIR=runs, LABELS=False)
+                           WORKERS=2, LUNG_ML=SMALL_LUNGS, RUNS=runs, LABELS=False)
     assert sorted(summary['skipped']) == ['scanA', 'scanB', 'scanC']
     assert summary['processed'] == []
     assert sorted(f['seriesuid'] for f in summary['failed']) == ['badheader', 'nolungs', 'truncated']
@@ -197,13 +197,13 @@ def test_nothing_processed_is_an_error(tmp_path):
     make_scan(str(tmp_path / 'luna' / 'subset0' / 'empty.mhd'), lungs=False, nodules=())
     with pytest.raises(UserError, match='no scan could be processed'):
         prepare.main(LUNA16_DIR=str(tmp_path / 'luna'), OUT_DIR=str(tmp_path / 'out'), WORKERS=1, LABELS=False,
-                     RUNS_DIR=str(tmp_path / 'runs'), START_METHOD='fork')
+                     RUNS=str(tmp_path / 'runs'), START_METHOD='fork')
     assert 'empty lung mask' in read_csv(str(tmp_path / 'out' / 'failures.csv'))[0]['reason']
 
 
 def test_missing_folder_and_unknown_setting(tmp_path):
     with pytest.raises(UserError, match='does not exist'):
-        prepare.main(LUNA16_DIR=str(tmp_path / 'nowhere'), RUNS_DIR=str(tmp_path / 'runs'))
+        prepare.main(LUNA16_DIR=str(tmp_path / 'nowhere'), RUNS=str(tmp_path / 'runs'))
     with pytest.raises(UserError, match='unknown setting'):
         prepare.main(WORKRS=2)
 
