@@ -31,7 +31,7 @@ def _literal(text):
 
 def _coerce(name, value, default):
     """Check an override against the type of its default (ints are accepted for floats)."""
-    if default is None or value is None:
+    if default is None:
         return value
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -113,17 +113,24 @@ def check_settings(overrides, defaults):
     return {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in overrides.items()}}
 
 
+RESUMABLE_CHANGES = ('RESUME', 'DEVICE')  # the settings a continued run may change
+
+
 def resumed_settings(run_path, overrides, defaults):
-    """Settings of a run being continued: its config.json, then the overrides given now (DEVICE is this
-    machine's unless given)."""
+    """Settings of a run being continued: its config.json; DEVICE is this machine's unless given. Other
+    settings cannot change (the saved optimizer and schedule were built from them)."""
     path = os.path.join(run_path, 'config.json')
     if not os.path.exists(path):
         raise UserError(f'RESUME={run_path}: {path} is missing (not a run folder of this script?)')
     with open(path) as f:
         saved = json.load(f)
     checked = check_settings(overrides, defaults)
-    return {**saved, **{k: checked[k] for k in overrides}, 'RESUME': run_path,
-            'DEVICE': overrides.get('DEVICE', defaults['DEVICE'])}
+    for k in overrides:
+        if k not in RESUMABLE_CHANGES and json.loads(json.dumps(checked[k])) != saved.get(k):
+            raise UserError(f'--{k} cannot change when resuming {run_path} (it was {saved.get(k)!r}); '
+                            'start a new run instead')
+    return {**saved, 'RESUME': run_path, 'DEVICE': checked['DEVICE'] if 'DEVICE' in overrides
+            else defaults['DEVICE']}
 
 
 # ---------------------------------------------------------------- run folders and logs

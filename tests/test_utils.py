@@ -37,7 +37,7 @@ def test_string_settings_keep_other_literals_as_given():
 
 @pytest.mark.parametrize('arg, name', [
     ('--N=abc', 'N'), ('--N=1.5', 'N'), ('--N=True', 'N'), ('--LR=fast', 'LR'), ('--FLAG=1', 'FLAG'),
-    ('--FLAG=yes', 'FLAG'), ('--FOLDS=5', 'FOLDS'), ('--SIZES=abc', 'SIZES')])
+    ('--FLAG=yes', 'FLAG'), ('--FOLDS=5', 'FOLDS'), ('--SIZES=abc', 'SIZES'), ('--N=None', 'N'), ('--LR=None', 'LR')])
 def test_wrong_type_is_a_user_error(arg, name):
     with pytest.raises(UserError, match=f'--{name}=.*expected a'):
         parse(arg)
@@ -117,13 +117,15 @@ def test_missing_config_file(tmp_path):
 def test_resumed_settings(tmp_path):
     saved = {**DEFAULTS, 'N': 11, 'LR': 0.5, 'FOLDS': [8, 9], 'DEVICE': 'cuda:3'}
     (tmp_path / 'config.json').write_text(json.dumps(saved))
-    cfg = utils.resumed_settings(str(tmp_path), {'N': 12, 'RESUME': str(tmp_path)}, DEFAULTS)
-    # the saved run's settings, the overrides given now, and this machine's device
-    assert cfg['N'] == 12 and cfg['LR'] == 0.5 and cfg['FOLDS'] == [8, 9] and cfg['NAME'] == 'x'
+    cfg = utils.resumed_settings(str(tmp_path), {'N': 11, 'RESUME': str(tmp_path)}, DEFAULTS)
+    # the saved run's settings (repeating one unchanged is fine) and this machine's device
+    assert cfg['N'] == 11 and cfg['LR'] == 0.5 and cfg['FOLDS'] == [8, 9] and cfg['NAME'] == 'x'
     assert cfg['RESUME'] == str(tmp_path) and cfg['DEVICE'] == 'cpu'
     assert utils.resumed_settings(str(tmp_path), {'DEVICE': 'meta'}, DEFAULTS)['DEVICE'] == 'meta'
     with pytest.raises(UserError, match='NOPE'):
         utils.resumed_settings(str(tmp_path), {'NOPE': 1}, DEFAULTS)
+    with pytest.raises(UserError, match='--N cannot change when resuming .*11'):
+        utils.resumed_settings(str(tmp_path), {'N': 12}, DEFAULTS)
     with pytest.raises(UserError, match=f'RESUME={tmp_path / "empty"}: .*config.json is missing'):
         utils.resumed_settings(str(tmp_path / 'empty'), {}, DEFAULTS)
 
