@@ -4,6 +4,8 @@ The second-order virtual step w' = w - eta * (grad_w L_train + wd * w + momentum
 functionally (torch.func.functional_call): no model is copied or rebuilt. The Hessian-vector product
 d^2 L_train / (d alpha d w) . v uses a central finite difference at w +/- r v, r = 0.01 / ||v||.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -11,6 +13,23 @@ from torch.func import functional_call
 from model_search import zero_one_loss
 
 HYPERGRADS = ('second', 'first', 'zeroth')
+
+
+@contextlib.contextmanager
+def keep_buffers(model):
+    """Restore the model's buffers (BatchNorm running statistics) on exit.
+
+    Architecture steps run forward passes in train mode, at the virtual weights w', at w +/- eps v and on
+    validation batches; none of these are the network's weights, so their statistics must not leak into the
+    running averages used in evaluation: an architecture step changes the alphas/betas and nothing else.
+    """
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
 
 
 class Architect:
@@ -42,11 +61,12 @@ class Architect:
     def step(self, x_train, y_train, x_val, y_val, eta):
         """One architecture update; eta is the current weight learning rate. Returns the validation loss."""
         self.a_optimizer.zero_grad(set_to_none=True)
-        if self.order == 'first':
-            loss = self.arch_loss(self.model(x_val), y_val)
-            grads = torch.autograd.grad(loss, self.arch)
-        else:
-            loss, grads = self.second_order_grads(x_train, y_train, x_val, y_val, eta)
+        with keep_buffers(self.model):
+            if self.order == 'first':
+                loss = self.arch_loss(self.model(x_val), y_val)
+                grads = torch.autograd.grad(loss, self.arch)
+            else:
+                loss, grads = self.second_order_grads(x_train, y_train, x_val, y_val, eta)
         for p, g in zip(self.arch, grads):
             p.grad = g
         self.a_optimizer.step()

@@ -15,7 +15,7 @@ import genotypes
 import operations
 import utils
 import zo
-from model_search import SearchNetwork
+from model_search import SearchNetwork, zero_one_loss
 from sparsemax import temperature
 
 DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
@@ -64,6 +64,7 @@ def build(cfg, n_train):
     zero_one = cfg['ZERO_ONE'] if cfg['ZERO_ONE'] != 'auto' else ('l2' if cfg['WEIGHTS'] == 'sigmoid' else 'off')
     model = SearchNetwork(cfg['C'], 2, cfg['LAYERS'], prims, k=cfg['PC_K'], weighting=cfg['WEIGHTS'],
                           edge_weights=cfg['EDGE_WEIGHTS']).to(cfg['DEVICE'])
+    zero_one_loss(model, zero_one)  # an unknown ZERO_ONE fails now, not at the first architecture step
     w_opt = torch.optim.SGD(model.weight_parameters(), cfg['LR'], momentum=cfg['MOMENTUM'],
                             weight_decay=cfg['WEIGHT_DECAY'])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, cfg['EPOCHS'], eta_min=cfg['LR_MIN'])
@@ -90,6 +91,13 @@ class ValStream:
         if not self.queue:
             self.queue = data.batches(len(self.data), self.batch_size, True, self.gen, self.data.device)
         return self.data.eval_batch(self.queue.pop(0))
+
+    def state_dict(self):
+        # The batches left in the current pass: a resumed run continues the same pass.
+        return {'queue': [idx.cpu() for idx in self.queue]}
+
+    def load_state_dict(self, state):
+        self.queue = [idx.to(self.data.device) for idx in state['queue']]
 
 def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run):
     """One epoch: (after warm-up) an architecture step then a weight step per training batch."""
@@ -143,7 +151,9 @@ def main(**overrides):
             f'search-val {engine.class_balance(labels[va_idx])} nodules (benign/malignant), split by scan')
     model, w_opt, sched, a_opt, updater = build(cfg, len(train))
     gen = data.make_generator(cfg['DEVICE'], cfg['SEED'])
-    ckpt = {'model': model, 'w_opt': w_opt, 'a_opt': a_opt, 'sched': sched, 'updater': updater}
+    val_stream = ValStream(val, cfg['BATCH_SIZE'], gen)
+    ckpt = {'model': model, 'w_opt': w_opt, 'a_opt': a_opt, 'sched': sched, 'updater': updater,
+            'val_stream': val_stream}
     start, best = 0, {'acc': -1.0, 'epoch': -1, 'genotype': None}
     if cfg['RESUME']:
         state = engine.load_state(run.file('last.pt'), gen, ckpt)
@@ -153,7 +163,6 @@ def main(**overrides):
         run.log(f'resumed from {run.file("last.pt")} after epoch {state["epoch"]}')
     run.log(f'supernet: {sum(p.numel() for p in model.weight_parameters()) / 1e6:.3f} M weights, '
             f'candidate ops {model.primitives}')
-    val_stream = ValStream(val, cfg['BATCH_SIZE'], gen)
     epoch = start - 1
     for epoch in range(start, cfg['EPOCHS']):
         t0 = time.time()

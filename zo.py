@@ -6,18 +6,22 @@ learning rate, momentum state, clipping) with the architecture frozen at alpha +
 Then, on one validation batch at alpha, with g_a = dL/d alpha, g_w = dL/dw, delta = (w_twin - w) / mu:
 h = (g_a . u + g_w . delta) * u, a directional estimate of the hypergradient, goes to the architecture optimizer.
 """
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from architect import keep_buffers
 from model_search import zero_one_loss
 
 
-def random_direction(shapes, gen=None, device='cpu'):
-    """A list of tensors of the given shapes, jointly uniform on the unit sphere."""
-    flat = torch.randn(sum(int(torch.Size(s).numel()) for s in shapes), generator=gen, device=device)
+def random_direction(shapes, gen=None, device='cpu', dtype=None):
+    """A list of tensors of the given shapes, jointly uniform on the unit sphere, and their flat concatenation."""
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    flat = torch.randn(sum(sizes), generator=gen, device=device, dtype=dtype)
     flat = flat / flat.norm()
-    return list(torch.split(flat, [int(torch.Size(s).numel()) for s in shapes])), flat
+    return [part.view(s) for part, s in zip(torch.split(flat, sizes), shapes)], flat
 
 
 def estimate(g_arch, g_w, w, w_twin, u, mu):
@@ -43,12 +47,14 @@ class ZerothOrder:
 
     def _start_period(self):
         dev = self.arch[0].device
-        u, _ = random_direction([p.shape for p in self.arch], device=dev)
+        u, _ = random_direction([p.shape for p in self.arch], device=dev, dtype=self.arch[0].dtype)
         mu = self.mu_rel * float(torch.sqrt(sum((p.detach() ** 2).sum() for p in self.arch)))
         mu = max(mu, 1e-8)
         weights = [p.detach().clone().requires_grad_() for p in self.params]
         opt = torch.optim.SGD(weights, lr=self.w_opt.param_groups[0]['lr'])
-        opt.load_state_dict(self.w_opt.state_dict())  # same hyperparameters and momentum buffers (copied)
+        # Same hyperparameters and momentum buffers. load_state_dict keeps the tensors it is given, so copy
+        # them: shared buffers would be advanced twice per step, by the twin and by the real optimizer.
+        opt.load_state_dict(copy.deepcopy(self.w_opt.state_dict()))
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         self.twin = {'weights': weights, 'opt': opt, 'buffers': buffers, 'u': u, 'mu': mu}
         self.count = 0
@@ -92,10 +98,11 @@ class ZerothOrder:
         return loss.detach(), (logits.argmax(1) == y).sum()
 
     def arch_step(self, x_val, y_val):
-        loss = self.loss_fn(self.model(x_val), y_val)
-        if self.zero_one != 'off':
-            loss = loss + self.zero_one_weight * zero_one_loss(self.model, self.zero_one)
-        grads = torch.autograd.grad(loss, self.arch + self.params, allow_unused=True)
+        with keep_buffers(self.model):  # the validation forward must not move BN running statistics
+            loss = self.loss_fn(self.model(x_val), y_val)
+            if self.zero_one != 'off':
+                loss = loss + self.zero_one_weight * zero_one_loss(self.model, self.zero_one)
+            grads = torch.autograd.grad(loss, self.arch + self.params, allow_unused=True)
         g_arch = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[:len(self.arch)], self.arch)]
         g_w = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads[len(self.arch):], self.params)]
         t = self.twin
