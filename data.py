@@ -75,6 +75,14 @@ def load_cubes(root, table, size):
     return out
 
 
+def check_cube_size(size, op_names):
+    """The networks reduce twice: CUBE/4 voxels per axis must remain (3 where 3x3x3 pools are used)."""
+    smallest = 12 if any('pool' in name for name in op_names) else 8
+    if size % 4 or size < smallest:
+        raise UserError(f'CUBE={size}: must be a multiple of 4 and at least {smallest} for these ops '
+                        '(two stride-2 reductions leave CUBE/4 voxels per axis)')
+
+
 def split_by_scan(table, val_fraction, seed):
     """Split rows into two index arrays by scan, so that no scan's nodules straddle the split."""
     scans = np.array(sorted(table['seriesuid'].unique()))

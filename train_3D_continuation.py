@@ -128,6 +128,7 @@ def main(**overrides):
     if cfg['RESUME']:
         cfg = utils.resumed_settings(cfg['RESUME'], overrides, DEFAULTS)
     genotype = genotypes.get_genotype(cfg['GENOTYPE'])
+    data.check_cube_size(cfg['CUBE'], [op for op, _ in genotype.normal + genotype.reduce])
     folds = test_folds(cfg)
     table = data.read_table(cfg['DATA'])
     data.select_folds(table, folds, cfg['DATA'], 'test folds')

@@ -61,6 +61,7 @@ def build(cfg, n_train):
     prims = genotypes.mrfc() if cfg['PRIMITIVES'] == 'mrfc' else list(cfg['PRIMITIVES'])
     for name in prims:
         operations.check_op_name(name)
+    data.check_cube_size(cfg['CUBE'], prims)
     zero_one = cfg['ZERO_ONE'] if cfg['ZERO_ONE'] != 'auto' else ('l2' if cfg['WEIGHTS'] == 'sigmoid' else 'off')
     model = SearchNetwork(cfg['C'], 2, cfg['LAYERS'], prims, k=cfg['PC_K'], weighting=cfg['WEIGHTS'],
                           edge_weights=cfg['EDGE_WEIGHTS']).to(cfg['DEVICE'])

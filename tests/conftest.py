@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 
 def write_cube_set(root, n_folds=10, scans_per_fold=2, nodules_per_scan=2, size=16, seed=0):
@@ -25,6 +26,16 @@ def write_cube_set(root, n_folds=10, scans_per_fold=2, nodules_per_scan=2, size=
                              'diameter_mm': 2 * radius, 'label': label})
     pd.DataFrame(rows).to_csv(os.path.join(root, 'nodules.csv'), index=False)
     return str(root)
+
+
+@pytest.fixture(autouse=True, scope='session')
+def one_thread():
+    """The tests' convolutions are tiny: extra threads only add synchronisation (about 10x slower on a
+    loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -307,3 +307,20 @@ def test_command_line_errors_are_one_line(small_set, tmp_path, args, message):
     assert out.returncode == 2
     assert 'Traceback' not in out.stderr
     assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(message.format(**names)), out.stderr
+
+
+@pytest.mark.parametrize('size, ops, ok', [
+    (8, ['sep_conv_3x3x3'], True), (8, ['max_pool_3x3x3'], False), (12, ['avg_pool_3x3x3'], True),
+    (10, ['sep_conv_3x3x3'], False), (4, ['skip_connect'], False), (32, ['max_pool_3x3x3'], True)])
+def test_cube_size_check(size, ops, ok):
+    if ok:
+        data.check_cube_size(size, ops)
+    else:
+        with pytest.raises(UserError, match=f'CUBE={size}: must be a multiple of 4'):
+            data.check_cube_size(size, ops)
+
+
+def test_search_rejects_a_cube_too_small_for_its_pools(cube_set, tmp_path):
+    import train_search
+    with pytest.raises(UserError, match='CUBE=8'):
+        train_search.main(DATA=cube_set, RUNS=str(tmp_path), DEVICE='cpu', C=4, LAYERS=3, CUBE=8, EPOCHS=1)

@@ -18,14 +18,6 @@ TINY = dict(C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, DEVICE='cpu', SEED=0)
 STEPS = 5  # training steps per epoch: 18 training nodules in batches of 4
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are tiny, and on a busy 2-core machine a second spinning OpenMP
-    thread made each step ~10x slower (measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Stop(Exception):

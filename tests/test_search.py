@@ -24,13 +24,6 @@ TINY = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0, 
             PRIMITIVES=tuple(PRIMS), EPOCHS=2, WARMUP_EPOCHS=0, SEED=3)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # These convolutions are tiny: threads only add synchronisation, and on a busy 2-core box they cost ~10x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_net(prims=PRIMS, seed=0, C=4, **kw):

@@ -24,13 +24,6 @@ TINY = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0, 
             ZO_T=2)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    # Tiny convolutions: threads only add synchronisation, and on a busy 2-core box they cost ~10x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_random_direction_is_unit_and_shaped():
