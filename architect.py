@@ -33,8 +33,10 @@ def keep_buffers(model):
 
 
 class Architect:
-    def __init__(self, model, w_optimizer, a_optimizer, order='second', zero_one='l2', zero_one_weight=10.0):
+    def __init__(self, model, w_optimizer, a_optimizer, order='second', zero_one='l2', zero_one_weight=10.0,
+                 hvp_r=1e-2):
         self.model = model
+        self.hvp_r = hvp_r
         self.w_optimizer = w_optimizer
         self.a_optimizer = a_optimizer
         self.order = order
@@ -96,7 +98,7 @@ class Architect:
         names = list(w_virtual)
         grads = torch.autograd.grad(loss, self.arch + [w_virtual[n] for n in names])
         d_arch, v = grads[:len(self.arch)], dict(zip(names, grads[len(self.arch):]))
-        implicit = self.hessian_vector_product(v, x_train, y_train)
+        implicit = self.hessian_vector_product(v, x_train, y_train, self.hvp_r)
         return loss, [d - eta * h for d, h in zip(d_arch, implicit)]
 
     def hessian_vector_product(self, v, x, y, r=1e-2):

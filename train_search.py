@@ -42,6 +42,7 @@ EDGE_WEIGHTS = True  # multiply each edge by sigmoid(beta)
 ZERO_ONE = 'auto'  # zero-one loss on sigmoid(alpha), sigmoid(beta): 'l2', 'l1', 'off'; auto = l2 if sigmoid else off
 ZERO_ONE_WEIGHT = 10.0  # weight of the zero-one loss in the architecture loss
 HYPERGRAD = 'second'  # 'second' (DARTS 2nd order, paper), 'first', or 'zeroth' (ZO-DARTS+)
+HVP_R = 0.01  # second order: finite-difference radius of the Hessian-vector product is HVP_R / ||v|| (DARTS: 0.01)
 TAU0 = 1.5  # sparsemax: initial temperature
 TAU_FACTOR = 0.75  # sparsemax: temperature multiplied by this ...
 TAU_EVERY = 5  # ... every this many epochs
@@ -78,7 +79,8 @@ def build(cfg, n_train):
         updater = zo.ZerothOrder(model, w_opt, a_opt, cfg['ZO_T'], cfg['ZO_MU'], cfg['GRAD_CLIP'],
                                  zero_one, cfg['ZERO_ONE_WEIGHT'])
     else:
-        updater = arch_mod.Architect(model, w_opt, a_opt, cfg['HYPERGRAD'], zero_one, cfg['ZERO_ONE_WEIGHT'])
+        updater = arch_mod.Architect(model, w_opt, a_opt, cfg['HYPERGRAD'], zero_one, cfg['ZERO_ONE_WEIGHT'],
+                                     cfg['HVP_R'])
     return model, w_opt, sched, a_opt, updater
 
 class ValStream:
