@@ -76,8 +76,9 @@ def load_cubes(root, table, size):
 
 
 def check_cube_size(size, op_names):
-    """The networks reduce twice: CUBE/4 voxels per axis must remain (3 where 3x3x3 pools are used)."""
-    smallest = 12 if any('pool' in name for name in op_names) else 8
+    """The networks reduce twice: CUBE/4 voxels per axis must remain, at least 3 where avg_pool_3x3x3 is used
+    (torch's average pool without padding counts rejects inputs smaller than its kernel)."""
+    smallest = 12 if any(name.startswith('avg_pool') for name in op_names) else 8
     if size % 4 or size < smallest:
         raise UserError(f'CUBE={size}: must be a multiple of 4 and at least {smallest} for these ops '
                         '(two stride-2 reductions leave CUBE/4 voxels per axis)')

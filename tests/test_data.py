@@ -310,8 +310,9 @@ def test_command_line_errors_are_one_line(small_set, tmp_path, args, message):
 
 
 @pytest.mark.parametrize('size, ops, ok', [
-    (8, ['sep_conv_3x3x3'], True), (8, ['max_pool_3x3x3'], False), (12, ['avg_pool_3x3x3'], True),
-    (10, ['sep_conv_3x3x3'], False), (4, ['skip_connect'], False), (32, ['max_pool_3x3x3'], True)])
+    (8, ['sep_conv_3x3x3'], True), (8, ['max_pool_3x3x3'], True), (8, ['avg_pool_3x3x3'], False),
+    (12, ['avg_pool_3x3x3'], True),
+    (10, ['sep_conv_3x3x3'], False), (4, ['skip_connect'], False), (32, ['avg_pool_3x3x3'], True)])
 def test_cube_size_check(size, ops, ok):
     if ok:
         data.check_cube_size(size, ops)
