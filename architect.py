@@ -32,6 +32,17 @@ def keep_buffers(model):
                 b.copy_(s)
 
 
+@contextlib.contextmanager
+def full_precision(model):
+    """Switch the model's bf16 autocast off: a finite difference of size ~1e-2/||v|| is below bf16's resolution."""
+    amp = getattr(model, 'amp', False)
+    model.amp = False
+    try:
+        yield
+    finally:
+        model.amp = amp
+
+
 class Architect:
     def __init__(self, model, w_optimizer, a_optimizer, order='second', zero_one='l2', zero_one_weight=10.0,
                  hvp_r=1e-2):
@@ -106,8 +117,9 @@ class Architect:
         eps = r / torch.sqrt(sum((t * t).sum() for t in v.values()))
         params = dict(self.model.named_parameters())
         out = []
-        for sign in (1.0, -1.0):
-            w = {n: (params[n] + sign * eps * v[n]).detach() for n in v}
-            loss = F.cross_entropy(self._call(w, x), y)
-            out.append(torch.autograd.grad(loss, self.arch))
+        with full_precision(self.model):
+            for sign in (1.0, -1.0):
+                w = {n: (params[n] + sign * eps * v[n]).detach() for n in v}
+                loss = F.cross_entropy(self._call(w, x), y)
+                out.append(torch.autograd.grad(loss, self.arch))
         return [(gp - gm) / (2 * eps) for gp, gm in zip(*out)]

@@ -57,6 +57,7 @@ class NetworkLUNA(nn.Module):
     def __init__(self, C, num_classes, layers, genotype, drop_path_prob=0.0, stem_multiplier=3):
         super().__init__()
         self.drop_path_prob = drop_path_prob
+        self.amp = False  # bf16 autocast in forward (logits returned in fp32)
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(
             nn.Conv3d(1, C_curr, 3, padding=1, bias=False),
@@ -77,8 +78,10 @@ class NetworkLUNA(nn.Module):
         self.classifier = nn.Linear(C_prev, num_classes)
 
     def forward(self, x):
-        s0 = s1 = self.stem(x)
-        for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
-        out = self.global_pooling(s1).flatten(1)            # (N, C_prev)
-        return self.classifier(out)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            s0 = s1 = self.stem(x)
+            for cell in self.cells:
+                s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            out = self.global_pooling(s1).flatten(1)            # (N, C_prev)
+            logits = self.classifier(out)
+        return logits.float()

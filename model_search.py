@@ -87,6 +87,7 @@ class SearchNetwork(nn.Module):
         self.weighting = weighting
         self.use_edge_weights = edge_weights
         self.tau = 1.0  # sparsemax temperature, set per epoch by the search loop
+        self.amp = False  # bf16 autocast in forward (logits returned in fp32)
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv3d(1, C_curr, 3, padding=1, bias=False), nn.BatchNorm3d(C_curr))
         C_pp, C_p, C_curr = C_curr, C_curr, C
@@ -128,13 +129,16 @@ class SearchNetwork(nn.Module):
         return torch.sigmoid(betas) if self.use_edge_weights else torch.ones_like(betas)
 
     def forward(self, x):
+        # x (N, 1, S, S, S) -> logits (N, num_classes) in fp32
         w_normal, w_reduce = self.op_weights(self.alphas_normal), self.op_weights(self.alphas_reduce)
         e_normal, e_reduce = self.edge_weights(self.betas_normal), self.edge_weights(self.betas_reduce)
-        s0 = s1 = self.stem(x)
-        for cell in self.cells:
-            w, e = (w_reduce, e_reduce) if cell.reduction else (w_normal, e_normal)
-            s0, s1 = s1, cell(s0, s1, w, e)
-        return self.classifier(F.adaptive_avg_pool3d(s1, 1).flatten(1))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            s0 = s1 = self.stem(x)
+            for cell in self.cells:
+                w, e = (w_reduce, e_reduce) if cell.reduction else (w_normal, e_normal)
+                s0, s1 = s1, cell(s0, s1, w, e)
+            logits = self.classifier(F.adaptive_avg_pool3d(s1, 1).flatten(1))
+        return logits.float()
 
     @torch.no_grad()
     def edge_op_weights(self):

@@ -34,6 +34,7 @@ DROP_PATH = 0.2  # drop-path probability, rising linearly from 0 to this over th
 REPORT_BEST = True  # also print the best epoch on the test fold (the published, optimistic protocol)
 SEED = 0  # seed of initialization and augmentation
 DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
@@ -72,6 +73,7 @@ def train_fold(cfg, genotype, table, fold, run):
             f'test {engine.class_balance(test.labels.cpu())} nodules (benign/malignant)')
     utils.seed_everything(cfg['SEED'] + fold)
     model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype).to(cfg['DEVICE'])
+    model.amp = cfg['AMP']
     params = list(model.parameters())
     opt = torch.optim.SGD(params, cfg['LR'], momentum=cfg['MOMENTUM'], weight_decay=cfg['WEIGHT_DECAY'])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['EPOCHS'], eta_min=cfg['LR_MIN'])
@@ -134,6 +136,7 @@ def main(**overrides):
     data.select_folds(table, folds, cfg['DATA'], 'test folds')
     run = utils.Run('train_3D_continuation', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     run.log(f'genotype {cfg["GENOTYPE"]}: {genotype}')
     results = [train_fold(cfg, genotype, table, f, run) for f in folds]
     run.log('final epoch on each test fold (our protocol):')

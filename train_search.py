@@ -52,6 +52,7 @@ ZO_ARCH_LR = 1.5e-2  # zeroth order: Adam learning rate of alphas/betas
 PATIENCE = 0  # stop when search-val accuracy has not improved for this many epochs after warm-up (0: off)
 SEED = 2  # seed of model initialization, split and augmentation
 DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
@@ -66,6 +67,7 @@ def build(cfg, n_train):
     zero_one = cfg['ZERO_ONE'] if cfg['ZERO_ONE'] != 'auto' else ('l2' if cfg['WEIGHTS'] == 'sigmoid' else 'off')
     model = SearchNetwork(cfg['C'], 2, cfg['LAYERS'], prims, k=cfg['PC_K'], weighting=cfg['WEIGHTS'],
                           edge_weights=cfg['EDGE_WEIGHTS']).to(cfg['DEVICE'])
+    model.amp = cfg['AMP']
     zero_one_loss(model, zero_one)  # an unknown ZERO_ONE fails now, not at the first architecture step
     w_opt = torch.optim.SGD(model.weight_parameters(), cfg['LR'], momentum=cfg['MOMENTUM'],
                             weight_decay=cfg['WEIGHT_DECAY'])
@@ -143,6 +145,7 @@ def main(**overrides):
     run = utils.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     utils.seed_everything(cfg['SEED'])
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     table = data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
     tr_idx, va_idx = data.split_by_scan(table, cfg['VAL_FRACTION'], cfg['SEED'])
     cubes = data.load_cubes(cfg['DATA'], table, cfg['CUBE'])
