@@ -84,4 +84,4 @@ class NetworkLUNA(nn.Module):
                 s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             out = self.global_pooling(s1).flatten(1)            # (N, C_prev)
             logits = self.classifier(out)
-        return logits.float()
+        return logits.float() if self.amp else logits

@@ -138,7 +138,7 @@ class SearchNetwork(nn.Module):
                 w, e = (w_reduce, e_reduce) if cell.reduction else (w_normal, e_normal)
                 s0, s1 = s1, cell(s0, s1, w, e)
             logits = self.classifier(F.adaptive_avg_pool3d(s1, 1).flatten(1))
-        return logits.float()
+        return logits.float() if self.amp else logits
 
     @torch.no_grad()
     def edge_op_weights(self):
