@@ -1,19 +1,41 @@
-"""Speed benchmarks on a CUDA GPU.
+"""Speed benchmarks on a CUDA GPU: the fast path (Triton depthwise kernels) against torch's native kernels.
 
 python bench.py [config.py] [--NAME=value ...]
-Section 1 (this file's only one so far): the depthwise 3D convolution kernels of dwconv3d.py against
-torch's native kernels, at the shapes the search and retrain networks use.
+Section 1: the depthwise 3D convolution kernels at the shapes the search and retrain networks use.
+Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the paper genotype), ms/step,
+samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
+The steps also run on a CPU (BENCH='steps', small settings) to check the code; the kernels need CUDA.
 """
+import datetime
+import sys
+import time
+
 import torch
 
 import dwconv3d
+import engine
+import train_search
 import utils
+from genotypes import NAS_HBO_PAPER
+from model import NetworkLUNA
 
 DTYPE = 'float32'  # 'float32' or 'bfloat16'
 WARMUP_MS = 25  # warm-up time per measurement (triton.testing.do_bench)
 REP_MS = 100  # measured time per measurement; the median is reported
 PEAK_GBPS = 3000.0  # HBM bandwidth the "% peak" column divides by (H100: ~3 TB/s)
 DEVICE = utils.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
+BENCH = 'all'  # 'kernels', 'steps' or 'all'
+STEPS = 10  # timed training steps per case
+WARMUP_STEPS = 3  # untimed steps first (Triton compilation, cuDNN autotuning)
+SEARCH_BATCH = 7  # search step batch (paper: 7)
+RETRAIN_BATCH = 4  # retrain step batch (paper: 4)
+SEARCH_C = 16  # supernet channels (paper: 16)
+SEARCH_LAYERS = 8  # supernet cells (paper: 8)
+RETRAIN_C = 36  # retrain channels (paper: 36)
+RETRAIN_LAYERS = 20  # retrain cells (paper: 20)
+CUBE = 32  # input edge
+AMP = False  # bf16 autocast in the step benchmarks
+MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 DEFAULTS = utils.settings_of(globals())
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,20 +138,148 @@ def kernels_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Section 2: whole training steps (search second / first / zeroth order, retrain of the paper genotype)
+# ---------------------------------------------------------------------------------------------------
+
+class _Batches:
+    """Stands in for the search-validation stream: the same random batch every time."""
+
+    def __init__(self, x, y):
+        self.batch = (x, y)
+
+    def next(self):
+        return self.batch
+
+
+def _random_batch(n, cube, device, seed):
+    g = torch.Generator(device='cpu').manual_seed(seed)
+    x = torch.randn(n, 1, cube, cube, cube, generator=g).to(device)
+    return x, torch.randint(0, 2, (n,), generator=g).to(device)
+
+
+def search_step(hypergrad, batch, cfg):
+    """A function running one search step as train_search.py does: architecture step, then weight step."""
+    settings = {**train_search.DEFAULTS, 'HYPERGRAD': hypergrad, 'BATCH_SIZE': batch, 'DEVICE': cfg['DEVICE'],
+                'C': cfg['SEARCH_C'], 'LAYERS': cfg['SEARCH_LAYERS'], 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP']}
+    model, w_opt, _, _, updater = train_search.build(settings, batch)
+    x, y = _random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 0)
+    val = _Batches(*_random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 1))
+    params = model.weight_parameters()
+    lr = w_opt.param_groups[0]['lr']
+    if hypergrad == 'zeroth':  # the twin's step every step, an architecture step every ZO_T steps
+        return lambda: updater.weight_step(x, y, True, val)
+
+    def step():
+        updater.step(x, y, *val.next(), lr)
+        engine.train_step(model, w_opt, x, y, params, settings['GRAD_CLIP'])
+    return step
+
+
+def retrain_step(batch, cfg):
+    """A function running one retrain step of the paper genotype (drop path on, as mid-training)."""
+    model = NetworkLUNA(cfg['RETRAIN_C'], 2, cfg['RETRAIN_LAYERS'], NAS_HBO_PAPER).to(cfg['DEVICE'])
+    model.drop_path_prob = 0.1
+    model.amp = cfg['AMP']
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, 0.025, momentum=0.9, weight_decay=3e-4)
+    x, y = _random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 0)
+    return lambda: engine.train_step(model, opt, x, y, params, 5.0)
+
+
+def time_steps(make_step, device, warmup, iters):
+    """(ms per step, peak GPU memory in GB or nan on CPU) of the step function built by make_step()."""
+    cuda = str(device).startswith('cuda')
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step = make_step()
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    ms = 1e3 * (time.perf_counter() - t0) / iters if iters else float('nan')
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float('nan')
+    del step
+    return ms, peak
+
+
+def bench_steps(cfg):
+    """Rows: step, batch, path (fast / native), ms/step, samples/s, peak GB."""
+    cases = [('search 2nd order', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg)),
+             ('search 1st order', cfg['SEARCH_BATCH'], lambda b: search_step('first', b, cfg)),
+             ('search zeroth order', cfg['SEARCH_BATCH'], lambda b: search_step('zeroth', b, cfg)),
+             ('retrain paper genotype', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg))]
+    rows = []
+    for name, batch, make in cases:
+        for fast in (True, False):
+            dwconv3d.set_fast_kernels(fast)
+            torch.manual_seed(0)
+            ms, peak = time_steps(lambda make=make, batch=batch: make(batch), cfg['DEVICE'], cfg['WARMUP_STEPS'],
+                                  cfg['STEPS'])
+            rows.append({'step': name, 'batch': batch, 'path': 'fast' if fast else 'native', 'ms': ms,
+                         'samples_s': 1e3 * batch / ms, 'peak_gb': peak})
+    dwconv3d.set_fast_kernels(True)
+    return rows
+
+
+def largest_batch(make_step, batch, cfg):
+    """Largest batch whose peak memory fits MEMORY_GB, from a linear fit of the peaks at batch and 2*batch."""
+    _, m1 = time_steps(lambda: make_step(batch), cfg['DEVICE'], 1, 0)
+    _, m2 = time_steps(lambda: make_step(2 * batch), cfg['DEVICE'], 1, 0)
+    per_sample = (m2 - m1) / batch
+    return int(batch + (cfg['MEMORY_GB'] - m1) / per_sample) if per_sample > 0 else float('nan')
+
+
+def steps_table(rows):
+    lines = [f'{"step":24s} {"batch":>5s} {"path":7s} {"ms/step":>9s} {"samples/s":>9s} {"peak GB":>8s} '
+             f'{"speedup":>7s}']
+    for fast, native in zip(rows[0::2], rows[1::2]):
+        for r in (fast, native):
+            speedup = f'{native["ms"] / fast["ms"]:7.2f}' if r is fast else ''
+            lines.append(f'{r["step"]:24s} {r["batch"]:5d} {r["path"]:7s} {r["ms"]:9.1f} {r["samples_s"]:9.2f} '
+                         f'{r["peak_gb"]:8.2f} {speedup:>7s}')
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def main(**overrides):
     cfg = utils.check_settings(overrides, DEFAULTS)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
-    dtype = getattr(torch, cfg['DTYPE'])
-    rows = bench_kernels(cfg['DEVICE'], dtype, warmup_ms=cfg['WARMUP_MS'], rep_ms=cfg['REP_MS'],
-                         peak_gbps=cfg['PEAK_GBPS'])
-    print(f'depthwise conv3d, {cfg["DTYPE"]}, {torch.cuda.get_device_name(cfg["DEVICE"])}, '
-          f'torch {torch.__version__}, triton {dwconv3d.triton.__version__}')
-    print(kernels_table(rows))
-    return {'kernels': rows}
-
+    if cfg['BENCH'] not in ('kernels', 'steps', 'all'):
+        raise utils.UserError(f'bench.py: BENCH must be kernels, steps or all, got {cfg["BENCH"]!r}')
+    device = cfg['DEVICE']
+    where = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else 'cpu'
+    print(f'{datetime.date.today()}  {where}  torch {torch.__version__}  '
+          f'triton {getattr(dwconv3d.triton, "__version__", "missing")}  command: python bench.py '
+          + ' '.join(sys.argv[1:]))
+    out = {}
+    if cfg['BENCH'] in ('kernels', 'all'):
+        dtype = getattr(torch, cfg['DTYPE'])
+        out['kernels'] = bench_kernels(device, dtype, warmup_ms=cfg['WARMUP_MS'], rep_ms=cfg['REP_MS'],
+                                       peak_gbps=cfg['PEAK_GBPS'])
+        print(f'depthwise conv3d, {cfg["DTYPE"]}')
+        print(kernels_table(out['kernels']))
+    if cfg['BENCH'] in ('steps', 'all'):
+        torch.backends.cudnn.benchmark = True
+        out['steps'] = bench_steps(cfg)
+        print(f'training steps, cube {cfg["CUBE"]}^3, AMP {cfg["AMP"]}')
+        print(steps_table(out['steps']))
+        if where != 'cpu':
+            fits = {'search 2nd order': largest_batch(lambda b: search_step('second', b, cfg), cfg['SEARCH_BATCH'],
+                                                      cfg),
+                    'retrain paper genotype': largest_batch(lambda b: retrain_step(b, cfg), cfg['RETRAIN_BATCH'],
+                                                            cfg)}
+            print(f'largest batch in {cfg["MEMORY_GB"]} GB (fast path, linear fit of peak memory): {fits}')
+            out['largest_batch'] = fits
+    return out
 
 if __name__ == '__main__':
     utils.run_cli(main, DEFAULTS)
