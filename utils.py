@@ -283,7 +283,8 @@ def results_table(rows, keys=METRIC_NAMES, extra=()):
     cols = list(keys) + list(extra)
     lines = ['fold  ' + ''.join(f'{k:>14}' for k in cols)]
     for r in rows:
-        lines.append(f'{r["fold"]!s:<6}' + ''.join(f'{r[k]:>14.2f}' for k in cols))
+        lines.append(f'{r["fold"]!s:<6}' + ''.join(f'{r[k]:>14d}' if isinstance(r[k], int) else f'{r[k]:>14.2f}'
+                                                   for k in cols))
     if rows:
         stats = []
         for k in cols:

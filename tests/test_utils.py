@@ -160,7 +160,7 @@ def test_results_table_mean_and_std():
             {'fold': 6, 'acc': 92.0, 'sens': 84.0, 'spec': 100.0, 'f1': 88.0, 'auc': float('nan'), 'epoch': 5}]
     lines = utils.results_table(rows, extra=('epoch',)).splitlines()
     assert lines[0].split() == ['fold', 'acc', 'sens', 'spec', 'f1', 'auc', 'epoch']
-    assert lines[1].split() == ['5', '90.00', '80.00', '100.00', '85.00', '95.00', '3.00']
+    assert lines[1].split() == ['5', '90.00', '80.00', '100.00', '85.00', '95.00', '3']  # ints stay ints
     assert lines[2].split()[:2] == ['6', '92.00']
     # population std over folds; NaN folds are left out of the mean
     assert lines[3].replace(' ± ', '±').split() == ['mean', '91.00±1.00', '82.00±2.00', '100.00±0.00',
