@@ -299,7 +299,7 @@ def run_script(*args):
 @pytest.mark.parametrize('args, message', [
     (('train_3D_continuation.py', '--DATA={missing}'), 'error: cube set {missing} does not exist'),
     (('train_3D_continuation.py', '--DATA={set}', '--FOLD=7'), 'error: cube set {set}: test folds include fold 7'),
-    (('train_search.py', '--NOPE=1'), 'error: unknown setting --NOPE (known: ARCH_BETA1'),
+    (('train_search.py', '--NOPE=1'), 'error: unknown setting --NOPE (known: AMP, ARCH_BETA1'),
 ])
 def test_command_line_errors_are_one_line(small_set, tmp_path, args, message):
     names = {'missing': str(tmp_path / 'missing'), 'set': small_set}
