@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from operations import FactorizedReduce, ReLUConvBN, make_op
+from operations import FactorizedReduce, ReLUConvBN, cell_layout, make_op, stem
 
 
 def drop_path(x, drop_prob):
@@ -58,24 +58,12 @@ class NetworkLUNA(nn.Module):
         super().__init__()
         self.drop_path_prob = drop_path_prob
         self.amp = False  # bf16 autocast in forward (logits returned in fp32)
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv3d(1, C_curr, 3, padding=1, bias=False),
-            nn.BatchNorm3d(C_curr),
-        )
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                C_curr *= 2
-            cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
-            self.cells.append(cell)
-            reduction_prev = reduction
-            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
+        self.stem = stem(stem_multiplier * C)
+        plan, C_out = cell_layout(C, layers, (len(genotype.normal_concat), len(genotype.reduce_concat)),
+                                  stem_multiplier)
+        self.cells = nn.ModuleList(Cell(genotype, *channels) for channels in plan)
         self.global_pooling = nn.AdaptiveAvgPool3d(1)
-        self.classifier = nn.Linear(C_prev, num_classes)
+        self.classifier = nn.Linear(C_out, num_classes)
 
     def forward(self, x):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genotypes import Genotype, derive_cell
-from operations import FactorizedReduce, ReLUConvBN, make_op
+from operations import FactorizedReduce, ReLUConvBN, cell_layout, make_op, stem
 from sparsemax import sparsemax
 from utils import UserError
 
@@ -88,20 +88,10 @@ class SearchNetwork(nn.Module):
         self.use_edge_weights = edge_weights
         self.tau = 1.0  # sparsemax temperature, set per epoch by the search loop
         self.amp = False  # bf16 autocast in forward (logits returned in fp32)
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv3d(1, C_curr, 3, padding=1, bias=False), nn.BatchNorm3d(C_curr))
-        C_pp, C_p, C_curr = C_curr, C_curr, C
-        self.cells = nn.ModuleList()
-        reduction_prev = False
-        for i in range(layers):
-            reduction = i in (layers // 3, 2 * layers // 3)
-            if reduction:
-                C_curr *= 2
-            self.cells.append(SearchCell(steps, multiplier, C_pp, C_p, C_curr, reduction, reduction_prev,
-                                         self.primitives, k))
-            reduction_prev = reduction
-            C_pp, C_p = C_p, multiplier * C_curr
-        self.classifier = nn.Linear(C_p, num_classes)
+        self.stem = stem(stem_multiplier * C)
+        plan, C_out = cell_layout(C, layers, multiplier, stem_multiplier)
+        self.cells = nn.ModuleList(SearchCell(steps, multiplier, *channels, self.primitives, k) for channels in plan)
+        self.classifier = nn.Linear(C_out, num_classes)
         n_edges, n_ops = sum(2 + i for i in range(steps)), len(self.primitives)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))

@@ -106,6 +106,28 @@ class FactorizedReduce(nn.Module):
         return self.bn(out)
 
 
+def stem(C_out):
+    """The network stem: (N, 1, D, H, W) -> (N, C_out, D, H, W)."""
+    return nn.Sequential(nn.Conv3d(1, C_out, 3, padding=1, bias=False), nn.BatchNorm3d(C_out))
+
+
+def cell_layout(C, layers, multiplier, stem_multiplier=3):
+    """Channels of a DARTS cell stack: one (C_prev_prev, C_prev, C, reduction, reduction_prev) per cell, and
+    the channels of the last cell's output. Reductions (stride 2, channels doubled) at layers//3 and
+    2*layers//3; a cell outputs multiplier * C channels (multiplier: an int, or (normal, reduction))."""
+    normal_mult, reduce_mult = multiplier if isinstance(multiplier, tuple) else (multiplier, multiplier)
+    C_pp = C_p = stem_multiplier * C
+    C_curr, reduction_prev, plan = C, False, []
+    for i in range(layers):
+        reduction = i in (layers // 3, 2 * layers // 3)
+        if reduction:
+            C_curr *= 2
+        plan.append((C_pp, C_p, C_curr, reduction, reduction_prev))
+        reduction_prev = reduction
+        C_pp, C_p = C_p, (reduce_mult if reduction else normal_mult) * C_curr
+    return plan, C_p
+
+
 def _skip(C, stride, affine):
     return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine)
 
