@@ -161,7 +161,7 @@ def search_step(hypergrad, batch, cfg):
     """A function running one search step as train_search.py does: architecture step, then weight step."""
     settings = {**train_search.DEFAULTS, 'HYPERGRAD': hypergrad, 'BATCH_SIZE': batch, 'DEVICE': cfg['DEVICE'],
                 'C': cfg['SEARCH_C'], 'LAYERS': cfg['SEARCH_LAYERS'], 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP']}
-    model, w_opt, _, _, updater = train_search.build(settings, batch)
+    model, w_opt, _, _, updater = train_search.build(settings)
     x, y = _random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 0)
     val = _Batches(*_random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 1))
     params = model.weight_parameters()
@@ -280,6 +280,7 @@ def main(**overrides):
             print(f'largest batch in {cfg["MEMORY_GB"]} GB (fast path, linear fit of peak memory): {fits}')
             out['largest_batch'] = fits
     return out
+
 
 if __name__ == '__main__':
     utils.run_cli(main, DEFAULTS)

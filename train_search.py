@@ -58,7 +58,8 @@ TAG = ''  # suffix of the run folder name
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
 DEFAULTS = utils.settings_of(globals())
 
-def build(cfg, n_train):
+
+def build(cfg):
     """Model, optimizers, scheduler and architecture updater from the settings."""
     prims = genotypes.mrfc() if cfg['PRIMITIVES'] == 'mrfc' else list(cfg['PRIMITIVES'])
     for name in prims:
@@ -85,6 +86,7 @@ def build(cfg, n_train):
                                      cfg['HVP_R'])
     return model, w_opt, sched, a_opt, updater
 
+
 class ValStream:
     """Shuffled search-validation batches for the architecture steps, reshuffled after each pass."""
 
@@ -103,6 +105,7 @@ class ValStream:
 
     def load_state_dict(self, state):
         self.queue = [idx.to(self.data.device) for idx in state['queue']]
+
 
 def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run):
     """One epoch: (after warm-up) an architecture step then a weight step per training batch."""
@@ -128,15 +131,16 @@ def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
     engine.check_finite(total_loss, f'epoch {epoch}', run.path)
     return float(total_loss) / len(train), 100.0 * float(correct) / len(train)
 
+
 def log_weights(run, epoch, model):
     """Per-epoch op weights (and edge weights) of every edge, one CSV row per edge x op."""
     for cell in ('normal', 'reduce'):
         ops = model.op_weights(getattr(model, f'alphas_{cell}')).detach().cpu()
         edges = model.edge_weights(getattr(model, f'betas_{cell}')).detach().cpu()
-        for e in range(ops.shape[0]):
-            for k, name in enumerate(model.primitives):
-                run.metrics_row({'epoch': epoch, 'cell': cell, 'edge': e, 'op': name, 'weight': float(ops[e, k]),
-                                 'edge_weight': float(edges[e])}, 'weights.csv')
+        run.metrics_rows([{'epoch': epoch, 'cell': cell, 'edge': e, 'op': name, 'weight': float(ops[e, k]),
+                           'edge_weight': float(edges[e])}
+                          for e in range(ops.shape[0]) for k, name in enumerate(model.primitives)], 'weights.csv')
+
 
 def main(**overrides):
     cfg = utils.check_settings(overrides, DEFAULTS)
@@ -155,7 +159,7 @@ def main(**overrides):
     val = data.CubeData(cubes[va_idx], labels[va_idx], *stats, cfg['DEVICE'])
     run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(labels[tr_idx])}, '
             f'search-val {engine.class_balance(labels[va_idx])} nodules (benign/malignant), split by scan')
-    model, w_opt, sched, a_opt, updater = build(cfg, len(train))
+    model, w_opt, sched, a_opt, updater = build(cfg)
     gen = data.make_generator(cfg['DEVICE'], cfg['SEED'])
     val_stream = ValStream(val, cfg['BATCH_SIZE'], gen)
     ckpt = {'model': model, 'w_opt': w_opt, 'a_opt': a_opt, 'sched': sched, 'updater': updater,
@@ -199,6 +203,7 @@ def main(**overrides):
             break
     return finish(run, model, best, epoch)
 
+
 def finish(run, model, best, epoch):
     """Write the final and best-validation genotypes and the weight plot; return the results."""
     geno = model.genotype()
@@ -213,6 +218,7 @@ def finish(run, model, best, epoch):
     run.log(f'written {run.file("genotype.json")}')
     return {'genotype': geno, 'best_genotype': best['genotype'], 'best_epoch': best['epoch'], 'run': run.path,
             'epochs_done': epoch + 1}
+
 
 if __name__ == '__main__':
     utils.run_cli(main, DEFAULTS)

@@ -180,13 +180,17 @@ class Run:
 
     def metrics_row(self, row, name='metrics.csv'):
         """Append one row (a dict) to a CSV, writing the header on first use."""
+        self.metrics_rows([row], name)
+
+    def metrics_rows(self, rows, name='metrics.csv'):
+        """Append rows (dicts with the same keys) to a CSV, writing the header on first use."""
         path = self.file(name)
         new = not os.path.exists(path)
         with open(path, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
             if new:
                 w.writeheader()
-            w.writerow(row)
+            w.writerows(rows)
 
     def truncate_metrics(self, epochs_done, name='metrics.csv'):
         """On resume, drop rows of epochs that the checkpoint does not contain."""

@@ -18,8 +18,6 @@ TINY = dict(C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, DEVICE='cpu', SEED=0)
 STEPS = 5  # training steps per epoch: 18 training nodules in batches of 4
 
 
-
-
 class Stop(Exception):
     """A simulated crash."""
 

@@ -24,8 +24,6 @@ TINY = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0, 
             PRIMITIVES=tuple(PRIMS), EPOCHS=2, WARMUP_EPOCHS=0, SEED=3)
 
 
-
-
 def tiny_net(prims=PRIMS, seed=0, C=4, **kw):
     torch.manual_seed(seed)
     return SearchNetwork(C, 2, 3, prims, **kw)

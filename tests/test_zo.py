@@ -24,8 +24,6 @@ TINY = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0, 
             ZO_T=2)
 
 
-
-
 def test_random_direction_is_unit_and_shaped():
     shapes = [(14, 3), (14, 3), (14,), (14,)]
     g = torch.Generator().manual_seed(0)
