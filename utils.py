@@ -8,6 +8,7 @@ import platform
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -207,12 +208,24 @@ class Run:
                 w.writerows(keep)
 
 
-def progress(iterable, total=None, desc=None):
-    """tqdm progress bar when the output is a terminal, the plain iterable otherwise."""
+def progress(iterable, total=None, desc=None, every_s=60.0):
+    """tqdm progress bar when the output is a terminal; otherwise (logs, batch jobs) a line at most every
+    `every_s` seconds with the count and the estimated time left, so a slow loop is never silent."""
     if sys.stderr.isatty():
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, leave=False)
-    return iterable
+    return _progress_lines(iterable, total if total is not None else len(iterable), desc or '', every_s)
+
+
+def _progress_lines(iterable, total, desc, every_s):
+    start = last = time.time()
+    for i, item in enumerate(iterable):
+        yield item
+        now = time.time()
+        if now - last >= every_s and i + 1 < total:
+            last = now
+            eta = (now - start) / (i + 1) * (total - i - 1)
+            print(f'{desc}: {i + 1}/{total}, {now - start:.0f} s, about {eta:.0f} s left', flush=True)
 
 
 # ---------------------------------------------------------------- checkpoints and randomness

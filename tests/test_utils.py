@@ -210,3 +210,13 @@ def test_rng_states_round_trip():
     torch.rand(5)
     utils.set_rng_states(state)
     assert torch.equal(torch.rand(3), a)
+
+
+def test_progress_lines_without_a_terminal(capsys):
+    # pytest's stderr is not a terminal: plain lines, at most one per every_s seconds, never after the last item
+    assert list(utils.progress(range(4), desc='steps', every_s=0.0)) == [0, 1, 2, 3]
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(',')[0] for ln in lines] == ['steps: 1/4', 'steps: 2/4', 'steps: 3/4']
+    assert all('s left' in ln for ln in lines)
+    assert list(utils.progress([5, 6], desc='quick')) == [5, 6]
+    assert capsys.readouterr().out == ''
