@@ -40,6 +40,8 @@ class ZerothOrder:
         self.loss_fn = loss_fn
         self.arch = model.arch_parameters()
         arch_ids = {id(p) for p in self.arch}
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.arch_names = [names[id(p)] for p in self.arch]
         self.w_names = [n for n, p in model.named_parameters() if id(p) not in arch_ids]
         self.params = [dict(model.named_parameters())[n] for n in self.w_names]
         self.count = 0  # weight steps taken in the current period
@@ -61,8 +63,7 @@ class ZerothOrder:
 
     def _twin_step(self, x, y):
         t = self.twin
-        frozen = {n: (p + t['mu'] * d).detach() for n, p, d in zip(self.model.ARCH_NAMES, self.arch, t['u'])} \
-            if hasattr(self.model, 'ARCH_NAMES') else self._arch_dict(t)
+        frozen = {n: (p + t['mu'] * d).detach() for n, p, d in zip(self.arch_names, self.arch, t['u'])}
         values = {**dict(zip(self.w_names, t['weights'])), **frozen, **t['buffers']}
         loss = self.loss_fn(functional_call(self.model, values, (x,)), y)
         t['opt'].zero_grad(set_to_none=True)
@@ -71,10 +72,6 @@ class ZerothOrder:
         for group in t['opt'].param_groups:
             group['lr'] = self.w_opt.param_groups[0]['lr']
         t['opt'].step()
-
-    def _arch_dict(self, t):
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return {names[id(p)]: (p + t['mu'] * d).detach() for p, d in zip(self.arch, t['u'])}
 
     def weight_step(self, x, y, arch_on, val_stream):
         """A weight step at alpha (and the twin's step at alpha + mu u); an architecture step every T."""
