@@ -142,9 +142,9 @@ def cube_stats(cubes):
     return x.mean(), max(x.std(), 1e-6)
 
 
-def load_split(root, folds, size, device, mean_std=None, what='folds'):
+def load_split(root, table, folds, size, device, mean_std=None, what='folds'):
     """CubeData of the given folds; normalization from these cubes unless mean_std is given."""
-    table = select_folds(read_table(root), folds, root, what)
+    table = select_folds(table, folds, root, what)
     cubes = load_cubes(root, table, size)
     mean, std = mean_std if mean_std is not None else cube_stats(cubes)
     return CubeData(cubes, table['label'].to_numpy(), mean, std, device), table

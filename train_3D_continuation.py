@@ -55,9 +55,9 @@ def fold_data(cfg, table, fold):
     train_folds = [int(f) for f in cfg['TRAIN_FOLDS']] or sorted(set(table['fold']) - {fold})
     if fold in train_folds:
         raise utils.UserError(f'test fold {fold} is also in TRAIN_FOLDS {train_folds}')
-    train, tr_table = data.load_split(cfg['DATA'], train_folds, cfg['CUBE'], cfg['DEVICE'], what='TRAIN_FOLDS')
-    test, te_table = data.load_split(cfg['DATA'], [fold], cfg['CUBE'], cfg['DEVICE'], (train.mean, train.std),
-                                     what='test folds')
+    train, _ = data.load_split(cfg['DATA'], table, train_folds, cfg['CUBE'], cfg['DEVICE'], what='TRAIN_FOLDS')
+    test, _ = data.load_split(cfg['DATA'], table, [fold], cfg['CUBE'], cfg['DEVICE'], (train.mean, train.std),
+                              what='test folds')
     return train, test, train_folds
 
 

@@ -279,14 +279,14 @@ def test_bad_cube_file(small_set, cube, message):
     elif cube is not None:
         np.save(path, cube)
     with pytest.raises(UserError, match=message):
-        data.load_split(small_set, [0, 1], 16, 'cpu')
-    data.load_split(small_set, [0], 16, 'cpu')               # the other fold's cubes are fine
+        data.load_split(small_set, data.read_table(small_set), [0, 1], 16, 'cpu')
+    data.load_split(small_set, data.read_table(small_set), [0], 16, 'cpu')  # the other fold's cubes are fine
 
 
 def test_fold_without_nodules(small_set):
     message = r'TRAIN_FOLDS include fold 7, which has no nodules \(folds present: \[0, 1\]\)'
     with pytest.raises(UserError, match=message):
-        data.load_split(small_set, [0, 7], 16, 'cpu', what='TRAIN_FOLDS')
+        data.load_split(small_set, data.read_table(small_set), [0, 7], 16, 'cpu', what='TRAIN_FOLDS')
     with pytest.raises(UserError, match='test folds include fold 5'):
         retrain.main(DATA=small_set, FOLD=5, DEVICE='cpu', RUNS=os.path.join(small_set, 'runs'))
     assert not os.path.exists(os.path.join(small_set, 'runs'))        # nothing written for a bad setting
