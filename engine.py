@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from data import batches
-from utils import UserError, binary_metrics, load_checkpoint, rng_states, save_atomic, set_rng_states
+from utils import UserError, binary_metrics, load_checkpoint, progress, rng_states, save_atomic, set_rng_states
 
 
 def check_finite(loss, where, run_path, checkpoint='last.pt'):
@@ -27,6 +27,20 @@ def train_step(model, optimizer, x, y, params, grad_clip):
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def run_epoch(step, batches_idx, n, desc, run_path, checkpoint='last.pt'):
+    """Call step(idx) -> (loss, number correct) on each batch of indices; stop on a NaN/inf loss (checked every
+    20 steps and at the end, to keep host syncs rare). Returns (mean loss, accuracy in percent) over n samples."""
+    total, correct = 0.0, 0
+    for i, idx in enumerate(progress(batches_idx, desc=desc)):
+        loss, hits = step(idx)
+        if i % 20 == 0:
+            check_finite(loss, f'{desc} step {i}', run_path, checkpoint)
+        total = total + loss * len(idx)
+        correct = correct + hits
+    check_finite(total, desc, run_path, checkpoint)
+    return float(total) / n, 100.0 * float(correct) / n
 
 
 @torch.no_grad()

@@ -94,19 +94,13 @@ def train_fold(cfg, genotype, table, fold, run):
         model.drop_path_prob = cfg['DROP_PATH'] * epoch / cfg['EPOCHS']
         lr = opt.param_groups[0]['lr']
         model.train()
-        total, correct = torch.zeros((), device=train.device), torch.zeros((), device=train.device)
         steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
-        for i, idx in enumerate(utils.progress(steps, desc=f'fold {fold} epoch {epoch}')):
-            loss, hits = engine.train_step(model, opt, *train.train_batch(idx, gen), params, cfg['GRAD_CLIP'])
-            if i % 20 == 0:
-                engine.check_finite(loss, f'fold {fold} epoch {epoch} step {i}', run.path, ckpt_name)
-            total += loss * len(idx)
-            correct += hits
-        engine.check_finite(total, f'fold {fold} epoch {epoch}', run.path, ckpt_name)
+        train_loss, train_acc = engine.run_epoch(
+            lambda idx: engine.train_step(model, opt, *train.train_batch(idx, gen), params, cfg['GRAD_CLIP']),
+            steps, len(train), f'fold {fold} epoch {epoch}', run.path, ckpt_name)
         sched.step()
         ev = engine.evaluate(model, test, cfg['BATCH_SIZE'])
-        row = {'epoch': epoch, 'lr': lr, 'train_loss': float(total) / len(train),
-               'train_acc': 100.0 * float(correct) / len(train), 'test_loss': ev['loss'],
+        row = {'epoch': epoch, 'lr': lr, 'train_loss': train_loss, 'train_acc': train_acc, 'test_loss': ev['loss'],
                **{f'test_{k}': ev[k] for k in utils.METRIC_NAMES}, 'seconds': time.time() - t0}
         if ev['acc'] > best['acc']:
             best = {**{k: ev[k] for k in utils.METRIC_NAMES}, 'epoch': epoch}

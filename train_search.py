@@ -114,22 +114,16 @@ def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
     model.train()
     if cfg['WEIGHTS'] == 'sparsemax':
         model.tau = temperature(epoch, cfg['TAU0'], cfg['TAU_FACTOR'], cfg['TAU_EVERY'])
-    total_loss, correct = torch.zeros((), device=train.device), torch.zeros((), device=train.device)
-    steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
-    for i, idx in enumerate(utils.progress(steps, desc=f'search epoch {epoch}')):
+
+    def step(idx):
         x, y = train.train_batch(idx, gen)
         if isinstance(updater, zo.ZerothOrder):
-            loss, hits = updater.weight_step(x, y, arch_on, val_stream)
-        else:
-            if arch_on:
-                updater.step(x, y, *val_stream.next(), lr)
-            loss, hits = engine.train_step(model, w_opt, x, y, model.weight_parameters(), cfg['GRAD_CLIP'])
-        if i % 20 == 0:
-            engine.check_finite(loss, f'epoch {epoch} step {i}', run.path)
-        total_loss += loss * len(idx)
-        correct += hits
-    engine.check_finite(total_loss, f'epoch {epoch}', run.path)
-    return float(total_loss) / len(train), 100.0 * float(correct) / len(train)
+            return updater.weight_step(x, y, arch_on, val_stream)
+        if arch_on:
+            updater.step(x, y, *val_stream.next(), lr)
+        return engine.train_step(model, w_opt, x, y, model.weight_parameters(), cfg['GRAD_CLIP'])
+    steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
+    return engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path)
 
 
 def log_weights(run, epoch, model):
