@@ -1,15 +1,13 @@
 """Genotypes: candidate op lists, MRFC, genotype derivation, named genotypes and their json files."""
 import json
-import os
 import re
-import tempfile
 from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
 
 from operations import check_op_name, parse_mbconv
-from utils import UserError
+from utils import UserError, atomic_path
 
 # normal / reduce: list of (op_name, input_state_index), two per intermediate node;
 # *_concat: indices of the states concatenated into the cell output.
@@ -194,13 +192,6 @@ def get_genotype(name_or_path):
 
 def save_genotype(genotype, path):
     """Write the genotype as json atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(genotype_to_dict(genotype), f, indent=2)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        json.dump(genotype_to_dict(genotype), f, indent=2)
+        f.write('\n')

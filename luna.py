@@ -7,14 +7,13 @@ dict: spacing, origin, flip and raw_shape of the scan, resolution (mm) of the sa
 """
 import csv
 import glob
-import json
 import os
 import re
 
 import numpy as np
 import SimpleITK as sitk
 
-from utils import UserError
+from utils import UserError, atomic_path
 
 ANNOTATION_COLUMNS = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm')
 
@@ -167,24 +166,13 @@ def crop_cube(volume, centre_zyx, size, pad_value):
 # ---------------------------------------------------------------- atomic writes
 
 def save_npy_atomic(path, array):
-    """np.save to a temporary file in the same folder, then rename."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
+    """np.save atomically (through a file object: np.save would add .npy to the temporary name)."""
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
         np.save(f, array)
-    os.replace(tmp, path)
-
-
-def save_json_atomic(path, obj):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def write_csv_atomic(path, rows, fieldnames):
-    tmp = path + '.tmp'
-    with open(tmp, 'w', newline='') as f:
+    with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=fieldnames, extrasaction='ignore')
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)

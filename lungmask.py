@@ -15,7 +15,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
-from luna import ScanError, itk_message, read_header, save_json_atomic, save_npy_atomic
+from luna import ScanError, itk_message, read_header, save_npy_atomic
+from utils import save_json_atomic
 
 HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)
 LUNG_HU = -600.0              # a smoothed voxel below this is air or lung

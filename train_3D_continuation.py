@@ -114,8 +114,7 @@ def train_fold(cfg, genotype, table, fold, run):
     result = {'fold': fold, **{k: ev[k] for k in utils.METRIC_NAMES}, 'params_M': n_params,
               'best': {'fold': fold, **best}}
     utils.save_atomic(model.state_dict(), run.file(f'model_fold{fold}.pt'))
-    with open(result_path, 'w') as f:
-        json.dump(result, f, indent=1)
+    utils.save_json_atomic(result_path, result)  # its presence marks the fold as finished on resume
     return result
 
 
@@ -138,8 +137,7 @@ def main(**overrides):
     if cfg['REPORT_BEST']:
         run.log('best epoch on each test fold (published protocol; optimistic, selected on the test fold):')
         run.log(utils.results_table([r['best'] for r in results], extra=('epoch',)))
-    with open(run.file('results.json'), 'w') as f:
-        json.dump(results, f, indent=1)
+    utils.save_json_atomic(run.file('results.json'), results)
     return {'folds': results, 'run': run.path}
 
 

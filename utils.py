@@ -1,5 +1,6 @@
 """Shared plumbing for the scripts: settings, run folders, logging, checkpoints, metrics."""
 import ast
+import contextlib
 import csv
 import datetime
 import json
@@ -230,16 +231,30 @@ def _progress_lines(iterable, total, desc, every_s):
 
 # ---------------------------------------------------------------- checkpoints and randomness
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + '.tmp'
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path beside `path` to write to: it replaces `path` on success and is removed on any failure
+    (also KeyboardInterrupt), so a crash never leaves a half-written file."""
+    tmp = f'{path}.tmp'
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:  # also KeyboardInterrupt: never leave a half-written temp file behind
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj, path):
+    """torch.save, atomically (checkpoints)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_json_atomic(path, obj):
+    """json.dump, atomically."""
+    with atomic_path(path) as tmp, open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
 
 
 def load_checkpoint(path):
