@@ -187,29 +187,36 @@ def retrain_step(batch, cfg):
 
 
 def time_steps(make_step, device, warmup, iters):
-    """(ms per step, peak GPU memory in GB or nan on CPU) of the step function built by make_step()."""
+    """(ms per step, peak GPU memory in GB or nan on CPU, s of the first step) of the step made by make_step().
+
+    The first step includes one-time work (Triton compilation, cuDNN autotuning); warm-up steps follow it.
+    """
     cuda = str(device).startswith('cuda')
+    sync = torch.cuda.synchronize if cuda else (lambda *_: None)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     step = make_step()
-    for _ in range(warmup):
+    t0 = time.perf_counter()
+    for i in range(warmup):
         step()
-    if cuda:
-        torch.cuda.synchronize(device)
+        if i == 0:
+            sync(device)
+            first = time.perf_counter() - t0
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         step()
-    if cuda:
-        torch.cuda.synchronize(device)
+    sync(device)
     ms = 1e3 * (time.perf_counter() - t0) / iters if iters else float('nan')
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float('nan')
     del step
-    return ms, peak
+    return ms, peak, first if warmup else float('nan')
 
 
-def bench_steps(cfg):
-    """Rows: step, batch, path (fast / native), ms/step, samples/s, peak GB."""
+def bench_steps(cfg, log=print):
+    """Rows: step, batch, path (fast / native), ms/step, samples/s, peak GB, first step s; each row is logged
+    as soon as it is measured."""
     cases = [('search 2nd order', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg)),
              ('search 1st order', cfg['SEARCH_BATCH'], lambda b: search_step('first', b, cfg)),
              ('search zeroth order', cfg['SEARCH_BATCH'], lambda b: search_step('zeroth', b, cfg)),
@@ -219,30 +226,31 @@ def bench_steps(cfg):
         for fast in (True, False):
             dwconv3d.set_fast_kernels(fast)
             torch.manual_seed(0)
-            ms, peak = time_steps(lambda make=make, batch=batch: make(batch), cfg['DEVICE'], cfg['WARMUP_STEPS'],
-                                  cfg['STEPS'])
+            ms, peak, first = time_steps(lambda make=make, batch=batch: make(batch), cfg['DEVICE'],
+                                         cfg['WARMUP_STEPS'], cfg['STEPS'])
             rows.append({'step': name, 'batch': batch, 'path': 'fast' if fast else 'native', 'ms': ms,
-                         'samples_s': 1e3 * batch / ms, 'peak_gb': peak})
+                         'samples_s': 1e3 * batch / ms, 'peak_gb': peak, 'first_s': first})
+            log(f'  {name}, {rows[-1]["path"]}: {ms:.1f} ms/step, peak {peak:.2f} GB, first step {first:.1f} s')
     dwconv3d.set_fast_kernels(True)
     return rows
 
 
 def largest_batch(make_step, batch, cfg):
     """Largest batch whose peak memory fits MEMORY_GB, from a linear fit of the peaks at batch and 2*batch."""
-    _, m1 = time_steps(lambda: make_step(batch), cfg['DEVICE'], 1, 0)
-    _, m2 = time_steps(lambda: make_step(2 * batch), cfg['DEVICE'], 1, 0)
+    m1 = time_steps(lambda: make_step(batch), cfg['DEVICE'], 1, 0)[1]
+    m2 = time_steps(lambda: make_step(2 * batch), cfg['DEVICE'], 1, 0)[1]
     per_sample = (m2 - m1) / batch
     return int(batch + (cfg['MEMORY_GB'] - m1) / per_sample) if per_sample > 0 else float('nan')
 
 
 def steps_table(rows):
     lines = [f'{"step":24s} {"batch":>5s} {"path":7s} {"ms/step":>9s} {"samples/s":>9s} {"peak GB":>8s} '
-             f'{"speedup":>7s}']
+             f'{"speedup":>7s} {"first step s":>12s}']
     for fast, native in zip(rows[0::2], rows[1::2]):
         for r in (fast, native):
             speedup = f'{native["ms"] / fast["ms"]:7.2f}' if r is fast else ''
             lines.append(f'{r["step"]:24s} {r["batch"]:5d} {r["path"]:7s} {r["ms"]:9.1f} {r["samples_s"]:9.2f} '
-                         f'{r["peak_gb"]:8.2f} {speedup:>7s}')
+                         f'{r["peak_gb"]:8.2f} {speedup:>7s} {r["first_s"]:12.1f}')
     return '\n'.join(lines)
 
 
@@ -269,8 +277,8 @@ def main(**overrides):
         print(kernels_table(out['kernels']))
     if cfg['BENCH'] in ('steps', 'all'):
         torch.backends.cudnn.benchmark = True
+        print(f'training steps, cube {cfg["CUBE"]}^3, AMP {cfg["AMP"]} (the first step compiles the kernels)')
         out['steps'] = bench_steps(cfg)
-        print(f'training steps, cube {cfg["CUBE"]}^3, AMP {cfg["AMP"]}')
         print(steps_table(out['steps']))
         if where != 'cpu':
             fits = {'search 2nd order': largest_batch(lambda b: search_step('second', b, cfg), cfg['SEARCH_BATCH'],

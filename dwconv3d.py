@@ -95,14 +95,13 @@ def _gather_kernel(src, wt, dst, C,
             for kd in tl.static_range(K):
                 wk = wk + (tl.load(w_c + kd * K * K + kh * K + tap[0]).to(tl.float32),)
             for j in tl.static_range(len(PLANES)):
-                plane = tl.constexpr(PLANES[j])  # (z, ((row, kd), ...)): plane a0*SI + z, read once
+                plane = tl.constexpr(PLANES[j])  # (z, row, kd, row, kd, ...): plane a0*SI + z, read once
                 zi = a0 * SI + plane[0]
                 # (a scalar condition selects the mask: the interpreter mistypes block & scalar booleans)
                 xv = tl.load(p_h + sw + plane[0] * (SH * SW), mask=tl.where((zi >= 0) & (zi < SD), m_hw, False),
                              other=0.0).to(tl.float32)
-                for u in tl.static_range(len(plane[1])):
-                    use = tl.constexpr(plane[1][u])  # (row, kd)
-                    accs = accs[:use[0]] + (tl.fma(xv, wk[use[1]], accs[use[0]]),) + accs[use[0] + 1:]
+                for u in tl.static_range(1, len(plane), 2):  # (row, kd) = plane[u], plane[u + 1]
+                    accs = accs[:plane[u]] + (tl.fma(xv, wk[plane[u + 1]], accs[plane[u]]),) + accs[plane[u] + 1:]
     dst_hw = dst + nc * (DD * DH * DW) + (ah * SO + PH) * DW + aw * SO + PW
     for r in tl.static_range(ROWS):
         a = a0 + r
@@ -154,11 +153,10 @@ def _grad_weight_kernel(x, gy, part, C, NTILES,
                 zi = a0 * STRIDE + plane[0]
                 xv = tl.load(x_a0 + sw + plane[0] * (SH * SW), mask=tl.where((zi >= 0) & (zi < SD), m_hw, False),
                              other=0.0).to(tl.float32)
-                for u in tl.static_range(len(plane[1])):
-                    use = tl.constexpr(plane[1][u])  # (row, kd): accumulator kd*K + kw
-                    accs = (accs[:use[1] * K + tap[0]]
-                            + (tl.fma(xv, gys[use[0]], accs[use[1] * K + tap[0]]),)
-                            + accs[use[1] * K + tap[0] + 1:])
+                for u in tl.static_range(1, len(plane), 2):  # (row, kd) -> accumulator kd*K + kw
+                    accs = (accs[:plane[u + 1] * K + tap[0]]
+                            + (tl.fma(xv, gys[plane[u]], accs[plane[u + 1] * K + tap[0]]),)
+                            + accs[plane[u + 1] * K + tap[0] + 1:])
     out = part + (c * SPLIT + tl.program_id(1)) * (K * K * K) + kh * K
     for i in tl.static_range(K * K):
         tl.store(out + (i // K) * (K * K) + i % K, tl.sum(accs[i], axis=0))
@@ -170,7 +168,7 @@ def _plan(k, stride, dilation, rows, transposed=False, parity=(0, 0, 0)):
     Along each axis, tap j reads src index a*SI + off(j): forward off = j*dilation - pad (SI = stride);
     transposed (grad-input of parity p, SI = 1) off = (p + pad - j*dilation) / stride, only where exact.
     Returns HTAPS = (first kh, kh step, count, first h offset, offset step) (the valid kh form a
-    progression), WTAPS = ((kw, w offset), ...) and PLANES = ((z, ((row, kd), ...)), ...): the
+    progression), WTAPS = ((kw, w offset), ...) and PLANES = ((z, row, kd, row, kd, ...), ...): the
     relative source planes z = row*SI + off_d(kd) that some output row reads, each listed once.
     """
     pad = dilation * (k - 1) // 2
@@ -189,7 +187,8 @@ def _plan(k, stride, dilation, rows, transposed=False, parity=(0, 0, 0)):
     for r in range(rows):
         for kd, od in off_d.items():
             planes.setdefault(r * si + od, []).append((r, kd))
-    return htaps, tuple(off_w.items()), tuple((z, tuple(users)) for z, users in sorted(planes.items()))
+    # flat int tuples: Triton's constexpr tuples nest only two deep in older versions (3.6)
+    return htaps, tuple(off_w.items()), tuple((z,) + sum(users, ()) for z, users in sorted(planes.items()))
 
 
 def _out_size(size, k, stride, dilation):

@@ -142,7 +142,7 @@ def test_cuda_matches_cpu(dtype):
     v = torch.randn(64, 9, generator=torch.Generator().manual_seed(6), dtype=dtype)
     grads = []
     for device in ('cpu', 'cuda'):
-        x = z.to(device).requires_grad_()
+        x = z.clone().to(device).requires_grad_()  # a fresh leaf on each device
         p = sparsemax(x, dim=1)
         (p * v.to(device)).sum().backward()
         grads.append((p.detach().cpu(), x.grad.cpu()))
