@@ -9,6 +9,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from model_search import zero_one_loss
 
@@ -17,19 +18,22 @@ HYPERGRADS = ('second', 'first', 'zeroth')
 
 @contextlib.contextmanager
 def keep_buffers(model):
-    """Restore the model's buffers (BatchNorm running statistics) on exit.
+    """Leave the model's buffers (BatchNorm running statistics) untouched by the forward passes inside.
 
     Architecture steps run forward passes in train mode, at the virtual weights w', at w +/- eps v and on
     validation batches; none of these are the network's weights, so their statistics must not leak into the
     running averages used in evaluation: an architecture step changes the alphas/betas and nothing else.
+    Inside, BatchNorm layers still normalize with the batch's statistics but do not track them (nothing to
+    save and restore: the default supernet has ~4800 buffers, and copying them was ~10 % of a step's ops).
     """
-    saved = [b.detach().clone() for b in model.buffers()]
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, s in zip(model.buffers(), saved):
-                b.copy_(s)
+        for m in layers:
+            m.track_running_stats = True
 
 
 @contextlib.contextmanager

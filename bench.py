@@ -1,7 +1,8 @@
 """Speed benchmarks on a CUDA GPU: the fast path (Triton depthwise kernels) against torch's native kernels.
 
 python bench.py [config.py] [--NAME=value ...]
-Section 1: the depthwise 3D convolution kernels at the shapes the search and retrain networks use.
+Section 1: the depthwise 3D convolution kernels at the shapes the search and retrain networks use, and the
+host time per launch (Triton launcher vs torch conv3d).
 Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the paper genotype), ms/step,
 samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
 The steps also run on a CPU (BENCH='steps', small settings) to check the code; the kernels need CUDA.
@@ -122,6 +123,29 @@ def bench_kernels(device, dtype=torch.float32, shapes=None, warmup_ms=WARMUP_MS,
                                  dtype=str(dtype).replace('torch.', ''), pass_=name, impl=impl, ms=ms,
                                  gbps=gbps, pct_peak=100 * gbps / peak_gbps, rel_diff=diff))
     return rows
+
+
+def bench_launch(device, calls=500):
+    """Host time per call (us) of the Triton forward launcher and of torch's conv3d, on a small and a search-
+    sized tensor: the search step launches tens of thousands of convolutions, so this overhead adds up."""
+    rows = []
+    for shape, k in (((1, 4, 8, 8, 8), 3), ((7, 4, 32, 32, 32), 5)):
+        x = torch.randn(*shape, device=device)
+        w = torch.randn(shape[1], 1, k, k, k, device=device)
+        for impl, fn in (('triton', lambda x=x, w=w: dwconv3d.dwconv3d_forward(x, w)),
+                         ('torch', lambda x=x, w=w, k=k: torch.nn.functional.conv3d(x, w, None, 1, k // 2, 1,
+                                                                                    x.shape[1]))):
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host = time.perf_counter() - t0
+            torch.cuda.synchronize(device)
+            rows.append(f'{"x".join(map(str, shape)):14s} k={k} {impl:6s}: {1e6 * host / calls:6.1f} us/call host, '
+                        f'{1e6 * (time.perf_counter() - t0) / calls:6.1f} us/call with the GPU')
+    return '\n'.join(rows)
 
 
 def kernels_table(rows):
@@ -275,6 +299,8 @@ def main(**overrides):
                                        peak_gbps=cfg['PEAK_GBPS'])
         print(f'depthwise conv3d, {cfg["DTYPE"]}')
         print(kernels_table(out['kernels']))
+        print('launch overhead (fp32 forward)')
+        print(bench_launch(device))
     if cfg['BENCH'] in ('steps', 'all'):
         torch.backends.cudnn.benchmark = True
         print(f'training steps, cube {cfg["CUBE"]}^3, AMP {cfg["AMP"]} (the first step compiles the kernels)')

@@ -24,7 +24,7 @@ Kernel design. Tensors are NCDHW contiguous, so W, then H, are contiguous in mem
 Loads are converted to fp32 and accumulated in fp32; outputs are written in the input's dtype.
 """
 from __future__ import annotations
-
+import functools
 import itertools
 
 import torch
@@ -162,6 +162,7 @@ def _grad_weight_kernel(x, gy, part, C, NTILES,
         tl.store(out + (i // K) * (K * K) + i % K, tl.sum(accs[i], axis=0))
 
 
+@functools.lru_cache(maxsize=None)
 def _plan(k, stride, dilation, rows, transposed=False, parity=(0, 0, 0)):
     """The structure of one launch, as compile-time tuples.
 
@@ -195,10 +196,39 @@ def _out_size(size, k, stride, dilation):
     return (size + 2 * (dilation * (k - 1) // 2) - dilation * (k - 1) - 1) // stride + 1
 
 
+@functools.lru_cache(maxsize=None)
 def _tile(rows, plane, max_rows=16, max_block=256):
     """(ROWS, BLOCK, num_warps) for a grid of `rows` depth rows of `plane` voxels; 2 voxels per lane."""
     block = min(max_block, max(16, triton.next_power_of_2(plane)))
     return min(max_rows, rows), block, max(1, min(4, block // 64))
+
+
+_COMPILED = {}  # launch configuration -> (Triton's compiled kernel, compile-time constants in signature order)
+
+
+def _launch(kernel, grid, args, warps, **consts):
+    """kernel[grid](*args, **consts), reusing the compiled kernel of an earlier launch of the same configuration.
+
+    Triton's own launcher re-derives the compiled kernel from every argument on each call: with these
+    kernels' tuple constants that cost ~80 us of host time per launch on the GPU machine (a torch
+    convolution: ~16 us), and a search step launches tens of thousands. The key holds everything Triton
+    specializes a compiled kernel on: the constants, each tensor's dtype and 16-byte alignment, each
+    integer's width, value 1 and divisibility by 16, and the device.
+    """
+    if interpreted():
+        kernel[grid](*args, **consts, num_warps=warps, enable_fp_fusion=True)
+        return
+    key = (kernel.__name__, warps, args[0].device.index, tuple(consts.items()),
+           tuple((a.dtype, a.data_ptr() % 16 == 0) if torch.is_tensor(a) else
+                 (-2 ** 31 <= a < 2 ** 31, a == 1, a % 16 == 0) for a in args))
+    hit = _COMPILED.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **consts, num_warps=warps, enable_fp_fusion=True)  # compiles and runs
+        if hasattr(compiled, 'function'):  # a compiled kernel (the launch API Triton 3.x has)
+            _COMPILED[key] = (compiled, tuple(consts[name] for name in kernel.arg_names[len(args):]))
+        return
+    compiled, constants = hit
+    compiled[grid](*args, *constants, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
 
 
 def interpreted():
@@ -237,10 +267,9 @@ def dwconv3d_forward(x, w, stride=1, dilation=1):
     rows, block, warps = _tile(od, oh * ow)
     grid = (n * c, triton.cdiv(oh * ow, block), triton.cdiv(od, rows))
     htaps, wtaps, planes = _plan(k, stride, dilation, rows)
-    _gather_kernel[grid](
-        x.contiguous(), w.contiguous(), y, c, SD=d, SH=h, SW=wd, DD=od, DH=oh, DW=ow, AD=od, AH=oh, AW=ow,
-        K=k, SI=stride, SO=1, PD=0, PH=0, PW=0, HTAPS=htaps, WTAPS=wtaps, PLANES=planes, ROWS=rows,
-        BLOCK=block, num_warps=warps, enable_fp_fusion=True)
+    _launch(_gather_kernel, grid, (x.contiguous(), w.contiguous(), y, c), warps,
+            SD=d, SH=h, SW=wd, DD=od, DH=oh, DW=ow, AD=od, AH=oh, AW=ow, K=k, SI=stride, SO=1, PD=0, PH=0, PW=0,
+            HTAPS=htaps, WTAPS=wtaps, PLANES=planes, ROWS=rows, BLOCK=block)
     return y
 
 
@@ -262,10 +291,9 @@ def dwconv3d_grad_input(gy, w, x_shape, stride=1, dilation=1):
         rows, block, warps = _tile(ad, ah * aw)
         grid = (n * c, triton.cdiv(ah * aw, block), triton.cdiv(ad, rows))
         htaps, wtaps, planes = _plan(k, stride, dilation, rows, transposed=True, parity=(pd, ph, pw))
-        _gather_kernel[grid](
-            gy, w, gx, c, SD=gy.shape[2], SH=gy.shape[3], SW=gy.shape[4], DD=d, DH=h, DW=wd, AD=ad, AH=ah, AW=aw,
-            K=k, SI=1, SO=stride, PD=pd, PH=ph, PW=pw, HTAPS=htaps, WTAPS=wtaps, PLANES=planes, ROWS=rows,
-            BLOCK=block, num_warps=warps, enable_fp_fusion=True)
+        _launch(_gather_kernel, grid, (gy, w, gx, c), warps,
+                SD=gy.shape[2], SH=gy.shape[3], SW=gy.shape[4], DD=d, DH=h, DW=wd, AD=ad, AH=ah, AW=aw, K=k, SI=1,
+                SO=stride, PD=pd, PH=ph, PW=pw, HTAPS=htaps, WTAPS=wtaps, PLANES=planes, ROWS=rows, BLOCK=block)
     return gx
 
 
@@ -293,10 +321,9 @@ def dwconv3d_grad_weight(x, gy, kernel_size, stride=1, dilation=1, split=None):
     if part.numel() == 0 or ntiles == 0:
         return torch.zeros((c, 1, k, k, k), dtype=torch.float32, device=x.device)
     _, wtaps, planes = _plan(k, stride, dilation, rows)
-    _grad_weight_kernel[(c * k, split)](
-        x.contiguous(), gy.contiguous(), part, c, ntiles, SD=d, SH=h, SW=wd, OD=od, OH=oh, OW=ow,
-        K=k, STRIDE=stride, DIL=dilation, PAD=pad, TAPS=wtaps, PLANES=planes, ROWS=rows, BLOCK=block,
-        SPLIT=split, num_warps=warps, enable_fp_fusion=True)
+    _launch(_grad_weight_kernel, (c * k, split, 1), (x.contiguous(), gy.contiguous(), part, c, ntiles), warps,
+            SD=d, SH=h, SW=wd, OD=od, OH=oh, OW=ow, K=k, STRIDE=stride, DIL=dilation, PAD=pad, TAPS=wtaps,
+            PLANES=planes, ROWS=rows, BLOCK=block, SPLIT=split)
     return part.sum(1).view(c, 1, k, k, k)
 
 

@@ -218,14 +218,16 @@ def test_cuda_module_matches_nn_conv3d(k, stride, dilation, dtype):
     x = torch.randn(3, c, 16, 13, 9, device='cuda', dtype=dtype)
     assert m._fast_dtype(x) == dtype
     outs = []
-    for module in (m, ref.float()):  # the reference in fp32 on the same (bf16-valued) inputs
+    for module in (m, m, ref.float()):  # m twice (the second call reuses the compiled kernels); the reference
+        module.zero_grad()  # in fp32 on the same (bf16-valued) inputs
         xi = x.clone().to(module.weight.dtype).requires_grad_()
         y = module(xi)
         y.backward(torch.linspace(-1, 1, y.numel(), device='cuda').to(dtype).to(y.dtype).view_as(y))
         outs.append((y.float(), xi.grad.float(), module.weight.grad.float()))
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1]))
     # fp32 accumulation: bf16 results are off by their own rounding only (2^-8 relative)
     tol = 1e-4 if dtype == torch.float32 else 2 ** -7
-    for name, got, want in zip(('output', 'grad_input', 'grad_weight'), *outs):
+    for name, got, want in zip(('output', 'grad_input', 'grad_weight'), outs[0], outs[2]):
         err = (got - want).abs().max().item()
         assert err <= tol * want.abs().max().item(), (name, err)
 
@@ -251,3 +253,78 @@ def test_cuda_autocast_and_switch():
 
 if __name__ == '__main__':
     _run_child(sys.argv[2:], sys.argv[1])
+
+
+class _FakeCompiled:
+    """Stands in for Triton's compiled kernel: compiled[grid](*args, stream=...) launches."""
+    function = 'handle'
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        return lambda *args, stream: self.log.append(('reused', grid, args, stream))
+
+
+class _FakeKernel:
+    """Stands in for a @triton.jit function: kernel[grid](*args, **constants, **options) compiles and runs."""
+    __name__ = 'fake'
+    arg_names = ['x', 'n', 'A', 'B']
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, enable_fp_fusion, **consts):
+            self.log.append(('jit', grid, args, consts))
+            return _FakeCompiled(self.log)
+        return run
+
+
+def test_launch_reuses_the_compiled_kernel_only_for_the_same_specialization(monkeypatch):
+    monkeypatch.setattr(dwconv3d, 'interpreted', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device: type('S', (), {'cuda_stream': 7}))
+    monkeypatch.setattr(dwconv3d, '_COMPILED', {})
+    kernel, x = _FakeKernel(), torch.zeros(64)
+
+    def calls(*args, **consts):
+        dwconv3d._launch(kernel, (2, 1, 1), args, 4, **consts)
+        return kernel.log[-1][0]
+
+    assert calls(x, 32, B=(1, 2), A=3) == 'jit'
+    assert calls(x, 32, B=(1, 2), A=3) == 'reused'
+    assert kernel.log[-1] == ('reused', (2, 1, 1), (x, 32, 3, (1, 2)), 7)  # constants in signature order
+    assert calls(x, 48, B=(1, 2), A=3) == 'reused'  # 48 is specialized like 32 (divisible by 16)
+    assert calls(x, 33, B=(1, 2), A=3) == 'jit'  # not divisible by 16
+    assert calls(x, 1, B=(1, 2), A=3) == 'jit'  # the value 1
+    assert calls(x, 2 ** 31, B=(1, 2), A=3) == 'jit'  # 64-bit
+    assert calls(x[1:], 32, B=(1, 2), A=3) == 'jit'  # 4-byte aligned only
+    assert calls(x.double(), 32, B=(1, 2), A=3) == 'jit'  # dtype
+    assert calls(x, 32, B=(1, 3), A=3) == 'jit'  # a constant
+    assert calls(x, 32, B=(1, 3), A=3) == 'reused'
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason='triton is not installed')
+@pytest.mark.parametrize('k, stride, dilation, dtype', [(5, 2, 1, torch.float32), (3, 1, 2, torch.bfloat16)])
+def test_kernels_compile_for_sm90(monkeypatch, k, stride, dilation, dtype):
+    """The interpreter does not run Triton's compiler: compile every launch of one convolution for an H100
+    (no GPU needed) with the installed triton. Nested constexpr tuples, for one, failed only here."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    launches = []
+    monkeypatch.setattr(dwconv3d, 'interpreted', lambda: True)  # the launchers accept CPU tensors
+    monkeypatch.setattr(dwconv3d, '_launch', lambda kernel, grid, args, warps, **consts:
+                        launches.append((kernel, args, warps, consts)))
+    x, w = torch.zeros(2, 3, 7, 6, 5, dtype=dtype), torch.zeros(3, 1, k, k, k, dtype=dtype)
+    gy = torch.zeros(2, 3, *(dwconv3d._out_size(s, k, stride, dilation) for s in (7, 6, 5)), dtype=dtype)
+    dwconv3d.dwconv3d_forward(x, w, stride, dilation)
+    dwconv3d.dwconv3d_grad_input(gy, w, x.shape, stride, dilation)
+    dwconv3d.dwconv3d_grad_weight(x, gy, k, stride, dilation)
+    assert len(launches) == 2 + stride ** 3
+    types = {torch.float32: '*fp32', torch.bfloat16: '*bf16'}
+    for kernel, args, warps, consts in launches:
+        signature = {name: types[a.dtype] if torch.is_tensor(a) else 'i32' for name, a in zip(kernel.arg_names, args)}
+        signature.update({name: 'constexpr' for name in consts})
+        compiled = dwconv3d.triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget('cuda', 90, 32),
+                                  options={'num_warps': warps, 'enable_fp_fusion': True})
+        assert compiled.asm['cubin']

@@ -291,6 +291,9 @@ def test_architecture_step_changes_only_alphas_and_betas(order):
             assert torch.equal(after[name], before[name]), name
     for k, s in opt_before['state'].items():
         assert torch.equal(w_opt.state_dict()['state'][k]['momentum_buffer'], s['momentum_buffer'])
+    # and the weight steps track BatchNorm statistics again
+    engine.train_step(net, w_opt, *batch(3, 8, seed=5), net.weight_parameters(), 5.0)
+    assert all(not torch.equal(t, before[n]) for n, t in net.state_dict().items() if 'running_mean' in n)
 
 
 # ---------------------------------------------------------------- train_search end to end
