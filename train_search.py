@@ -10,6 +10,7 @@ import torch
 
 import architect as arch_mod
 import data
+import dwconv3d
 import engine
 import genotypes
 import operations
@@ -52,6 +53,7 @@ ZO_ARCH_LR = 1.5e-2  # zeroth order: Adam learning rate of alphas/betas
 PATIENCE = 0  # stop when search-val accuracy has not improved for this many epochs after warm-up (0: off)
 SEED = 2  # seed of model initialization, split and augmentation
 DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+FAST_KERNELS = False  # Triton depthwise kernels on CUDA; off: this step is host-bound, they slowed it (BENCHMARKS)
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
@@ -144,6 +146,7 @@ def main(**overrides):
     run.header(cfg, cfg['DEVICE'])
     utils.seed_everything(cfg['SEED'])
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
     table = data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
     tr_idx, va_idx = data.split_by_scan(table, cfg['VAL_FRACTION'], cfg['SEED'])
     cubes = data.load_cubes(cfg['DATA'], table, cfg['CUBE'])

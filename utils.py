@@ -115,12 +115,12 @@ def check_settings(overrides, defaults):
     return {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in overrides.items()}}
 
 
-RESUMABLE_CHANGES = ('RESUME', 'DEVICE')  # the settings a continued run may change
+RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS')  # settings a continued run may change: where, how fast
 
 
 def resumed_settings(run_path, overrides, defaults):
-    """Settings of a run being continued: its config.json; DEVICE is this machine's unless given. Other
-    settings cannot change (the saved optimizer and schedule were built from them)."""
+    """Settings of a run being continued: its config.json; DEVICE and FAST_KERNELS are this machine's (the
+    defaults or given values). Other settings cannot change (the saved optimizer and schedule were built from them)."""
     path = os.path.join(run_path, 'config.json')
     if not os.path.exists(path):
         raise UserError(f'RESUME={run_path}: {path} is missing (not a run folder of this script?)')
@@ -131,8 +131,7 @@ def resumed_settings(run_path, overrides, defaults):
         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(checked[k])) != saved.get(k):
             raise UserError(f'--{k} cannot change when resuming {run_path} (it was {saved.get(k)!r}); '
                             'start a new run instead')
-    return {**saved, 'RESUME': run_path, 'DEVICE': checked['DEVICE'] if 'DEVICE' in overrides
-            else defaults['DEVICE']}
+    return {**saved, 'RESUME': run_path, **{k: checked[k] for k in RESUMABLE_CHANGES[1:] if k in checked}}
 
 
 # ---------------------------------------------------------------- run folders and logs

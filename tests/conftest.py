@@ -38,6 +38,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def fast_kernels_on():
+    """The scripts set dwconv3d's module-wide switch from their FAST_KERNELS setting: reset it after each test."""
+    yield
+    import dwconv3d
+    dwconv3d.set_fast_kernels(True)
+
+
 @pytest.fixture
 def cube_set(tmp_path):
     return write_cube_set(tmp_path / 'cubes16')

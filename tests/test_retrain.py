@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import dwconv3d
 import engine
 import genotypes
 import train_3D_continuation as retrain
@@ -195,7 +196,8 @@ def test_genotype_from_json_and_unknown_name(cubes, tmp_path):
                                reduce=[('max_pool_3x3x3', 0), ('skip_connect', 1)] * 4, reduce_concat=[2, 3, 4, 5])
     path = tmp_path / 'genotype.json'
     genotypes.save_genotype(small, path)
-    out = run(cubes, tmp_path / 'runs', FOLD=9, EPOCHS=1, GENOTYPE=str(path))
+    out = run(cubes, tmp_path / 'runs', FOLD=9, EPOCHS=1, GENOTYPE=str(path), FAST_KERNELS=False)
+    assert dwconv3d.FAST_KERNELS is False  # the setting drives the module-wide switch
     n_params = sum(p.numel() for p in retrain.NetworkLUNA(4, 2, 3, small).parameters())
     assert out['folds'][0]['params_M'] == pytest.approx(n_params / 1e6)
     assert 'sep_conv_3x3x3' in read_text(os.path.join(out['run'], 'log.txt'))

@@ -122,6 +122,10 @@ def test_resumed_settings(tmp_path):
     assert cfg['N'] == 11 and cfg['LR'] == 0.5 and cfg['FOLDS'] == [8, 9] and cfg['NAME'] == 'x'
     assert cfg['RESUME'] == str(tmp_path) and cfg['DEVICE'] == 'cpu'
     assert utils.resumed_settings(str(tmp_path), {'DEVICE': 'meta'}, DEFAULTS)['DEVICE'] == 'meta'
+    # FAST_KERNELS too is this machine's: the default, or the given value (also for runs saved without it)
+    fast = {**DEFAULTS, 'FAST_KERNELS': True}
+    assert utils.resumed_settings(str(tmp_path), {}, fast)['FAST_KERNELS'] is True
+    assert utils.resumed_settings(str(tmp_path), {'FAST_KERNELS': False}, fast)['FAST_KERNELS'] is False
     with pytest.raises(UserError, match='NOPE'):
         utils.resumed_settings(str(tmp_path), {'NOPE': 1}, DEFAULTS)
     with pytest.raises(UserError, match='--N cannot change when resuming .*11'):
