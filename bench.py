@@ -238,9 +238,9 @@ def time_steps(make_step, device, warmup, iters):
     return ms, peak, first if warmup else float('nan')
 
 
-def bench_steps(cfg, log=print):
-    """Rows: step, batch, path (fast / native), ms/step, samples/s, peak GB, first step s; each row is logged
-    as soon as it is measured."""
+def bench_steps(cfg):
+    """Rows: step, batch, path (fast / native), ms/step, samples/s, peak GB, first step s; each row is also
+    printed as soon as it is measured."""
     cases = [('search 2nd order', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg)),
              ('search 1st order', cfg['SEARCH_BATCH'], lambda b: search_step('first', b, cfg)),
              ('search zeroth order', cfg['SEARCH_BATCH'], lambda b: search_step('zeroth', b, cfg)),
@@ -254,7 +254,7 @@ def bench_steps(cfg, log=print):
                                          cfg['WARMUP_STEPS'], cfg['STEPS'])
             rows.append({'step': name, 'batch': batch, 'path': 'fast' if fast else 'native', 'ms': ms,
                          'samples_s': 1e3 * batch / ms, 'peak_gb': peak, 'first_s': first})
-            log(f'  {name}, {rows[-1]["path"]}: {ms:.1f} ms/step, peak {peak:.2f} GB, first step {first:.1f} s')
+            print(f'  {name}, {rows[-1]["path"]}: {ms:.1f} ms/step, peak {peak:.2f} GB, first step {first:.1f} s')
     dwconv3d.set_fast_kernels(True)
     return rows
 

@@ -131,7 +131,7 @@ def resumed_settings(run_path, overrides, defaults):
         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(checked[k])) != saved.get(k):
             raise UserError(f'--{k} cannot change when resuming {run_path} (it was {saved.get(k)!r}); '
                             'start a new run instead')
-    return {**saved, 'RESUME': run_path, **{k: checked[k] for k in RESUMABLE_CHANGES[1:] if k in checked}}
+    return {**saved, **{k: checked[k] for k in RESUMABLE_CHANGES if k in checked}, 'RESUME': run_path}
 
 
 # ---------------------------------------------------------------- run folders and logs
