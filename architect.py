@@ -97,15 +97,14 @@ class Architect:
         grads = torch.autograd.grad(loss, w)
         group = self.w_optimizer.param_groups[0]
         momentum, wd = group['momentum'], group['weight_decay']
-        out = {}
+        buffers = [self.w_optimizer.state.get(p, {}).get('momentum_buffer') for p in w]
+        moving = [i for i, b in enumerate(buffers) if b is not None]
+        # Multi-tensor (foreach) ops: a few launches for all ~500 weight tensors instead of a few each.
         with torch.no_grad():
-            for n, p, g in zip(self.w_names, w, grads):
-                buf = self.w_optimizer.state.get(p, {}).get('momentum_buffer')
-                d = g + wd * p
-                if buf is not None:
-                    d = d + momentum * buf
-                out[n] = p - eta * d
-        return out
+            d = torch._foreach_add(list(grads), w, alpha=wd)
+            if moving:
+                torch._foreach_add_([d[i] for i in moving], [buffers[i] for i in moving], alpha=momentum)
+            return dict(zip(self.w_names, torch._foreach_add(w, d, alpha=-eta)))
 
     def second_order_grads(self, x_train, y_train, x_val, y_val, eta):
         w_virtual = {n: t.requires_grad_() for n, t in self.virtual_weights(x_train, y_train, eta).items()}
@@ -118,12 +117,15 @@ class Architect:
 
     def hessian_vector_product(self, v, x, y, r=1e-2):
         """(d/d alpha) (grad_w L_train . v) by central difference at w +/- eps v, eps = r / ||v||."""
-        eps = r / torch.sqrt(sum((t * t).sum() for t in v.values()))
+        names, vs = list(v), list(v.values())
+        eps = r / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vs)))
         params = dict(self.model.named_parameters())
+        w = [params[n] for n in names]
         out = []
         with full_precision(self.model):
             for sign in (1.0, -1.0):
-                w = {n: (params[n] + sign * eps * v[n]).detach() for n in v}
-                loss = F.cross_entropy(self._call(w, x), y)
+                with torch.no_grad():
+                    shifted = torch._foreach_add(w, torch._foreach_mul(vs, sign * eps))
+                loss = F.cross_entropy(self._call(dict(zip(names, shifted)), x), y)
                 out.append(torch.autograd.grad(loss, self.arch))
         return [(gp - gm) / (2 * eps) for gp, gm in zip(*out)]

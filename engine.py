@@ -74,7 +74,12 @@ def load_state(path, gen, objects):
     """Restore a checkpoint written by save_state into the given objects; returns it."""
     state = load_checkpoint(path)
     for name, obj in objects.items():
-        obj.load_state_dict(state[name])
+        try:
+            obj.load_state_dict(state[name])
+        except (KeyError, RuntimeError, ValueError) as e:  # e.g. written by a version with other layers
+            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            raise UserError(f'checkpoint {path}: its {name} does not fit this code ({first}); '
+                            'it may come from an older version: start a new run') from None
     set_rng_states(state['rng'])
     gen.set_state(state['gen'])
     return state

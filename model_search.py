@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genotypes import Genotype, derive_cell
-from operations import FactorizedReduce, ReLUConvBN, cell_layout, make_op, stem
+from operations import DilConv, FactorizedReduce, MBConv, ReLUConvBN, SepConv, cell_layout, make_op, parse_mbconv, stem
 from sparsemax import sparsemax
 from utils import UserError
 
@@ -17,28 +17,94 @@ def channel_shuffle(x, groups):
     return x.view(n, groups, c // groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
 
 
-class MixedOp(nn.Module):
-    """Weighted sum of candidate ops on the first C/k channels; the rest bypass (max-pooled when reducing)."""
+# How a batched op reads the state: 'x' the active channels, 'relu' their ReLU, 'rep' their ReLU repeated once
+# per edge (edge-major channels). Ops whose first layer is that ReLU share it instead of each computing it.
+def _batched_op(name, part, stride, edges):
+    """(module, input kind) of candidate `name` for `edges` edges at once: (N, part, ...) -> (N, edges * part, ...),
+    edge e in channels [e*part, (e+1)*part), each edge with its own weights."""
+    if name == 'skip_connect':  # stride 2 only: stride 1 is the identity, a shared op
+        return FactorizedReduce(part, part, affine=False, edges=edges, relu=False), 'relu'
+    mbconv = parse_mbconv(name)
+    if mbconv is not None:
+        return MBConv(part, part, mbconv[0], stride, mbconv[1], affine=False, edges=edges), 'x'
+    op = make_op(name, part, stride, affine=False)  # sep_conv / dil_conv: ReLU, depthwise, pointwise, BN
+    if isinstance(op, SepConv):
+        op = SepConv(edges * part, edges * part, op[0][1].kernel_size[0], stride, False, edges, relu=False)
+    elif isinstance(op, DilConv):
+        dw = op[1]
+        op = DilConv(edges * part, edges * part, dw.kernel_size[0], stride, dw.dilation[0], False, edges, relu=False)
+    else:
+        raise UserError(f'op {name!r} has no batched form for the search supernet')
+    return op, 'rep'
 
-    def __init__(self, C, stride, primitives, k):
+
+class EdgeGroup(nn.Module):
+    """The mixed ops of all edges leaving one state, computed together (partial channels, PC-DARTS).
+
+    Every edge reads the same first C/k channels of the state, so the parameter-free candidates (pools + BN,
+    identity) run once for all edges, and each candidate with weights runs its edges' copies side by side as
+    one wider op. Edge e's op o equals make_op(o, C/k, stride) holding the e-th slice of the batched weights.
+    'none' adds nothing and is not run.
+    """
+
+    def __init__(self, C, stride, primitives, k, edges):
         super().__init__()
-        self.k = k
-        self.stride = stride
-        self.ops = nn.ModuleList()
-        for name in primitives:
-            op = make_op(name, C // k, stride, affine=False)
+        self.part, self.stride, self.edges = C // k, stride, edges
+        self.batched, self.shared = nn.ModuleList(), nn.ModuleList()
+        self.batched_cols, self.shared_cols, self.kinds = [], [], []  # columns of the op weights, input kinds
+        for col, name in enumerate(primitives):
+            if name == 'none':
+                continue
             if 'pool' in name:
-                op = nn.Sequential(op, nn.BatchNorm3d(C // k, affine=False))
-            self.ops.append(op)
+                self.shared.append(nn.Sequential(make_op(name, self.part, stride, False),
+                                                 nn.BatchNorm3d(self.part, affine=False)))
+                self.shared_cols.append(col)
+            elif name == 'skip_connect' and stride == 1:
+                self.shared.append(nn.Identity())
+                self.shared_cols.append(col)
+            else:
+                op, kind = _batched_op(name, self.part, stride, edges)
+                self.batched.append(op)
+                self.batched_cols.append(col)
+                self.kinds.append(kind)
 
-    def forward(self, x, weights):
-        # x (N, C, D, H, W), weights (n_ops,) -> (N, C, D/stride, H/stride, W/stride)
-        part = x.shape[1] // self.k
-        active, bypass = x[:, :part], x[:, part:]
-        out = sum(w * op(active) for w, op in zip(weights, self.ops))
-        if self.stride == 2:
+    def forward(self, x, w_batched, w_shared):
+        """x (N, C, D, H, W); w_batched (edges, n_batched), w_shared (edges, n_shared) op weights of the edges.
+
+        Returns the edges' weighted op sums (N, edges, C/k, D', H', W') and the bypass channels (N, C - C/k,
+        D', H', W'), 2x max-pooled when reducing (None when C/k == C).
+        """
+        n, m = x.shape[0], self.edges
+        active = x[:, :self.part]
+        inputs = {'x': active}
+        if 'relu' in self.kinds or 'rep' in self.kinds:
+            inputs['relu'] = F.relu(active)
+        if 'rep' in self.kinds:
+            inputs['rep'] = inputs['relu'].repeat(1, m, 1, 1, 1) if m > 1 else inputs['relu']
+        mixed = None
+        if self.batched:
+            outs = [op(inputs[kind]) for op, kind in zip(self.batched, self.kinds)]
+            size = outs[0].shape[2:]
+            stacked = torch.stack([o.view(n * m, -1) for o in outs], dim=1)  # (N * edges, n_batched, P)
+            w = w_batched.expand(n, m, len(outs)).reshape(n * m, 1, len(outs))
+            mixed = torch.bmm(w, stacked).view(n, m, self.part, *size)
+        if self.shared:
+            stacked = torch.stack([op(active) for op in self.shared], dim=1)  # (N, n_shared, C/k, D', H', W')
+            size = stacked.shape[3:]
+            out = torch.bmm(w_shared.expand(n, m, len(self.shared)), stacked.view(n, len(self.shared), -1))
+            out = out.view(n, m, self.part, *size)
+            mixed = out if mixed is None else mixed + out
+        bypass = x[:, self.part:]
+        if bypass.shape[1] == 0:
+            bypass = None
+        elif self.stride == 2:
             bypass = F.max_pool3d(bypass, 2, 2)
-        return channel_shuffle(torch.cat([out, bypass], dim=1), self.k)
+        return mixed, bypass
+
+
+def edge_index(i, j):
+    """Row of the edge from state i into node j in the (n_edges, n_ops) weights (edges ordered node by node)."""
+    return j * (j + 3) // 2 + i
 
 
 class SearchCell(nn.Module):
@@ -47,24 +113,44 @@ class SearchCell(nn.Module):
         self.reduction = reduction
         self.steps = steps
         self.multiplier = multiplier
+        self.k = k
         if reduction_prev:
             self.preprocess0 = FactorizedReduce(C_pp, C, affine=False)
         else:
             self.preprocess0 = ReLUConvBN(C_pp, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0, affine=False)
-        self.ops = nn.ModuleList(
-            MixedOp(C, 2 if reduction and j < 2 else 1, primitives, k)
-            for i in range(steps) for j in range(2 + i))
+        # State i feeds nodes max(0, i-1) .. steps-1; the last node feeds nothing.
+        self.groups = nn.ModuleList(
+            EdgeGroup(C, 2 if reduction and i < 2 else 1, primitives, k, steps - max(0, i - 1))
+            for i in range(steps + 1))
+        # One gather takes every group's (edges, n_batched) and (edges, n_shared) op weights from the flat
+        # (n_edges * n_ops) weights.
+        index, self.splits = [], []
+        for i, group in enumerate(self.groups):
+            rows = [edge_index(i, j) for j in range(max(0, i - 1), steps)]
+            for cols in (group.batched_cols, group.shared_cols):
+                index += [r * len(primitives) + c for r in rows for c in cols]
+                self.splits.append(len(index) - sum(self.splits))
+        self.register_buffer('weight_index', torch.tensor(index, dtype=torch.long), persistent=False)
 
     def forward(self, s0, s1, weights, edge_weights):
         # weights (n_edges, n_ops), edge_weights (n_edges,); output (N, multiplier*C, ...)
+        w = (weights * edge_weights[:, None]).flatten().index_select(0, self.weight_index).split(self.splits)
+        betas = edge_weights.unbind()
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        offset = 0
-        for _ in range(self.steps):
-            s = sum(edge_weights[offset + j] * self.ops[offset + j](h, weights[offset + j])
-                    for j, h in enumerate(states))
-            offset += len(states)
-            states.append(s)
+        mixed, bypass = [], []  # per state: its edges' op sums (unbound per edge) and its bypass channels
+        for j in range(self.steps):
+            for i in range(len(mixed), len(states)):
+                group = self.groups[i]
+                out, rest = group(states[i], w[2 * i].view(group.edges, len(group.batched_cols)),
+                                  w[2 * i + 1].view(group.edges, len(group.shared_cols)))
+                mixed.append(out.unbind(1))
+                bypass.append(rest)
+            # Node j: the sum over its incoming edges (i -> j) of beta_ij * shuffle(cat(op sum, bypass)).
+            parts = [sum(mixed[i][j - max(0, i - 1)] for i in range(j + 2))]
+            if bypass[0] is not None:
+                parts.append(sum(betas[edge_index(i, j)] * bypass[i] for i in range(j + 2)))
+            states.append(channel_shuffle(torch.cat(parts, dim=1), self.k))
         return torch.cat(states[-self.multiplier:], dim=1)
 
 
@@ -82,6 +168,8 @@ class SearchNetwork(nn.Module):
             raise UserError(f'unknown op weighting {weighting!r} (known: {", ".join(WEIGHTINGS)})')
         if C % k or layers < 3:
             raise UserError(f'C={C} must be divisible by PC_K={k}, and LAYERS={layers} must be >= 3')
+        if all(name == 'none' for name in primitives):
+            raise UserError(f"PRIMITIVES {list(primitives)}: the supernet needs an op other than 'none'")
         self.primitives = list(primitives)
         self.steps, self.multiplier = steps, multiplier
         self.weighting = weighting

@@ -30,33 +30,43 @@ class ReLUConvBN(nn.Sequential):
 
 
 class DilConv(nn.Sequential):
-    """ReLU, depthwise kxkxk conv (carries stride and dilation), pointwise 1x1x1 conv, BN."""
+    """ReLU, depthwise kxkxk conv (carries stride and dilation), pointwise 1x1x1 conv, BN.
 
-    def __init__(self, C_in, C_out, kernel_size, stride, dilation, affine=True):
+    groups > 1 stacks `groups` independent copies side by side (the search supernet runs the same op of
+    several edges at once): C_in and C_out are then the totals, and copy g maps input channels
+    [g*C_in/groups, (g+1)*C_in/groups) to the same slice of the output. relu=False leaves out the leading ReLU
+    (Identity in its place) for an input that is already rectified.
+    """
+
+    def __init__(self, C_in, C_out, kernel_size, stride, dilation, affine=True, groups=1, relu=True):
         super().__init__(
-            nn.ReLU(inplace=False),
+            nn.ReLU(inplace=False) if relu else nn.Identity(),
             DepthwiseConv3d(C_in, kernel_size, stride, same_padding(kernel_size, dilation), dilation),
-            nn.Conv3d(C_in, C_out, 1, bias=False),
+            nn.Conv3d(C_in, C_out, 1, bias=False, groups=groups),
             nn.BatchNorm3d(C_out, affine=affine),
         )
 
 
 class SepConv(nn.Sequential):
-    """Two stacked DilConv blocks with dilation 1; only the first carries the stride."""
+    """Two stacked DilConv blocks with dilation 1; only the first carries the stride (groups, relu: as DilConv)."""
 
-    def __init__(self, C_in, C_out, kernel_size, stride, affine=True):
+    def __init__(self, C_in, C_out, kernel_size, stride, affine=True, groups=1, relu=True):
         super().__init__(
-            DilConv(C_in, C_in, kernel_size, stride, 1, affine),
-            DilConv(C_in, C_out, kernel_size, 1, 1, affine),
+            DilConv(C_in, C_in, kernel_size, stride, 1, affine, groups, relu),
+            DilConv(C_in, C_out, kernel_size, 1, 1, affine, groups),
         )
 
 
 class MBConv(nn.Sequential):
     """Inverted bottleneck without residual: expand 1x1x1 + BN + ReLU6, depthwise kxkxk
-    (carries the stride) + BN + ReLU6, project 1x1x1 + BN. Hidden width = C_in * expansion."""
+    (carries the stride) + BN + ReLU6, project 1x1x1 + BN. Hidden width = C_in * expansion.
 
-    def __init__(self, C_in, C_out, kernel_size, stride, expansion, affine=True):
-        hidden = C_in * expansion
+    edges > 1 runs `edges` independent copies on the same input: (N, C_in, ...) -> (N, edges * C_out, ...),
+    copy e's output in channels [e*C_out, (e+1)*C_out).
+    """
+
+    def __init__(self, C_in, C_out, kernel_size, stride, expansion, affine=True, edges=1):
+        hidden = edges * C_in * expansion
         super().__init__(
             nn.Conv3d(C_in, hidden, 1, bias=False),
             nn.BatchNorm3d(hidden, affine=affine),
@@ -64,8 +74,8 @@ class MBConv(nn.Sequential):
             DepthwiseConv3d(hidden, kernel_size, stride, same_padding(kernel_size)),
             nn.BatchNorm3d(hidden, affine=affine),
             nn.ReLU6(inplace=False),
-            nn.Conv3d(hidden, C_out, 1, bias=False),
-            nn.BatchNorm3d(C_out, affine=affine),
+            nn.Conv3d(hidden, edges * C_out, 1, bias=False, groups=edges),
+            nn.BatchNorm3d(edges * C_out, affine=affine),
         )
 
 
@@ -84,25 +94,34 @@ class Zero(nn.Module):
 class FactorizedReduce(nn.Module):
     """Halve D, H, W with two 1x1x1 stride-2 convs, the second on x shifted by one voxel on every
     spatial axis, so together they see every voxel; outputs concatenated on channels, then BN.
-    (N, C_in, D, H, W) -> (N, C_out, ceil(D/2), ceil(H/2), ceil(W/2)).
+    (N, C_in, D, H, W) -> (N, edges * C_out, ceil(D/2), ceil(H/2), ceil(W/2)).
+
+    edges > 1 runs `edges` independent copies on the same input (copy e in output channels
+    [e*C_out, (e+1)*C_out)); relu=False leaves out the leading ReLU for an already rectified input.
     """
 
-    def __init__(self, C_in, C_out, affine=True):
+    def __init__(self, C_in, C_out, affine=True, edges=1, relu=True):
         super().__init__()
         # Odd C_out (e.g. PC-DARTS partial channels) gives the first conv the extra channel.
         c_second = C_out // 2
-        self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv3d(C_in, C_out - c_second, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv3d(C_in, c_second, 1, stride=2, bias=False) if c_second else None
-        self.bn = nn.BatchNorm3d(C_out, affine=affine)
+        self.edges = edges
+        self.relu = nn.ReLU(inplace=False) if relu else nn.Identity()
+        self.conv_1 = nn.Conv3d(C_in, edges * (C_out - c_second), 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv3d(C_in, edges * c_second, 1, stride=2, bias=False) if c_second else None
+        self.bn = nn.BatchNorm3d(edges * C_out, affine=affine)
 
     def forward(self, x):
         x = self.relu(x)
         out = self.conv_1(x)
         if self.conv_2 is not None:
             # Shift by one voxel and pad the far end so odd sizes give the same output size.
-            shifted = nn.functional.pad(x[:, :, 1:, 1:, 1:], (0, 1, 0, 1, 0, 1))
-            out = torch.cat([out, self.conv_2(shifted)], dim=1)
+            second = self.conv_2(nn.functional.pad(x[:, :, 1:, 1:, 1:], (0, 1, 0, 1, 0, 1)))
+            if self.edges == 1:
+                out = torch.cat([out, second], dim=1)
+            else:  # per copy: its conv_1 channels, then its conv_2 channels
+                n, size = out.shape[0], out.shape[2:]
+                out = torch.cat([out.view(n, self.edges, -1, *size), second.view(n, self.edges, -1, *size)],
+                                dim=2).view(n, -1, *size)
         return self.bn(out)
 
 

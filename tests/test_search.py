@@ -14,7 +14,8 @@ import genotypes
 import train_search
 from architect import Architect
 from conftest import write_cube_set
-from model_search import MixedOp, SearchNetwork, channel_shuffle, zero_one_loss
+from model_search import EdgeGroup, SearchCell, SearchNetwork, channel_shuffle, edge_index, zero_one_loss
+from operations import make_op
 from utils import UserError
 
 PRIMS = ['max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3']  # cheap set: a pool (+BN), skip/FactorizedReduce, a conv
@@ -34,16 +35,91 @@ def batch(n=2, size=8, seed=0, dtype=torch.float32):
     return torch.randn(n, 1, size, size, size, generator=g, dtype=dtype), torch.arange(n) % 2
 
 
-# ---------------------------------------------------------------- mixed op and channel shuffle
+# ---------------------------------------------------------------- edge groups, cells and channel shuffle
+
+def load_edge(batched, ref, e):
+    """Copy edge e's slice of a batched op's weights and BN statistics into the per-edge op `ref`."""
+    state = batched.state_dict()
+    with torch.no_grad():
+        for name, t in ref.state_dict().items():
+            if t.dim():
+                t.copy_(state[name][e * len(t):(e + 1) * len(t)])
+
 
 @pytest.mark.parametrize('stride', [1, 2])
-def test_mixed_op_shapes_every_op(stride):
-    op = MixedOp(8, stride, genotypes.PRIMITIVES, k=4)
-    for name, m in zip(genotypes.PRIMITIVES, op.ops):  # pools are followed by BN(affine=False) on C/k channels
-        if 'pool' in name:
-            assert isinstance(m[-1], torch.nn.BatchNorm3d) and not m[-1].affine and m[-1].num_features == 2
-    out = op(torch.randn(2, 8, 8, 8, 8), torch.rand(len(genotypes.PRIMITIVES)))
-    assert out.shape == (2, 8, 8 // stride, 8 // stride, 8 // stride)
+@pytest.mark.parametrize('prims', [genotypes.PRIMITIVES, genotypes.DARTS_BASE_PRIMITIVES], ids=['paper', 'darts'])
+def test_edge_group_equals_separate_ops_per_edge(prims, stride):
+    """Edge e of a group = sum_o w[e, o] * make_op(o, C/k, stride) holding edge e's weights: outputs, BN
+    statistics, and gradients w.r.t. the input, the op weights and every conv weight."""
+    torch.manual_seed(0)
+    C, k, m, part = 8, 4, 3, 2
+    group = EdgeGroup(C, stride, prims, k, m)
+    refs = []  # per edge: the per-edge ops (None for ops the group shares between edges)
+    for e in range(m):
+        ops = [make_op(name, part, stride, affine=False) if i not in group.shared_cols else None
+               for i, name in enumerate(prims)]
+        for i, op in zip(group.batched_cols, group.batched):
+            load_edge(op, ops[i], e)
+        refs.append(ops)
+    x = torch.randn(2, C, 8, 8, 8, requires_grad=True)
+    w = torch.rand(m, len(prims), requires_grad=True)
+    mixed, bypass = group(x, w[:, group.batched_cols], w[:, group.shared_cols])
+    assert mixed.shape == (2, m, part) + (8 // stride,) * 3
+    assert torch.equal(bypass, F.max_pool3d(x[:, part:], 2) if stride == 2 else x[:, part:])
+    g = torch.randn_like(mixed)
+    grads = torch.autograd.grad((mixed * g).sum(), [x, w] + [p for op in group.batched for p in op.parameters()])
+
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = 0
+    for e in range(m):
+        out = 0
+        for i in range(len(prims)):
+            op = refs[e][i] if refs[e][i] is not None else group.shared[group.shared_cols.index(i)]
+            out = out + w_ref[e, i] * op(x_ref[:, :part])
+        assert torch.allclose(mixed[:, e], out, atol=1e-5), e
+        loss = loss + (out * g[:, e]).sum()
+    assert torch.allclose(grads[0], torch.autograd.grad(loss, x_ref, retain_graph=True)[0], atol=1e-5)
+    assert torch.allclose(grads[1], torch.autograd.grad(loss, w_ref, retain_graph=True)[0], atol=1e-4)
+    per_edge = [[list(refs[e][i].parameters()) for i in group.batched_cols] for e in range(m)]  # [edge][op][param]
+    flat = [p for ops in per_edge for params in ops for p in params]
+    ref_grads = dict(zip(flat, torch.autograd.grad(loss, flat)))
+    got = iter(grads[2:])
+    for j, op in enumerate(group.batched):  # a batched weight's gradient = its edges' gradients stacked
+        for q, p in enumerate(op.parameters()):
+            want = torch.cat([ref_grads[per_edge[e][j][q]] for e in range(m)])
+            assert want.shape == p.shape and torch.allclose(next(got), want, atol=1e-4), (j, q)
+    for e in range(m):  # BN statistics moved as if each edge had its own op
+        for i, op in zip(group.batched_cols, group.batched):
+            ref = refs[e][i].state_dict()
+            for name, t in op.state_dict().items():
+                if 'running' in name:
+                    n = len(ref[name])
+                    assert torch.allclose(t[e * n:(e + 1) * n], ref[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize('reduction', [False, True])
+def test_search_cell_sums_each_node_over_its_edges(reduction):
+    """node j = sum over states i <= j+1 of beta_ij * shuffle(cat(sum_o w_ijo op_o(h_i[:, :C/k]), bypass of h_i)),
+    with the (edge, op) weights read from row edge_index(i, j); pools and identity (the group's shared ops)."""
+    torch.manual_seed(0)
+    C, k, part = 8, 4, 2
+    prims = ['avg_pool_3x3x3', 'max_pool_3x3x3' if reduction else 'skip_connect']
+    cell = SearchCell(4, 4, C, C, C, reduction, False, prims, k)
+    s0, s1 = torch.randn(2, C, 8, 8, 8), torch.randn(2, C, 8, 8, 8)
+    weights, betas = torch.randn(14, 2), torch.randn(14)
+    out = cell(s0, s1, weights, betas)
+    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    for j in range(4):
+        node = 0
+        for i in range(j + 2):
+            h, group, e = states[i], cell.groups[i], edge_index(i, j)
+            ops = sum(weights[e, c] * op(h[:, :part]) for c, op in zip(group.shared_cols, group.shared))
+            rest = F.max_pool3d(h[:, part:], 2) if group.stride == 2 else h[:, part:]
+            node = node + betas[e] * channel_shuffle(torch.cat([ops, rest], 1), k)
+        states.append(node)
+    assert [g.stride for g in cell.groups] == ([2, 2, 1, 1, 1] if reduction else [1] * 5)
+    assert [g.edges for g in cell.groups] == [4, 4, 3, 2, 1]
+    assert torch.allclose(out, torch.cat(states[2:], 1), atol=1e-5)
 
 
 def test_channel_shuffle_is_an_interleaving_permutation():
@@ -54,20 +130,6 @@ def test_channel_shuffle_is_an_interleaving_permutation():
     assert torch.equal(channel_shuffle(out, 2), x)  # shuffling with C/groups groups undoes it
     y = torch.randn(2, 12, 2, 2, 2)
     assert torch.equal(channel_shuffle(channel_shuffle(y, 4), 3), y)
-
-
-@pytest.mark.parametrize('stride', [1, 2])
-def test_mixed_op_bypass_channels(stride):
-    """All op weights 0: the first C/k channels are zero, the rest pass (2x max-pooled when reducing), shuffled."""
-    C, k, n = 8, 4, 4
-    op = MixedOp(C, stride, PRIMS, k)
-    # Values increase along every spatial axis, so the max of each 2x2x2 block is its (1, 1, 1) corner.
-    x = torch.arange(C * n ** 3, dtype=torch.float32).view(1, C, n, n, n)
-    out = op(x, torch.zeros(len(PRIMS)))
-    bypass = x[:, C // k:, 1::2, 1::2, 1::2] if stride == 2 else x[:, C // k:]
-    concat = torch.cat([torch.zeros_like(bypass[:, :C // k]), bypass], dim=1)  # (1, C, n/s, n/s, n/s)
-    for i in range(C):
-        assert torch.equal(out[:, i], concat[:, (i % k) * (C // k) + i // k]), i
 
 
 # ---------------------------------------------------------------- supernet
@@ -95,6 +157,17 @@ def test_logits_shape_and_arch_parameters_in_state_dict(full_net):
     other = tiny_net(genotypes.PRIMITIVES, seed=1, C=8)
     other.load_state_dict(sd)
     assert torch.equal(other.alphas_reduce, full_net.alphas_reduce)
+
+
+def test_checkpoint_of_another_layout_is_a_user_error(tmp_path):
+    """Resuming with a checkpoint whose supernet has other layers (another candidate set, an older version) names
+    the file and what does not fit."""
+    path = str(tmp_path / 'state.pt')
+    gen = torch.Generator()
+    engine.save_state(path, 0, {}, gen, {'model': tiny_net()})
+    engine.load_state(path, gen, {'model': tiny_net()})  # the same layout loads
+    with pytest.raises(UserError, match=r'state\.pt: its model does not fit this code .*start a new run'):
+        engine.load_state(path, gen, {'model': tiny_net(genotypes.PRIMITIVES)})
 
 
 def test_every_parameter_gets_gradient_from_validation_objective(full_net):
