@@ -3,7 +3,8 @@
 python bench.py [config.py] [--NAME=value ...]
 Section 1: the depthwise 3D convolution kernels at the shapes the search and retrain networks use, and the
 host time per launch (Triton launcher vs torch conv3d).
-Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the paper genotype), ms/step,
+Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the paper genotype; 2nd-order search
+and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step,
 samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
 The steps also run on a CPU (BENCH='steps', small settings) to check the code; the kernels need CUDA.
 """
@@ -181,10 +182,11 @@ def _random_batch(n, cube, device, seed):
     return x, torch.randint(0, 2, (n,), generator=g).to(device)
 
 
-def search_step(hypergrad, batch, cfg):
+def search_step(hypergrad, batch, cfg, checkpoint_cells=False):
     """A function running one search step as train_search.py does: architecture step, then weight step."""
     settings = {**train_search.DEFAULTS, 'HYPERGRAD': hypergrad, 'BATCH_SIZE': batch, 'DEVICE': cfg['DEVICE'],
-                'C': cfg['SEARCH_C'], 'LAYERS': cfg['SEARCH_LAYERS'], 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP']}
+                'C': cfg['SEARCH_C'], 'LAYERS': cfg['SEARCH_LAYERS'], 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP'],
+                'CHECKPOINT_CELLS': checkpoint_cells}
     model, w_opt, _, _, updater = train_search.build(settings)
     x, y = _random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 0)
     val = _Batches(*_random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 1))
@@ -199,11 +201,12 @@ def search_step(hypergrad, batch, cfg):
     return step
 
 
-def retrain_step(batch, cfg):
+def retrain_step(batch, cfg, checkpoint_cells=False):
     """A function running one retrain step of the paper genotype (drop path on, as mid-training)."""
     model = NetworkLUNA(cfg['RETRAIN_C'], 2, cfg['RETRAIN_LAYERS'], NAS_HBO_PAPER).to(cfg['DEVICE'])
     model.drop_path_prob = 0.1
     model.amp = cfg['AMP']
+    model.checkpoint_cells = checkpoint_cells
     params = list(model.parameters())
     opt = torch.optim.SGD(params, 0.025, momentum=0.9, weight_decay=3e-4)
     x, y = _random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 0)
@@ -244,7 +247,9 @@ def bench_steps(cfg):
     cases = [('search 2nd order', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg)),
              ('search 1st order', cfg['SEARCH_BATCH'], lambda b: search_step('first', b, cfg)),
              ('search zeroth order', cfg['SEARCH_BATCH'], lambda b: search_step('zeroth', b, cfg)),
-             ('retrain paper genotype', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg))]
+             ('search 2nd, cells recomputed', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg, True)),
+             ('retrain paper genotype', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg)),
+             ('retrain, cells recomputed', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg, True))]
     rows = []
     for name, batch, make in cases:
         for fast in (True, False):
@@ -268,12 +273,12 @@ def largest_batch(make_step, batch, cfg):
 
 
 def steps_table(rows):
-    lines = [f'{"step":24s} {"batch":>5s} {"path":7s} {"ms/step":>9s} {"samples/s":>9s} {"peak GB":>8s} '
+    lines = [f'{"step":28s} {"batch":>5s} {"path":7s} {"ms/step":>9s} {"samples/s":>9s} {"peak GB":>8s} '
              f'{"speedup":>7s} {"first step s":>12s}']
     for fast, native in zip(rows[0::2], rows[1::2]):
         for r in (fast, native):
             speedup = f'{native["ms"] / fast["ms"]:7.2f}' if r is fast else ''
-            lines.append(f'{r["step"]:24s} {r["batch"]:5d} {r["path"]:7s} {r["ms"]:9.1f} {r["samples_s"]:9.2f} '
+            lines.append(f'{r["step"]:28s} {r["batch"]:5d} {r["path"]:7s} {r["ms"]:9.1f} {r["samples_s"]:9.2f} '
                          f'{r["peak_gb"]:8.2f} {speedup:>7s} {r["first_s"]:12.1f}')
     return '\n'.join(lines)
 
@@ -309,8 +314,12 @@ def main(**overrides):
         if where != 'cpu':
             fits = {'search 2nd order': largest_batch(lambda b: search_step('second', b, cfg), cfg['SEARCH_BATCH'],
                                                       cfg),
+                    'search 2nd, cells recomputed': largest_batch(lambda b: search_step('second', b, cfg, True),
+                                                                  cfg['SEARCH_BATCH'], cfg),
                     'retrain paper genotype': largest_batch(lambda b: retrain_step(b, cfg), cfg['RETRAIN_BATCH'],
-                                                            cfg)}
+                                                            cfg),
+                    'retrain, cells recomputed': largest_batch(lambda b: retrain_step(b, cfg, True),
+                                                               cfg['RETRAIN_BATCH'], cfg)}
             print(f'largest batch in {cfg["MEMORY_GB"]} GB (fast path, linear fit of peak memory): {fits}')
             out['largest_batch'] = fits
     return out

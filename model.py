@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from operations import FactorizedReduce, ReLUConvBN, cell_layout, make_op, stem
+from operations import FactorizedReduce, ReLUConvBN, cell_layout, make_op, recomputed, stem
 
 
 def drop_path(x, drop_prob):
@@ -52,12 +52,15 @@ class Cell(nn.Module):
 class NetworkLUNA(nn.Module):
     """Stem, `layers` cells (reductions at layers//3 and 2*layers//3), global average pool, linear.
     (N, 1, D, H, W) -> (N, num_classes) logits; D, H, W divisible by 4 keep every shape exact.
-    Set `model.drop_path_prob` per epoch; it acts only in training mode."""
+    Set `model.drop_path_prob` per epoch; it acts only in training mode. With `model.checkpoint_cells` a
+    training forward keeps only each cell's inputs for backward and recomputes the cell there (same values:
+    same drop-path draws, BatchNorm statistics tracked once): less memory for about one more forward."""
 
     def __init__(self, C, num_classes, layers, genotype, drop_path_prob=0.0, stem_multiplier=3):
         super().__init__()
         self.drop_path_prob = drop_path_prob
         self.amp = False  # bf16 autocast in forward (logits returned in fp32)
+        self.checkpoint_cells = False
         self.stem = stem(stem_multiplier * C)
         plan, C_out = cell_layout(C, layers, (len(genotype.normal_concat), len(genotype.reduce_concat)),
                                   stem_multiplier)
@@ -68,8 +71,10 @@ class NetworkLUNA(nn.Module):
     def forward(self, x):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             s0 = s1 = self.stem(x)
+            recompute = self.checkpoint_cells and self.training and torch.is_grad_enabled()
             for cell in self.cells:
-                s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+                p = self.drop_path_prob
+                s0, s1 = s1, recomputed(cell, s0, s1, p) if recompute else cell(s0, s1, p)
             out = self.global_pooling(s1).flatten(1)            # (N, C_prev)
             logits = self.classifier(out)
         return logits.float() if self.amp else logits

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from genotypes import Genotype, derive_cell
-from operations import DilConv, FactorizedReduce, MBConv, ReLUConvBN, SepConv, cell_layout, make_op, parse_mbconv, stem
+from operations import (DilConv, FactorizedReduce, MBConv, ReLUConvBN, SepConv, cell_layout, make_op, parse_mbconv,
+                        recomputed, stem)
 from sparsemax import sparsemax
 from utils import UserError
 
@@ -176,6 +177,7 @@ class SearchNetwork(nn.Module):
         self.use_edge_weights = edge_weights
         self.tau = 1.0  # sparsemax temperature, set per epoch by the search loop
         self.amp = False  # bf16 autocast in forward (logits returned in fp32)
+        self.checkpoint_cells = False  # training forwards keep only the cells' inputs, recompute cells in backward
         self.stem = stem(stem_multiplier * C)
         plan, C_out = cell_layout(C, layers, multiplier, stem_multiplier)
         self.cells = nn.ModuleList(SearchCell(steps, multiplier, *channels, self.primitives, k) for channels in plan)
@@ -212,9 +214,10 @@ class SearchNetwork(nn.Module):
         e_normal, e_reduce = self.edge_weights(self.betas_normal), self.edge_weights(self.betas_reduce)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             s0 = s1 = self.stem(x)
+            recompute = self.checkpoint_cells and self.training and torch.is_grad_enabled()
             for cell in self.cells:
                 w, e = (w_reduce, e_reduce) if cell.reduction else (w_normal, e_normal)
-                s0, s1 = s1, cell(s0, s1, w, e)
+                s0, s1 = s1, recomputed(cell, s0, s1, w, e) if recompute else cell(s0, s1, w, e)
             logits = self.classifier(F.adaptive_avg_pool3d(s1, 1).flatten(1))
         return logits.float() if self.amp else logits
 

@@ -4,10 +4,14 @@ Every candidate op is built as OP(C, stride, affine) and maps (N, C, D, H, W) to
 (N, C, ceil(D/stride), ceil(H/stride), ceil(W/stride)). All depthwise convolutions go through
 dwconv3d.DepthwiseConv3d, the single place where the fast GPU kernels plug in.
 """
+import contextlib
 import re
 
 import torch
 from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from dwconv3d import DepthwiseConv3d
 from utils import UserError
@@ -123,6 +127,37 @@ class FactorizedReduce(nn.Module):
                 out = torch.cat([out.view(n, self.edges, -1, *size), second.view(n, self.edges, -1, *size)],
                                 dim=2).view(n, -1, *size)
         return self.bn(out)
+
+
+@contextlib.contextmanager
+def statistics_frozen(module):
+    """BatchNorm layers inside normalize as usual but leave their running statistics as they were (momentum 0,
+    batch count restored): for recomputing a checkpointed block, whose statistics its first forward tracked.
+    (Switching tracking off instead would change which tensors BatchNorm saves, which checkpoint forbids.)"""
+    layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(layers, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
+def recomputed(module, *inputs):
+    """module(*inputs), keeping only the inputs for backward and running the module again there (activation
+    checkpointing). The module's current parameter tensors are inputs too, so the recomputation uses the same
+    ones even under torch.func.functional_call (the search's virtual weights), which has restored the module's
+    own by the time backward runs. Random draws are replayed (drop path); BatchNorm statistics move once."""
+    named = list(module.named_parameters())
+    names, params = [n for n, _ in named], [p for _, p in named]
+
+    def run(*args):
+        return functional_call(module, dict(zip(names, args[:len(names)])), args[len(names):])
+    return checkpoint(run, *params, *inputs, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), statistics_frozen(module)))
 
 
 def stem(C_out):

@@ -36,6 +36,7 @@ REPORT_BEST = True  # also print the best epoch on the test fold (the published,
 SEED = 0  # seed of initialization and augmentation
 DEVICE = utils.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = True  # Triton depthwise kernels on CUDA (dwconv3d.py): 1.8x faster retrain steps (BENCHMARKS.md)
+CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
@@ -76,6 +77,7 @@ def train_fold(cfg, genotype, table, fold, run):
     utils.seed_everything(cfg['SEED'] + fold)
     model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype).to(cfg['DEVICE'])
     model.amp = cfg['AMP']
+    model.checkpoint_cells = cfg['CHECKPOINT_CELLS']
     params = list(model.parameters())
     opt = torch.optim.SGD(params, cfg['LR'], momentum=cfg['MOMENTUM'], weight_decay=cfg['WEIGHT_DECAY'])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['EPOCHS'], eta_min=cfg['LR_MIN'])

@@ -54,6 +54,7 @@ PATIENCE = 0  # stop when search-val accuracy has not improved for this many epo
 SEED = 2  # seed of model initialization, split and augmentation
 DEVICE = utils.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA; off: this step is host-bound, they slowed it (BENCHMARKS)
+CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
@@ -71,6 +72,7 @@ def build(cfg):
     model = SearchNetwork(cfg['C'], 2, cfg['LAYERS'], prims, k=cfg['PC_K'], weighting=cfg['WEIGHTS'],
                           edge_weights=cfg['EDGE_WEIGHTS']).to(cfg['DEVICE'])
     model.amp = cfg['AMP']
+    model.checkpoint_cells = cfg['CHECKPOINT_CELLS']
     zero_one_loss(model, zero_one)  # an unknown ZERO_ONE fails now, not at the first architecture step
     w_opt = torch.optim.SGD(model.weight_parameters(), cfg['LR'], momentum=cfg['MOMENTUM'],
                             weight_decay=cfg['WEIGHT_DECAY'])

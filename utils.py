@@ -115,7 +115,8 @@ def check_settings(overrides, defaults):
     return {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in overrides.items()}}
 
 
-RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS')  # settings a continued run may change: where, how fast
+# Settings a continued run may change: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS')
 
 
 def resumed_settings(run_path, overrides, defaults):

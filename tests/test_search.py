@@ -369,6 +369,28 @@ def test_architecture_step_changes_only_alphas_and_betas(order):
     assert all(not torch.equal(t, before[n]) for n, t in net.state_dict().items() if 'running_mean' in n)
 
 
+@pytest.mark.parametrize('order', ['first', 'second'])
+def test_recomputed_cells_give_the_same_search_steps(order):
+    """checkpoint_cells, also under functional_call (the second-order step's virtual weights w' and w +/- eps v,
+    which are no longer in the modules when backward recomputes a cell): the same hypergradient, and after a
+    weight step, an architecture step and a weight step the same weights, alphas and BatchNorm statistics."""
+    results = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        net, w_opt, arch = make_architect(order)
+        net.checkpoint_cells = on
+        engine.train_step(net, w_opt, *batch(3, 8, seed=5), net.weight_parameters(), 5.0)
+        xt, xv = batch(3, 8, seed=1), batch(3, 8, seed=2)
+        hyper = arch.second_order_grads(*xt, *xv, 0.1)[1] if order == 'second' else None
+        arch.step(*xt, *xv, eta=0.1)
+        engine.train_step(net, w_opt, *batch(3, 8, seed=6), net.weight_parameters(), 5.0)
+        results.append((hyper, net.state_dict()))
+    (hyper_off, off), (hyper_on, on) = results
+    if order == 'second':
+        assert all(torch.equal(a, b) for a, b in zip(hyper_on, hyper_off))
+    assert off.keys() == on.keys() and all(torch.equal(off[n], on[n]) for n in off)
+
+
 # ---------------------------------------------------------------- train_search end to end
 
 class Interrupted(Exception):

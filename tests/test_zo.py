@@ -161,6 +161,22 @@ def test_twin_without_perturbation_follows_the_weights_exactly(monkeypatch):
             assert torch.equal(p, t), (i, n)
 
 
+def test_recomputed_cells_give_the_same_twin_trajectory():
+    """checkpoint_cells under the twin's functional_call (its weights and alpha + mu u are not the module's when
+    backward recomputes a cell): the same twin weights, step by step."""
+    twins = []
+    for on in (False, True):
+        net, w_opt = tiny_supernet()
+        net.checkpoint_cells = on
+        torch.manual_seed(3)  # the same direction u
+        updater = zo.ZerothOrder(net, w_opt, torch.optim.Adam(net.arch_parameters()), T=10, mu_rel=0.5,
+                                 grad_clip=5.0)
+        for x, y in batches(3):
+            updater.weight_step(x, y, True, None)
+        twins.append([w.detach().clone() for w in updater.twin['weights']])
+    assert all(torch.equal(a, b) for a, b in zip(*twins))
+
+
 def test_weights_follow_plain_sgd_while_the_twin_runs():
     """The twin's updates must not leak into the real weights or their momentum (e.g. through shared buffers)."""
     net, w_opt = tiny_supernet()
