@@ -105,6 +105,12 @@ def run_cli(main, defaults):
         print('interrupted: the last checkpoint is kept; rerun with --RESUME=<run folder> to continue',
               file=sys.stderr)
         sys.exit(130)
+    except torch.cuda.OutOfMemoryError as e:
+        advice = ('set CHECKPOINT_CELLS=True (a run continues with it: --RESUME=<run folder> '
+                  '--CHECKPOINT_CELLS=True) or a smaller BATCH_SIZE') if 'CHECKPOINT_CELLS' in defaults else \
+            'use a smaller batch'
+        print(f'error: out of GPU memory ({str(e).splitlines()[0]}); {advice}', file=sys.stderr)
+        sys.exit(3)
 
 
 def check_settings(overrides, defaults):

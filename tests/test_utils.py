@@ -224,3 +224,17 @@ def test_progress_lines_without_a_terminal(capsys):
     assert all('s left' in ln for ln in lines)
     assert list(utils.progress([5, 6], desc='quick')) == [5, 6]
     assert capsys.readouterr().out == ''
+
+
+def test_run_cli_turns_errors_into_one_line_and_an_exit_code(monkeypatch, capsys):
+    def main(**kw):
+        raise kw['error']
+    defaults = {'error': None, 'CHECKPOINT_CELLS': False}
+    monkeypatch.setattr('sys.argv', ['script.py'])
+    cases = [(UserError('bad input file x.csv'), 2, 'error: bad input file x.csv'),
+             (torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore'), 3,
+              'error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB); set CHECKPOINT_CELLS=True')]
+    for error, code, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            utils.run_cli(lambda error=error: main(error=error), defaults)
+        assert stop.value.code == code and message in capsys.readouterr().err
