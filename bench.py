@@ -6,7 +6,8 @@ host time per launch (Triton launcher vs torch conv3d).
 Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the paper genotype; 2nd-order search
 and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step,
 samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
-The steps also run on a CPU (BENCH='steps', small settings) to check the code; the kernels need CUDA.
+Section 3: operations per step (what the host issues; the search step appeared host-bound on an H100).
+The steps and the counts also run on a CPU (BENCH='steps' or 'ops', small settings); the kernels need CUDA.
 """
 import datetime
 import sys
@@ -26,7 +27,7 @@ WARMUP_MS = 25  # warm-up time per measurement (triton.testing.do_bench)
 REP_MS = 100  # measured time per measurement; the median is reported
 PEAK_GBPS = 3000.0  # HBM bandwidth the "% peak" column divides by (H100: ~3 TB/s)
 DEVICE = utils.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
-BENCH = 'all'  # 'kernels', 'steps' or 'all'
+BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU) or 'all'
 STEPS = 10  # timed training steps per case
 WARMUP_STEPS = 3  # untimed steps first (Triton compilation, cuDNN autotuning)
 SEARCH_BATCH = 7  # search step batch (paper: 7)
@@ -241,17 +242,38 @@ def time_steps(make_step, device, warmup, iters):
     return ms, peak, first if warmup else float('nan')
 
 
+def step_cases(cfg):
+    """(name, batch, make_step(batch)) of every step benchmark."""
+    return [('search 2nd order', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg)),
+            ('search 1st order', cfg['SEARCH_BATCH'], lambda b: search_step('first', b, cfg)),
+            ('search zeroth order', cfg['SEARCH_BATCH'], lambda b: search_step('zeroth', b, cfg)),
+            ('search 2nd, cells recomputed', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg, True)),
+            ('retrain paper genotype', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg)),
+            ('retrain, cells recomputed', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg, True))]
+
+
+def count_ops(cfg):
+    """{step: top-level operations per step} (aten ops and autograd nodes as torch.profiler lists them, after
+    one untimed step): the host-side work a step issues, the same for any batch and cube size. Recomputed cells
+    run inside backward nodes, so their operations are not counted apart."""
+    from torch.profiler import ProfilerActivity, profile
+    counts = {}
+    for name, batch, make in step_cases(cfg):
+        torch.manual_seed(0)
+        step = make(batch)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        counts[name] = sum(1 for e in prof.events() if e.cpu_parent is None)
+        print(f'  {name}: {counts[name]} top-level ops per step', flush=True)
+    return counts
+
+
 def bench_steps(cfg):
     """Rows: step, batch, path (fast / native), ms/step, samples/s, peak GB, first step s; each row is also
     printed as soon as it is measured."""
-    cases = [('search 2nd order', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg)),
-             ('search 1st order', cfg['SEARCH_BATCH'], lambda b: search_step('first', b, cfg)),
-             ('search zeroth order', cfg['SEARCH_BATCH'], lambda b: search_step('zeroth', b, cfg)),
-             ('search 2nd, cells recomputed', cfg['SEARCH_BATCH'], lambda b: search_step('second', b, cfg, True)),
-             ('retrain paper genotype', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg)),
-             ('retrain, cells recomputed', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg, True))]
     rows = []
-    for name, batch, make in cases:
+    for name, batch, make in step_cases(cfg):
         for fast in (True, False):
             dwconv3d.set_fast_kernels(fast)
             torch.manual_seed(0)
@@ -290,8 +312,8 @@ def main(**overrides):
     cfg = utils.check_settings(overrides, DEFAULTS)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
-    if cfg['BENCH'] not in ('kernels', 'steps', 'all'):
-        raise utils.UserError(f'bench.py: BENCH must be kernels, steps or all, got {cfg["BENCH"]!r}')
+    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all'):
+        raise utils.UserError(f'bench.py: BENCH must be kernels, steps, ops or all, got {cfg["BENCH"]!r}')
     device = cfg['DEVICE']
     where = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else 'cpu'
     print(f'{datetime.date.today()}  {where}  torch {torch.__version__}  '
@@ -322,6 +344,9 @@ def main(**overrides):
                                                                cfg['RETRAIN_BATCH'], cfg)}
             print(f'largest batch in {cfg["MEMORY_GB"]} GB (fast path, linear fit of peak memory): {fits}')
             out['largest_batch'] = fits
+    if cfg['BENCH'] in ('ops', 'all'):
+        print('host-side work: operations per step (torch.profiler, CPU activity)')
+        out['ops'] = count_ops(cfg)
     return out
 
 

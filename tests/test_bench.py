@@ -26,5 +26,13 @@ def test_step_benchmarks_run_on_cpu(capsys):
 def test_kernel_benchmarks_need_cuda_and_bad_settings_are_rejected():
     with pytest.raises(UserError, match='needs a CUDA device'):
         bench.main(BENCH='kernels', DEVICE='cpu')
-    with pytest.raises(UserError, match='BENCH must be kernels, steps or all'):
+    with pytest.raises(UserError, match='BENCH must be kernels, steps, ops or all'):
         bench.main(BENCH='everything', DEVICE='cpu')
+
+
+def test_operation_counts_on_cpu():
+    counts = bench.main(BENCH='ops', **TINY)['ops']
+    assert set(counts) == {name for name, _, _ in bench.step_cases(bench.DEFAULTS)}
+    # second order: a virtual step, a validation pass at w', two HVP passes, then the weight step
+    assert counts['search 2nd order'] > 2 * counts['search 1st order'] > 0
+    assert counts['retrain paper genotype'] > 0
