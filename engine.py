@@ -76,8 +76,10 @@ def load_state(path, gen, objects):
     for name, obj in objects.items():
         try:
             obj.load_state_dict(state[name])
+        except torch.cuda.OutOfMemoryError:
+            raise
         except (KeyError, RuntimeError, ValueError) as e:  # e.g. written by a version with other layers
-            first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+            first = str(e).strip().partition('\n')[0]
             raise UserError(f'checkpoint {path}: its {name} does not fit this code ({first}); '
                             'it may come from an older version: start a new run') from None
     set_rng_states(state['rng'])

@@ -129,19 +129,22 @@ class FactorizedReduce(nn.Module):
         return self.bn(out)
 
 
-@contextlib.contextmanager
-def statistics_frozen(module):
-    """BatchNorm layers inside normalize as usual but leave their running statistics as they were (momentum 0,
-    batch count restored): for recomputing a checkpointed block, whose statistics its first forward tracked.
-    (Switching tracking off instead would change which tensors BatchNorm saves, which checkpoint forbids.)"""
-    layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
-    for m in layers:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, count) in zip(layers, saved):
+class StatisticsFrozen:
+    """Context in which BatchNorm layers of `module` normalize as usual but leave their running statistics as they
+    were (momentum 0, batch count restored): for recomputing a checkpointed block, whose statistics its first
+    forward tracked. (Switching tracking off instead would change which tensors BatchNorm saves, which
+    checkpoint forbids.) Reusable: a graph kept for a second backward recomputes again under the same one."""
+
+    def __init__(self, module):
+        self.layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+    def __enter__(self):
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.layers]
+        for m in self.layers:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc):
+        for m, (momentum, count) in zip(self.layers, self.saved):
             m.momentum = momentum
             m.num_batches_tracked.copy_(count)
 
@@ -157,7 +160,7 @@ def recomputed(module, *inputs):
     def run(*args):
         return functional_call(module, dict(zip(names, args[:len(names)])), args[len(names):])
     return checkpoint(run, *params, *inputs, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), statistics_frozen(module)))
+                      context_fn=lambda: (contextlib.nullcontext(), StatisticsFrozen(module)))
 
 
 def stem(C_out):

@@ -109,7 +109,8 @@ def run_cli(main, defaults):
         advice = ('set CHECKPOINT_CELLS=True (a run continues with it: --RESUME=<run folder> '
                   '--CHECKPOINT_CELLS=True) or a smaller BATCH_SIZE') if 'CHECKPOINT_CELLS' in defaults else \
             'use a smaller batch'
-        print(f'error: out of GPU memory ({str(e).splitlines()[0]}); {advice}', file=sys.stderr)
+        first = str(e).partition('\n')[0]
+        print(f'error: out of GPU memory ({first}); {advice}', file=sys.stderr)
         sys.exit(3)
 
 

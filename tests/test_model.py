@@ -4,6 +4,7 @@ import torch
 
 from genotypes import NAS_HBO_PAPER, Genotype
 from model import Cell, NetworkLUNA, drop_path
+from operations import recomputed
 
 
 def tiny(drop_path_prob=0.0):
@@ -75,6 +76,19 @@ def test_checkpointed_cells_give_the_same_step_with_less_memory_kept(amp):
     for a, b in zip(bufs_on, bufs_off):
         assert torch.equal(a, b)  # running means/variances and num_batches_tracked: updated once
     assert kept_on < kept_off / 2
+
+
+def test_a_recomputed_block_can_be_differentiated_twice():
+    """A graph kept (retain_graph / create_graph) recomputes again on the next backward, statistics still frozen."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv3d(2, 2, 3, padding=1), torch.nn.BatchNorm3d(2), torch.nn.ReLU())
+    x = torch.randn(2, 2, 4, 4, 4, requires_grad=True)
+    y = recomputed(block, x).square().sum()
+    stats = [b.clone() for b in block.buffers()]
+    first = torch.autograd.grad(y, x, retain_graph=True)[0]
+    second = torch.autograd.grad(y, x)[0]
+    assert torch.equal(first, second)
+    assert all(torch.equal(a, b) for a, b in zip(stats, block.buffers()))
 
 
 def test_drop_path_is_per_sample_and_rescaled():

@@ -100,25 +100,37 @@ def test_edge_group_equals_separate_ops_per_edge(prims, stride):
 @pytest.mark.parametrize('reduction', [False, True])
 def test_search_cell_sums_each_node_over_its_edges(reduction):
     """node j = sum over states i <= j+1 of beta_ij * shuffle(cat(sum_o w_ijo op_o(h_i[:, :C/k]), bypass of h_i)),
-    with the (edge, op) weights read from row edge_index(i, j); pools and identity (the group's shared ops)."""
+    edges numbered node by node (node j's from offset 2 + 3 + ... on, as derive_cell reads them); ops with weights
+    (per-edge copies loaded from the group) and shared ones (pools, identity) mixed."""
     torch.manual_seed(0)
     C, k, part = 8, 4, 2
-    prims = ['avg_pool_3x3x3', 'max_pool_3x3x3' if reduction else 'skip_connect']
+    prims = ['avg_pool_3x3x3', 'sep_conv_3x3x3', 'skip_connect', 'MBConv_3x3x3_2']
     cell = SearchCell(4, 4, C, C, C, reduction, False, prims, k)
     s0, s1 = torch.randn(2, C, 8, 8, 8), torch.randn(2, C, 8, 8, 8)
-    weights, betas = torch.randn(14, 2), torch.randn(14)
+    weights, betas = torch.randn(14, len(prims)), torch.randn(14)
     out = cell(s0, s1, weights, betas)
-    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    states, offset = [cell.preprocess0(s0), cell.preprocess1(s1)], 0
     for j in range(4):
         node = 0
         for i in range(j + 2):
-            h, group, e = states[i], cell.groups[i], edge_index(i, j)
-            ops = sum(weights[e, c] * op(h[:, :part]) for c, op in zip(group.shared_cols, group.shared))
+            h, group, e = states[i], cell.groups[i], offset + i
+            ops = 0
+            for c, name in enumerate(prims):
+                if c in group.shared_cols:
+                    op = group.shared[group.shared_cols.index(c)]
+                else:  # edge (i, j) is the group's (j - first node it feeds)-th edge
+                    op = make_op(name, part, group.stride, affine=False)
+                    load_edge(group.batched[group.batched_cols.index(c)], op, j - max(0, i - 1))
+                ops = ops + weights[e, c] * op(h[:, :part])
             rest = F.max_pool3d(h[:, part:], 2) if group.stride == 2 else h[:, part:]
             node = node + betas[e] * channel_shuffle(torch.cat([ops, rest], 1), k)
         states.append(node)
+        offset += 2 + j
     assert [g.stride for g in cell.groups] == ([2, 2, 1, 1, 1] if reduction else [1] * 5)
     assert [g.edges for g in cell.groups] == [4, 4, 3, 2, 1]
+    # skip_connect is shared (identity) at stride 1 and a batched FactorizedReduce at stride 2
+    assert [len(g.batched_cols) for g in cell.groups] == ([3, 3, 2, 2, 2] if reduction else [2] * 5)
+    assert all(edge_index(i, j) == j * (j + 3) // 2 + i for j in range(4) for i in range(j + 2))
     assert torch.allclose(out, torch.cat(states[2:], 1), atol=1e-5)
 
 
@@ -168,6 +180,13 @@ def test_checkpoint_of_another_layout_is_a_user_error(tmp_path):
     engine.load_state(path, gen, {'model': tiny_net()})  # the same layout loads
     with pytest.raises(UserError, match=r'state\.pt: its model does not fit this code .*start a new run'):
         engine.load_state(path, gen, {'model': tiny_net(genotypes.PRIMITIVES)})
+    model = tiny_net()
+
+    def out_of_memory(state):
+        raise torch.cuda.OutOfMemoryError('CUDA out of memory')
+    model.load_state_dict = out_of_memory
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not a layout problem: the run stays resumable
+        engine.load_state(path, gen, {'model': model})
 
 
 def test_every_parameter_gets_gradient_from_validation_objective(full_net):

@@ -233,7 +233,8 @@ def test_run_cli_turns_errors_into_one_line_and_an_exit_code(monkeypatch, capsys
     monkeypatch.setattr('sys.argv', ['script.py'])
     cases = [(UserError('bad input file x.csv'), 2, 'error: bad input file x.csv'),
              (torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore'), 3,
-              'error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB); set CHECKPOINT_CELLS=True')]
+              'error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB); set CHECKPOINT_CELLS=True'),
+             (torch.cuda.OutOfMemoryError(), 3, 'error: out of GPU memory (); set CHECKPOINT_CELLS=True')]
     for error, code, message in cases:
         with pytest.raises(SystemExit) as stop:
             utils.run_cli(lambda error=error: main(error=error), defaults)

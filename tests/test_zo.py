@@ -163,7 +163,7 @@ def test_twin_without_perturbation_follows_the_weights_exactly(monkeypatch):
 
 def test_recomputed_cells_give_the_same_twin_trajectory():
     """checkpoint_cells under the twin's functional_call (its weights and alpha + mu u are not the module's when
-    backward recomputes a cell): the same twin weights, step by step."""
+    backward recomputes a cell): the same twin weights, and the same BatchNorm statistics, twin's and real."""
     twins = []
     for on in (False, True):
         net, w_opt = tiny_supernet()
@@ -173,8 +173,12 @@ def test_recomputed_cells_give_the_same_twin_trajectory():
                                  grad_clip=5.0)
         for x, y in batches(3):
             updater.weight_step(x, y, True, None)
-        twins.append([w.detach().clone() for w in updater.twin['weights']])
-    assert all(torch.equal(a, b) for a, b in zip(*twins))
+        twins.append(([w.detach().clone() for w in updater.twin['weights']], updater.twin['buffers'],
+                      net.state_dict()))
+    (weights_off, buffers_off, net_off), (weights_on, buffers_on, net_on) = twins
+    assert all(torch.equal(a, b) for a, b in zip(weights_off, weights_on))
+    for off, on in ((buffers_off, buffers_on), (net_off, net_on)):  # BatchNorm statistics, twin's and real
+        assert off.keys() == on.keys() and all(torch.equal(off[n], on[n]) for n in off)
 
 
 def test_weights_follow_plain_sgd_while_the_twin_runs():
