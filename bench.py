@@ -7,9 +7,12 @@ Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the
 and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step,
 samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
 Section 3: operations per step (what the host issues; the search step appeared host-bound on an H100).
+BENCH='methods' (separately): 2nd / 1st / zeroth-order searches on the demo set under one short budget, each
+genotype retrained and tested on one fold: search time and test metrics per method.
 The steps and the counts also run on a CPU (BENCH='steps' or 'ops', small settings); the kernels need CUDA.
 """
 import datetime
+import os
 import sys
 import time
 
@@ -17,6 +20,7 @@ import torch
 
 import dwconv3d
 import engine
+import train_3D_continuation
 import train_search
 import utils
 from genotypes import NAS_HBO_PAPER
@@ -27,7 +31,7 @@ WARMUP_MS = 25  # warm-up time per measurement (triton.testing.do_bench)
 REP_MS = 100  # measured time per measurement; the median is reported
 PEAK_GBPS = 3000.0  # HBM bandwidth the "% peak" column divides by (H100: ~3 TB/s)
 DEVICE = utils.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
-BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU) or 'all'
+BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three) or 'methods'
 STEPS = 10  # timed training steps per case
 WARMUP_STEPS = 3  # untimed steps first (Triton compilation, cuDNN autotuning)
 SEARCH_BATCH = 7  # search step batch (paper: 7)
@@ -38,6 +42,15 @@ RETRAIN_C = 36  # retrain channels (paper: 36)
 RETRAIN_LAYERS = 20  # retrain cells (paper: 20)
 CUBE = 32  # input edge
 AMP = False  # bf16 autocast in the step benchmarks
+# BENCH='methods' (not in 'all'): search with each hypergradient on the demo set under one short budget, then retrain
+# each final genotype on the other folds and test it on one fold (ZO-DARTS+ issue: search time and accuracy).
+METHODS_EPOCHS = 6  # search epochs per method, the first half weight-only warm-up
+METHODS_C = 8  # supernet channels (a smaller supernet than the paper's 16, to fit a short GPU session)
+METHODS_LAYERS = 5  # supernet cells
+METHODS_RETRAIN_EPOCHS = 20  # retrain epochs of each found genotype
+METHODS_RETRAIN_C = 16  # retrain channels
+METHODS_RETRAIN_LAYERS = 8  # retrain cells
+METHODS_FOLD = 5  # test fold of the retrains
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 DEFAULTS = utils.settings_of(globals())
 
@@ -306,14 +319,50 @@ def steps_table(rows):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Search methods compared (ZO-DARTS+ issue)
+# ---------------------------------------------------------------------------------------------------
+
+# (HYPERGRAD, WEIGHTS): DARTS second and first order with NAS-HBO's sigmoid weights, ZO-DARTS+.
+METHODS = (('second', 'sigmoid'), ('first', 'sigmoid'), ('zeroth', 'sparsemax'))
+
+
+def compare_methods(search, retrain):
+    """Search with each of METHODS (train_search.main(**search) plus the method), retrain its final genotype
+    (train_3D_continuation.main(**retrain)); one row per method with wall times and the test-fold metrics."""
+    rows = []
+    for hypergrad, weights in METHODS:
+        t0 = time.perf_counter()
+        found = train_search.main(**search, HYPERGRAD=hypergrad, WEIGHTS=weights, TAG=f'methods-{hypergrad}')
+        t1 = time.perf_counter()
+        result = train_3D_continuation.main(**retrain, GENOTYPE=os.path.join(found['run'], 'genotype.json'),
+                                            TAG=f'methods-{hypergrad}')
+        fold = result['folds'][0]
+        rows.append({'method': f'{hypergrad}, {weights}', 'search_s': t1 - t0, 'retrain_s': time.perf_counter() - t1,
+                     **{k: fold[k] for k in (*utils.METRIC_NAMES, 'params_M')},
+                     'search_run': found['run'], 'retrain_run': result['run']})
+        print(f'  {rows[-1]["method"]}: search {t1 - t0:.0f} s, retrain {rows[-1]["retrain_s"]:.0f} s, '
+              f'test acc {fold["acc"]:.2f}', flush=True)
+    return rows
+
+
+def methods_table(rows):
+    lines = ['| HYPERGRAD, WEIGHTS | search time | retrain time | acc | sens | spec | F1 | AUC | params |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for r in rows:
+        lines.append(f'| {r["method"]} | {r["search_s"]:.0f} s | {r["retrain_s"]:.0f} s | {r["acc"]:.2f} | '
+                     f'{r["sens"]:.2f} | {r["spec"]:.2f} | {r["f1"]:.2f} | {r["auc"]:.2f} | {r["params_M"]:.2f} M |')
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def main(**overrides):
     cfg = utils.check_settings(overrides, DEFAULTS)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
-    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all'):
-        raise utils.UserError(f'bench.py: BENCH must be kernels, steps, ops or all, got {cfg["BENCH"]!r}')
+    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods'):
+        raise utils.UserError(f'bench.py: BENCH must be kernels, steps, ops, all or methods, got {cfg["BENCH"]!r}')
     device = cfg['DEVICE']
     where = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else 'cpu'
     print(f'{datetime.date.today()}  {where}  torch {torch.__version__}  '
@@ -347,6 +396,17 @@ def main(**overrides):
     if cfg['BENCH'] in ('ops', 'all'):
         print('host-side work: operations per step (torch.profiler, CPU activity)')
         out['ops'] = count_ops(cfg)
+    if cfg['BENCH'] == 'methods':
+        common = {'DEVICE': device, 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP']}
+        print(f'search methods on the demo set: {cfg["METHODS_EPOCHS"]} search epochs (C={cfg["METHODS_C"]}, '
+              f'{cfg["METHODS_LAYERS"]} cells), retrain {cfg["METHODS_RETRAIN_EPOCHS"]} epochs (C='
+              f'{cfg["METHODS_RETRAIN_C"]}, {cfg["METHODS_RETRAIN_LAYERS"]} cells), test fold {cfg["METHODS_FOLD"]}')
+        out['methods'] = compare_methods(
+            {**common, 'EPOCHS': cfg['METHODS_EPOCHS'], 'WARMUP_EPOCHS': cfg['METHODS_EPOCHS'] // 2,
+             'C': cfg['METHODS_C'], 'LAYERS': cfg['METHODS_LAYERS']},
+            {**common, 'EPOCHS': cfg['METHODS_RETRAIN_EPOCHS'], 'C': cfg['METHODS_RETRAIN_C'],
+             'LAYERS': cfg['METHODS_RETRAIN_LAYERS'], 'FOLD': cfg['METHODS_FOLD']})
+        print(methods_table(out['methods']))
     return out
 
 
