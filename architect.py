@@ -121,11 +121,13 @@ class Architect:
         eps = r / torch.linalg.vector_norm(torch.stack(torch._foreach_norm(vs)))
         params = dict(self.model.named_parameters())
         w = [params[n] for n in names]
+        with torch.no_grad():
+            step = torch._foreach_mul(vs, eps)
         out = []
         with full_precision(self.model):
             for sign in (1.0, -1.0):
                 with torch.no_grad():
-                    shifted = torch._foreach_add(w, torch._foreach_mul(vs, sign * eps))
+                    shifted = torch._foreach_add(w, step, alpha=sign)
                 loss = F.cross_entropy(self._call(dict(zip(names, shifted)), x), y)
                 out.append(torch.autograd.grad(loss, self.arch))
         return [(gp - gm) / (2 * eps) for gp, gm in zip(*out)]

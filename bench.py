@@ -383,14 +383,9 @@ def main(**overrides):
         out['steps'] = bench_steps(cfg)
         print(steps_table(out['steps']))
         if where != 'cpu':
-            fits = {'search 2nd order': largest_batch(lambda b: search_step('second', b, cfg), cfg['SEARCH_BATCH'],
-                                                      cfg),
-                    'search 2nd, cells recomputed': largest_batch(lambda b: search_step('second', b, cfg, True),
-                                                                  cfg['SEARCH_BATCH'], cfg),
-                    'retrain paper genotype': largest_batch(lambda b: retrain_step(b, cfg), cfg['RETRAIN_BATCH'],
-                                                            cfg),
-                    'retrain, cells recomputed': largest_batch(lambda b: retrain_step(b, cfg, True),
-                                                               cfg['RETRAIN_BATCH'], cfg)}
+            measured = ('search 2nd order', 'search 2nd, cells recomputed', 'retrain paper genotype',
+                        'retrain, cells recomputed')
+            fits = {name: largest_batch(make, batch, cfg) for name, batch, make in step_cases(cfg) if name in measured}
             print(f'largest batch in {cfg["MEMORY_GB"]} GB (fast path, linear fit of peak memory): {fits}')
             out['largest_batch'] = fits
     if cfg['BENCH'] in ('ops', 'all'):

@@ -72,8 +72,8 @@ class NetworkLUNA(nn.Module):
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp):
             s0 = s1 = self.stem(x)
             recompute = self.checkpoint_cells and self.training and torch.is_grad_enabled()
+            p = self.drop_path_prob
             for cell in self.cells:
-                p = self.drop_path_prob
                 s0, s1 = s1, recomputed(cell, s0, s1, p) if recompute else cell(s0, s1, p)
             out = self.global_pooling(s1).flatten(1)            # (N, C_prev)
             logits = self.classifier(out)

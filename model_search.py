@@ -4,8 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from genotypes import Genotype, derive_cell
-from operations import (DilConv, FactorizedReduce, MBConv, ReLUConvBN, SepConv, cell_layout, make_op, parse_mbconv,
-                        recomputed, stem)
+from operations import FactorizedReduce, ReLUConvBN, cell_layout, make_op, parse_mbconv, recomputed, stem
 from sparsemax import sparsemax
 from utils import UserError
 
@@ -25,18 +24,10 @@ def _batched_op(name, part, stride, edges):
     edge e in channels [e*part, (e+1)*part), each edge with its own weights."""
     if name == 'skip_connect':  # stride 2 only: stride 1 is the identity, a shared op
         return FactorizedReduce(part, part, affine=False, edges=edges, relu=False), 'relu'
-    mbconv = parse_mbconv(name)
-    if mbconv is not None:
-        return MBConv(part, part, mbconv[0], stride, mbconv[1], affine=False, edges=edges), 'x'
-    op = make_op(name, part, stride, affine=False)  # sep_conv / dil_conv: ReLU, depthwise, pointwise, BN
-    if isinstance(op, SepConv):
-        op = SepConv(edges * part, edges * part, op[0][1].kernel_size[0], stride, False, edges, relu=False)
-    elif isinstance(op, DilConv):
-        dw = op[1]
-        op = DilConv(edges * part, edges * part, dw.kernel_size[0], stride, dw.dilation[0], False, edges, relu=False)
-    else:
-        raise UserError(f'op {name!r} has no batched form for the search supernet')
-    return op, 'rep'
+    if parse_mbconv(name) is not None:
+        return make_op(name, part, stride, False, edges=edges), 'x'
+    # sep_conv / dil_conv (ReLU, depthwise, pointwise, BN): the edges' copies as groups, on the shared ReLU
+    return make_op(name, edges * part, stride, False, groups=edges, relu=False), 'rep'
 
 
 class EdgeGroup(nn.Module):

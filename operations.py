@@ -131,22 +131,22 @@ class FactorizedReduce(nn.Module):
 
 class StatisticsFrozen:
     """Context in which BatchNorm layers of `module` normalize as usual but leave their running statistics as they
-    were (momentum 0, batch count restored): for recomputing a checkpointed block, whose statistics its first
-    forward tracked. (Switching tracking off instead would change which tensors BatchNorm saves, which
-    checkpoint forbids.) Reusable: a graph kept for a second backward recomputes again under the same one."""
+    were (momentum 0, batch count detached so it is not incremented): for recomputing a checkpointed block, whose
+    statistics its first forward tracked. (Switching tracking off instead would change which tensors BatchNorm
+    saves, which checkpoint forbids.) No tensor is copied. Reusable: a graph kept for a second backward
+    recomputes again under the same one."""
 
     def __init__(self, module):
         self.layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
 
     def __enter__(self):
-        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.layers]
+        self.saved = [(m.momentum, m.num_batches_tracked) for m in self.layers]
         for m in self.layers:
-            m.momentum = 0.0
+            m.momentum, m.num_batches_tracked = 0.0, None
 
     def __exit__(self, *exc):
         for m, (momentum, count) in zip(self.layers, self.saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(count)
+            m.momentum, m.num_batches_tracked = momentum, count
 
 
 def recomputed(module, *inputs):
@@ -196,10 +196,11 @@ OPS = {
     'avg_pool_3x3x3': lambda C, stride, affine: nn.AvgPool3d(
         3, stride=stride, padding=1, count_include_pad=False),
     'skip_connect': _skip,
-    'sep_conv_3x3x3': lambda C, stride, affine: SepConv(C, C, 3, stride, affine),
-    'sep_conv_5x5x5': lambda C, stride, affine: SepConv(C, C, 5, stride, affine),
-    'dil_conv_3x3x3': lambda C, stride, affine: DilConv(C, C, 3, stride, 2, affine),
-    'dil_conv_5x5x5': lambda C, stride, affine: DilConv(C, C, 5, stride, 2, affine),
+    # the convs also take groups= and relu= (the supernet's batched edges, see DilConv)
+    'sep_conv_3x3x3': lambda C, stride, affine, **kw: SepConv(C, C, 3, stride, affine, **kw),
+    'sep_conv_5x5x5': lambda C, stride, affine, **kw: SepConv(C, C, 5, stride, affine, **kw),
+    'dil_conv_3x3x3': lambda C, stride, affine, **kw: DilConv(C, C, 3, stride, 2, affine, **kw),
+    'dil_conv_5x5x5': lambda C, stride, affine, **kw: DilConv(C, C, 5, stride, 2, affine, **kw),
 }
 
 # MBConv_{k}x{k}x{k}_{e}: kernel k (same on all axes), expansion ratio e.
@@ -231,10 +232,11 @@ def check_op_name(name):
         raise UserError(f"unknown op {name!r}; known ops: {', '.join(known_op_names())}")
 
 
-def make_op(name, C, stride, affine):
-    """Build candidate op `name` for C channels: (N, C, D, H, W) -> (N, C, D/stride, ...)."""
+def make_op(name, C, stride, affine, **options):
+    """Build candidate op `name` for C channels: (N, C, D, H, W) -> (N, C, D/stride, ...). options: the sep/dil
+    convs' groups and relu, MBConv's edges (the search supernet's batched forms)."""
     check_op_name(name)
     if name in OPS:
-        return OPS[name](C, stride, affine)
+        return OPS[name](C, stride, affine, **options)
     k, e = parse_mbconv(name)
-    return MBConv(C, C, k, stride, e, affine)
+    return MBConv(C, C, k, stride, e, affine, **options)
