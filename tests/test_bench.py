@@ -6,6 +6,8 @@ import os
 import pytest
 
 import bench
+import bench_methods
+import bench_steps
 from conftest import write_cube_set
 from utils import UserError
 
@@ -35,7 +37,7 @@ def test_kernel_benchmarks_need_cuda_and_bad_settings_are_rejected():
 
 def test_operation_counts_on_cpu():
     counts = bench.main(BENCH='ops', **TINY)['ops']
-    assert set(counts) == {name for name, _, _ in bench.step_cases(bench.DEFAULTS)}
+    assert set(counts) == {name for name, _, _ in bench_steps.step_cases(bench.DEFAULTS)}
     # second order: a virtual step, a validation pass at w', two HVP passes, then the weight step
     assert counts['search 2nd order'] > 2 * counts['search 1st order'] > 0
     assert counts['retrain paper genotype'] > 0
@@ -44,17 +46,17 @@ def test_operation_counts_on_cpu():
 def test_methods_comparison_runs_each_search_and_retrains_its_genotype(tmp_path, capsys):
     cubes = str(write_cube_set(tmp_path / 'cubes'))
     common = dict(DATA=cubes, RUNS=str(tmp_path / 'runs'), DEVICE='cpu', C=4, LAYERS=3, CUBE=8)
-    rows = bench.compare_methods(
+    rows = bench_methods.compare_methods(
         dict(common, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34, BATCH_SIZE=3, EPOCHS=2, WARMUP_EPOCHS=1, ZO_T=2,
              PRIMITIVES=('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3')),
         dict(common, FOLD=5, TRAIN_FOLDS=(0, 1, 2, 3), BATCH_SIZE=4, EPOCHS=1))
     assert [r['method'] for r in rows] == ['second, sigmoid', 'first, sigmoid', 'zeroth, sparsemax']
-    for r, (hypergrad, weights) in zip(rows, bench.METHODS):
+    for r, (hypergrad, weights) in zip(rows, bench_methods.METHODS):
         config = json.load(open(os.path.join(r['search_run'], 'config.json')))
         assert (config['HYPERGRAD'], config['WEIGHTS'], config['EPOCHS']) == (hypergrad, weights, 2)
         retrained = json.load(open(os.path.join(r['retrain_run'], 'results.json')))
         assert retrained[0]['fold'] == 5 and retrained[0]['acc'] == r['acc']
         assert r['search_s'] > 0 and r['retrain_s'] > 0 and 0 <= r['acc'] <= 100 and r['params_M'] > 0
-    table = bench.methods_table(rows).splitlines()
+    table = bench_methods.methods_table(rows).splitlines()
     assert len(table) == 5 and table[4].startswith('| zeroth, sparsemax |')
     assert 'zeroth, sparsemax: search' in capsys.readouterr().out
