@@ -16,6 +16,10 @@ import SimpleITK as sitk
 from utils import UserError, atomic_path
 
 ANNOTATION_COLUMNS = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm')
+# bytes per value of the MetaImage element types (MET_LONG is 4 bytes in MetaIO, as ITK reads it)
+MET_BYTES = {'MET_CHAR': 1, 'MET_UCHAR': 1, 'MET_SHORT': 2, 'MET_USHORT': 2, 'MET_INT': 4, 'MET_UINT': 4,
+             'MET_LONG': 4, 'MET_ULONG': 4, 'MET_LONG_LONG': 8, 'MET_ULONG_LONG': 8, 'MET_FLOAT': 4,
+             'MET_DOUBLE': 8}
 
 
 class ScanError(Exception):
@@ -68,6 +72,88 @@ def check_header(image, path):
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     return {'spacing': spacing.tolist(), 'origin': list(image.GetOrigin()[::-1]), 'size': size.tolist(),
             'direction': direction.tolist(), 'flip': bool(not np.allclose(direction, np.eye(3)))}
+
+
+def mhd_fields(path):
+    """The `Key = value` lines of a .mhd header as {lower-case key: value string}, up to ElementDataFile
+    (the last header field), and the byte offset just after that line (where LOCAL data starts)."""
+    fields, offset = {}, 0
+    try:
+        with open(path, 'rb') as f:
+            for raw in f:
+                offset += len(raw)
+                key, sep, value = raw.decode('latin-1').partition('=')
+                if sep:
+                    fields[key.strip().lower()] = value.strip()
+                if key.strip().lower() == 'elementdatafile':
+                    break
+    except OSError as e:
+        raise ScanError(f'unreadable header {path}: {e.strerror}') from None
+    return fields, offset
+
+
+def check_data_file(path):
+    """Check a .mhd header against its data file before ITK reads it; ScanError naming what is wrong.
+
+    Expected bytes = product of DimSize x ElementNumberOfChannels x bytes of ElementType (+ HeaderSize);
+    the data file must have exactly that many (ITK reads a longer file's first bytes silently and
+    reports a short one as a missing file). Compressed or ASCII data is left to ITK, except that a
+    given CompressedDataSize must match. Returns the data file's path (None for a list of files)."""
+    fields, offset = mhd_fields(path)
+
+    def field(name, cast=str, count=None):
+        if name.lower() not in fields:
+            raise ScanError(f'bad header: no {name} in {path}')
+        words = fields[name.lower()].split()
+        try:
+            values = [cast(w) for w in words]
+        except ValueError:
+            raise ScanError(f'bad header: {name} = {fields[name.lower()]} in {path}') from None
+        if count is not None and len(values) != count:
+            raise ScanError(f'bad header: {name} = {fields[name.lower()]} in {path} (expected {count} values)')
+        return values
+    ndims = field('NDims', int, 1)[0]
+    dims = field('DimSize', int, ndims)
+    etype = field('ElementType', str, 1)[0].upper()
+    channels = field('ElementNumberOfChannels', int, 1)[0] if 'elementnumberofchannels' in fields else 1
+    datafile = fields.get('elementdatafile', '')
+    if not datafile:
+        raise ScanError(f'bad header: no ElementDataFile in {path}')
+    if etype not in MET_BYTES:
+        raise ScanError(f'bad header: ElementType {etype} in {path} (known: {", ".join(MET_BYTES)})')
+    if min(dims) < 1 or channels < 1:
+        raise ScanError(f'bad header: DimSize {" ".join(map(str, dims))}, {channels} channel(s) in {path}')
+    if datafile.split()[0].upper() == 'LIST' or '%' in datafile:
+        return None  # a file per slice: left to ITK
+    local = datafile.upper() == 'LOCAL'
+    data = path if local else os.path.join(os.path.dirname(path), datafile)
+    if not os.path.isfile(data):
+        raise ScanError(f'missing data file {data} (ElementDataFile of {path})')
+    actual = os.path.getsize(data) - (offset if local else 0)
+    compressed = fields.get('compresseddata', 'false').lower() == 'true'
+    if compressed:
+        size = fields.get('compresseddatasize')
+        if size is not None and size.isdigit() and int(size) != actual:
+            raise ScanError(f'data file {data} has {actual} bytes of compressed data, its header '
+                            f'CompressedDataSize says {size} ({path})')
+        return data
+    if fields.get('binarydata', 'true').lower() != 'true':
+        return data
+    skip = field('HeaderSize', int, 1)[0] if 'headersize' in fields else 0
+    expected = int(np.prod(dims, dtype=np.int64)) * channels * MET_BYTES[etype]
+    what = (f'DimSize {" x ".join(map(str, dims))}' + (f' x {channels} channels' if channels > 1 else '')
+            + f' x {MET_BYTES[etype]} bytes ({etype})')
+    if skip == -1:  # the data are the file's last bytes
+        if actual < expected:
+            raise ScanError(f'truncated data file {data}: {actual} bytes, the header needs {expected} ({what})')
+        return data
+    actual -= max(skip, 0)
+    if actual < expected:
+        raise ScanError(f'truncated data file {data}: {actual} bytes, the header needs {expected} ({what})')
+    if actual > expected:
+        raise ScanError(f'data file {data} has {actual} bytes, more than the {expected} its header describes '
+                        f'({what}): wrong DimSize or ElementType?')
+    return data
 
 
 def read_annotations(path):

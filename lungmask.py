@@ -15,7 +15,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
-from luna import ScanError, itk_message, read_header, save_npy_atomic
+from luna import ScanError, check_data_file, itk_message, read_header, save_npy_atomic
 from utils import save_json_atomic
 
 HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)
@@ -36,6 +36,7 @@ SPLIT_RATIO = 0.1             # the smaller of two lungs must have at least this
 
 def read_scan(path):
     """(hu, header): int16 HU array (z, y, x), already mirrored in y and x when the scan is flipped."""
+    check_data_file(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     header = read_header(path, reader)

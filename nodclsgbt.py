@@ -53,7 +53,13 @@ def read_labels(prepared_dir):
                if c not in table.columns]
     if missing:
         raise utils.UserError(f'{path} lacks column(s) {", ".join(missing)}')
-    return table[table['label'].isin([0, 1])].reset_index(drop=True)
+    labelled = table[table['label'].isin([0, 1])].reset_index(drop=True)
+    if labelled.empty:
+        counts = ', '.join(f'{n} with label {v}' for v, n in table['label'].value_counts(dropna=False).items())
+        raise utils.UserError(f'{path}: no nodule is labelled 0 (benign) or 1 (malignant), nothing to crop '
+                              f'({len(table)} rows' + (f': {counts})' if counts else ')') + '; the labels come from '
+                              'the LIDC reader clusters (prepare.py NODULE_TABLE / LIDC_DB) or your own LABEL_TABLE')
+    return labelled
 
 
 def crop_cube_set(prepared_dir, out_dir, size, log):
@@ -79,7 +85,9 @@ def crop_cube_set(prepared_dir, out_dir, size, log):
                          'coordY': r.coordY, 'coordZ': r.coordZ,
                          **{f'voxel_{a}': round(float(c), 2) for a, c in zip('zyx', centre)}})
     if not rows:
-        raise utils.UserError(f'no cube could be cropped: no volume in {prepared_dir}/volumes for the labelled nodules')
+        raise utils.UserError(f'no cube could be cropped: none of the {table["seriesuid"].nunique()} scans of the '
+                              f'{len(table)} labelled nodules has a volume (.npy and .json) in {prepared_dir}/volumes '
+                              f'(run prepare.py with VOLUMES=True; failed scans are in {prepared_dir}/failures.csv)')
     rows.sort(key=lambda r: r['nodule_id'])
     luna.write_csv_atomic(os.path.join(out_dir, 'nodules.csv'), rows, list(rows[0]))
     log(f'cube set {out_dir}: {len(rows)} cubes of {size}^3 ({sum(r["label"] for r in rows)} malignant); '

@@ -118,3 +118,19 @@ def test_crop_from_prepared_volumes(tmp_path):
         assert int(r['label']) == truth['label']
         if truth['voxel'][0] == 1:  # near the volume's corner: the outside is padded
             assert (cube[:1] == 170).all() and (cube[:, :, :2] == 170).all()
+
+
+def test_no_labelled_nodule_is_named(tmp_path):
+    """Volumes exist but every nodule has label -1: the message says the labels are missing, not volumes."""
+    labels = write_prepared(str(tmp_path / 'prep'))
+    for row in labels:
+        row['label'] = -1
+    luna.write_csv_atomic(str(tmp_path / 'prep' / 'labels.csv'), labels, list(labels[0]))
+    with pytest.raises(UserError, match=r'no nodule is labelled 0 \(benign\) or 1 \(malignant\).*7 rows: 7 with '
+                                        r'label -1'):
+        nodclsgbt.crop_cube_set(str(tmp_path / 'prep'), str(tmp_path / 'set'), 8, print)
+    labels = write_prepared(str(tmp_path / 'prep2'))
+    for s in ('s0', 's1'):
+        os.remove(str(tmp_path / 'prep2' / 'volumes' / f'{s}.npy'))
+    with pytest.raises(UserError, match='none of the 3 scans of the 5 labelled nodules has a volume'):
+        nodclsgbt.crop_cube_set(str(tmp_path / 'prep2'), str(tmp_path / 'set2'), 8, print)

@@ -73,10 +73,14 @@ def tree(tmp_path_factory):
     for uid, spec in specs.items():
         folder = spec.pop('folder')
         world[uid], index[uid] = make_scan(os.path.join(root, f'subset{folder}', f'{uid}.mhd'), **spec)
-    # a truncated .raw, and a header with a zero spacing
-    make_scan(os.path.join(root, 'subset3', 'truncated.mhd'))
+    # a truncated .raw, a .raw longer than its header says, a missing .raw, and a header with a zero spacing
+    for uid in ('truncated', 'toolong', 'noraw'):
+        make_scan(os.path.join(root, 'subset3', f'{uid}.mhd'), lungs=False, nodules=())
     raw = os.path.join(root, 'subset3', 'truncated.raw')
     os.truncate(raw, os.path.getsize(raw) // 2)
+    with open(os.path.join(root, 'subset3', 'toolong.raw'), 'ab') as f:
+        f.write(bytes(2 * 100 * 100))  # one more 100 x 100 slice of MET_SHORT
+    os.remove(os.path.join(root, 'subset3', 'noraw.raw'))
     with open(os.path.join(root, 'subset0', 'badheader.mhd'), 'w') as f:
         f.write('ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementSpacing = 0 1 1\n'
                 'ElementType = MET_SHORT\nElementDataFile = badheader.raw\n')
@@ -110,14 +114,21 @@ def prepared(tree, tmp_path_factory):
     return out, runs, summary
 
 
-def test_good_scans_processed_bad_ones_listed(prepared):
+def test_good_scans_processed_bad_ones_listed(prepared, tree):
     out, _, summary = prepared
     assert sorted(summary['processed']) == ['scanA', 'scanB', 'scanC']
     assert summary['skipped'] == []
     reasons = {f['seriesuid']: f['reason'] for f in summary['failed']}
-    assert sorted(reasons) == ['badheader', 'nolungs', 'truncated']
+    assert sorted(reasons) == ['badheader', 'nolungs', 'noraw', 'toolong', 'truncated']
     assert 'empty lung mask' in reasons['nolungs']
-    assert reasons['truncated'].startswith('unreadable scan')
+    raw = os.path.join(tree[0], 'subset3', '{}.raw')
+    n = 100 * 100 * 40 * 2  # DimSize 100 100 40, MET_SHORT
+    assert reasons['truncated'] == (f'truncated data file {raw.format("truncated")}: {n // 2} bytes, the header '
+                                    f'needs {n} (DimSize 100 x 100 x 40 x 2 bytes (MET_SHORT))')
+    assert reasons['toolong'].startswith(f'data file {raw.format("toolong")} has {n + 20000} bytes, more than '
+                                         f'the {n} its header describes')
+    mhd = raw.format('noraw')[:-4] + '.mhd'
+    assert reasons['noraw'] == f'missing data file {raw.format("noraw")} (ElementDataFile of {mhd})'
     assert reasons['badheader'].startswith('bad header') and 'spacing' in reasons['badheader']
     listed = {r['seriesuid']: r['reason'] for r in read_csv(os.path.join(out, 'failures.csv'))}
     assert listed == reasons
@@ -187,7 +198,8 @@ def test_second_run_skips_done_scans(prepared, tree):
                            WORKERS=2, LUNG_ML=SMALL_LUNGS, RUNS=runs, LABELS=False)
     assert sorted(summary['skipped']) == ['scanA', 'scanB', 'scanC']
     assert summary['processed'] == []
-    assert sorted(f['seriesuid'] for f in summary['failed']) == ['badheader', 'nolungs', 'truncated']
+    assert sorted(f['seriesuid'] for f in summary['failed']) == ['badheader', 'nolungs', 'noraw', 'toolong',
+                                                                 'truncated']
     assert os.path.getmtime(os.path.join(out, 'volumes', 'scanA.npy')) == stamp
     assert time.time() - t0 < 30
 
@@ -231,3 +243,37 @@ def test_pool_isolates_crash_hang_and_error():
     assert results['raise'] == (False, 'ValueError: bad input')
     assert results['hang'] == (False, 'timed out after 2 s')
     assert time.time() - t0 < 20
+
+
+def test_header_checked_against_data_file(tmp_path):
+    """Expected bytes = DimSize x channels x element bytes (+ HeaderSize), also for data inside the header
+    file (LOCAL) and for vector images; compressed data pass to ITK; a bad field is named."""
+    def write(name, array, **kw):
+        path = str(tmp_path / name)
+        sitk.WriteImage(sitk.GetImageFromArray(array, isVector=array.ndim == 4), path, **kw)
+        return path
+    plain = write('plain.mhd', np.zeros((3, 4, 5), np.float32))
+    assert luna.check_data_file(plain) == str(tmp_path / 'plain.raw')
+    vector = write('vector.mhd', np.zeros((3, 4, 5, 2), np.int16))  # 2 channels
+    assert luna.check_data_file(vector) == str(tmp_path / 'vector.raw')
+    os.truncate(str(tmp_path / 'vector.raw'), 3 * 4 * 5 * 2 * 2 - 1)
+    with pytest.raises(luna.ScanError, match='truncated .* 239 bytes, the header needs 240 .*2 channels'):
+        luna.check_data_file(vector)
+    local = write('local.mha', np.zeros((3, 4, 5), np.uint8))
+    os.rename(local, str(tmp_path / 'local.mhd'))  # ElementDataFile = LOCAL: data after the header
+    assert luna.check_data_file(str(tmp_path / 'local.mhd')) == str(tmp_path / 'local.mhd')
+    with open(str(tmp_path / 'local.mhd'), 'ab') as f:
+        f.write(b'\0')
+    with pytest.raises(luna.ScanError, match='has 61 bytes, more than the 60'):
+        luna.check_data_file(str(tmp_path / 'local.mhd'))
+    packed = write('packed.mhd', np.zeros((3, 4, 5), np.int16), useCompression=True)
+    assert luna.check_data_file(packed) == str(tmp_path / 'packed.zraw')
+    with open(str(tmp_path / 'skip.mhd'), 'w') as f:
+        f.write('NDims = 3\nDimSize = 2 2 2\nHeaderSize = 10\nElementType = MET_LONG\nElementDataFile = skip.raw\n')
+    with open(str(tmp_path / 'skip.raw'), 'wb') as f:
+        f.write(bytes(10 + 8 * 4))
+    assert luna.check_data_file(str(tmp_path / 'skip.mhd')) == str(tmp_path / 'skip.raw')
+    with open(str(tmp_path / 'odd.mhd'), 'w') as f:
+        f.write('NDims = 3\nDimSize = 2 2\nElementType = MET_SHORT\nElementDataFile = skip.raw\n')
+    with pytest.raises(luna.ScanError, match='bad header: DimSize = 2 2 in .*odd.mhd .expected 3 values'):
+        luna.check_data_file(str(tmp_path / 'odd.mhd'))
