@@ -5,6 +5,7 @@ coordinates (annotations.csv) are (x, y, z). A preprocessed volume (see lungmask
 dict: spacing, origin, flip and raw_shape of the scan, resolution (mm) of the saved volume and box_start
 (its first voxel in the resampled scan), so that world_to_voxel() maps a world point into it.
 """
+import collections
 import csv
 import glob
 import os
@@ -172,6 +173,68 @@ def read_annotations(path):
             raise UserError(f'{path}, line {reader.line_num}: {e}') from None
 
 
+def read_label_table(path, scans, reserved=()):
+    """Your own labels: a CSV in LUNA16's annotation format (seriesuid, coordX, coordY, coordZ in world mm,
+    diameter_mm) plus label (0 benign, 1 malignant); optional nodule_id (unique), other columns are kept.
+    Every seriesuid must be one of `scans`. Returns a list of dicts; UserError naming the file and the
+    rows (line numbers, the header being line 1) of a bad table."""
+    import pandas as pd
+    if not os.path.isfile(path):
+        raise UserError(f'label table {path} does not exist')
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise UserError(f'label table {path} is not a readable CSV: {str(e).strip()[:200]}') from None
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in ANNOTATION_COLUMNS + ('label',) if c not in table.columns]
+    if missing:
+        raise UserError(f'label table {path} lacks column(s) {", ".join(missing)} (needs '
+                        f'{", ".join(ANNOTATION_COLUMNS)}, label; found {", ".join(table.columns)})')
+    clash = [c for c in reserved if c in table.columns]
+    if clash:
+        raise UserError(f'label table {path}: column(s) {", ".join(clash)} are written by prepare.py; rename them')
+    if table.empty:
+        raise UserError(f'label table {path} has no rows')
+    if 'nodule_id' not in table.columns:
+        table.insert(0, 'nodule_id', [f'own{i:05d}' for i in range(len(table))])
+    rows, problems = [], []
+    for i, r in enumerate(table.to_dict('records')):
+        where = f'line {i + 2}'
+        try:
+            values = {k: float(r[k]) for k in ANNOTATION_COLUMNS[1:] + ('label',)}
+        except ValueError:
+            bad = [k for k in ANNOTATION_COLUMNS[1:] + ('label',) if not _is_number(r[k])]
+            problems.append(f'{where}: not a number in {", ".join(f"{k}={r[k]!r}" for k in bad)}')
+            continue
+        if not all(np.isfinite(v) for v in values.values()) or values['diameter_mm'] <= 0:
+            problems.append(f'{where}: coordinates must be finite and diameter_mm > 0 '
+                            f'({", ".join(f"{k}={r[k]}" for k in ANNOTATION_COLUMNS[1:])})')
+        elif values['label'] not in (0.0, 1.0):
+            problems.append(f'{where}: label {r["label"]!r} is not 0 (benign) or 1 (malignant)')
+        elif r['seriesuid'].strip() not in scans:
+            problems.append(f'{where}: seriesuid {r["seriesuid"]!r} has no scan (no subset*/{r["seriesuid"]}.mhd)')
+        elif not str(r['nodule_id']).strip():
+            problems.append(f'{where}: empty nodule_id')
+        else:
+            rows.append({**r, **values, 'seriesuid': r['seriesuid'].strip(), 'label': int(values['label']),
+                         'nodule_id': str(r['nodule_id']).strip()})
+    dup = sorted(n for n, k in collections.Counter(r['nodule_id'] for r in rows).items() if k > 1)
+    if dup:
+        problems.append(f'nodule_id(s) used twice: {", ".join(dup[:5])}')
+    if problems:
+        raise UserError(f'label table {path}: {len(problems)} bad row(s): ' + '; '.join(problems[:5])
+                        + ('; ...' if len(problems) > 5 else ''))
+    return rows
+
+
+def _is_number(text):
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def itk_message(error):
     """The useful part of a SimpleITK exception: its lines after the location line, without ITK's prefix."""
     lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
@@ -181,16 +244,22 @@ def itk_message(error):
 
 # ---------------------------------------------------------------- geometry
 
+def world_to_raw(world_xyz, origin, spacing, flip, raw_shape):
+    """World (x, y, z) mm, shape (3,) or (N, 3) -> float (z, y, x) index of the scan array as read_scan
+    returns it: |world - origin| / spacing, mirrored in y and x (index n-1-i) when the scan is flipped."""
+    w = np.asarray(world_xyz, dtype=float)[..., ::-1]
+    raw = np.abs(w - np.asarray(origin, dtype=float)) / np.asarray(spacing, dtype=float)
+    if flip:
+        n = np.asarray(raw_shape, dtype=float)
+        raw[..., 1:] = n[1:] - 1 - raw[..., 1:]
+    return raw
+
+
 def world_to_voxel(world_xyz, geometry):
     """World (x, y, z) mm, shape (3,) or (N, 3) -> float (z, y, x) voxel of the saved volume.
 
-    Raw scan index = |world - origin| / spacing; a flipped scan was mirrored in y and x (index n-1-i);
-    the volume was resampled to `resolution` mm and cropped at box_start."""
-    w = np.asarray(world_xyz, dtype=float)[..., ::-1]
-    raw = np.abs(w - np.asarray(geometry['origin'])) / np.asarray(geometry['spacing'])
-    if geometry['flip']:
-        n = np.asarray(geometry['raw_shape'], dtype=float)
-        raw[..., 1:] = n[1:] - 1 - raw[..., 1:]
+    The raw scan index (world_to_raw) resampled to `resolution` mm and cropped at box_start."""
+    raw = world_to_raw(world_xyz, geometry['origin'], geometry['spacing'], geometry['flip'], geometry['raw_shape'])
     return raw * np.asarray(geometry['spacing']) / geometry['resolution'] - np.asarray(geometry['box_start'])
 
 

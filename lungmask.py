@@ -5,6 +5,12 @@ component analysis, hole filling, two-lung split, per-lung per-slice convex hull
 iterations); HU window [-1200, 600] -> 0..255; outside the dilated mask = 170, bright (> 210) voxels in the
 dilation ring = 170 (bone); resampling to 1 mm (linear) of the lung bounding box (+ margin) only.
 A scan whose TransformMatrix is not identity is mirrored in y and x first. Arrays are (z, y, x).
+
+Annotated nodules are protected: a sphere of the nodule's radius plus a margin (protect_mm) around each
+annotation is never filled. Without it the bone rule erases dense nodules: the lung mask's holes are
+filled, but a nodule that touches the pleura, or a vessel that reaches the chest wall, is not a hole, so
+it lies in the ring, and its voxels above ~283 HU (uint8 210) become 170; calcification, one of the
+strongest benign signs, is lost first. The published preprocessing has the same flaw.
 """
 import os
 import time
@@ -15,7 +21,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
-from luna import ScanError, check_data_file, itk_message, read_header, save_npy_atomic
+from luna import ScanError, check_data_file, itk_message, read_header, save_npy_atomic, world_to_raw
 from utils import save_json_atomic
 
 HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)
@@ -235,8 +241,47 @@ def resample_box(image, spacing, start, stop):
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def preprocess(hu, spacing, volume_ml):
-    """(volume uint8 (z, y, x) at RESOLUTION mm, box_start) of a HU array; ScanError if no lung is found."""
+def sphere(centre, radius_mm, spacing, shape):
+    """(box slices, bool mask of the box): the voxels of `shape` whose centres lie within radius_mm of the
+    float (z, y, x) index `centre`; None when the sphere misses the array."""
+    reach = radius_mm / spacing
+    lo = np.maximum(np.ceil(centre - reach).astype(int), 0)
+    hi = np.minimum(np.floor(centre + reach).astype(int) + 1, shape)
+    if np.any(hi <= lo):
+        return None
+    grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing))
+    inside = d2 <= radius_mm ** 2
+    return (tuple(slice(a, b) for a, b in zip(lo, hi)), inside) if inside.any() else None
+
+
+def changed_share(fill, image, ball):
+    """Share of a sphere's voxels that `fill` turns into PAD_VALUE (voxels already at it do not change)."""
+    if ball is None:
+        return float('nan')
+    box, inside = ball
+    changed = fill[box] & (image[box] != PAD_VALUE) & inside
+    return round(float(changed.sum() / inside.sum()), 4)
+
+
+def protect_nodules(fill, image, spacing, nodules, protect_mm):
+    """Clear `fill` (bool, voxels to set to PAD_VALUE) in a sphere of radius + protect_mm around each nodule.
+
+    nodules: list of (centre (z, y, x) raw index, diameter mm). Returns per nodule the share of its sphere
+    (its radius) that masking changes, with the protection and without it."""
+    balls = [sphere(np.asarray(c, dtype=float), d / 2, spacing, fill.shape) for c, d in nodules]
+    without = [changed_share(fill, image, b) for b in balls]
+    for c, d in nodules:
+        guard = sphere(np.asarray(c, dtype=float), max(d, 0) / 2 + protect_mm, spacing, fill.shape)
+        if guard is not None:
+            fill[guard[0]] &= ~guard[1]
+    return [{'masked_frac': changed_share(fill, image, b), 'masked_frac_unprotected': w}
+            for b, w in zip(balls, without)]
+
+
+def preprocess(hu, spacing, volume_ml, nodules=(), protect_mm=0.0):
+    """(volume uint8 (z, y, x) at RESOLUTION mm, box_start, per-nodule masking shares) of a HU array;
+    ScanError if no lung is found. nodules, protect_mm: see protect_nodules."""
     spacing = np.asarray(spacing, dtype=float)
     lungs = select_lungs(binarize_slices(hu, spacing), spacing, volume_ml)
     if not lungs.any():
@@ -250,23 +295,35 @@ def preprocess(hu, spacing, volume_ml):
     dilated[box] = ndimage.binary_dilation(hull, structure=ndimage.generate_binary_structure(3, 1),
                                            iterations=DILATION)
     image = window(hu)
-    image[~dilated] = PAD_VALUE
-    image[dilated & ~lungs & (image > BONE_VALUE)] = PAD_VALUE
+    fill = ~dilated | (~lungs & (image > BONE_VALUE))  # outside the dilated mask, and bone in its ring
+    shares = protect_nodules(fill, image, spacing, nodules, protect_mm)
+    image[fill] = PAD_VALUE
     start, stop = lung_box(lungs, spacing, hu.shape)
-    return resample_box(image, spacing, start, stop), start
+    return resample_box(image, spacing, start, stop), start, shares
 
 
 def process_scan(job):
     """Worker: preprocess job['path'] into job['out_dir']/<seriesuid>.npy and .json (geometry, written last).
 
-    job: dict(seriesuid, path, out_dir, volume_ml). Returns dict(seriesuid, shape, seconds)."""
+    job: dict(seriesuid, path, out_dir, volume_ml, nodules, protect_mm); nodules: list of dict(world (x, y, z)
+    mm, diameter_mm), the annotations to protect. The geometry lists them with the share of each nodule's
+    sphere that masking changed (masked_frac) and would have changed unprotected (masked_frac_unprotected).
+    Returns dict(seriesuid, shape, seconds, nodules)."""
     t0 = time.time()
     hu, header = read_scan(job['path'])
-    volume, start = preprocess(hu, header['spacing'], job['volume_ml'])
+    nodules = job.get('nodules', [])
+    centres = [world_to_raw(n['world'], header['origin'], header['spacing'], header['flip'], hu.shape)
+               for n in nodules]
+    volume, start, shares = preprocess(hu, header['spacing'], job['volume_ml'],
+                                       [(c, n['diameter_mm']) for c, n in zip(centres, nodules)],
+                                       job.get('protect_mm', 0.0))
+    protected = [{'world': list(n['world']), 'diameter_mm': n['diameter_mm'], **s} for n, s in zip(nodules, shares)]
     geometry = {'seriesuid': job['seriesuid'], 'spacing': header['spacing'], 'origin': header['origin'],
                 'direction': header['direction'], 'flip': header['flip'], 'raw_shape': list(hu.shape),
-                'resolution': RESOLUTION, 'box_start': start.tolist(), 'shape': list(volume.shape)}
+                'resolution': RESOLUTION, 'box_start': start.tolist(), 'shape': list(volume.shape),
+                'protect_mm': job.get('protect_mm', 0.0), 'nodules': protected}
     base = os.path.join(job['out_dir'], job['seriesuid'])
     save_npy_atomic(base + '.npy', volume)
     save_json_atomic(base + '.json', geometry)
-    return {'seriesuid': job['seriesuid'], 'shape': list(volume.shape), 'seconds': round(time.time() - t0, 2)}
+    return {'seriesuid': job['seriesuid'], 'shape': list(volume.shape), 'seconds': round(time.time() - t0, 2),
+            'nodules': protected}

@@ -7,11 +7,16 @@ Reads LUNA16_DIR/subset<k>/*.mhd (+ .raw) and LUNA16_DIR/annotations.csv. Writes
   volumes/<seriesuid>.json  its geometry: luna.world_to_voxel(world_xyz, geometry) -> voxel (z, y, x)
   failures.csv              scans that failed in this run, with the reason
   labels.csv                one row per LUNA16 annotation: world centre, diameter, fold (= subset index),
-                            label (0 benign, 1 malignant, -1 excluded or without a reader cluster)
-Scans run in WORKERS processes; each scan fails alone; a scan whose outputs exist is skipped (resume).
-Labels come from the LIDC-IDRI reader clusters (lidc.nodule_table), matched to annotations.csv by scan and
-nearest world centre. A log goes to runs/prepare-<time>/.
+                            label (0 benign, 1 malignant, -1 excluded or without a reader cluster),
+                            masked_frac (share of the nodule's sphere that masking changed) and
+                            masked_frac_unprotected (what it would have changed without the protection)
+Scans run in WORKERS processes; each scan fails alone; a scan whose outputs exist and protect all of its
+current annotations is skipped (resume). Labels come from the LIDC-IDRI reader clusters (lidc.nodule_table),
+matched to annotations.csv by scan and nearest world centre, or from your own LABEL_TABLE (world mm, no
+LIDC database needed). The annotated nodules (a sphere of radius + PROTECT_MM each) are never filled by
+the masking (lungmask.py). A log goes to runs/prepare-<time>/.
 """
+import json
 import os
 import time
 
@@ -37,10 +42,14 @@ START_METHOD = 'spawn'    # how workers start: 'spawn' is safe with threaded lib
 LUNG_ML = (100.0, 8200.0)  # volume range (ml) of a 3-D air component inside the body that counts as lung
 RUNS = 'runs'             # folder of run folders (log, config)
 TAG = ''                  # suffix of the run folder name
+LABEL_TABLE = ''          # CSV of your own labels instead of LIDC's (world mm; README): no LIDC_DB, annotations.csv
+PROTECT_MM = 4.0          # margin (mm) beyond each annotated nodule's radius (diameter_mm / 2) that masking never fills
 
 DEFAULTS = utils.settings_of(globals())
 CLUSTER_COLUMNS = ('seriesuid', 'row', 'col', 'z', 'label', 'diameter_mm')  # needed from the cluster table
 FAILURE_COLUMNS = ('seriesuid', 'fold', 'path', 'reason')
+MASKED_COLUMNS = ('masked_frac', 'masked_frac_unprotected')  # per nodule, from its volume's geometry
+MASKED_REPORT = 0.05      # the log counts nodules with more than this share of their sphere changed by masking
 
 
 def volume_paths(out_dir, uid):
@@ -48,14 +57,61 @@ def volume_paths(out_dir, uid):
     return base + '.npy', base + '.json'
 
 
-def prepare_volumes(scans, cfg, run):
-    """Preprocess every scan without outputs; returns dict(processed, skipped, failed) lists."""
+def read_geometry(out_dir, uid):
+    """The geometry dict of a scan's volume, or None when it has no (readable) volume."""
+    npy, meta = volume_paths(out_dir, uid)
+    if not os.path.exists(npy):
+        return None
+    try:
+        with open(meta) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def protected_entry(geometry, nodule):
+    """The entry of geometry['nodules'] for an annotation (same world centre and diameter), or None."""
+    for n in (geometry or {}).get('nodules', []):
+        if n['diameter_mm'] == nodule['diameter_mm'] and np.allclose(n['world'], nodule['world'], atol=1e-3):
+            return n
+    return None
+
+
+def up_to_date(geometry, nodules, protect_mm):
+    """A volume can be kept when it exists and protects each of the scan's current annotations as asked."""
+    if geometry is None:
+        return False
+    return not nodules or (geometry.get('protect_mm') == protect_mm
+                           and all(protected_entry(geometry, n) for n in nodules))
+
+
+def nodules_by_scan(nodules):
+    """{seriesuid: [dict(world (x, y, z), diameter_mm)]} of annotation rows."""
+    out = {}
+    for a in nodules:
+        out.setdefault(a['seriesuid'], []).append({'world': [a['coordX'], a['coordY'], a['coordZ']],
+                                                   'diameter_mm': a['diameter_mm']})
+    return out
+
+
+def prepare_volumes(scans, nodules, cfg, run):
+    """Preprocess every scan without up-to-date outputs; returns dict(processed, skipped, failed) lists.
+
+    nodules: the annotation rows whose spheres the masking must keep."""
     os.makedirs(os.path.join(cfg['OUT_DIR'], 'volumes'), exist_ok=True)
-    skipped = [u for u in scans if all(os.path.exists(p) for p in volume_paths(cfg['OUT_DIR'], u))]
+    by_scan = nodules_by_scan(nodules)
+    geometries = {u: read_geometry(cfg['OUT_DIR'], u) for u in scans}
+    skipped = [u for u in scans if up_to_date(geometries[u], by_scan.get(u, []), cfg['PROTECT_MM'])]
+    stale = [u for u in scans if geometries[u] is not None and u not in skipped]
     done = set(skipped)
     jobs = [{'seriesuid': u, 'path': path, 'out_dir': os.path.join(cfg['OUT_DIR'], 'volumes'),
-             'volume_ml': tuple(cfg['LUNG_ML'])} for u, (_, path) in scans.items() if u not in done]
-    run.log(f'{len(scans)} scans: {len(skipped)} already done, {len(jobs)} to process with {cfg["WORKERS"]} workers')
+             'volume_ml': tuple(cfg['LUNG_ML']), 'nodules': by_scan.get(u, []), 'protect_mm': cfg['PROTECT_MM']}
+            for u, (_, path) in scans.items() if u not in done]
+    run.log(f'{len(scans)} scans: {len(skipped)} already done, {len(jobs)} to process with {cfg["WORKERS"]} workers; '
+            f'{len(nodules)} annotated nodules protected from the masking (radius + {cfg["PROTECT_MM"]:g} mm)')
+    if stale:
+        run.log(f'{len(stale)} scans redone: their volumes do not protect all of their current annotations '
+                f'(made before the protection, with another table or another PROTECT_MM)')
     processed, failed = [], []
     t0 = time.time()
     results = scanpool.run_isolated(lungmask.process_scan, jobs, cfg['WORKERS'], cfg['SCAN_TIMEOUT'],
@@ -74,6 +130,18 @@ def prepare_volumes(scans, cfg, run):
     for f in failed:
         run.log(f'  failed {f["seriesuid"]}: {f["reason"]}')
     return {'processed': processed, 'skipped': skipped, 'failed': failed}
+
+
+def load_nodules(scans, cfg, run):
+    """The annotated nodules of the scans (dicts with seriesuid, coordX, coordY, coordZ, diameter_mm):
+    LABEL_TABLE's rows (with label, nodule_id and its other columns) or annotations.csv's."""
+    if cfg['LABEL_TABLE']:
+        return luna.read_label_table(cfg['LABEL_TABLE'], scans, reserved=('fold', 'match_mm') + MASKED_COLUMNS)
+    path = os.path.join(cfg['LUNA16_DIR'], 'annotations.csv')
+    if not (cfg['LABELS'] or os.path.isfile(path)):
+        run.log(f'no {path}: no nodule is protected from the masking')
+        return []
+    return [a for a in luna.read_annotations(path) if a['seriesuid'] in scans]
 
 
 def load_clusters(nodule_table, lidc_db):
@@ -119,25 +187,63 @@ def label_rows(scans, annotations, clusters, tolerance_mm):
     return rows, {'clusters': len(cl), 'annotations': len(ann), 'matched': len(pairs), 'bad_headers': bad}
 
 
-def build_labels(scans, cfg, run):
-    """Write OUT_DIR/labels.csv; returns the counts."""
-    annotations = luna.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
-    clusters = load_clusters(cfg['NODULE_TABLE'], cfg['LIDC_DB'])
-    rows, counts = label_rows(scans, annotations, clusters, cfg['MATCH_MM'])
+def own_label_rows(scans, table):
+    """(rows of labels.csv, counts) from LABEL_TABLE's rows: fold = subset index of the scan."""
+    rows = [{'nodule_id': r['nodule_id'], 'seriesuid': r['seriesuid'], 'coordX': r['coordX'], 'coordY': r['coordY'],
+             'coordZ': r['coordZ'], 'diameter_mm': r['diameter_mm'], 'fold': scans[r['seriesuid']][0],
+             'label': r['label'], **r} for r in table]
+    return rows, {'annotations': len(rows)}
+
+
+def add_masking(rows, out_dir):
+    """Add MASKED_COLUMNS to each row from its scan's geometry (nan without a volume protecting it, or when
+    the nodule lies outside its scan);
+    returns (nodules with a value, those over MASKED_REPORT, those that would be over it unprotected)."""
+    geometries = {u: read_geometry(out_dir, u) for u in {r['seriesuid'] for r in rows}}
+    known = over = over_unprotected = 0
+    for r in rows:
+        entry = protected_entry(geometries[r['seriesuid']],
+                                {'world': [r['coordX'], r['coordY'], r['coordZ']], 'diameter_mm': r['diameter_mm']})
+        r.update({k: float('nan') if entry is None else entry[k] for k in MASKED_COLUMNS})
+        if entry is not None and entry['masked_frac'] == entry['masked_frac']:
+            known += 1
+            over += entry['masked_frac'] > MASKED_REPORT
+            over_unprotected += entry['masked_frac_unprotected'] > MASKED_REPORT
+    return known, over, over_unprotected
+
+
+def build_labels(scans, cfg, run, table=None):
+    """Write OUT_DIR/labels.csv from LABEL_TABLE's rows (`table`) or the LIDC clusters; returns the counts."""
+    if cfg['LABEL_TABLE']:
+        rows, counts = own_label_rows(scans, table)
+    else:
+        annotations = luna.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
+        clusters = load_clusters(cfg['NODULE_TABLE'], cfg['LIDC_DB'])
+        rows, counts = label_rows(scans, annotations, clusters, cfg['MATCH_MM'])
     labels = np.array([r['label'] for r in rows], dtype=int)
-    matched = np.array([r['match_mm'] == r['match_mm'] for r in rows], dtype=bool)  # nan != nan
+    matched = np.array([r.get('match_mm', 0.0) == r.get('match_mm', 0.0) for r in rows], dtype=bool)  # nan != nan
     counts.update(benign=int((labels == 0).sum()), malignant=int((labels == 1).sum()),
                   excluded=int(((labels == -1) & matched).sum()), unmatched=int((~matched).sum()))
+    known, over, over_unprotected = add_masking(rows, cfg['OUT_DIR'])
+    counts.update(masked_known=known, masked_over=over, masked_over_unprotected=over_unprotected)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     os.makedirs(cfg['OUT_DIR'], exist_ok=True)
     luna.write_csv_atomic(os.path.join(cfg['OUT_DIR'], 'labels.csv'), rows, columns)
-    for b in counts['bad_headers']:
+    for b in counts.get('bad_headers', []):
         run.log(f'  no labels for scan {b}')
-    run.log(f'labels: {counts["clusters"]} reader clusters in {len(scans)} scans, {counts["annotations"]} '
-            f'annotations, {counts["matched"]} matched within {cfg["MATCH_MM"]:g} mm: {counts["benign"]} benign, '
-            f'{counts["malignant"]} malignant, {counts["excluded"]} excluded (mean rating 3), '
-            f'{counts["unmatched"]} annotations without a cluster (full LUNA16: 1186 clusters, 559 benign, 451 '
-            f'malignant)')
+    if cfg['LABEL_TABLE']:
+        run.log(f'labels: {counts["annotations"]} nodules from {cfg["LABEL_TABLE"]} in {len(scans)} scans: '
+                f'{counts["benign"]} benign, {counts["malignant"]} malignant')
+    else:
+        run.log(f'labels: {counts["clusters"]} reader clusters in {len(scans)} scans, {counts["annotations"]} '
+                f'annotations, {counts["matched"]} matched within {cfg["MATCH_MM"]:g} mm: {counts["benign"]} benign, '
+                f'{counts["malignant"]} malignant, {counts["excluded"]} excluded (mean rating 3), '
+                f'{counts["unmatched"]} annotations without a cluster (full LUNA16: 1186 clusters, 559 benign, 451 '
+                f'malignant)')
+    run.log(f'masking: {over} of the {known} nodules with a volume have more than {MASKED_REPORT:.0%} of their '
+            f'sphere changed by the lung masking ({over_unprotected} would have without the protection; '
+            f'{len(rows) - known} without a value: no volume, or outside the scan); per nodule: masked_frac in '
+            f'labels.csv')
     return counts
 
 
@@ -151,10 +257,11 @@ def main(**overrides):
     folds = sorted({f for f, _ in scans.values()})
     run.log(f'{len(scans)} scans in LUNA16 subsets {folds}')
     summary = {'processed': [], 'skipped': [], 'failed': [], 'run': run.path}
+    nodules = load_nodules(scans, cfg, run)
     if cfg['VOLUMES']:
-        summary.update(prepare_volumes(scans, cfg, run))
+        summary.update(prepare_volumes(scans, nodules, cfg, run))
     if cfg['LABELS']:
-        summary['labels'] = build_labels(scans, cfg, run)
+        summary['labels'] = build_labels(scans, cfg, run, table=nodules)
     if cfg['VOLUMES'] and not (summary['processed'] or summary['skipped']):
         raise utils.UserError(f'no scan could be processed: reasons in {cfg["OUT_DIR"]}/failures.csv')
     return summary

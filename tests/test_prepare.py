@@ -187,6 +187,12 @@ def test_labels_matched_by_scan_and_world_centre(prepared, tree):
         == (4, 1, 2, 1, 1)
     assert counts['clusters'] == 5
     assert all(float(r['match_mm']) < 1.5 for r in rows if r['match_mm'] not in ('', 'nan'))
+    # the spheres lie inside the lungs (filled holes): masking changed nothing there, protected or not
+    masked = {(r['seriesuid'], round(float(r['coordZ']), 1)): (r['masked_frac'], r['masked_frac_unprotected'])
+              for r in rows}
+    assert masked.pop(('scanC', -200.0)) == ('nan', 'nan')  # outside its scan (z -320 .. -231.8)
+    assert list(masked.values()) == [('0.0', '0.0')] * 4
+    assert (counts['masked_known'], counts['masked_over'], counts['masked_over_unprotected']) == (4, 0, 0)
 
 
 def test_second_run_skips_done_scans(prepared, tree):
@@ -277,3 +283,24 @@ def test_header_checked_against_data_file(tmp_path):
         f.write('NDims = 3\nDimSize = 2 2\nElementType = MET_SHORT\nElementDataFile = skip.raw\n')
     with pytest.raises(luna.ScanError, match='bad header: DimSize = 2 2 in .*odd.mhd .expected 3 values'):
         luna.check_data_file(str(tmp_path / 'odd.mhd'))
+
+
+def test_volume_without_protection_is_redone(prepared, tree):
+    """A volume whose geometry does not protect the scan's annotations (made before the protection, or with
+    another PROTECT_MM) is made again; the others are kept."""
+    out, runs, _ = prepared
+    root = tree[0]
+    meta = os.path.join(out, 'volumes', 'scanA.json')
+    with open(meta) as f:
+        geometry = json.load(f)
+    old = {k: v for k, v in geometry.items() if k not in ('nodules', 'protect_mm')}
+    with open(meta, 'w') as f:
+        json.dump(old, f)
+    summary = prepare.main(LUNA16_DIR=root, OUT_DIR=out, WORKERS=1, LUNG_ML=SMALL_LUNGS, RUNS=runs, LABELS=False,
+                           START_METHOD='fork')
+    assert summary['processed'] == ['scanA'] and sorted(summary['skipped']) == ['scanB', 'scanC']
+    with open(meta) as f:
+        assert json.load(f) == geometry
+    summary = prepare.main(LUNA16_DIR=root, OUT_DIR=out, WORKERS=1, LUNG_ML=SMALL_LUNGS, RUNS=runs, LABELS=False,
+                           START_METHOD='fork', PROTECT_MM=5.0)
+    assert sorted(summary['processed']) == ['scanA', 'scanB', 'scanC']
