@@ -59,6 +59,13 @@ def test_dense_nodules_kept_ribs_removed():
     assert (region(before, start0, core['A']) == lungmask.PAD_VALUE).mean() > 0.5
     for k in 'AB':  # protected: 500 HU -> 241, every core voxel stays bright
         assert region(after, start, core[k]).min() > 225, k
+    # the whole sphere keeps its intensities: equal to the scan windowed and resampled without any masking
+    plain = lungmask.resample_box(lungmask.window(hu), SPACING, start, start + np.asarray(after.shape))
+    grid = np.indices(after.shape).reshape(3, -1).T.astype(float)  # 1 mm voxels (z, y, x)
+    for c, d in nodules.values():
+        ball = np.linalg.norm(grid - to_volume(c, start), axis=1) <= d / 2
+        assert ball.sum() > 200 and np.array_equal(after.ravel()[ball], plain.ravel()[ball])
+        assert (before.ravel()[ball] != plain.ravel()[ball]).mean() > 0.5  # without protection: mostly lost
     assert shares[0]['masked_frac'] == 0.0 and shares[1]['masked_frac'] == 0.0
     assert shares[0]['masked_frac_unprotected'] > 0.5  # what the rule alone did to A's sphere
     # ribs in the ring are still removed, away from the nodules; under B (within 4 mm of its surface) kept
@@ -69,7 +76,6 @@ def test_dense_nodules_kept_ribs_removed():
     assert (region(after, start, rib_b & (np.abs(z - 1.25) < 1)) > 225).all()
     assert (region(before, start0, rib_b & (np.abs(z - 1.25) < 1)) == lungmask.PAD_VALUE).all()
     # nothing else changes: beyond the protected spheres (4 + 4 mm, + 2 mm for the resampling) both are equal
-    grid = np.indices(after.shape).reshape(3, -1).T.astype(float)  # 1 mm voxels (z, y, x)
     near = np.zeros(len(grid), dtype=bool)
     for c, _ in nodules.values():
         near |= np.linalg.norm(grid - to_volume(c, start), axis=1) <= 10.0
