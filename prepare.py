@@ -197,8 +197,8 @@ def own_label_rows(scans, table):
 
 def add_masking(rows, out_dir):
     """Add MASKED_COLUMNS to each row from its scan's geometry (nan without a volume protecting it, or when
-    the nodule lies outside its scan);
-    returns (nodules with a value, those over MASKED_REPORT, those that would be over it unprotected)."""
+    the nodule lies outside its scan). Returns (nodules with a value, those over MASKED_REPORT, those that
+    would be over it unprotected)."""
     geometries = {u: read_geometry(out_dir, u) for u in {r['seriesuid'] for r in rows}}
     known = over = over_unprotected = 0
     for r in rows:
