@@ -1,0 +1,39 @@
+"""Redraw the figures of a run folder, or draw the cells of any genotype.
+
+python draw.py runs/<run folder>                       every figure the run folder supports, written into it
+python draw.py --GENOTYPE=NAS_HBO_PAPER --OUT=cells.png  the normal and reduction cells of a genotype
+"""
+import os
+import sys
+
+import plots_cells
+import plots_runs
+import utils
+
+RUN = ''  # a run folder of train_search.py or train_3D_continuation.py: its figures are (re)drawn into it
+GENOTYPE = ''  # a registered genotype name or a genotype.json: its cell diagram is drawn to OUT
+OUT = ''  # PNG path of the GENOTYPE diagram ('' = cells_<name>.png in the current folder)
+DEFAULTS = utils.settings_of(globals())
+
+
+def main(**overrides):
+    cfg = utils.check_settings(overrides, DEFAULTS)
+    if not cfg['RUN'] and not cfg['GENOTYPE']:
+        raise utils.UserError('nothing to draw: give a run folder (python draw.py runs/<folder>) or --GENOTYPE=')
+    written = []
+    if cfg['RUN']:
+        written += plots_runs.draw_run(cfg['RUN'])
+    if cfg['GENOTYPE']:
+        name = os.path.splitext(os.path.basename(cfg['GENOTYPE']))[0]
+        out = cfg['OUT'] or f'cells_{name}.png'
+        written.append(plots_cells.plot_genotype(cfg['GENOTYPE'], out, title=cfg['GENOTYPE']))
+    for path in written:
+        print(f'written {path}')
+    return written
+
+
+if __name__ == '__main__':
+    # A run folder may be given as the first argument (it would otherwise be read as a config file).
+    if len(sys.argv) > 1 and os.path.isdir(sys.argv[1]):
+        sys.argv[1] = f'--RUN={sys.argv[1]}'
+    utils.run_cli(main, DEFAULTS)
