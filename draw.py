@@ -34,6 +34,6 @@ def main(**overrides):
 
 if __name__ == '__main__':
     # A run folder may be given as the first argument (it would otherwise be read as a config file).
-    if len(sys.argv) > 1 and os.path.isdir(sys.argv[1]):
+    if len(sys.argv) > 1 and not sys.argv[1].startswith('--') and not sys.argv[1].endswith('.py'):
         sys.argv[1] = f'--RUN={sys.argv[1]}'
     utils.run_cli(main, DEFAULTS)

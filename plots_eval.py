@@ -172,11 +172,14 @@ def plot_cam(cube, cam, png_path, title, alpha=0.45):
             ax = axes[row][col]
             ax.imshow(cut(cube), cmap='gray', vmin=0, vmax=255, origin='upper')
             if row:
-                im = ax.imshow(cut(cam), cmap='jet', vmin=0, vmax=1, alpha=alpha, origin='upper')
+                ax.imshow(cut(cam), cmap='jet', vmin=0, vmax=1, alpha=alpha, origin='upper')
             ax.set_title(('CT ' if not row else 'LayerCAM over CT, ') + name % c, fontsize=9)
             ax.set_xlabel(xl, fontsize=8)
             ax.set_ylabel(yl, fontsize=8)
             ax.tick_params(labelsize=7)
-    fig.colorbar(im, ax=axes[1].tolist(), shrink=0.8, label='LayerCAM (scaled to 0..1)')
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    fig.colorbar(ScalarMappable(Normalize(0, 1), 'jet'), ax=axes[1].tolist(), shrink=0.8,
+                 label='LayerCAM (scaled to 0..1)')
     fig.suptitle(title, fontsize=10)
     return save(fig, png_path)

@@ -148,6 +148,7 @@ def main(**overrides):
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
     run.log(f'genotype {cfg["GENOTYPE"]}: {genotype}')
+    genotypes.save_genotype(genotype, run.file('genotype.json'))  # the run folder alone suffices for predict.py
     results = [train_fold(cfg, genotype, table, f, run) for f in folds]
     run.log('final epoch on each test fold (our protocol):')
     run.log(utils.results_table(results, extra=('params_M',)))
