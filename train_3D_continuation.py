@@ -41,6 +41,7 @@ CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping i
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
+FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
 RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
 DEFAULTS = utils.settings_of(globals())
 
@@ -156,8 +157,9 @@ def main(**overrides):
         run.log('best epoch on each test fold (published protocol; optimistic, selected on the test fold):')
         run.log(utils.results_table([r['best'] for r in results], extra=('epoch',)))
     utils.save_json_atomic(run.file('results.json'), results)
-    import plots_runs
-    run.log('figures: ' + ', '.join(os.path.basename(p) for p in plots_runs.draw_run(run.path, run.log)))
+    if cfg.get('FIGURES', True):
+        import plots_runs
+        run.log('figures: ' + ', '.join(os.path.basename(p) for p in plots_runs.draw_run(run.path, run.log)))
     return {'folds': results, 'run': run.path}
 
 

@@ -58,6 +58,7 @@ CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping i
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
+FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
 DEFAULTS = utils.settings_of(globals())
 
@@ -205,16 +206,16 @@ def main(**overrides):
                 and epoch - best['epoch'] >= cfg['PATIENCE']):
             run.log(f'early stop: no search-val improvement for {cfg["PATIENCE"]} epochs')
             break
-    return finish(run, model, best, epoch)
+    return finish(run, model, best, epoch, cfg.get('FIGURES', True))
 
 
-def finish(run, model, best, epoch):
+def finish(run, model, best, epoch, figures=True):
     """Write the final and best-validation genotypes and the figures; return the results."""
     geno = model.genotype()
     genotypes.save_genotype(geno, run.file('genotype.json'))
     if best['genotype'] is not None:
         genotypes.save_genotype(best['genotype'], run.file('genotype_best.json'))
-    if os.path.exists(run.file('weights.csv')):
+    if figures and os.path.exists(run.file('weights.csv')):
         import plots_runs
         run.log('figures: ' + ', '.join(os.path.basename(p) for p in plots_runs.draw_run(run.path, run.log)))
     run.log(f'final genotype (epoch {epoch}): {geno}')
