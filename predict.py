@@ -166,7 +166,7 @@ def main(**overrides):
     result = table.copy()
     for fold, (model, mean, std) in models.items():
         result[f'prob_fold{fold}'] = fold_probs(model, cubes, mean, std, cfg['BATCH_SIZE'], cfg['DEVICE'])
-    result['prob_mean'] = result[[f'prob_fold{f}' for f in models]].mean(1)
+    result['prob_mean'] = result[[f'prob_fold{f}' for f in models]].mean(axis=1)
     result.to_csv(out.file('predictions.csv'), index=False)
     out.log(f'{len(result)} nodules of {root}, fold models {list(models)}: written {out.file("predictions.csv")}')
     if os.path.abspath(root) == os.path.abspath(run_cfg['DATA']):
