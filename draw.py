@@ -12,7 +12,8 @@ import utils
 
 RUN = ''  # a run folder of train_search.py or train_3D_continuation.py: its figures are (re)drawn into it
 GENOTYPE = ''  # a registered genotype name or a genotype.json: its cell diagram is drawn to OUT
-OUT = ''  # PNG path of the GENOTYPE diagram ('' = cells_<name>.png in the current folder)
+OUT = ''  # with GENOTYPE: its PNG ('' = cells_<name>.png here); with RUN: the figures' folder ('' = the run folder)
+PALETTE = False  # write 256-colour PNGs (about 3x smaller: the README's pictures under docs/)
 DEFAULTS = utils.settings_of(globals())
 
 
@@ -21,13 +22,17 @@ def main(**overrides):
     if not cfg['RUN'] and not cfg['GENOTYPE']:
         raise utils.UserError('nothing to draw: give a run folder (python draw.py runs/<folder>) or --GENOTYPE=')
     written = []
+    if cfg['RUN'] and cfg['GENOTYPE'] and cfg['OUT']:
+        raise utils.UserError('OUT names the PNG of GENOTYPE or the folder of RUN\'s figures: give RUN or GENOTYPE')
     if cfg['RUN']:
-        written += plots_runs.draw_run(cfg['RUN'])
+        written += plots_runs.draw_run(cfg['RUN'], out_dir=cfg['OUT'] or None)
     if cfg['GENOTYPE']:
         name = os.path.splitext(os.path.basename(cfg['GENOTYPE']))[0]
         out = cfg['OUT'] or f'cells_{name}.png'
         written.append(plots_cells.plot_genotype(cfg['GENOTYPE'], out, title=cfg['GENOTYPE']))
     for path in written:
+        if cfg['PALETTE']:
+            plots_runs.to_palette(path)
         print(f'written {path}')
     return written
 

@@ -185,36 +185,49 @@ def plot_genotype_evolution(run_path, png_path=None):
 
 # ---------------------------------------------------------------- a whole run folder
 
-def draw_run(run_path, log=print):
-    """Draw every figure the files of a run folder support (search or retrain run); returns the PNG paths.
-    Figures whose inputs are missing (an older run, a search stopped before its first epoch) are skipped with a
-    line through `log`."""
+def draw_run(run_path, log=print, out_dir=None):
+    """Draw every figure the files of a run folder support (search or retrain run) into out_dir (default: the run
+    folder); returns the PNG paths. Figures whose inputs are missing (an older run, a search stopped before its
+    first epoch) are skipped with a line through `log`."""
     import plots_eval
     if not os.path.isdir(run_path):
         raise UserError(f'{run_path} is not a folder (give a run folder runs/<script>-<timestamp>)')
+    out_dir = out_dir or run_path
+
+    def out(name):
+        return os.path.join(out_dir, name)
     has = {name: os.path.exists(os.path.join(run_path, name))
            for name in ('metrics.csv', 'weights.csv', 'genotype.json')}
     cfg = read_config(run_path)
     jobs = []
     if has['weights.csv']:
-        jobs += [(plots.plot_op_weights, (os.path.join(run_path, 'weights.csv'), os.path.join(run_path, 'weights.png'),
-                                          run_path)),
-                 (plot_genotype_evolution, (run_path,))]
+        jobs += [(plots.plot_op_weights, (os.path.join(run_path, 'weights.csv'), out('weights.png'), run_path)),
+                 (plot_genotype_evolution, (run_path, out('genotype_evolution.png')))]
     if has['metrics.csv'] and has['weights.csv']:
-        jobs.append((plot_search_curves, (run_path,)))
+        jobs.append((plot_search_curves, (run_path, out('search_curves.png'))))
     if fold_files(run_path, 'metrics_fold{f}.csv'):
-        jobs.append((plots_eval.plot_retrain_curves, (run_path,)))
+        jobs.append((plots_eval.plot_retrain_curves, (run_path, out('retrain_curves.png'))))
     if fold_files(run_path, 'probs_fold{f}.csv'):
-        jobs += [(plots_eval.plot_roc, (run_path,)), (plots_eval.plot_confusion, (run_path,))]
+        jobs += [(plots_eval.plot_roc, (run_path, out('roc.png'))),
+                 (plots_eval.plot_confusion, (run_path, out('confusion.png')))]
     elif fold_files(run_path, 'result_fold{f}.json'):
         log(f'{run_path}: no probs_fold*.csv (a run from before they were saved): no ROC or confusion figure')
     if fold_files(run_path, 'result_fold{f}.json'):
-        jobs.append((plots_eval.plot_kfold_table, (run_path,)))
+        jobs.append((plots_eval.plot_kfold_table, (run_path, out('kfold_table.png'))))
     genotype = os.path.join(run_path, 'genotype.json') if has['genotype.json'] else cfg.get('GENOTYPE')
     if genotype and (genotype in genotypes.GENOTYPES or os.path.isfile(genotype)):
-        jobs.append((plots_cells.plot_genotype, (genotype, os.path.join(run_path, 'cells.png'), genotype)))
+        jobs.append((plots_cells.plot_genotype, (genotype, out('cells.png'), genotype)))
     elif genotype:
         log(f'{run_path}: genotype {genotype} not found from here: no cell diagram')
     if not jobs:
         raise UserError(f'{run_path}: nothing to draw (no metrics.csv, weights.csv, metrics_fold*.csv or genotype)')
     return [fn(*args) for fn, args in jobs]
+
+
+def to_palette(png_path):
+    """Rewrite a PNG with a 256-colour palette (about 3x smaller; for pictures kept in the repository)."""
+    from PIL import Image
+    with Image.open(png_path) as img:
+        small = img.convert('RGB').quantize(256)
+    small.save(png_path, optimize=True)
+    return png_path

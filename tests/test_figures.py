@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
 from test_plots import assert_real_image
 
 import data
@@ -93,7 +94,13 @@ def test_redraw_from_the_run_folder(search_run, tmp_path):
     assert sorted(os.path.basename(p) for p in written) == sorted(SEARCH_PNGS)
     for name in SEARCH_PNGS:
         assert_real_image(os.path.join(run, name))
-    assert draw.main(GENOTYPE='NAS_HBO_PAPER', OUT=str(tmp_path / 'c.png')) == [str(tmp_path / 'c.png')]
+    png = str(tmp_path / 'c.png')
+    assert draw.main(GENOTYPE='NAS_HBO_PAPER', OUT=png, PALETTE=True) == [png]
+    with Image.open(png) as img:
+        assert img.mode == 'P'                              # 256-colour palette, as the README's pictures
+    assert_real_image(png)
+    with pytest.raises(UserError, match='give RUN or GENOTYPE'):
+        draw.main(RUN=run, GENOTYPE='NAS_HBO_PAPER', OUT=png)
     with pytest.raises(UserError, match='nothing to draw'):
         draw.main(RUN=str(tmp_path))
     with pytest.raises(UserError, match='nothing to draw: give a run folder'):
