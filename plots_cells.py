@@ -40,6 +40,11 @@ def cell_layout(edges, concat):
     columns = {}
     for state, r in rank.items():
         columns.setdefault(r, []).append(state)
+    # A gap between columns widens with the number of edges crossing it, to leave room for their labels.
+    crossing = [sum(rank[j] <= r < rank[e // 2 + 2] for e, (_, j) in enumerate(edges)) for r in range(rank['out'])]
+    left = [0.0]
+    for n in crossing:
+        left.append(left[-1] + DX * (1 + 0.12 * max(0, n - 3)))
     pos = {}
     for r, states in columns.items():
         for k, state in enumerate(states):
@@ -48,7 +53,7 @@ def cell_layout(edges, concat):
             y = ((len(states) - 1) / 2 - k) * DY
             if len(states) == 1 and state != 'out':
                 y = 0.22 * DY * (1 if r % 2 else -1)
-            pos[state] = (r * DX, y)
+            pos[state] = (left[r], y)
     return pos
 
 
@@ -58,14 +63,23 @@ def _two_lines(op):
     return f'{head}\n{sep[1:]}{tail}' if sep else op
 
 
-def _crosses(e, edges, pos):
-    """Whether edge e and another edge between the same two columns cross (their ends swap vertical order)."""
-    (xa, ya), (xb, yb) = pos[edges[e][1]], pos[e // 2 + 2]
-    for f, (_, j) in enumerate(edges):
-        (xc, yc), (xd, yd) = pos[j], pos[f // 2 + 2]
-        if f != e and (xc, xd) == (xa, xb) and (ya - yc) * (yb - yd) < 0:
-            return True
-    return False
+def _free_spot(op, p0, c, p1, taken, t0):
+    """Where on the edge (a quadratic Bezier p0, c, p1) op's label goes: the first point from t0 outwards whose
+    label box overlaps no box in `taken` (nodes, earlier labels); appended to `taken`."""
+    text = _two_lines(op)
+    # label size in data units at 8 pt: about 0.07 per character, 0.17 per line, plus the frame
+    w, h = 0.07 * max(len(line) for line in text.split('\n')) + 0.12, 0.17 * (text.count('\n') + 1) + 0.1
+    spots = []
+    for t in [t0] + [t0 + s * d for d in (0.1, 0.2, 0.3) for s in (-1, 1)]:
+        x = (1 - t) ** 2 * p0[0] + 2 * t * (1 - t) * c[0] + t ** 2 * p1[0]
+        y = (1 - t) ** 2 * p0[1] + 2 * t * (1 - t) * c[1] + t ** 2 * p1[1]
+        spots.append((x, y))
+        if not any(abs(x - bx) < (w + bw) / 2 and abs(y - by) < (h + bh) / 2 for bx, by, bw, bh in taken):
+            break
+    else:
+        x, y = spots[0]
+    taken.append((x, y, w, h))
+    return x, y
 
 
 def _name(state):
@@ -86,6 +100,7 @@ def draw_cell(ax, edges, concat, title, colours):
         ax.text(x, y, _name(state), ha='center', va='center', fontsize=11, zorder=4)
         boxes[state] = box
     top, bottom = max(ys), min(ys)
+    taken = [(x, y, BOX_W, BOX_H) for x, y in pos.values()]  # boxes (centre x, y, width, height) labels avoid
     for e, (op, j) in enumerate(edges):
         dst = e // 2 + 2
         (x0, y0), (x1, y1) = pos[j], pos[dst]
@@ -100,11 +115,7 @@ def draw_cell(ax, edges, concat, title, colours):
         # A point of the arc (quadratic Bezier; arc3's control point is the midpoint moved by rad x the
         # chord turned by 90 degrees): the label's place.
         cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
-        # Two straight edges crossing between the same columns would put their labels on one spot: then a
-        # falling edge carries its label past the middle, a rising one before it.
-        t = 0.5 if rad or not _crosses(e, edges, pos) else (0.7 if y1 < y0 else 0.3)
-        lx = (1 - t) ** 2 * x0 + 2 * t * (1 - t) * cx + t ** 2 * x1
-        ly = (1 - t) ** 2 * y0 + 2 * t * (1 - t) * cy + t ** 2 * y1
+        lx, ly = _free_spot(op, (x0, y0), (cx, cy), (x1, y1), taken, 0.5 if rad else 0.6)
         ax.text(lx, ly, _two_lines(op), ha='center', va='center', fontsize=8, color='0.1', zorder=5,
                 bbox=dict(boxstyle='round,pad=0.15', fc='white', ec=colours[op], lw=0.9))
         top, bottom = max(top, ly), min(bottom, ly)
