@@ -201,7 +201,8 @@ def draw_run(run_path, log=print, out_dir=None):
     cfg = read_config(run_path)
     jobs = []
     if has['weights.csv']:
-        jobs += [(plots.plot_op_weights, (os.path.join(run_path, 'weights.csv'), out('weights.png'), run_path)),
+        jobs += [(plots.plot_op_weights, (os.path.join(run_path, 'weights.csv'), out('weights.png'),
+                                           f'op weights per edge and epoch: {run_path}')),
                  (plot_genotype_evolution, (run_path, out('genotype_evolution.png')))]
     if has['metrics.csv'] and has['weights.csv']:
         jobs.append((plot_search_curves, (run_path, out('search_curves.png'))))
@@ -228,6 +229,6 @@ def to_palette(png_path):
     """Rewrite a PNG with a 256-colour palette (about 3x smaller; for pictures kept in the repository)."""
     from PIL import Image
     with Image.open(png_path) as img:
-        small = img.convert('RGB').quantize(256)
+        small = img.convert('RGB').quantize(256, method=Image.Quantize.FASTOCTREE)  # keeps small-area colours
     small.save(png_path, optimize=True)
     return png_path
