@@ -14,13 +14,19 @@ RUN = ''  # a run folder of train_search.py or train_3D_continuation.py: its fig
 GENOTYPE = ''  # a registered genotype name or a genotype.json: its cell diagram is drawn to OUT
 OUT = ''  # with GENOTYPE: its PNG ('' = cells_<name>.png here); with RUN: the figures' folder ('' = the run folder)
 PALETTE = False  # write 256-colour PNGs (about 3x smaller: the README's pictures under docs/)
+PNGS = ()  # PNG files made elsewhere (e.g. predict.py's LayerCAM figures) to rewrite in place with the palette
 DEFAULTS = utils.settings_of(globals())
 
 
 def main(**overrides):
     cfg = utils.check_settings(overrides, DEFAULTS)
-    if not cfg['RUN'] and not cfg['GENOTYPE']:
+    if not cfg['RUN'] and not cfg['GENOTYPE'] and not cfg['PNGS']:
         raise utils.UserError('nothing to draw: give a run folder (python draw.py runs/<folder>) or --GENOTYPE=')
+    if cfg['PNGS'] and not cfg['PALETTE']:
+        raise utils.UserError('PNGS are only rewritten with PALETTE=True')
+    missing = [p for p in cfg['PNGS'] if not os.path.isfile(p)]
+    if missing:
+        raise utils.UserError(f'PNGS: {", ".join(missing)} not found')
     written = []
     if cfg['RUN'] and cfg['GENOTYPE'] and cfg['OUT']:
         raise utils.UserError('OUT names the PNG of GENOTYPE or the folder of RUN\'s figures: give RUN or GENOTYPE')
@@ -30,7 +36,7 @@ def main(**overrides):
         name = os.path.splitext(os.path.basename(cfg['GENOTYPE']))[0]
         out = cfg['OUT'] or f'cells_{name}.png'
         written.append(plots_cells.plot_genotype(cfg['GENOTYPE'], out, title=cfg['GENOTYPE']))
-    for path in written:
+    for path in written + list(cfg['PNGS']):
         if cfg['PALETTE']:
             plots_runs.to_palette(path)
         print(f'written {path}')
