@@ -2,6 +2,7 @@
 redrawing them from the folder, the genotype's evolution and the search-train AUC."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -138,3 +139,12 @@ def test_last_changes_and_kept_auc():
     keep = [(torch.tensor([0.2, 0.9]), torch.tensor([0, 1])), (torch.tensor([0.6, 0.4]), torch.tensor([0, 1]))]
     assert engine.kept_auc(keep) == pytest.approx(75.0)   # pairs (malignant > benign): 0.9>0.2, 0.9>0.6, 0.4>0.2
     assert np.isnan(engine.kept_auc([]))
+
+
+def test_older_retrain_folder_without_probabilities(retrain_run, tmp_path):
+    old = shutil.copytree(retrain_run['run'], tmp_path / 'old',
+                          ignore=shutil.ignore_patterns('probs_fold*', '*.png', '*.pt'))
+    lines = []
+    written = plots_runs.draw_run(str(old), log=lines.append)
+    assert sorted(os.path.basename(p) for p in written) == ['cells.png', 'kfold_table.png', 'retrain_curves.png']
+    assert lines == [f'{old}: no probs_fold*.csv (a run from before they were saved): no ROC or confusion figure']
