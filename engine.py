@@ -18,10 +18,13 @@ def check_finite(loss, where, run_path, checkpoint='last.pt'):
         raise UserError(f'loss is {float(loss)} at {where}; stopping: {kept} (try a lower learning rate)')
 
 
-def train_step(model, optimizer, x, y, params, grad_clip):
-    """One SGD step on a batch; returns (loss tensor, number correct) without a host sync."""
+def train_step(model, optimizer, x, y, params, grad_clip, keep=None):
+    """One SGD step on a batch; returns (loss tensor, number correct) without a host sync. keep: a list to which
+    (P(malignant) (B,), labels (B,)) of the batch, as predicted before the step, are appended (on the device)."""
     optimizer.zero_grad(set_to_none=True)
     logits = model(x)
+    if keep is not None:
+        keep.append((F.softmax(logits.detach().float(), 1)[:, 1], y))
     loss = F.cross_entropy(logits, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -85,6 +88,15 @@ def load_state(path, gen, objects):
     set_rng_states(state['rng'])
     gen.set_state(state['gen'])
     return state
+
+
+def kept_auc(keep):
+    """ROC AUC (percent) of the predictions collected by train_step's `keep`; NaN with one class only."""
+    from utils import binary_metrics
+    if not keep:
+        return float('nan')
+    prob, y = (torch.cat(t).cpu().numpy() for t in zip(*keep))
+    return binary_metrics(y, prob)['auc']
 
 
 def class_balance(labels):

@@ -72,10 +72,9 @@ def edge_label(edge):
 
 
 def _colours(ops):
-    """One fixed colour per op, by its position in the op list."""
-    from matplotlib import colormaps
-    cmap = colormaps['tab10' if len(ops) <= 10 else 'tab20']
-    return {op: cmap(i % cmap.N) for i, op in enumerate(ops)}
+    """One fixed colour per op, the same in every figure (plots_cells.op_colours)."""
+    from plots_cells import op_colours
+    return op_colours(ops)
 
 
 def _figure(nrows, ncols, n_ops, title):

@@ -7,6 +7,7 @@ import json
 import os
 import time
 
+import pandas as pd
 import torch
 
 import data
@@ -40,6 +41,7 @@ CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping i
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
+FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
 RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
 DEFAULTS = utils.settings_of(globals())
 
@@ -118,8 +120,19 @@ def train_fold(cfg, genotype, table, fold, run):
     result = {'fold': fold, **{k: ev[k] for k in utils.METRIC_NAMES}, 'params_M': n_params,
               'best': {'fold': fold, **best}}
     utils.save_atomic(model.state_dict(), run.file(f'model_fold{fold}.pt'))
+    save_fold_outputs(run, cfg, table, fold, train, train_folds, ev['prob'])
     utils.save_json_atomic(result_path, result)  # its presence marks the fold as finished on resume
     return result
+
+
+def save_fold_outputs(run, cfg, table, fold, train, train_folds, prob):
+    """Beside the fold's model: its normalization statistics (predict.py applies them) and the test fold's
+    final-epoch probabilities (ROC curves, confusion matrices)."""
+    utils.save_json_atomic(run.file(f'norm_fold{fold}.json'), {
+        'mean': train.mean, 'std': train.std, 'train_folds': train_folds, 'cube': cfg['CUBE']})
+    test = data.select_folds(table, [fold])  # the rows of the test CubeData, in its order
+    with utils.atomic_path(run.file(f'probs_fold{fold}.csv')) as tmp:
+        pd.DataFrame({'nodule_id': test['nodule_id'], 'label': test['label'], 'prob': prob}).to_csv(tmp, index=False)
 
 
 def main(**overrides):
@@ -136,6 +149,7 @@ def main(**overrides):
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
     run.log(f'genotype {cfg["GENOTYPE"]}: {genotype}')
+    genotypes.save_genotype(genotype, run.file('genotype.json'))  # the run folder alone suffices for predict.py
     results = [train_fold(cfg, genotype, table, f, run) for f in folds]
     run.log('final epoch on each test fold (our protocol):')
     run.log(utils.results_table(results, extra=('params_M',)))
@@ -143,6 +157,9 @@ def main(**overrides):
         run.log('best epoch on each test fold (published protocol; optimistic, selected on the test fold):')
         run.log(utils.results_table([r['best'] for r in results], extra=('epoch',)))
     utils.save_json_atomic(run.file('results.json'), results)
+    if cfg.get('FIGURES', True):
+        import plots_runs
+        run.log('figures: ' + ', '.join(os.path.basename(p) for p in plots_runs.draw_run(run.path, run.log)))
     return {'folds': results, 'run': run.path}
 
 

@@ -58,6 +58,7 @@ CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping i
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
+FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
 DEFAULTS = utils.settings_of(globals())
 
@@ -112,22 +113,26 @@ class ValStream:
 
 
 def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run):
-    """One epoch: (after warm-up) an architecture step then a weight step per training batch."""
+    """One epoch: (after warm-up) an architecture step then a weight step per training batch.
+    Returns loss, accuracy and ROC AUC of the training batches' predictions made during the epoch."""
     lr = w_opt.param_groups[0]['lr']
     arch_on = epoch >= cfg['WARMUP_EPOCHS']
     model.train()
     if cfg['WEIGHTS'] == 'sparsemax':
         model.tau = temperature(epoch, cfg['TAU0'], cfg['TAU_FACTOR'], cfg['TAU_EVERY'])
 
+    keep = []  # (P(malignant), label) of each training batch, as predicted in its weight step
+
     def step(idx):
         x, y = train.train_batch(idx, gen)
         if isinstance(updater, zo.ZerothOrder):
-            return updater.weight_step(x, y, arch_on, val_stream)
+            return updater.weight_step(x, y, arch_on, val_stream, keep)
         if arch_on:
             updater.step(x, y, *val_stream.next(), lr)
-        return engine.train_step(model, w_opt, x, y, model.weight_parameters(), cfg['GRAD_CLIP'])
+        return engine.train_step(model, w_opt, x, y, model.weight_parameters(), cfg['GRAD_CLIP'], keep)
     steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
-    return engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path)
+    loss, acc = engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path)
+    return loss, acc, engine.kept_auc(keep)
 
 
 def log_weights(run, epoch, model):
@@ -176,21 +181,22 @@ def main(**overrides):
     for epoch in range(start, cfg['EPOCHS']):
         t0 = time.time()
         lr = w_opt.param_groups[0]['lr']
-        tr_loss, tr_acc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
+        tr_loss, tr_acc, tr_auc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
         sched.step()
         ev = engine.evaluate(model, val, cfg['BATCH_SIZE'])
         geno = model.genotype()
         if epoch >= cfg['WARMUP_EPOCHS'] and ev['acc'] > best['acc']:
             best = {'acc': ev['acc'], 'epoch': epoch, 'genotype': geno}
-        run.log(f'epoch {epoch:3d} lr {lr:.4f} train loss {tr_loss:.4f} acc {tr_acc:6.2f} | search-val loss '
-                f'{ev["loss"]:.4f} acc {ev["acc"]:6.2f} auc {ev["auc"]:6.2f} | {time.time() - t0:6.1f} s')
+        run.log(f'epoch {epoch:3d} lr {lr:.4f} train loss {tr_loss:.4f} acc {tr_acc:6.2f} auc {tr_auc:6.2f} | '
+                f'search-val loss {ev["loss"]:.4f} acc {ev["acc"]:6.2f} auc {ev["auc"]:6.2f} | '
+                f'{time.time() - t0:6.1f} s')
         run.log(f'  genotype {geno}')
         w = model.edge_op_weights()
         run.log('  edge weights normal ' + ' '.join(f'{v:.2f}' for v in model.edge_weights(model.betas_normal))
                 + ' | reduce ' + ' '.join(f'{v:.2f}' for v in model.edge_weights(model.betas_reduce)))
         run.log('  max W per edge normal ' + ' '.join(f'{v:.2f}' for v in w['normal'].max(1).values)
                 + ' | reduce ' + ' '.join(f'{v:.2f}' for v in w['reduce'].max(1).values))
-        run.metrics_row({'epoch': epoch, 'lr': lr, 'train_loss': tr_loss, 'train_acc': tr_acc,
+        run.metrics_row({'epoch': epoch, 'lr': lr, 'train_loss': tr_loss, 'train_acc': tr_acc, 'train_auc': tr_auc,
                          'val_loss': ev['loss'], 'val_acc': ev['acc'], 'val_auc': ev['auc'],
                          'seconds': time.time() - t0})
         log_weights(run, epoch, model)
@@ -200,18 +206,18 @@ def main(**overrides):
                 and epoch - best['epoch'] >= cfg['PATIENCE']):
             run.log(f'early stop: no search-val improvement for {cfg["PATIENCE"]} epochs')
             break
-    return finish(run, model, best, epoch)
+    return finish(run, model, best, epoch, cfg.get('FIGURES', True))
 
 
-def finish(run, model, best, epoch):
-    """Write the final and best-validation genotypes and the weight plot; return the results."""
+def finish(run, model, best, epoch, figures=True):
+    """Write the final and best-validation genotypes and the figures; return the results."""
     geno = model.genotype()
     genotypes.save_genotype(geno, run.file('genotype.json'))
     if best['genotype'] is not None:
         genotypes.save_genotype(best['genotype'], run.file('genotype_best.json'))
-    if os.path.exists(run.file('weights.csv')):
-        import plots
-        plots.plot_op_weights(run.file('weights.csv'), run.file('weights.png'), title=run.path)
+    if figures and os.path.exists(run.file('weights.csv')):
+        import plots_runs
+        run.log('figures: ' + ', '.join(os.path.basename(p) for p in plots_runs.draw_run(run.path, run.log)))
     run.log(f'final genotype (epoch {epoch}): {geno}')
     run.log(f'best search-val genotype (epoch {best["epoch"]}, acc {best["acc"]:.2f}): {best["genotype"]}')
     run.log(f'written {run.file("genotype.json")}')

@@ -73,14 +73,17 @@ class ZerothOrder:
             group['lr'] = self.w_opt.param_groups[0]['lr']
         t['opt'].step()
 
-    def weight_step(self, x, y, arch_on, val_stream):
-        """A weight step at alpha (and the twin's step at alpha + mu u); an architecture step every T."""
+    def weight_step(self, x, y, arch_on, val_stream, keep=None):
+        """A weight step at alpha (and the twin's step at alpha + mu u); an architecture step every T.
+        keep: as in engine.train_step, collects the batch's P(malignant) and labels."""
         if arch_on and self.twin is None:
             self._start_period()
         if self.twin is not None:
             self._twin_step(x, y)
         self.w_opt.zero_grad(set_to_none=True)
         logits = self.model(x)
+        if keep is not None:
+            keep.append((torch.softmax(logits.detach().float(), 1)[:, 1], y))
         loss = self.loss_fn(logits, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)

@@ -15,7 +15,7 @@ import utils
 from conftest import write_cube_set
 from utils import UserError
 
-TINY = dict(C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, DEVICE='cpu', SEED=0)
+TINY = dict(C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, DEVICE='cpu', SEED=0, FIGURES=False)  # figures: test_figures
 STEPS = 5  # training steps per epoch: 18 training nodules in batches of 4
 
 

@@ -22,7 +22,7 @@ PRIMS = ['max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3']  # cheap set: a poo
 # Tiny search: folds 0-2 = 6 scans / 12 nodules; VAL_FRACTION 0.34 -> 2 val scans (4 nodules), 8 train nodules:
 # 3 weight steps per epoch but 2 validation batches per pass, so an epoch ends mid-way through a val pass.
 TINY = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34,
-            PRIMITIVES=tuple(PRIMS), EPOCHS=2, WARMUP_EPOCHS=0, SEED=3)
+            PRIMITIVES=tuple(PRIMS), EPOCHS=2, WARMUP_EPOCHS=0, SEED=3, FIGURES=False)  # straight_run draws them
 
 
 def tiny_net(prims=PRIMS, seed=0, C=4, **kw):
@@ -454,7 +454,8 @@ def straight_run(search_set, tmp_path_factory):
         return tr, va
     with pytest.MonkeyPatch.context() as m:
         m.setattr(data, 'split_by_scan', split_by_scan)
-        result = train_search.main(DATA=search_set, RUNS=str(tmp_path_factory.mktemp('runs')), **TINY)
+        result = train_search.main(DATA=search_set, RUNS=str(tmp_path_factory.mktemp('runs')),
+                                   **{**TINY, 'FIGURES': True})
     return result, splits
 
 

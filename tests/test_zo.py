@@ -21,7 +21,7 @@ PRIMS = ['max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3']
 # (and the twin trajectory) spans the end of epoch 0.
 TINY = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34,
             PRIMITIVES=tuple(PRIMS), EPOCHS=2, WARMUP_EPOCHS=0, SEED=3, HYPERGRAD='zeroth', WEIGHTS='sparsemax',
-            ZO_T=2)
+            ZO_T=2, FIGURES=False)
 
 
 def test_random_direction_is_unit_and_shaped():

@@ -1,0 +1,185 @@
+"""Figures of the k-fold evaluation (train_3D_continuation run folders) and of LayerCAM maps (predict.py).
+
+Per fold: train/test loss and accuracy curves (metrics_fold{f}.csv), ROC curves of the test folds with the mean
+(probs_fold{f}.csv), confusion matrices at the final epoch (probs_fold{f}.csv, threshold 0.5), and the k-fold
+table (result_fold{f}.json) as a figure.
+"""
+import json
+import os
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.ticker import MaxNLocator
+
+from plots_runs import fold_files, new_figure, read_rows, save
+from utils import METRIC_NAMES, UserError
+
+METRIC_TITLES = {'acc': 'accuracy', 'sens': 'sensitivity', 'spec': 'specificity', 'f1': 'F1', 'auc': 'ROC AUC'}
+
+
+def fold_colour(i):
+    return colormaps['tab10'](i % 10)
+
+
+def plot_retrain_curves(run_path, png_path=None):
+    """retrain_curves.png: per test fold, train and test loss and accuracy against the epoch."""
+    files = fold_files(run_path, 'metrics_fold{f}.csv')
+    if not files:
+        raise UserError(f'{run_path}: no metrics_fold*.csv (not a train_3D_continuation run folder?)')
+    fig, axes = new_figure(11, 4, 1, 2)
+    for i, (fold, path) in enumerate(files.items()):
+        rows = read_rows(path)
+        epochs = [r['epoch'] for r in rows]
+        marker = 'o' if len(epochs) <= 12 else None
+        for ax, key in zip(axes[0], ('loss', 'acc')):
+            ax.plot(epochs, [r[f'train_{key}'] for r in rows], '--', color=fold_colour(i), marker=marker, ms=3,
+                    label=f'fold {fold} train')
+            ax.plot(epochs, [r[f'test_{key}'] for r in rows], '-', color=fold_colour(i), marker=marker, ms=3,
+                    label=f'fold {fold} test')
+    for ax, (title, ylabel) in zip(axes[0], (('loss', 'cross-entropy loss'), ('accuracy', 'accuracy (%)'))):
+        ax.set_title(title)
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][1].legend(fontsize=7, ncol=2 if len(files) > 3 else 1, loc='best')
+    fig.suptitle(f'retraining per test fold: {run_path}\ntrain: running values over augmented batches with '
+                 'drop path; test: the held-out fold after each epoch', fontsize=9)
+    return save(fig, png_path or os.path.join(run_path, 'retrain_curves.png'))
+
+
+def read_probs(run_path):
+    """{fold: (labels int array, probabilities array)} from probs_fold{f}.csv."""
+    out = {}
+    for fold, path in fold_files(run_path, 'probs_fold{f}.csv').items():
+        rows = read_rows(path)
+        out[fold] = (np.array([int(r['label']) for r in rows]), np.array([r['prob'] for r in rows]))
+    return out
+
+
+def plot_roc(run_path, png_path=None):
+    """roc.png: the ROC curve of each test fold (final epoch) with its AUC, and their mean (vertical average of
+    the true positive rate over a grid of false positive rates) with mean AUC +/- std over folds."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    probs = read_probs(run_path)
+    if not probs:
+        raise UserError(f'{run_path}: no probs_fold*.csv (written by train_3D_continuation at the end of a fold)')
+    fig, axes = new_figure(5.6, 5.2)
+    ax = axes[0][0]
+    grid, tprs, aucs = np.linspace(0, 1, 201), [], []
+    for i, (fold, (y, p)) in enumerate(probs.items()):
+        if len(set(y.tolist())) < 2:
+            ax.plot([], [], color=fold_colour(i), label=f'fold {fold}: one class only, no ROC')
+            continue
+        fpr, tpr, _ = roc_curve(y, p)
+        auc = roc_auc_score(y, p)
+        aucs.append(auc)
+        tprs.append(np.interp(grid, fpr, tpr))
+        tprs[-1][0] = 0.0  # roc_curve starts with several points at fpr 0: start the mean at the origin
+        ax.plot(fpr, tpr, color=fold_colour(i), lw=1.2, alpha=0.8, label=f'fold {fold} (AUC {auc:.3f}, n={len(y)})')
+    if tprs:
+        mean = np.mean(tprs, 0)
+        ax.plot(grid, mean, color='k', lw=2.2,
+                label=f'mean of {len(tprs)} folds (AUC {np.mean(aucs):.3f} ± {np.std(aucs):.3f})')
+    ax.plot([0, 1], [0, 1], ':', color='0.5', lw=1, label='chance')
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect('equal')
+    ax.set_xlabel('false positive rate (1 - specificity)')
+    ax.set_ylabel('true positive rate (sensitivity)')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='lower right')
+    ax.set_title(f'ROC of the test folds, final epoch\n{run_path}', fontsize=9)
+    return save(fig, png_path or os.path.join(run_path, 'roc.png'))
+
+
+def confusion(y, p, threshold=0.5):
+    """2x2 counts [[TN, FP], [FN, TP]]: rows true benign/malignant, columns predicted."""
+    pred = (np.asarray(p) >= threshold).astype(int)
+    y = np.asarray(y).astype(int)
+    return np.array([[np.sum((y == t) & (pred == q)) for q in (0, 1)] for t in (0, 1)])
+
+
+def plot_confusion(run_path, png_path=None):
+    """confusion.png: confusion matrix of each test fold at the final epoch (P(malignant) >= 0.5), and all folds
+    pooled; each cell gives the count and the share of its true class."""
+    probs = read_probs(run_path)
+    if not probs:
+        raise UserError(f'{run_path}: no probs_fold*.csv (written by train_3D_continuation at the end of a fold)')
+    panels = [(f'fold {f}', confusion(y, p)) for f, (y, p) in probs.items()]
+    if len(panels) > 1:
+        panels.append(('all folds', sum(m for _, m in panels)))
+    fig, axes = new_figure(2.6 * len(panels) + 0.6, 3.9, 1, len(panels))
+    for ax, (name, m) in zip(axes[0], panels):
+        share = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
+        for t in (0, 1):
+            for q in (0, 1):
+                ax.text(q, t, f'{m[t, q]}\n{100 * share[t, q]:.0f}%', ha='center', va='center', fontsize=9,
+                        color='white' if share[t, q] > 0.6 else 'black')
+        ax.set_xticks([0, 1], ['benign', 'malignant'], fontsize=8)
+        ax.set_yticks([0, 1], ['benign', 'malignant'], fontsize=8, rotation=90, va='center')
+        ax.set_xlabel('predicted', fontsize=8)
+        ax.set_ylabel('true', fontsize=8)
+        ax.set_title(f'{name} (n={m.sum()})', fontsize=9)
+    fig.suptitle(f'confusion matrices, final epoch, threshold P(malignant) = 0.5\n{run_path}', fontsize=9)
+    return save(fig, png_path or os.path.join(run_path, 'confusion.png'))
+
+
+def plot_kfold_table(run_path, png_path=None):
+    """kfold_table.png: the k-fold table of the final epoch (result_fold{f}.json) with mean +/- std, in percent."""
+    files = fold_files(run_path, 'result_fold{f}.json')
+    if not files:
+        raise UserError(f'{run_path}: no result_fold*.json (no finished fold)')
+    results = []
+    for path in files.values():
+        with open(path) as f:
+            results.append(json.load(f))
+    header = ['test fold'] + [f'{METRIC_TITLES[k]} (%)' for k in METRIC_NAMES]
+    cells = [[str(r['fold'])] + [f'{r[k]:.2f}' for k in METRIC_NAMES] for r in results]
+    values = np.array([[r[k] for k in METRIC_NAMES] for r in results], dtype=float)
+    cells.append(['mean ± std'] + [f'{m:.2f} ± {s:.2f}' for m, s in zip(np.nanmean(values, 0),
+                                                                          np.nanstd(values, 0))])
+    fig, axes = new_figure(9, 0.9 + 0.32 * (len(cells) + 1))
+    ax = axes[0][0]
+    ax.axis('off')
+    table = ax.table(cellText=cells, colLabels=header, loc='center', cellLoc='center')
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.3)
+    for col in range(len(header)):
+        table[0, col].set_facecolor('#dde6f2')
+        table[len(cells), col].set_facecolor('#f2f2f2')
+    params = results[0].get('params_M')
+    ax.set_title('k-fold results, final epoch on each test fold (malignant positive)'
+                 + (f'; {params:.3f} M parameters' if params is not None else '') + f'\n{run_path}', fontsize=9)
+    return save(fig, png_path or os.path.join(run_path, 'kfold_table.png'))
+
+
+# ---------------------------------------------------------------- LayerCAM
+
+def plot_cam(cube, cam, png_path, title, alpha=0.45):
+    """Three orthogonal planes through the cube centre (where the nodule is): the CT cube (uint8 0..255, windowed
+    HU) alone above, with the map (0..1) over it below. cube, cam: (S, S, S) arrays in z, y, x order."""
+    cube, cam = np.asarray(cube, dtype=float), np.asarray(cam, dtype=float)
+    c = cube.shape[0] // 2
+    planes = [('axial (z = %d)', lambda v: v[c], ('x (voxel, 1 mm)', 'y (voxel, 1 mm)')),
+              ('coronal (y = %d)', lambda v: v[:, c], ('x (voxel, 1 mm)', 'z (voxel, 1 mm)')),
+              ('sagittal (x = %d)', lambda v: v[:, :, c], ('y (voxel, 1 mm)', 'z (voxel, 1 mm)'))]
+    fig, axes = new_figure(9.6, 6.8, 2, 3)
+    for col, (name, cut, (xl, yl)) in enumerate(planes):
+        for row in (0, 1):
+            ax = axes[row][col]
+            ax.imshow(cut(cube), cmap='gray', vmin=0, vmax=255, origin='upper')
+            if row:
+                ax.imshow(cut(cam), cmap='jet', vmin=0, vmax=1, alpha=alpha, origin='upper')
+            ax.set_title(('CT ' if not row else 'LayerCAM over CT, ') + name % c, fontsize=9)
+            ax.set_xlabel(xl, fontsize=8)
+            ax.set_ylabel(yl, fontsize=8)
+            ax.tick_params(labelsize=7)
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    fig.colorbar(ScalarMappable(Normalize(0, 1), 'jet'), ax=axes[1].tolist(), shrink=0.8,
+                 label='LayerCAM (scaled to 0..1)')
+    fig.suptitle(title, fontsize=10)
+    return save(fig, png_path)

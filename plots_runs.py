@@ -1,0 +1,234 @@
+"""Figures of finished runs, drawn from the files in the run folder (so they can be redrawn at any time):
+search curves and the genotype's evolution (train_search), per-fold curves, ROC curves, confusion matrices and
+the k-fold table (train_3D_continuation), and the LayerCAM mid-plane figure (predict.py).
+
+draw_run(folder) draws everything a run folder supports; `python draw.py runs/<folder>` calls it.
+Agg canvas only (no pyplot): no display needed, the process-wide backend is left alone.
+"""
+import csv
+import glob
+import json
+import os
+import re
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+import genotypes
+import plots
+import plots_cells
+from utils import UserError
+
+FOLD_COLOURS = 'tab10'  # one colour per test fold
+NOT_KEPT = (0.93, 0.93, 0.93)  # genotype evolution: an edge the genotype does not keep
+
+
+def new_figure(width, height, nrows=1, ncols=1, **kw):
+    fig = Figure(figsize=(width, height), layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def save(fig, path, dpi=100):
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def read_rows(path):
+    """CSV rows as dicts of floats where a value parses as a number (strings otherwise)."""
+    def value(v):
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return v
+    try:
+        with open(path, newline='') as f:
+            rows = [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    except OSError as e:
+        raise UserError(f'{path}: cannot read ({e.strerror})') from None
+    if not rows:
+        raise UserError(f'{path}: no data rows')
+    return rows
+
+
+def read_config(run_path):
+    path = os.path.join(run_path, 'config.json')
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def fold_files(run_path, pattern):
+    """{fold: path} of files named like pattern with '{f}' standing for the fold number, sorted by fold."""
+    regex = re.compile(re.escape(pattern).replace(r'\{f\}', r'(\d+)') + '$')
+    found = {}
+    for path in glob.glob(os.path.join(run_path, pattern.replace('{f}', '*'))):
+        m = regex.search(os.path.basename(path))
+        if m:
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+# ---------------------------------------------------------------- search
+
+def plot_search_curves(run_path, png_path=None):
+    """search_curves.png: loss, accuracy and ROC AUC per epoch on search-train and search-val (metrics.csv)."""
+    rows = read_rows(os.path.join(run_path, 'metrics.csv'))
+    warmup = read_config(run_path).get('WARMUP_EPOCHS')
+    epochs = [r['epoch'] for r in rows]
+    fig, axes = new_figure(12, 3.6, 1, 3)
+    panels = [('loss', 'cross-entropy loss'), ('acc', 'accuracy (%)'), ('auc', 'ROC AUC (%)')]
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for split, name, style in (('train', 'search-train', '--'), ('val', 'search-val', '-')):
+            values = [r.get(f'{split}_{key}', '') for r in rows]
+            if all(isinstance(v, float) for v in values):
+                ax.plot(epochs, values, style, marker='o' if len(epochs) <= 12 else None, ms=3, label=name)
+        if warmup and 0 < warmup <= max(epochs):
+            ax.axvline(warmup - 0.5, color='0.5', lw=0.8, ls=':', label='architecture steps start')
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title('loss')
+    axes[0][1].set_title('accuracy')
+    axes[0][2].set_title('ROC AUC (malignant positive)')
+    fig.suptitle(f'search curves: {run_path}\nsearch-train: running values over the epoch\'s augmented batches '
+                 '(weights still changing); search-val: end of epoch, no augmentation', fontsize=9)
+    return save(fig, png_path or os.path.join(run_path, 'search_curves.png'))
+
+
+def genotype_history(weights_csv):
+    """Per-epoch genotype cells recomputed from weights.csv as the search derives them (W = op weight x edge
+    weight, genotypes.derive_cell): ({cell: {epoch: [(op, input), ...]}}, ops in column order)."""
+    series, ops = plots.read_op_weights(weights_csv)
+    edge_w = {}
+    with open(weights_csv, newline='') as f:
+        for r in csv.DictReader(f):
+            edge_w[(int(r['epoch']), r['cell'], int(r['edge']))] = float(r.get('edge_weight') or 1.0)
+    history = {}
+    for cell in plots.CELLS:
+        edges = sorted(e for c, e in series if c == cell)
+        if not edges:
+            continue
+        steps = next(s for s in range(1, 20) if sum(2 + i for i in range(s)) == len(edges))
+        epochs = sorted({e for e, _ in series[(cell, edges[0])][ops[0]]})
+        history[cell] = {}
+        for epoch in epochs:
+            w = np.array([[dict(series[(cell, e)][op])[epoch] * edge_w[(epoch, cell, e)] for op in ops]
+                          for e in edges])
+            history[cell][epoch] = genotypes.derive_cell(w, ops, steps)
+    return history, ops
+
+
+def edge_choices(gene, n_edges):
+    """Per edge (DARTS numbering) the op the cell keeps on it, or None."""
+    choice = [None] * n_edges
+    for k, (op, j) in enumerate(gene):
+        first = sum(2 + i for i in range(k // 2))  # node k // 2's first edge
+        choice[first + j] = op
+    return choice
+
+
+def last_changes(history_cell, n_edges):
+    """Per edge, the last epoch at which its choice (op kept, or not kept) changed; the first epoch if never."""
+    epochs = sorted(history_cell)
+    choices = [edge_choices(history_cell[e], n_edges) for e in epochs]
+    last = [epochs[0]] * n_edges
+    for k in range(1, len(epochs)):
+        for e in range(n_edges):
+            if choices[k][e] != choices[k - 1][e]:
+                last[e] = epochs[k]
+    return last
+
+
+def plot_genotype_evolution(run_path, png_path=None):
+    """genotype_evolution.png: per cell, which edges the genotype keeps with which op at each epoch, and the epoch
+    at which each edge's choice last changed."""
+    history, ops = genotype_history(os.path.join(run_path, 'weights.csv'))
+    colours = plots_cells.op_colours(ops)
+    n_epochs = max(len(h) for h in history.values())
+    warmup = read_config(run_path).get('WARMUP_EPOCHS')
+    fig, axes = new_figure(min(max(9, 4 + 0.18 * n_epochs), 16), 1.2 + 2.9 * len(history), len(history), 1)
+    for ax, (cell, hist) in zip(axes[:, 0], history.items()):
+        epochs = sorted(hist)
+        n_edges = sum(2 + i for i in range(len(hist[epochs[0]]) // 2))
+        grid = np.array([[colours[c][:3] if c else NOT_KEPT for c in edge_choices(hist[e], n_edges)]
+                         for e in epochs]).transpose(1, 0, 2)      # (edges, epochs, rgb)
+        ax.imshow(grid, aspect='auto', interpolation='nearest',
+                  extent=(epochs[0] - 0.5, epochs[-1] + 0.5, n_edges - 0.5, -0.5))
+        last = last_changes(hist, n_edges)
+        changed = [e for e in range(n_edges) if last[e] > epochs[0]]
+        ax.scatter([last[e] - 0.5 for e in changed], changed, marker='|', s=90, color='k', lw=2)
+        if warmup and epochs[0] < warmup <= epochs[-1]:
+            ax.axvline(warmup - 0.5, color='k', lw=1, ls=':')
+        ax.set_yticks(range(n_edges))
+        ax.set_yticklabels([f'{plots.edge_label(e)}, same since epoch {last[e]:g}' for e in range(n_edges)],
+                           fontsize=7)
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f'{cell} cell: op kept on each edge (grey: edge not kept)', fontsize=9)
+    used = [op for op in ops if any(op in [o for g in h.values() for o, _ in g] for h in history.values())]
+    handles = [Patch(color=colours[op], label=op) for op in used]
+    handles.append(Patch(fc=NOT_KEPT, ec='0.6', label='not kept'))
+    fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 4), fontsize=8)
+    fig.suptitle(f'genotype per epoch (recomputed from weights.csv): {run_path}\n'
+                 'black bar: the edge\'s last change; dotted line: architecture steps start', fontsize=9)
+    return save(fig, png_path or os.path.join(run_path, 'genotype_evolution.png'))
+
+
+# ---------------------------------------------------------------- a whole run folder
+
+def draw_run(run_path, log=print, out_dir=None):
+    """Draw every figure the files of a run folder support (search or retrain run) into out_dir (default: the run
+    folder); returns the PNG paths. Figures whose inputs are missing (an older run, a search stopped before its
+    first epoch) are skipped with a line through `log`."""
+    import plots_eval
+    if not os.path.isdir(run_path):
+        raise UserError(f'{run_path} is not a folder (give a run folder runs/<script>-<timestamp>)')
+    out_dir = out_dir or run_path
+
+    def out(name):
+        return os.path.join(out_dir, name)
+    has = {name: os.path.exists(os.path.join(run_path, name))
+           for name in ('metrics.csv', 'weights.csv', 'genotype.json')}
+    cfg = read_config(run_path)
+    jobs = []
+    if has['weights.csv']:
+        jobs += [(plots.plot_op_weights, (os.path.join(run_path, 'weights.csv'), out('weights.png'),
+                                           f'op weights per edge and epoch: {run_path}')),
+                 (plot_genotype_evolution, (run_path, out('genotype_evolution.png')))]
+    if has['metrics.csv'] and has['weights.csv']:
+        jobs.append((plot_search_curves, (run_path, out('search_curves.png'))))
+    if fold_files(run_path, 'metrics_fold{f}.csv'):
+        jobs.append((plots_eval.plot_retrain_curves, (run_path, out('retrain_curves.png'))))
+    if fold_files(run_path, 'probs_fold{f}.csv'):
+        jobs += [(plots_eval.plot_roc, (run_path, out('roc.png'))),
+                 (plots_eval.plot_confusion, (run_path, out('confusion.png')))]
+    elif fold_files(run_path, 'result_fold{f}.json'):
+        log(f'{run_path}: no probs_fold*.csv (a run from before they were saved): no ROC or confusion figure')
+    if fold_files(run_path, 'result_fold{f}.json'):
+        jobs.append((plots_eval.plot_kfold_table, (run_path, out('kfold_table.png'))))
+    genotype = os.path.join(run_path, 'genotype.json') if has['genotype.json'] else cfg.get('GENOTYPE')
+    if genotype and (genotype in genotypes.GENOTYPES or os.path.isfile(genotype)):
+        jobs.append((plots_cells.plot_genotype, (genotype, out('cells.png'), genotype)))
+    elif genotype:
+        log(f'{run_path}: genotype {genotype} not found from here: no cell diagram')
+    if not jobs:
+        raise UserError(f'{run_path}: nothing to draw (no metrics.csv, weights.csv, metrics_fold*.csv or genotype)')
+    return [fn(*args) for fn, args in jobs]
+
+
+def to_palette(png_path):
+    """Rewrite a PNG with a 256-colour palette (about 3x smaller; for pictures kept in the repository)."""
+    from PIL import Image
+    with Image.open(png_path) as img:
+        small = img.convert('RGB').quantize(256, method=Image.Quantize.FASTOCTREE)  # keeps small-area colours
+    small.save(png_path, optimize=True)
+    return png_path

@@ -1,0 +1,150 @@
+"""Figures of runs: cell diagrams of genotypes, the figures a tiny search and a tiny retrain write as they finish,
+redrawing them from the folder, the genotype's evolution and the search-train AUC."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from test_plots import assert_real_image
+
+import data
+import draw
+import engine
+import genotypes
+import plots_cells
+import plots_runs
+import train_3D_continuation as retrain
+import train_search
+from conftest import write_cube_set
+from utils import UserError, binary_metrics
+
+PRIMS = ('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3')
+SEARCH = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34,
+              PRIMITIVES=PRIMS, EPOCHS=3, WARMUP_EPOCHS=1, HYPERGRAD='first', SEED=1)
+RETRAIN = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, TEST_FOLDS=(8, 9), EPOCHS=2, SEED=0)
+SEARCH_PNGS = ('weights.png', 'genotype_evolution.png', 'search_curves.png', 'cells.png')
+RETRAIN_PNGS = ('retrain_curves.png', 'roc.png', 'confusion.png', 'kfold_table.png', 'cells.png')
+
+
+@pytest.fixture(scope='module')
+def cubes(tmp_path_factory):
+    return write_cube_set(tmp_path_factory.mktemp('set'), scans_per_fold=2, nodules_per_scan=2)
+
+
+@pytest.fixture(scope='module')
+def search_run(cubes, tmp_path_factory):
+    return train_search.main(DATA=cubes, RUNS=str(tmp_path_factory.mktemp('runs')), **SEARCH)
+
+
+@pytest.fixture(scope='module')
+def retrain_run(cubes, search_run, tmp_path_factory):
+    return retrain.main(DATA=cubes, RUNS=str(tmp_path_factory.mktemp('runs')),
+                        GENOTYPE=os.path.join(search_run['run'], 'genotype.json'), **RETRAIN)
+
+
+def test_cell_diagram_of_the_paper_genotype(tmp_path):
+    png = plots_cells.plot_genotype('NAS_HBO_PAPER', tmp_path / 'cells.png')
+    img = assert_real_image(png)
+    assert img.shape[1] > img.shape[0]
+    # a genotype.json draws the same cells
+    genotypes.save_genotype(genotypes.NAS_HBO_PAPER, tmp_path / 'g.json')
+    assert_real_image(plots_cells.plot_genotype(str(tmp_path / 'g.json'), tmp_path / 'g.png'))
+    with pytest.raises(UserError, match="unknown genotype 'NOPE'"):
+        plots_cells.plot_genotype('NOPE', tmp_path / 'n.png')
+
+
+@pytest.mark.parametrize('cell', ['normal', 'reduce'])
+def test_cell_diagram_has_every_edge_and_op_label(cell):
+    edges = getattr(genotypes.NAS_HBO_PAPER, cell)
+    concat = getattr(genotypes.NAS_HBO_PAPER, f'{cell}_concat')
+    ax = Figure().add_subplot()
+    plots_cells.draw_cell(ax, edges, concat, cell, plots_cells.op_colours([op for op, _ in edges]))
+    texts = [t.get_text() for t in ax.texts]
+    assert sorted(texts[:7]) == sorted(['c$_{k-2}$', 'c$_{k-1}$', '0', '1', '2', '3', 'c$_{k}$'])
+    assert sorted(t.replace('\n', '_') for t in texts[7:]) == sorted(op for op, _ in edges)
+    assert len(ax.patches) == 7 + len(edges) + len(concat)   # boxes, op edges, edges into c_k
+    pos = plots_cells.cell_layout(edges, concat)
+    for e, (_, j) in enumerate(edges):                       # data flows left to right
+        assert pos[j][0] < pos[e // 2 + 2][0] < pos['out'][0]
+
+
+def test_search_run_writes_its_figures_and_auc(search_run):
+    run = search_run['run']
+    for name in SEARCH_PNGS:
+        assert_real_image(os.path.join(run, name))
+    metrics = pd.read_csv(os.path.join(run, 'metrics.csv'))
+    assert metrics['train_auc'].between(0, 100).all()
+    # the genotype recomputed from weights.csv for the last epoch is the one the search wrote
+    history, ops = plots_runs.genotype_history(os.path.join(run, 'weights.csv'))
+    assert ops == list(PRIMS) and sorted(history['normal']) == [0, 1, 2]
+    final = genotypes.load_genotype(os.path.join(run, 'genotype.json'))
+    assert history['normal'][2] == final.normal and history['reduce'][2] == final.reduce
+
+
+def test_redraw_from_the_run_folder(search_run, tmp_path):
+    # (a retrain folder is drawn by the same draw_run at the end of its run: test_retrain_saves_...)
+    run = search_run['run']
+    for name in SEARCH_PNGS:
+        os.remove(os.path.join(run, name))
+    written = draw.main(RUN=run)
+    assert sorted(os.path.basename(p) for p in written) == sorted(SEARCH_PNGS)
+    for name in SEARCH_PNGS:
+        assert_real_image(os.path.join(run, name))
+    png = str(tmp_path / 'c.png')
+    assert draw.main(GENOTYPE='NAS_HBO_PAPER', OUT=png, PALETTE=True) == [png]
+    with Image.open(png) as img:
+        assert img.mode == 'P'                              # 256-colour palette, as the README's pictures
+    assert_real_image(png)
+    with pytest.raises(UserError, match='give RUN or GENOTYPE'):
+        draw.main(RUN=run, GENOTYPE='NAS_HBO_PAPER', OUT=png)
+    with pytest.raises(UserError, match='nothing to draw'):
+        draw.main(RUN=str(tmp_path))
+    with pytest.raises(UserError, match='nothing to draw: give a run folder'):
+        draw.main()
+
+
+def test_retrain_saves_test_probabilities_and_normalization(cubes, retrain_run):
+    run = retrain_run['run']
+    table = data.read_table(cubes)
+    for result in retrain_run['folds']:
+        f = result['fold']
+        probs = pd.read_csv(os.path.join(run, f'probs_fold{f}.csv'), dtype={'nodule_id': str})
+        test = table[table['fold'] == f]
+        assert probs['nodule_id'].tolist() == test['nodule_id'].tolist()
+        assert probs['label'].tolist() == test['label'].tolist()
+        assert binary_metrics(probs['label'], probs['prob'])['acc'] == pytest.approx(result['acc'])
+        with open(os.path.join(run, f'norm_fold{f}.json')) as fh:
+            norm = json.load(fh)
+        train = table[table['fold'] != f]
+        assert (norm['mean'], norm['std']) == pytest.approx(data.cube_stats(data.load_cubes(cubes, train, 8)))
+        assert norm['train_folds'] == sorted(set(train['fold']))
+    for name in RETRAIN_PNGS:
+        assert_real_image(os.path.join(run, name))
+
+
+def test_last_changes_and_kept_auc():
+    a = [('skip_connect', 0), ('sep_conv_3x3x3', 1)]
+    b = [('skip_connect', 0), ('max_pool_3x3x3', 1)]
+    c = [('max_pool_3x3x3', 1), ('skip_connect', 0)]
+    # one node, 2 edges: edge 1 changes op at epoch 4; listing the same edges in another order (c) is no change
+    assert plots_runs.last_changes({3: a, 4: b, 5: c, 6: b}, 2) == [3, 4]
+    d = [('skip_connect', 0), ('max_pool_3x3x3', 1), ('sep_conv_3x3x3', 2), ('skip_connect', 0)]
+    assert plots_runs.edge_choices(d, 5) == ['skip_connect', 'max_pool_3x3x3', 'skip_connect', None,
+                                             'sep_conv_3x3x3']
+    keep = [(torch.tensor([0.2, 0.9]), torch.tensor([0, 1])), (torch.tensor([0.6, 0.4]), torch.tensor([0, 1]))]
+    assert engine.kept_auc(keep) == pytest.approx(75.0)   # pairs (malignant > benign): 0.9>0.2, 0.9>0.6, 0.4>0.2
+    assert np.isnan(engine.kept_auc([]))
+
+
+def test_older_retrain_folder_without_probabilities(retrain_run, tmp_path):
+    old = shutil.copytree(retrain_run['run'], tmp_path / 'old',
+                          ignore=shutil.ignore_patterns('probs_fold*', '*.png', '*.pt'))
+    lines = []
+    written = plots_runs.draw_run(str(old), log=lines.append)
+    assert sorted(os.path.basename(p) for p in written) == ['cells.png', 'kfold_table.png', 'retrain_curves.png']
+    assert lines == [f'{old}: no probs_fold*.csv (a run from before they were saved): no ROC or confusion figure']

@@ -1,0 +1,99 @@
+"""predict.py on a tiny finished retrain run: it reproduces the run's own test-fold probabilities (with the saved
+normalization and with it recomputed for older runs), writes LayerCAM volumes and figures, and refuses bad input."""
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_plots import assert_real_image
+
+import predict
+import train_3D_continuation as retrain
+from conftest import write_cube_set
+from utils import UserError
+
+RETRAIN = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, TEST_FOLDS=(8, 9), EPOCHS=1, SEED=0, FIGURES=False)
+
+
+@pytest.fixture(scope='module')
+def cubes(tmp_path_factory):
+    return write_cube_set(tmp_path_factory.mktemp('set'), scans_per_fold=2, nodules_per_scan=1)
+
+
+@pytest.fixture(scope='module')
+def finished(cubes, tmp_path_factory):
+    return retrain.main(DATA=cubes, RUNS=str(tmp_path_factory.mktemp('runs')), **RETRAIN)['run']
+
+
+def run_probs(run, fold):
+    return pd.read_csv(os.path.join(run, f'probs_fold{fold}.csv'), dtype={'nodule_id': str})
+
+
+def read_log(run):
+    with open(os.path.join(run, 'log.txt')) as f:
+        return f.read()
+
+
+def assert_reproduces(pred, run):
+    for fold in (8, 9):
+        own = run_probs(run, fold)
+        got = pred.set_index('nodule_id').loc[own['nodule_id'], f'prob_fold{fold}'].to_numpy()
+        np.testing.assert_allclose(got, own['prob'].to_numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_predict_reproduces_the_runs_test_fold_probabilities(finished, cubes):
+    out = predict.main(RUN=finished, DEVICE='cpu')
+    pred = out['predictions']
+    assert len(pred) == 20 and list(pred.columns) == ['nodule_id', 'fold', 'label', 'prob_fold8', 'prob_fold9',
+                                                      'prob_mean']
+    assert_reproduces(pred, finished)
+    np.testing.assert_allclose(pred['prob_mean'], (pred['prob_fold8'] + pred['prob_fold9']) / 2, rtol=1e-6)
+    written = pd.read_csv(os.path.join(out['run'], 'predictions.csv'), dtype={'nodule_id': str})
+    pd.testing.assert_frame_equal(written, pred, check_dtype=False)
+    assert os.path.dirname(out['run']) == finished
+    assert 'held-out prediction only for the nodules of fold f' in read_log(out['run'])
+
+
+def test_older_run_without_saved_normalization(finished, tmp_path):
+    old = shutil.copytree(finished, tmp_path / 'old')
+    for fold in (8, 9):
+        os.remove(old / f'norm_fold{fold}.json')
+    out = predict.main(RUN=str(old), DEVICE='cpu', NODULES=('f8s0n0', 'f9s1n0'))
+    assert out['predictions']['nodule_id'].tolist() == ['f8s0n0', 'f9s1n0']
+    for fold, nid in ((8, 'f8s0n0'), (9, 'f9s1n0')):
+        own = run_probs(finished, fold).set_index('nodule_id')['prob'][nid]
+        got = out['predictions'].set_index('nodule_id')[f'prob_fold{fold}'][nid]
+        assert got == pytest.approx(own, rel=1e-5, abs=1e-7)
+    assert 'normalization recomputed from' in read_log(out['run'])
+
+
+def test_cam_volumes_and_figures_of_a_new_cube_set_without_labels(finished, tmp_path):
+    new = write_cube_set(tmp_path / 'new', n_folds=1, scans_per_fold=1, nodules_per_scan=2, size=12, seed=5)
+    os.remove(os.path.join(new, 'nodules.csv'))                  # unlabelled cubes only
+    out = predict.main(RUN=finished, DATA=new, DEVICE='cpu', CAM=True, CAM_CELLS=(0, -1))
+    pred = out['predictions']
+    assert pred['nodule_id'].tolist() == ['f0s0n0', 'f0s0n1'] and 'label' not in pred.columns
+    for nid in pred['nodule_id']:
+        volume = np.load(os.path.join(out['run'], 'cam', f'{nid}.npy'))
+        assert volume.shape == (8, 8, 8) and volume.dtype == np.float32
+        assert volume.min() == 0 and volume.max() == pytest.approx(1)
+        assert_real_image(os.path.join(out['run'], 'cam', f'{nid}.png'))
+
+
+def test_clear_refusals(finished, cubes, tmp_path):
+    with pytest.raises(UserError, match='no nodule nope, f99 '):
+        predict.main(RUN=finished, DEVICE='cpu', NODULES=('f8s0n0', 'nope', 'f99'))
+    small = write_cube_set(tmp_path / 'small', n_folds=1, scans_per_fold=1, size=6)
+    with pytest.raises(UserError, match=r"its cubes are 6x6x6 voxels; the run's models take 8\^3 cubes"):
+        predict.main(RUN=finished, DATA=small, DEVICE='cpu')
+    unfinished = tmp_path / 'unfinished'
+    unfinished.mkdir()
+    shutil.copy(os.path.join(finished, 'config.json'), unfinished)
+    shutil.copy(os.path.join(finished, 'model_fold8.pt'), unfinished)   # a model without its result: not finished
+    with pytest.raises(UserError, match='no finished fold'):
+        predict.main(RUN=str(unfinished), DEVICE='cpu')
+    with pytest.raises(UserError, match='give a train_3D_continuation run folder'):
+        predict.main(RUN=str(tmp_path), DEVICE='cpu')
+    with pytest.raises(UserError, match=r'CAM_CELLS \[5\]'):
+        predict.main(RUN=finished, DEVICE='cpu', CAM=True, CAM_CELLS=(5,))
