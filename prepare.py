@@ -39,6 +39,13 @@ RUNS = 'runs'             # folder of run folders (log, config)
 TAG = ''                  # suffix of the run folder name
 
 DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (utils.check_rules: '> 0' reads 'MATCH_MM > 0';
+    # None: any value of the setting's type; LUNA16_DIR and its annotations.csv are checked before the run folder)
+    'LUNA16_DIR': None, 'OUT_DIR': "!= ''", 'VOLUMES': None, 'LABELS': None,
+    'LIDC_DB': "LIDC_DB == '' or isfile(LIDC_DB)", 'NODULE_TABLE': "NODULE_TABLE == '' or isfile(NODULE_TABLE)",
+    'MATCH_MM': '> 0', 'WORKERS': '>= 1', 'SCAN_TIMEOUT': '> 0', 'START_METHOD': "in ('spawn', 'fork', 'forkserver')",
+    'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]', 'RUNS': "!= ''", 'TAG': None,
+}
 CLUSTER_COLUMNS = ('seriesuid', 'row', 'col', 'z', 'label', 'diameter_mm')  # needed from the cluster table
 FAILURE_COLUMNS = ('seriesuid', 'fold', 'path', 'reason')
 
@@ -142,10 +149,12 @@ def build_labels(scans, cfg, run):
 
 
 def main(**overrides):
-    cfg = utils.check_settings(overrides, DEFAULTS)
+    cfg = utils.resolve_settings(overrides, DEFAULTS, RULES)
     if not (cfg['VOLUMES'] or cfg['LABELS']):
         raise utils.UserError('nothing to do: VOLUMES and LABELS are both False')
     scans = luna.find_scans(cfg['LUNA16_DIR'])
+    if cfg['LABELS']:  # a missing or malformed annotations.csv fails now, not after the scans
+        luna.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
     run = utils.Run('prepare', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
     folds = sorted({f for f, _ in scans.values()})
@@ -161,4 +170,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'finished scans are kept; rerun the same command to continue')

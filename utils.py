@@ -94,16 +94,19 @@ def settings_of(module_globals):
     return {k: v for k, v in module_globals.items() if k.isupper() and not k.startswith('_') and isinstance(v, plain)}
 
 
-def run_cli(main, defaults):
-    """Entry point of a script: parse sys.argv, run main(**overrides), print user errors as one line."""
+RESUME_HINT = 'the last checkpoint is kept; rerun with --RESUME=<run folder> to continue'
+
+
+def run_cli(main, defaults, on_interrupt=RESUME_HINT):
+    """Entry point of a script: parse sys.argv, run main(**overrides), print user errors as one line.
+    on_interrupt: what Ctrl-C prints after 'interrupted: ', i.e. how this script continues (or that it restarts)."""
     try:
         main(**parse_overrides(defaults, sys.argv[1:]))
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print('interrupted: the last checkpoint is kept; rerun with --RESUME=<run folder> to continue',
-              file=sys.stderr)
+        print(f'interrupted: {on_interrupt}', file=sys.stderr)
         sys.exit(130)
     except torch.cuda.OutOfMemoryError as e:
         advice = ('set CHECKPOINT_CELLS=True (a run continues with it: --RESUME=<run folder> '
@@ -126,20 +129,163 @@ def check_settings(overrides, defaults):
 RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS')
 
 
-def resumed_settings(run_path, overrides, defaults):
-    """Settings of a run being continued: its config.json; DEVICE and FAST_KERNELS are this machine's (the
-    defaults or given values). Other settings cannot change (the saved optimizer and schedule were built from them)."""
+def read_run_config(run_path, defaults):
+    """config.json of a run folder to continue, checked to belong to the script of `defaults`: it must parse, hold
+    every setting of the script (those in RESUMABLE_CHANGES may be missing) and no other, each of its type."""
     path = os.path.join(run_path, 'config.json')
     if not os.path.exists(path):
         raise UserError(f'RESUME={run_path}: {path} is missing (not a run folder of this script?)')
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        what = 'is empty' if os.path.getsize(path) == 0 else f'cannot be read ({e})'
+        raise UserError(f'RESUME={run_path}: {path} {what}; the run cannot be continued') from None
+    if not isinstance(saved, dict):
+        raise UserError(f'RESUME={run_path}: {path} holds no settings; the run cannot be continued')
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise UserError(f'RESUME={run_path}: not a run folder of this script: its config.json has setting(s) '
+                        f'{", ".join(unknown)}, which this script does not have')
+    missing = sorted(set(defaults) - set(saved) - set(RESUMABLE_CHANGES))
+    if missing:
+        raise UserError(f'RESUME={run_path}: {path} lacks setting(s) {", ".join(missing)} (damaged, or written by '
+                        'another version of this script); the run cannot be continued')
+    for k, v in saved.items():
+        try:
+            _coerce(k, v, defaults[k])
+        except UserError:
+            raise UserError(f'RESUME={run_path}: {path}: {k}={v!r} is not a {type(defaults[k]).__name__}') from None
+    return saved
+
+
+def resumed_settings(run_path, overrides, defaults):
+    """Settings of a run being continued: its config.json; DEVICE and FAST_KERNELS are this machine's (the
+    defaults or given values). Other settings cannot change (the saved optimizer and schedule were built from them)."""
     checked = check_settings(overrides, defaults)
+    saved = read_run_config(run_path, defaults)
     for k in overrides:
         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(checked[k])) != saved.get(k):
             raise UserError(f'--{k} cannot change when resuming {run_path} (it was {saved.get(k)!r}); '
                             'start a new run instead')
+    saved = {k: _coerce(k, v, defaults[k]) for k, v in saved.items()}
     return {**saved, **{k: checked[k] for k in RESUMABLE_CHANGES if k in checked}, 'RESUME': run_path}
+
+
+def resolve_settings(overrides, defaults, rules):
+    """The settings of a script's run, every one checked before the script writes anything: the defaults updated
+    with main(**overrides) (names and types checked), or, with RESUME, the continued run's config.json (see
+    resumed_settings); then each value against its rule (check_rules). A script adopts it in three lines:
+
+        DEFAULTS = utils.settings_of(globals())          # after the UPPERCASE constants
+        RULES = {'EPOCHS': '>= 1', 'C': 'C >= 1 and C % PC_K == 0', 'TAG': None, ...}  # one per setting
+        cfg = utils.resolve_settings(overrides, DEFAULTS, RULES)   # first line of main(**overrides)
+
+    and its remaining input checks (files, folds, genotypes) run before it creates its run folder."""
+    cfg = check_settings(overrides, defaults)
+    if cfg.get('RESUME'):
+        cfg = resumed_settings(cfg['RESUME'], overrides, defaults)
+    check_rules(cfg, rules)
+    return cfg
+
+
+# ---------------------------------------------------------------- allowed values of the settings
+
+def _ints(values):
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _folds(values):
+    """A non-empty sequence of fold numbers (ints >= 0)."""
+    return len(values) >= 1 and _ints(values) and min(values) >= 0
+
+
+def usable_device(name):
+    """True for 'cpu' and for 'cuda' / 'cuda:<index>' when that GPU is visible; otherwise a UserError saying why."""
+    if name == 'cpu':
+        return True
+    kind, _, index = name.partition(':')
+    if kind != 'cuda' or not (index == '' or index.isdigit()):
+        raise UserError(f"DEVICE={name!r}: must be 'cpu', 'cuda' or 'cuda:<index>'")
+    if not torch.cuda.is_available():
+        raise UserError(f'DEVICE={name!r}: CUDA is not available on this machine (torch.cuda.is_available() is '
+                        'False); use --DEVICE=cpu')
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f'DEVICE={name!r}: this machine has {torch.cuda.device_count()} GPU(s)')
+    return True
+
+
+# Functions a rule may call (besides its settings, constants, arithmetic, comparisons, and/or/not, x[i]).
+RULE_FUNCTIONS = {'len': len, 'ints': _ints, 'folds': _folds, 'isfile': os.path.isfile, 'isdir': os.path.isdir,
+                  'device': usable_device}
+_BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+           ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+_COMPARE = {ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b,
+            ast.GtE: lambda a, b: a >= b, ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b,
+            ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+
+
+def _rule_value(node, cfg):
+    """Evaluate a rule's parsed expression over the settings `cfg`; nothing else is reachable (no eval)."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return cfg[node.id]
+    if isinstance(node, ast.Tuple):
+        return tuple(_rule_value(e, cfg) for e in node.elts)
+    if isinstance(node, ast.BoolOp):  # short-circuits like Python: 'len(X) >= 1 and X[0] >= 0'
+        for value in node.values:
+            result = _rule_value(value, cfg)
+            if bool(result) == isinstance(node.op, ast.Or):
+                return result
+        return result
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+        value = _rule_value(node.operand, cfg)
+        return not value if isinstance(node.op, ast.Not) else -value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        return _BINARY[type(node.op)](_rule_value(node.left, cfg), _rule_value(node.right, cfg))
+    if isinstance(node, ast.Compare):
+        left = _rule_value(node.left, cfg)
+        for op, right_node in zip(node.ops, node.comparators):
+            right = _rule_value(right_node, cfg)
+            if not _COMPARE[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.Subscript):
+        return _rule_value(node.value, cfg)[_rule_value(node.slice, cfg)]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in RULE_FUNCTIONS \
+            and not node.keywords:
+        return RULE_FUNCTIONS[node.func.id](*(_rule_value(a, cfg) for a in node.args))
+    raise ValueError(f'rule element {ast.unparse(node)!r} is not supported')
+
+
+def check_rules(cfg, rules):
+    """Check each setting against its rule: `rules` maps a setting's name to a Python expression over the settings
+    (e.g. '0 < VAL_FRACTION < 1', 'C % PC_K == 0', "NODULE_TABLE == '' or isfile(NODULE_TABLE)"; one that starts
+    with a comparison compares the setting itself: '>= 1' for 'EPOCHS' is 'EPOCHS >= 1') or to None (any value of
+    its type). The first broken rule is a UserError naming the setting, its value, the rule and the other
+    settings the rule reads. A rule naming an unknown setting is a bug of the script (ValueError)."""
+    for name, rule in rules.items():
+        if name not in cfg:
+            raise ValueError(f'rule for unknown setting {name}')
+        if rule is None:
+            continue
+        if rule.lstrip()[0] in '<>=!' or rule.lstrip().startswith(('in ', 'not in ')):  # '>= 1', "in ('a', 'b')"
+            rule = f'{name} {rule.strip()}'
+        tree = ast.parse(rule, mode='eval')
+        names = [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id not in RULE_FUNCTIONS]
+        bad = [n for n in names if n not in cfg]
+        if bad:
+            raise ValueError(f'rule of {name} reads unknown setting(s) {", ".join(bad)}')
+        try:
+            ok = _rule_value(tree.body, cfg)
+        except (TypeError, ValueError, ZeroDivisionError, IndexError, KeyError):
+            ok = False  # e.g. a comparison with a value of another type (settings whose default is None)
+        if not ok:
+            others = ', '.join(f'{n}={cfg[n]!r}' for n in dict.fromkeys(names) if n != name)
+            raise UserError(f'{name}={cfg[name]!r} is not allowed: it must satisfy {rule}'
+                            + (f' ({others})' if others else ''))
 
 
 # ---------------------------------------------------------------- run folders and logs
@@ -167,8 +313,7 @@ class Run:
         self.path = path
         os.makedirs(path, exist_ok=True)
         self.quiet = False
-        with open(self.file('config.json'), 'w') as f:
-            json.dump(cfg, f, indent=1, default=str)
+        save_json_atomic(self.file('config.json'), cfg, default=str)  # a kill mid-write keeps the previous one
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -202,18 +347,41 @@ class Run:
             w.writerows(rows)
 
     def truncate_metrics(self, epochs_done, name='metrics.csv'):
-        """On resume, drop rows of epochs that the checkpoint does not contain."""
+        """On resume, drop rows of epochs that the checkpoint does not contain (and rows a kill cut short);
+        returns the sorted epochs whose rows remain."""
         path = self.file(name)
         if not os.path.exists(path):
-            return
+            return []
         with open(path, newline='') as f:
-            rows = list(csv.DictReader(f))
-        keep = [r for r in rows if int(r['epoch']) < epochs_done]
-        if rows:
-            with open(path, 'w', newline='') as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            reader = csv.DictReader(f)
+            rows, fields = list(reader), reader.fieldnames
+        if not fields:  # empty (cut before its header): the next row writes a new header
+            os.remove(path)
+            return []
+
+        def epoch(row):
+            try:
+                return int(row['epoch'])
+            except (KeyError, TypeError, ValueError):
+                return None
+        keep = [r for r in rows if epoch(r) is not None and epoch(r) < epochs_done and None not in r.values()]
+        with atomic_path(path) as tmp:
+            with open(tmp, 'w', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=fields)
                 w.writeheader()
                 w.writerows(keep)
+        return sorted({epoch(r) for r in keep})
+
+    def continue_metrics(self, epochs_done, name='metrics.csv'):
+        """truncate_metrics, and a log line when rows of the epochs before the checkpoint are missing (a deleted or
+        damaged file): they cannot be rebuilt from the checkpoint, but their numbers are in log.txt."""
+        kept = self.truncate_metrics(epochs_done, name)
+        lost = sorted(set(range(epochs_done)) - set(kept))
+        if lost:
+            what = 'is missing' if not os.path.exists(self.file(name)) else 'lacks their rows'
+            self.log(f'warning: {name} {what}: rows of epoch(s) {lost[0]}-{lost[-1]} ({len(lost)}) are lost '
+                     f'(their numbers are in log.txt); rows from epoch {epochs_done} on are appended')
+        return lost
 
 
 def progress(iterable, total=None, desc=None, every_s=60.0):
@@ -258,10 +426,11 @@ def save_atomic(obj, path):
         torch.save(obj, tmp)
 
 
-def save_json_atomic(path, obj):
-    """json.dump, atomically."""
-    with atomic_path(path) as tmp, open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
+def save_json_atomic(path, obj, default=None):
+    """json.dump, atomically (default: json.dump's, for values JSON lacks)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1, default=default)
 
 
 def load_checkpoint(path):
