@@ -225,6 +225,18 @@ _COMPARE = {ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b, ast.Gt: la
             ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
 
 
+_RULE_NODES = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.Tuple, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp,
+               ast.Not, ast.USub, ast.BinOp, ast.Compare, ast.Subscript, ast.Call, *_BINARY, *_COMPARE)
+
+
+def _check_rule(tree, rule):
+    """Only the elements _rule_value evaluates: a rule is data, never run as code."""
+    for node in ast.walk(tree):
+        if not isinstance(node, _RULE_NODES) or (isinstance(node, ast.Call) and (
+                not isinstance(node.func, ast.Name) or node.func.id not in RULE_FUNCTIONS or node.keywords)):
+            raise ValueError(f'rule {rule!r}: element {ast.unparse(node)!r} is not supported')
+
+
 def _rule_value(node, cfg):
     """Evaluate a rule's parsed expression over the settings `cfg`; nothing else is reachable (no eval)."""
     if isinstance(node, ast.Constant):
@@ -254,10 +266,9 @@ def _rule_value(node, cfg):
         return True
     if isinstance(node, ast.Subscript):
         return _rule_value(node.value, cfg)[_rule_value(node.slice, cfg)]
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in RULE_FUNCTIONS \
-            and not node.keywords:
+    if isinstance(node, ast.Call):  # checked by _check_rule: one of RULE_FUNCTIONS
         return RULE_FUNCTIONS[node.func.id](*(_rule_value(a, cfg) for a in node.args))
-    raise ValueError(f'rule element {ast.unparse(node)!r} is not supported')
+    raise AssertionError(f'{ast.unparse(node)!r} passed _check_rule')
 
 
 def check_rules(cfg, rules):
@@ -274,6 +285,7 @@ def check_rules(cfg, rules):
         if rule.lstrip()[0] in '<>=!' or rule.lstrip().startswith(('in ', 'not in ')):  # '>= 1', "in ('a', 'b')"
             rule = f'{name} {rule.strip()}'
         tree = ast.parse(rule, mode='eval')
+        _check_rule(tree, rule)
         names = [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id not in RULE_FUNCTIONS]
         bad = [n for n in names if n not in cfg]
         if bad:
