@@ -22,6 +22,7 @@ import bench_kernels
 import bench_methods
 import bench_steps
 import dwconv3d
+import settings
 import utils
 
 DTYPE = 'float32'  # 'float32' or 'bfloat16'
@@ -51,7 +52,7 @@ METHODS_RETRAIN_LAYERS = 8  # retrain cells
 METHODS_FOLD = 5  # test fold of the retrains
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 DEFAULTS = utils.settings_of(globals())
-RULES = {  # allowed values of the settings above, in their order (utils.check_rules: '>= 1' reads 'STEPS >= 1';
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'STEPS >= 1';
     # None: any value of the setting's type; DTYPE and BENCH are checked by main(); supernets use PC_K = 4)
     'DTYPE': None, 'WARMUP_MS': '>= 0', 'REP_MS': '> 0', 'PEAK_GBPS': '> 0', 'DEVICE': 'device(DEVICE)', 'BENCH': None,
     'STEPS': '>= 1', 'WARMUP_STEPS': '>= 0', 'SEARCH_BATCH': '>= 1', 'RETRAIN_BATCH': '>= 1',
@@ -63,7 +64,7 @@ RULES = {  # allowed values of the settings above, in their order (utils.check_r
 
 
 def main(**overrides):
-    cfg = utils.resolve_settings(overrides, DEFAULTS, RULES)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
     if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods'):

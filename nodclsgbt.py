@@ -23,6 +23,7 @@ import pandas as pd
 import data
 import luna
 import lungmask
+import settings
 import utils
 
 PREPARED_DIR = os.path.join('data', 'luna16', 'prepared')  # prepare.py's OUT_DIR (volumes/, labels.csv)
@@ -42,7 +43,7 @@ RUNS = 'runs'             # folder of run folders
 TAG = ''                  # suffix of the run folder name
 
 DEFAULTS = utils.settings_of(globals())
-RULES = {  # allowed values of the settings above, in their order (utils.check_rules: '>= 1' reads 'MAX_ITER >= 1';
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'MAX_ITER >= 1';
     # None: any value of the setting's type; PREPARED_DIR / CUBE_SET are checked before the run folder is made)
     'PREPARED_DIR': None, 'CUBE_SET': "!= ''", 'CROP': None, 'CUBE_SIZE': '>= 1', 'TEST_FOLDS': 'folds(TEST_FOLDS)',
     'DOWNSAMPLE': '1 <= DOWNSAMPLE <= CUBE_SIZE', 'MAX_ITER': '>= 1', 'LEARNING_RATE': '> 0',
@@ -116,7 +117,7 @@ def fit_predict(x_train, y_train, x_test, cfg):
 
 
 def main(**overrides):
-    cfg = utils.resolve_settings(overrides, DEFAULTS, RULES)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if cfg['CROP']:  # the inputs fail before the run folder is made
         read_labels(cfg['PREPARED_DIR'])
     else:

@@ -21,6 +21,7 @@ import pandas as pd
 import luna
 import lungmask
 import scanpool
+import settings
 import utils
 from luna import world_to_voxel  # noqa: F401 - part of this script's interface (prepare.world_to_voxel)
 
@@ -39,7 +40,7 @@ RUNS = 'runs'             # folder of run folders (log, config)
 TAG = ''                  # suffix of the run folder name
 
 DEFAULTS = utils.settings_of(globals())
-RULES = {  # allowed values of the settings above, in their order (utils.check_rules: '> 0' reads 'MATCH_MM > 0';
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '> 0' reads 'MATCH_MM > 0';
     # None: any value of the setting's type; LUNA16_DIR and its annotations.csv are checked before the run folder)
     'LUNA16_DIR': None, 'OUT_DIR': "!= ''", 'VOLUMES': None, 'LABELS': None,
     'LIDC_DB': "LIDC_DB == '' or isfile(LIDC_DB)", 'NODULE_TABLE': "NODULE_TABLE == '' or isfile(NODULE_TABLE)",
@@ -149,7 +150,7 @@ def build_labels(scans, cfg, run):
 
 
 def main(**overrides):
-    cfg = utils.resolve_settings(overrides, DEFAULTS, RULES)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if not (cfg['VOLUMES'] or cfg['LABELS']):
         raise utils.UserError('nothing to do: VOLUMES and LABELS are both False')
     scans = luna.find_scans(cfg['LUNA16_DIR'])

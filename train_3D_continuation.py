@@ -13,6 +13,7 @@ import data
 import dwconv3d
 import engine
 import genotypes
+import settings
 import utils
 from model import NetworkLUNA
 
@@ -42,7 +43,7 @@ RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
 DEFAULTS = utils.settings_of(globals())
-RULES = {  # allowed values of the settings above, in their order (utils.check_rules: '>= 1' reads 'EPOCHS >= 1';
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
     # None: any value of the setting's type; GENOTYPE and FOLD are checked by main() before the run folder is made)
     'DATA': None, 'GENOTYPE': None, 'FOLD': None, 'TEST_FOLDS': 'folds(TEST_FOLDS)',
     'TRAIN_FOLDS': 'TRAIN_FOLDS == () or folds(TRAIN_FOLDS)', 'CUBE': 'CUBE >= 8 and CUBE % 4 == 0',
@@ -154,7 +155,7 @@ def train_fold(cfg, genotype, table, fold, run):
 
 
 def main(**overrides):
-    cfg = utils.resolve_settings(overrides, DEFAULTS, RULES)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     genotype = genotypes.get_genotype(cfg['GENOTYPE'])
     data.check_cube_size(cfg['CUBE'], [op for op, _ in genotype.normal + genotype.reduce])
     folds = test_folds(cfg)

@@ -14,6 +14,7 @@ import dwconv3d
 import engine
 import genotypes
 import operations
+import settings
 import utils
 import zo
 from model_search import SearchNetwork, zero_one_loss
@@ -60,7 +61,7 @@ RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
 DEFAULTS = utils.settings_of(globals())
-RULES = {  # allowed values of the settings above, in their order (utils.check_rules: '>= 1' reads 'EPOCHS >= 1';
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
     # None: any value of the setting's type; names of ops, weightings, hypergradients are checked by build())
     'DATA': None, 'SEARCH_FOLDS': 'folds(SEARCH_FOLDS)', 'VAL_FRACTION': '0 < VAL_FRACTION < 1',
     'CUBE': 'CUBE >= 8 and CUBE % 4 == 0', 'EPOCHS': '>= 1', 'WARMUP_EPOCHS': '>= 0', 'BATCH_SIZE': '>= 1',
@@ -164,7 +165,7 @@ def log_weights(run, epoch, model):
 
 
 def main(**overrides):
-    cfg = utils.resolve_settings(overrides, DEFAULTS, RULES)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     utils.seed_everything(cfg['SEED'])
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])

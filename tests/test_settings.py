@@ -14,6 +14,7 @@ import nodclsgbt
 import prepare
 import train_3D_continuation as retrain
 import train_search
+import settings
 import utils
 from conftest import write_cube_set
 from utils import UserError
@@ -25,7 +26,7 @@ SCRIPTS = [train_search, retrain, prepare, nodclsgbt, bench]
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda m: m.__name__)
 def test_every_setting_has_a_rule_and_the_defaults_keep_them(script):
     assert list(script.RULES) == list(script.DEFAULTS)   # one per setting, in the order of the constants
-    utils.check_rules({**script.DEFAULTS, 'DEVICE': 'cpu'} if 'DEVICE' in script.DEFAULTS else script.DEFAULTS,
+    settings.check_rules({**script.DEFAULTS, 'DEVICE': 'cpu'} if 'DEVICE' in script.DEFAULTS else script.DEFAULTS,
                       script.RULES)
 
 
@@ -33,7 +34,7 @@ def test_check_rules_worked_examples(tmp_path):
     cfg = {'EPOCHS': 3, 'C': 6, 'PC_K': 4, 'F': 0.5, 'FOLDS': (5, 6), 'MODE': 'a', 'PATH': '', 'LIM': (1.0, 2.0)}
     ok = {'EPOCHS': '>= 1', 'F': '0 < F < 1', 'FOLDS': 'folds(FOLDS)', 'MODE': "in ('a', 'b')",
           'PATH': "PATH == '' or isfile(PATH)", 'LIM': 'len(LIM) == 2 and 0 <= LIM[0] < LIM[1]', 'C': None}
-    utils.check_rules(cfg, ok)
+    settings.check_rules(cfg, ok)
     cases = [({'EPOCHS': 0}, {'EPOCHS': '>= 1'}, 'EPOCHS=0 is not allowed: it must satisfy EPOCHS >= 1$'),
              ({}, {'C': 'C % PC_K == 0'}, r'C=6 is not allowed: it must satisfy C % PC_K == 0 \(PC_K=4\)$'),
              ({'F': 1.0}, {'F': '0 < F < 1'}, 'F=1.0 is not allowed'),
@@ -47,30 +48,30 @@ def test_check_rules_worked_examples(tmp_path):
              ({'EPOCHS': 'x'}, {'EPOCHS': '>= 1'}, "EPOCHS='x' is not allowed")]  # a comparison that fails on type
     for change, rules, message in cases:
         with pytest.raises(UserError, match=message):
-            utils.check_rules({**cfg, **change}, rules)
+            settings.check_rules({**cfg, **change}, rules)
     with pytest.raises(ValueError, match='rule for unknown setting NOPE'):
-        utils.check_rules(cfg, {'NOPE': '>= 1'})
+        settings.check_rules(cfg, {'NOPE': '>= 1'})
     with pytest.raises(ValueError, match='rule of C reads unknown setting.s. K'):
-        utils.check_rules(cfg, {'C': 'C % K == 0'})
+        settings.check_rules(cfg, {'C': 'C % K == 0'})
     for rule, element in [("__import__('os').getcwd() != ''", "__import__('os').getcwd()"),
                           ('C.bit_length() > 0', 'C.bit_length()'), ('len(C, x=1) > 0', 'len(C, x=1)'),
                           ('[c for c in FOLDS]', '[c for c in FOLDS]')]:  # only settings and RULE_FUNCTIONS
         with pytest.raises(ValueError, match=re.escape(f'element {element!r} is not supported')):
-            utils.check_rules(cfg, {'C': rule})
+            settings.check_rules(cfg, {'C': rule})
 
 
 def test_device_rule(monkeypatch):
-    assert utils.usable_device('cpu')
+    assert settings.usable_device('cpu')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     with pytest.raises(UserError, match=r"DEVICE='cuda': CUDA is not available on this machine .*--DEVICE=cpu"):
-        utils.usable_device('cuda')
+        settings.usable_device('cuda')
     with pytest.raises(UserError, match=r"DEVICE='gpu': must be 'cpu', 'cuda' or 'cuda:<index>'"):
-        utils.usable_device('gpu')
+        settings.usable_device('gpu')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    assert utils.usable_device('cuda') and utils.usable_device('cuda:0')
+    assert settings.usable_device('cuda') and settings.usable_device('cuda:0')
     with pytest.raises(UserError, match=r"DEVICE='cuda:1': this machine has 1 GPU"):
-        utils.usable_device('cuda:1')
+        settings.usable_device('cuda:1')
 
 
 @pytest.fixture(scope='module')
