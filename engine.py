@@ -14,8 +14,10 @@ def check_finite(loss, where, run_path, checkpoint='last.pt'):
     """Stop the run on a NaN/inf loss; the checkpoint of the last good epoch (run_path/checkpoint) stays.
     run_path None: no run folder (e.g. evaluating a saved model)."""
     if not math.isfinite(float(loss)):
-        path = os.path.join(run_path, checkpoint) if run_path is not None else None
-        kept = f'the last good checkpoint is kept in {path}' if path and os.path.exists(path) else 'no checkpoint yet'
+        if run_path is None:
+            raise UserError(f'loss is {float(loss)} at {where}: the model gives non-finite outputs')
+        path = os.path.join(run_path, checkpoint)
+        kept = f'the last good checkpoint is kept in {path}' if os.path.exists(path) else 'no checkpoint yet'
         raise UserError(f'loss is {float(loss)} at {where}; stopping: {kept} (try a lower learning rate)')
 
 

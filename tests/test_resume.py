@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+import data
 import engine
 import train_3D_continuation as retrain
 import train_search
@@ -261,3 +262,41 @@ def test_nan_after_the_last_checked_retrain_step_stops_at_evaluation(cubes, tmp_
     folder = only_folder(tmp_path)
     assert_good_checkpoint(os.path.join(folder, 'last_fold8.pt'))
     assert not os.path.exists(os.path.join(folder, 'result_fold8.json'))
+
+
+def test_evaluate_without_a_run_folder_names_the_outputs(cubes):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 ** 3, 2))
+    with torch.no_grad():
+        model[1].bias.fill_(float('nan'))
+    table = data.read_table(cubes)
+    test, _ = data.load_split(cubes, table, [8], 8, 'cpu')
+    with pytest.raises(UserError, match='loss is nan at evaluation: the model gives non-finite outputs'):
+        engine.evaluate(model, test, 4)
+
+
+# ---------------------------------------------------------------- metrics rows on resume
+
+def test_continue_metrics_keeps_whole_rows_of_checkpointed_epochs_and_says_what_is_lost(tmp_path):
+    run = utils.Run('test', {}, path=str(tmp_path / 'run'))
+    run.quiet = True
+    run.metrics_rows([{'epoch': e, 'loss': 0.5 + e} for e in range(4)])
+    with open(run.file('metrics.csv'), 'a') as f:
+        f.write('4,0.')                                      # a row cut short by a kill
+    assert run.continue_metrics(4) == []                     # epochs 0-3 are in the checkpoint: nothing lost
+    assert pd.read_csv(run.file('metrics.csv'))['epoch'].tolist() == [0, 1, 2, 3]
+    assert run.continue_metrics(2) == []
+    assert pd.read_csv(run.file('metrics.csv'))['epoch'].tolist() == [0, 1]
+    with open(run.file('metrics.csv')) as f:
+        lines = f.read().splitlines()
+    with open(run.file('metrics.csv'), 'w') as f:
+        f.write('\n'.join([lines[0], lines[2]]) + '\n')       # epoch 0's row deleted by hand
+    assert run.continue_metrics(2) == [0]
+    os.remove(run.file('metrics.csv'))
+    assert run.continue_metrics(3) == [0, 1, 2]
+    run.metrics_row({'epoch': 3, 'loss': 3.5})
+    assert pd.read_csv(run.file('metrics.csv'))['epoch'].tolist() == [3]
+    with open(run.file('log.txt')) as f:
+        log = f.read()
+    assert 'warning: metrics.csv lacks their rows: rows of epoch(s) 0-0 (1) are lost' in log
+    assert 'warning: metrics.csv is missing: rows of epoch(s) 0-2 (3) are lost (their numbers are in log.txt); ' \
+        'rows from epoch 3 on are appended' in log
