@@ -16,6 +16,7 @@ then checks its other inputs (files, folds, genotypes) before it creates or touc
 one line (a UserError, printed by utils.run_cli without a traceback) naming the setting, its value and the rule.
 """
 import ast
+import operator
 import os
 
 import torch
@@ -37,6 +38,7 @@ def resolve(overrides, defaults, rules):
 
 
 def _ints(values):
+    """Every element an int (not a bool)."""
     return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
@@ -63,13 +65,10 @@ def usable_device(name):
 # Functions a rule may call (besides its settings, constants, arithmetic, comparisons, and/or/not, x[i]).
 RULE_FUNCTIONS = {'len': len, 'ints': _ints, 'folds': _folds, 'isfile': os.path.isfile, 'isdir': os.path.isdir,
                   'device': usable_device}
-_BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-           ast.Div: lambda a, b: a / b, ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
-_COMPARE = {ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b,
-            ast.GtE: lambda a, b: a >= b, ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b,
-            ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
-
-
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq,
+            ast.NotEq: operator.ne, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
 _RULE_NODES = (ast.Expression, ast.Constant, ast.Name, ast.Load, ast.Tuple, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp,
                ast.Not, ast.USub, ast.BinOp, ast.Compare, ast.Subscript, ast.Call, *_BINARY, *_COMPARE)
 

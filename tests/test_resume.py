@@ -41,7 +41,7 @@ def kill_at_finish(monkeypatch):
     all epochs and their checkpoint are done, genotype.json is not final yet."""
     seen = []
 
-    def finish(run, model, best, epoch):
+    def finish(run, model, best, epoch, *args, **kwargs):
         seen.append((model.tau, model.genotype(), epoch))
         raise Killed
     monkeypatch.setattr(train_search, 'finish', finish)
@@ -52,9 +52,9 @@ def count_epochs(monkeypatch):
     calls = []
     real = train_search.search_epoch
 
-    def search_epoch(epoch, *args):
+    def search_epoch(epoch, *args, **kwargs):
         calls.append(epoch)
-        return real(epoch, *args)
+        return real(epoch, *args, **kwargs)
     monkeypatch.setattr(train_search, 'search_epoch', search_epoch)
     return calls
 
@@ -77,9 +77,9 @@ def test_finished_sparsemax_search_resumed_keeps_the_annealed_temperature(cubes,
     folder = only_folder(tmp_path)
     real_finish, seen = train_search.finish, []
 
-    def finish(run, model, *args):
+    def finish(run, model, *args, **kwargs):
         seen.append(model.tau)
-        return real_finish(run, model, *args)
+        return real_finish(run, model, *args, **kwargs)
     monkeypatch.setattr(train_search, 'finish', finish)
     calls = count_epochs(monkeypatch)
     result = train_search.main(RESUME=folder, DEVICE='cpu')
@@ -89,7 +89,7 @@ def test_finished_sparsemax_search_resumed_keeps_the_annealed_temperature(cubes,
 
 
 def test_search_resumed_after_its_early_stop_trains_no_more(cubes, tmp_path, monkeypatch):
-    def evaluate(model, data, batch_size, *args):  # search-val accuracy never improves after epoch 0
+    def evaluate(model, data, batch_size, *args, **kwargs):  # search-val accuracy never improves after epoch 0
         return {'loss': 0.5, 'acc': 50.0, 'auc': 50.0, 'prob': None}
     monkeypatch.setattr(engine, 'evaluate', evaluate)
     settings = dict(SEARCH, DATA=cubes, RUNS=str(tmp_path), EPOCHS=4, PATIENCE=1)
