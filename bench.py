@@ -22,6 +22,7 @@ import bench_kernels
 import bench_methods
 import bench_steps
 import dwconv3d
+import settings
 import utils
 
 DTYPE = 'float32'  # 'float32' or 'bfloat16'
@@ -51,10 +52,19 @@ METHODS_RETRAIN_LAYERS = 8  # retrain cells
 METHODS_FOLD = 5  # test fold of the retrains
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'STEPS >= 1';
+    # None: any value of the setting's type; DTYPE and BENCH are checked by main(); supernets use PC_K = 4)
+    'DTYPE': None, 'WARMUP_MS': '>= 0', 'REP_MS': '> 0', 'PEAK_GBPS': '> 0', 'DEVICE': 'device(DEVICE)', 'BENCH': None,
+    'STEPS': '>= 1', 'WARMUP_STEPS': '>= 0', 'SEARCH_BATCH': '>= 1', 'RETRAIN_BATCH': '>= 1',
+    'SEARCH_C': 'SEARCH_C >= 4 and SEARCH_C % 4 == 0', 'SEARCH_LAYERS': '>= 3', 'RETRAIN_C': '>= 1',
+    'RETRAIN_LAYERS': '>= 1', 'CUBE': 'CUBE >= 12 and CUBE % 4 == 0', 'AMP': None, 'METHODS_EPOCHS': '>= 1',
+    'METHODS_C': 'METHODS_C >= 4 and METHODS_C % 4 == 0', 'METHODS_LAYERS': '>= 3', 'METHODS_RETRAIN_EPOCHS': '>= 1',
+    'METHODS_RETRAIN_C': '>= 1', 'METHODS_RETRAIN_LAYERS': '>= 1', 'METHODS_FOLD': '>= 0', 'MEMORY_GB': '> 0',
+}
 
 
 def main(**overrides):
-    cfg = utils.check_settings(overrides, DEFAULTS)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
     if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods'):
@@ -103,4 +113,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'nothing is kept: rerun the same command to benchmark again')

@@ -11,8 +11,11 @@ from utils import UserError, binary_metrics, load_checkpoint, progress, rng_stat
 
 
 def check_finite(loss, where, run_path, checkpoint='last.pt'):
-    """Stop the run on a NaN/inf loss; the checkpoint of the last good epoch (run_path/checkpoint) stays."""
+    """Stop the run on a NaN/inf loss; the checkpoint of the last good epoch (run_path/checkpoint) stays.
+    run_path None: no run folder (e.g. evaluating a saved model)."""
     if not math.isfinite(float(loss)):
+        if run_path is None:
+            raise UserError(f'loss is {float(loss)} at {where}: the model gives non-finite outputs')
         path = os.path.join(run_path, checkpoint)
         kept = f'the last good checkpoint is kept in {path}' if os.path.exists(path) else 'no checkpoint yet'
         raise UserError(f'loss is {float(loss)} at {where}; stopping: {kept} (try a lower learning rate)')
@@ -47,8 +50,10 @@ def run_epoch(step, batches_idx, n, desc, run_path, checkpoint='last.pt'):
 
 
 @torch.no_grad()
-def evaluate(model, data, batch_size):
-    """Loss, metrics (percent) and malignancy probabilities of a model on CubeData, without augmentation."""
+def evaluate(model, data, batch_size, where='evaluation', run_path=None, checkpoint='last.pt'):
+    """Loss, metrics (percent) and malignancy probabilities of a model on CubeData, without augmentation.
+    A NaN/inf loss or probability (weights that broke after the last checked training step) stops the run as
+    check_finite does, naming `where` and the kept checkpoint run_path/checkpoint."""
     was_training = model.training
     model.eval()
     losses, probs = [], []
@@ -58,9 +63,12 @@ def evaluate(model, data, batch_size):
         losses.append(F.cross_entropy(logits, y, reduction='sum'))
         probs.append(F.softmax(logits.float(), dim=1)[:, 1])
     model.train(was_training)
-    prob = torch.cat(probs).cpu().numpy()
+    prob = torch.cat(probs)
+    loss = torch.stack(losses).sum()
+    check_finite(loss if bool(torch.isfinite(prob).all()) else float('nan'), where, run_path, checkpoint)
+    prob = prob.cpu().numpy()
     labels = data.labels.cpu().numpy()
-    out = {'loss': float(torch.stack(losses).sum()) / len(data), **binary_metrics(labels, prob)}
+    out = {'loss': float(loss) / len(data), **binary_metrics(labels, prob)}
     out['prob'] = prob
     return out
 

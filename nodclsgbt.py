@@ -23,6 +23,7 @@ import pandas as pd
 import data
 import luna
 import lungmask
+import settings
 import utils
 
 PREPARED_DIR = os.path.join('data', 'luna16', 'prepared')  # prepare.py's OUT_DIR (volumes/, labels.csv)
@@ -42,6 +43,13 @@ RUNS = 'runs'             # folder of run folders
 TAG = ''                  # suffix of the run folder name
 
 DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'MAX_ITER >= 1';
+    # None: any value of the setting's type; PREPARED_DIR / CUBE_SET are checked before the run folder is made)
+    'PREPARED_DIR': None, 'CUBE_SET': "!= ''", 'CROP': None, 'CUBE_SIZE': '>= 1', 'TEST_FOLDS': 'folds(TEST_FOLDS)',
+    'DOWNSAMPLE': '1 <= DOWNSAMPLE <= CUBE_SIZE', 'MAX_ITER': '>= 1', 'LEARNING_RATE': '> 0',
+    'MAX_LEAF_NODES': '>= 2', 'L2': '>= 0', 'MIN_SAMPLES_LEAF': '>= 1', 'THREADS': '>= 0', 'SEED': '>= 0',
+    'RUNS': "!= ''", 'TAG': None,
+}
 
 
 def read_labels(prepared_dir):
@@ -117,9 +125,11 @@ def fit_predict(x_train, y_train, x_test, cfg):
 
 
 def main(**overrides):
-    cfg = utils.check_settings(overrides, DEFAULTS)
-    if cfg['DOWNSAMPLE'] < 1 or cfg['DOWNSAMPLE'] > cfg['CUBE_SIZE']:
-        raise utils.UserError(f'DOWNSAMPLE={cfg["DOWNSAMPLE"]} must be between 1 and CUBE_SIZE={cfg["CUBE_SIZE"]}')
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
+    if cfg['CROP']:  # the inputs fail before the run folder is made
+        read_labels(cfg['PREPARED_DIR'])
+    else:
+        data.select_folds(data.read_table(cfg['CUBE_SET']), cfg['TEST_FOLDS'], cfg['CUBE_SET'], what='TEST_FOLDS')
     run = utils.Run('nodclsgbt', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
     if cfg['CROP']:
@@ -153,4 +163,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'nothing is continued: rerun the same command to start again')

@@ -26,6 +26,7 @@ import pandas as pd
 import luna
 import lungmask
 import scanpool
+import settings
 import utils
 from luna import world_to_voxel  # noqa: F401 - part of this script's interface (prepare.world_to_voxel)
 
@@ -46,6 +47,14 @@ LABEL_TABLE = ''          # CSV of your own labels instead of LIDC's (world mm; 
 PROTECT_MM = 4.0          # margin (mm) beyond each annotated nodule's radius (diameter_mm / 2) that masking never fills
 
 DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '> 0' reads 'MATCH_MM > 0';
+    # None: any value of the setting's type; LUNA16_DIR and its annotations.csv are checked before the run folder)
+    'LUNA16_DIR': None, 'OUT_DIR': "!= ''", 'VOLUMES': None, 'LABELS': None,
+    'LIDC_DB': "LIDC_DB == '' or isfile(LIDC_DB)", 'NODULE_TABLE': "NODULE_TABLE == '' or isfile(NODULE_TABLE)",
+    'MATCH_MM': '> 0', 'WORKERS': '>= 1', 'SCAN_TIMEOUT': '> 0', 'START_METHOD': "in ('spawn', 'fork', 'forkserver')",
+    'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]', 'RUNS': "!= ''", 'TAG': None,
+    'LABEL_TABLE': "LABEL_TABLE == '' or isfile(LABEL_TABLE)", 'PROTECT_MM': '>= 0',
+}
 CLUSTER_COLUMNS = ('seriesuid', 'row', 'col', 'z', 'label', 'diameter_mm')  # needed from the cluster table
 FAILURE_COLUMNS = ('seriesuid', 'fold', 'path', 'reason')
 MASKED_COLUMNS = ('masked_frac', 'masked_frac_unprotected')  # per nodule, from its volume's geometry
@@ -248,10 +257,12 @@ def build_labels(scans, cfg, run, table=None):
 
 
 def main(**overrides):
-    cfg = utils.check_settings(overrides, DEFAULTS)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if not (cfg['VOLUMES'] or cfg['LABELS']):
         raise utils.UserError('nothing to do: VOLUMES and LABELS are both False')
     scans = luna.find_scans(cfg['LUNA16_DIR'])
+    if cfg['LABELS']:  # a missing or malformed annotations.csv fails now, not after the scans
+        luna.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
     run = utils.Run('prepare', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
     folds = sorted({f for f, _ in scans.values()})
@@ -268,4 +279,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'finished scans are kept; rerun the same command to continue')

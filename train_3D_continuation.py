@@ -14,6 +14,7 @@ import data
 import dwconv3d
 import engine
 import genotypes
+import settings
 import utils
 from model import NetworkLUNA
 
@@ -44,6 +45,16 @@ TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
 RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
 DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
+    # None: any value of the setting's type; GENOTYPE and FOLD are checked by main() before the run folder is made)
+    'DATA': None, 'GENOTYPE': None, 'FOLD': None, 'TEST_FOLDS': 'folds(TEST_FOLDS)',
+    'TRAIN_FOLDS': 'TRAIN_FOLDS == () or folds(TRAIN_FOLDS)', 'CUBE': 'CUBE >= 8 and CUBE % 4 == 0',
+    'EPOCHS': '>= 1', 'BATCH_SIZE': '>= 1', 'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1',
+    'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0', 'C': '>= 1', 'LAYERS': '>= 1', 'DROP_PATH': '0 <= DROP_PATH < 1',
+    'REPORT_BEST': None, 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None, 'CHECKPOINT_CELLS': None,
+    'AMP': None, 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None,
+    'RESUME': None,
+}
 
 
 def test_folds(cfg):
@@ -55,11 +66,33 @@ def test_folds(cfg):
         raise utils.UserError(f"FOLD must be a fold number or 'all', not {cfg['FOLD']!r}") from None
 
 
-def fold_data(cfg, table, fold):
-    """Training and test CubeData of one test fold; normalization from the training folds only."""
+def train_folds_of(cfg, table, fold):
+    """The training folds of test fold `fold`, checked."""
     train_folds = [int(f) for f in cfg['TRAIN_FOLDS']] or sorted(set(table['fold']) - {fold})
     if fold in train_folds:
         raise utils.UserError(f'test fold {fold} is also in TRAIN_FOLDS {train_folds}')
+    data.select_folds(table, train_folds, cfg['DATA'], 'TRAIN_FOLDS')
+    return train_folds
+
+
+def read_result(path, fold):
+    """A finished fold's result_fold<f>.json, checked (a damaged one is named, not a traceback)."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        raise utils.UserError(f'{path} cannot be read ({e}): delete it to evaluate fold {fold} again from its '
+                              'checkpoint') from None
+    keys = {'fold', 'params_M', 'best', *utils.METRIC_NAMES}
+    if not isinstance(result, dict) or not keys <= set(result) or result['fold'] != fold:
+        raise utils.UserError(f'{path} is not a result of fold {fold} (damaged?): delete it to evaluate fold {fold} '
+                              'again from its checkpoint')
+    return result
+
+
+def fold_data(cfg, table, fold):
+    """Training and test CubeData of one test fold; normalization from the training folds only."""
+    train_folds = train_folds_of(cfg, table, fold)
     train, _ = data.load_split(cfg['DATA'], table, train_folds, cfg['CUBE'], cfg['DEVICE'], what='TRAIN_FOLDS')
     test, _ = data.load_split(cfg['DATA'], table, [fold], cfg['CUBE'], cfg['DEVICE'], (train.mean, train.std),
                               what='test folds')
@@ -71,8 +104,7 @@ def train_fold(cfg, genotype, table, fold, run):
     result_path = run.file(f'result_fold{fold}.json')
     if os.path.exists(result_path):
         run.log(f'fold {fold}: finished earlier, result read from {result_path}')
-        with open(result_path) as f:
-            return json.load(f)
+        return read_result(result_path, fold)
     train, test, train_folds = fold_data(cfg, table, fold)
     run.log(f'fold {fold}: train folds {train_folds} {engine.class_balance(train.labels.cpu())}, '
             f'test {engine.class_balance(test.labels.cpu())} nodules (benign/malignant)')
@@ -91,8 +123,8 @@ def train_fold(cfg, genotype, table, fold, run):
     if os.path.exists(ckpt_path):
         state = engine.load_state(ckpt_path, gen, objects)
         start, best = state['epoch'] + 1, state['best']
-        run.truncate_metrics(start, metrics_name)
         run.log(f'fold {fold}: continuing after epoch {state["epoch"]} from {ckpt_path}')
+    run.continue_metrics(start, metrics_name)
     n_params = sum(p.numel() for p in params) / 1e6
     ev = None
     for epoch in range(start, cfg['EPOCHS']):
@@ -105,7 +137,8 @@ def train_fold(cfg, genotype, table, fold, run):
             lambda idx: engine.train_step(model, opt, *train.train_batch(idx, gen), params, cfg['GRAD_CLIP']),
             steps, len(train), f'fold {fold} epoch {epoch}', run.path, ckpt_name)
         sched.step()
-        ev = engine.evaluate(model, test, cfg['BATCH_SIZE'])
+        ev = engine.evaluate(model, test, cfg['BATCH_SIZE'], f'fold {fold} test evaluation of epoch {epoch}', run.path,
+                             ckpt_name)
         row = {'epoch': epoch, 'lr': lr, 'train_loss': train_loss, 'train_acc': train_acc, 'test_loss': ev['loss'],
                **{f'test_{k}': ev[k] for k in utils.METRIC_NAMES}, 'seconds': time.time() - t0}
         if ev['acc'] > best['acc']:
@@ -116,7 +149,7 @@ def train_fold(cfg, genotype, table, fold, run):
                 f'spec {ev["spec"]:6.2f} f1 {ev["f1"]:6.2f} auc {ev["auc"]:6.2f} | {row["seconds"]:.1f} s')
         engine.save_state(ckpt_path, epoch, cfg, gen, objects, best=best)
     if ev is None:  # every epoch was done before the interruption: evaluate the final weights again
-        ev = engine.evaluate(model, test, cfg['BATCH_SIZE'])
+        ev = engine.evaluate(model, test, cfg['BATCH_SIZE'], f'fold {fold} final test evaluation', run.path, ckpt_name)
     result = {'fold': fold, **{k: ev[k] for k in utils.METRIC_NAMES}, 'params_M': n_params,
               'best': {'fold': fold, **best}}
     utils.save_atomic(model.state_dict(), run.file(f'model_fold{fold}.pt'))
@@ -136,14 +169,16 @@ def save_fold_outputs(run, cfg, table, fold, train, train_folds, prob):
 
 
 def main(**overrides):
-    cfg = utils.check_settings(overrides, DEFAULTS)
-    if cfg['RESUME']:
-        cfg = utils.resumed_settings(cfg['RESUME'], overrides, DEFAULTS)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     genotype = genotypes.get_genotype(cfg['GENOTYPE'])
     data.check_cube_size(cfg['CUBE'], [op for op, _ in genotype.normal + genotype.reduce])
     folds = test_folds(cfg)
     table = data.read_table(cfg['DATA'])
     data.select_folds(table, folds, cfg['DATA'], 'test folds')
+    for f in folds:  # every input problem is found before the run folder is made or touched
+        train_folds_of(cfg, table, f)
+        if cfg['RESUME'] and os.path.exists(os.path.join(cfg['RESUME'], f'result_fold{f}.json')):
+            read_result(os.path.join(cfg['RESUME'], f'result_fold{f}.json'), f)
     run = utils.Run('train_3D_continuation', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
@@ -164,4 +199,5 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'finished folds and the last epoch checkpoint are kept; rerun with '
+                  '--RESUME=<run folder> to continue')

@@ -14,6 +14,7 @@ import dwconv3d
 import engine
 import genotypes
 import operations
+import settings
 import utils
 import zo
 from model_search import SearchNetwork, zero_one_loss
@@ -61,6 +62,19 @@ TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
 DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
+    # None: any value of the setting's type; names of ops, weightings, hypergradients are checked by build())
+    'DATA': None, 'SEARCH_FOLDS': 'folds(SEARCH_FOLDS)', 'VAL_FRACTION': '0 < VAL_FRACTION < 1',
+    'CUBE': 'CUBE >= 8 and CUBE % 4 == 0', 'EPOCHS': '>= 1', 'WARMUP_EPOCHS': '>= 0', 'BATCH_SIZE': '>= 1',
+    'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0',
+    'ARCH_LR': '>= 0', 'ARCH_BETA1': '0 <= ARCH_BETA1 < 1', 'ARCH_WEIGHT_DECAY': '>= 0',
+    'C': 'C >= 1 and C % PC_K == 0', 'LAYERS': '>= 3', 'PC_K': '>= 1', 'PRIMITIVES': None, 'WEIGHTS': None,
+    'EDGE_WEIGHTS': None, 'ZERO_ONE': None, 'ZERO_ONE_WEIGHT': '>= 0', 'HYPERGRAD': None, 'HVP_R': '> 0',
+    'TAU0': '> 0', 'TAU_FACTOR': '0 < TAU_FACTOR <= 1', 'TAU_EVERY': '>= 1', 'ZO_T': '>= 1', 'ZO_MU': '> 0',
+    'ZO_ARCH_LR': '>= 0', 'PATIENCE': '>= 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
+    'CHECKPOINT_CELLS': None, 'AMP': None, 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None,
+    'RESUME': None,
+}
 
 
 def build(cfg):
@@ -118,8 +132,7 @@ def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
     lr = w_opt.param_groups[0]['lr']
     arch_on = epoch >= cfg['WARMUP_EPOCHS']
     model.train()
-    if cfg['WEIGHTS'] == 'sparsemax':
-        model.tau = temperature(epoch, cfg['TAU0'], cfg['TAU_FACTOR'], cfg['TAU_EVERY'])
+    set_temperature(model, cfg, epoch)
 
     keep = []  # (P(malignant), label) of each training batch, as predicted in its weight step
 
@@ -135,6 +148,18 @@ def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
     return loss, acc, engine.kept_auc(keep)
 
 
+def set_temperature(model, cfg, epoch):
+    """Sparsemax temperature of `epoch` (also restored on resume: the final genotype is derived at the last one)."""
+    if cfg['WEIGHTS'] == 'sparsemax':
+        model.tau = temperature(max(epoch, 0), cfg['TAU0'], cfg['TAU_FACTOR'], cfg['TAU_EVERY'])
+
+
+def early_stop(cfg, epoch, best):
+    """After `epoch`: has search-val accuracy not improved for PATIENCE epochs after warm-up?"""
+    return bool(cfg['PATIENCE'] and epoch >= cfg['WARMUP_EPOCHS'] and best['epoch'] >= 0
+                and epoch - best['epoch'] >= cfg['PATIENCE'])
+
+
 def log_weights(run, epoch, model):
     """Per-epoch op weights (and edge weights) of every edge, one CSV row per edge x op."""
     for cell in ('normal', 'reduce'):
@@ -146,14 +171,11 @@ def log_weights(run, epoch, model):
 
 
 def main(**overrides):
-    cfg = utils.check_settings(overrides, DEFAULTS)
-    if cfg['RESUME']:
-        cfg = utils.resumed_settings(cfg['RESUME'], overrides, DEFAULTS)
-    run = utils.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
-    run.header(cfg, cfg['DEVICE'])
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     utils.seed_everything(cfg['SEED'])
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
+    # Everything that can fail on the input (cube set, folds, ops, checkpoint) runs before the run folder is touched.
     table = data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
     tr_idx, va_idx = data.split_by_scan(table, cfg['VAL_FRACTION'], cfg['SEED'])
     cubes = data.load_cubes(cfg['DATA'], table, cfg['CUBE'])
@@ -161,29 +183,39 @@ def main(**overrides):
     labels = table['label'].to_numpy()
     train = data.CubeData(cubes[tr_idx], labels[tr_idx], *stats, cfg['DEVICE'])
     val = data.CubeData(cubes[va_idx], labels[va_idx], *stats, cfg['DEVICE'])
-    run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(labels[tr_idx])}, '
-            f'search-val {engine.class_balance(labels[va_idx])} nodules (benign/malignant), split by scan')
     model, w_opt, sched, a_opt, updater = build(cfg)
     gen = data.make_generator(cfg['DEVICE'], cfg['SEED'])
     val_stream = ValStream(val, cfg['BATCH_SIZE'], gen)
     ckpt = {'model': model, 'w_opt': w_opt, 'a_opt': a_opt, 'sched': sched, 'updater': updater,
             'val_stream': val_stream}
     start, best = 0, {'acc': -1.0, 'epoch': -1, 'genotype': None}
-    if cfg['RESUME']:
-        state = engine.load_state(run.file('last.pt'), gen, ckpt)
+    last = os.path.join(cfg['RESUME'], 'last.pt')
+    state = engine.load_state(last, gen, ckpt) if cfg['RESUME'] and os.path.exists(last) else None
+    if state is not None:
         start, best = state['epoch'] + 1, state['best']
-        run.truncate_metrics(start)
-        run.truncate_metrics(start, 'weights.csv')
-        run.log(f'resumed from {run.file("last.pt")} after epoch {state["epoch"]}')
+    run = utils.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
+    run.header(cfg, cfg['DEVICE'])
+    run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(labels[tr_idx])}, '
+            f'search-val {engine.class_balance(labels[va_idx])} nodules (benign/malignant), split by scan')
+    if cfg['RESUME']:
+        run.log(f'resumed from {last} after epoch {state["epoch"]}' if state is not None else
+                f'resumed before the first checkpoint ({last} does not exist): starting from epoch 0')
+        run.continue_metrics(start)
+        run.continue_metrics(start, 'weights.csv')
+    set_temperature(model, cfg, start - 1)  # the annealed temperature of the last finished epoch
+    stopped = start > 0 and early_stop(cfg, start - 1, best)  # a resumed run that had stopped early stays stopped
+    if stopped:
+        run.log(f'the run had stopped early after epoch {start - 1}: no search-val improvement for '
+                f'{cfg["PATIENCE"]} epochs')
     run.log(f'supernet: {sum(p.numel() for p in model.weight_parameters()) / 1e6:.3f} M weights, '
             f'candidate ops {model.primitives}')
     epoch = start - 1
-    for epoch in range(start, cfg['EPOCHS']):
+    for epoch in range(start, cfg['EPOCHS'] if not stopped else start):
         t0 = time.time()
         lr = w_opt.param_groups[0]['lr']
         tr_loss, tr_acc, tr_auc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
         sched.step()
-        ev = engine.evaluate(model, val, cfg['BATCH_SIZE'])
+        ev = engine.evaluate(model, val, cfg['BATCH_SIZE'], f'search-val evaluation of epoch {epoch}', run.path)
         geno = model.genotype()
         if epoch >= cfg['WARMUP_EPOCHS'] and ev['acc'] > best['acc']:
             best = {'acc': ev['acc'], 'epoch': epoch, 'genotype': geno}
@@ -202,8 +234,7 @@ def main(**overrides):
         log_weights(run, epoch, model)
         engine.save_state(run.file('last.pt'), epoch, cfg, gen, ckpt, best=best)
         genotypes.save_genotype(geno, run.file('genotype.json'))
-        if (cfg['PATIENCE'] and epoch >= cfg['WARMUP_EPOCHS'] and best['epoch'] >= 0
-                and epoch - best['epoch'] >= cfg['PATIENCE']):
+        if early_stop(cfg, epoch, best):
             run.log(f'early stop: no search-val improvement for {cfg["PATIENCE"]} epochs')
             break
     return finish(run, model, best, epoch, cfg.get('FIGURES', True))
@@ -226,4 +257,4 @@ def finish(run, model, best, epoch, figures=True):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'the last epoch checkpoint is kept; rerun with --RESUME=<run folder> to continue')

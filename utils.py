@@ -94,16 +94,19 @@ def settings_of(module_globals):
     return {k: v for k, v in module_globals.items() if k.isupper() and not k.startswith('_') and isinstance(v, plain)}
 
 
-def run_cli(main, defaults):
-    """Entry point of a script: parse sys.argv, run main(**overrides), print user errors as one line."""
+RESUME_HINT = 'the last checkpoint is kept; rerun with --RESUME=<run folder> to continue'
+
+
+def run_cli(main, defaults, on_interrupt=RESUME_HINT):
+    """Entry point of a script: parse sys.argv, run main(**overrides), print user errors as one line.
+    on_interrupt: what Ctrl-C prints after 'interrupted: ', i.e. how this script continues (or that it restarts)."""
     try:
         main(**parse_overrides(defaults, sys.argv[1:]))
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print('interrupted: the last checkpoint is kept; rerun with --RESUME=<run folder> to continue',
-              file=sys.stderr)
+        print(f'interrupted: {on_interrupt}', file=sys.stderr)
         sys.exit(130)
     except torch.cuda.OutOfMemoryError as e:
         advice = ('set CHECKPOINT_CELLS=True (a run continues with it: --RESUME=<run folder> '
@@ -123,22 +126,49 @@ def check_settings(overrides, defaults):
 
 
 # Settings a continued run may change: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS')
+RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS', 'FIGURES')
+
+
+def read_run_config(run_path, defaults):
+    """config.json of a run folder to continue, checked to belong to the script of `defaults`: it must parse, hold
+    every setting of the script (those in RESUMABLE_CHANGES may be missing) and no other, each of its type."""
+    path = os.path.join(run_path, 'config.json')
+    if not os.path.exists(path):
+        raise UserError(f'RESUME={run_path}: {path} is missing (not a run folder of this script?)')
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        what = 'is empty' if os.path.getsize(path) == 0 else f'cannot be read ({e})'
+        raise UserError(f'RESUME={run_path}: {path} {what}; the run cannot be continued') from None
+    if not isinstance(saved, dict):
+        raise UserError(f'RESUME={run_path}: {path} holds no settings; the run cannot be continued')
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise UserError(f'RESUME={run_path}: not a run folder of this script: its config.json has setting(s) '
+                        f'{", ".join(unknown)}, which this script does not have')
+    missing = sorted(set(defaults) - set(saved) - set(RESUMABLE_CHANGES))
+    if missing:
+        raise UserError(f'RESUME={run_path}: {path} lacks setting(s) {", ".join(missing)} (damaged, or written by '
+                        'another version of this script); the run cannot be continued')
+    for k, v in saved.items():
+        try:
+            _coerce(k, v, defaults[k])
+        except UserError:
+            raise UserError(f'RESUME={run_path}: {path}: {k}={v!r} is not a {type(defaults[k]).__name__}') from None
+    return saved
 
 
 def resumed_settings(run_path, overrides, defaults):
     """Settings of a run being continued: its config.json; DEVICE and FAST_KERNELS are this machine's (the
     defaults or given values). Other settings cannot change (the saved optimizer and schedule were built from them)."""
-    path = os.path.join(run_path, 'config.json')
-    if not os.path.exists(path):
-        raise UserError(f'RESUME={run_path}: {path} is missing (not a run folder of this script?)')
-    with open(path) as f:
-        saved = json.load(f)
     checked = check_settings(overrides, defaults)
+    saved = read_run_config(run_path, defaults)
     for k in overrides:
         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(checked[k])) != saved.get(k):
             raise UserError(f'--{k} cannot change when resuming {run_path} (it was {saved.get(k)!r}); '
                             'start a new run instead')
+    saved = {k: _coerce(k, v, defaults[k]) for k, v in saved.items()}
     return {**saved, **{k: checked[k] for k in RESUMABLE_CHANGES if k in checked}, 'RESUME': run_path}
 
 
@@ -167,8 +197,7 @@ class Run:
         self.path = path
         os.makedirs(path, exist_ok=True)
         self.quiet = False
-        with open(self.file('config.json'), 'w') as f:
-            json.dump(cfg, f, indent=1, default=str)
+        save_json_atomic(self.file('config.json'), cfg, default=str)  # a kill mid-write keeps the previous one
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -202,18 +231,41 @@ class Run:
             w.writerows(rows)
 
     def truncate_metrics(self, epochs_done, name='metrics.csv'):
-        """On resume, drop rows of epochs that the checkpoint does not contain."""
+        """On resume, drop rows of epochs that the checkpoint does not contain (and rows a kill cut short);
+        returns the sorted epochs whose rows remain."""
         path = self.file(name)
         if not os.path.exists(path):
-            return
+            return []
         with open(path, newline='') as f:
-            rows = list(csv.DictReader(f))
-        keep = [r for r in rows if int(r['epoch']) < epochs_done]
-        if rows:
-            with open(path, 'w', newline='') as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            reader = csv.DictReader(f)
+            rows, fields = list(reader), reader.fieldnames
+        if not fields:  # empty (cut before its header): the next row writes a new header
+            os.remove(path)
+            return []
+
+        def epoch(row):
+            try:
+                return int(row['epoch'])
+            except (KeyError, TypeError, ValueError):
+                return None
+        keep = [r for r in rows if epoch(r) is not None and epoch(r) < epochs_done and None not in r.values()]
+        with atomic_path(path) as tmp:
+            with open(tmp, 'w', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=fields)
                 w.writeheader()
                 w.writerows(keep)
+        return sorted({epoch(r) for r in keep})
+
+    def continue_metrics(self, epochs_done, name='metrics.csv'):
+        """truncate_metrics, and a log line when rows of the epochs before the checkpoint are missing (a deleted or
+        damaged file): they cannot be rebuilt from the checkpoint, but their numbers are in log.txt."""
+        kept = self.truncate_metrics(epochs_done, name)
+        lost = sorted(set(range(epochs_done)) - set(kept))
+        if lost:
+            what = 'is missing' if not os.path.exists(self.file(name)) else 'lacks their rows'
+            self.log(f'warning: {name} {what}: rows of epoch(s) {lost[0]}-{lost[-1]} ({len(lost)}) are lost '
+                     f'(their numbers are in log.txt); rows from epoch {epochs_done} on are appended')
+        return lost
 
 
 def progress(iterable, total=None, desc=None, every_s=60.0):
@@ -258,10 +310,11 @@ def save_atomic(obj, path):
         torch.save(obj, tmp)
 
 
-def save_json_atomic(path, obj):
-    """json.dump, atomically."""
-    with atomic_path(path) as tmp, open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
+def save_json_atomic(path, obj, default=None):
+    """json.dump, atomically (default: json.dump's, for values JSON lacks)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1, default=default)
 
 
 def load_checkpoint(path):

@@ -119,7 +119,8 @@ def test_resumed_settings(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps(saved))
     cfg = utils.resumed_settings(str(tmp_path), {'N': 11, 'RESUME': str(tmp_path)}, DEFAULTS)
     # the saved run's settings (repeating one unchanged is fine) and this machine's device
-    assert cfg['N'] == 11 and cfg['LR'] == 0.5 and cfg['FOLDS'] == [8, 9] and cfg['NAME'] == 'x'
+    # (each of its declared type again: JSON wrote the tuple as a list)
+    assert cfg['N'] == 11 and cfg['LR'] == 0.5 and cfg['FOLDS'] == (8, 9) and cfg['NAME'] == 'x'
     assert cfg['RESUME'] == str(tmp_path) and cfg['DEVICE'] == 'cpu'
     assert utils.resumed_settings(str(tmp_path), {'DEVICE': 'meta'}, DEFAULTS)['DEVICE'] == 'meta'
     # FAST_KERNELS too is this machine's: the default, or the given value (also for runs saved without it)
