@@ -50,7 +50,8 @@ DEFAULTS = utils.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '> 0' reads 'MATCH_MM > 0';
     # None: any value of the setting's type; LUNA16_DIR and its annotations.csv are checked before the run folder)
     'LUNA16_DIR': None, 'OUT_DIR': "!= ''", 'VOLUMES': None, 'LABELS': None,
-    'LIDC_DB': "LIDC_DB == '' or isfile(LIDC_DB)", 'NODULE_TABLE': "NODULE_TABLE == '' or isfile(NODULE_TABLE)",
+    'LIDC_DB': "LIDC_DB == '' or LABEL_TABLE != '' or isfile(LIDC_DB)",
+    'NODULE_TABLE': "NODULE_TABLE == '' or isfile(NODULE_TABLE)",
     'MATCH_MM': '> 0', 'WORKERS': '>= 1', 'SCAN_TIMEOUT': '> 0', 'START_METHOD': "in ('spawn', 'fork', 'forkserver')",
     'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]', 'RUNS': "!= ''", 'TAG': None,
     'LABEL_TABLE': "LABEL_TABLE == '' or isfile(LABEL_TABLE)", 'PROTECT_MM': '>= 0',
@@ -141,16 +142,16 @@ def prepare_volumes(scans, nodules, cfg, run):
     return {'processed': processed, 'skipped': skipped, 'failed': failed}
 
 
-def load_nodules(scans, cfg, run):
+def load_nodules(scans, cfg):
     """The annotated nodules of the scans (dicts with seriesuid, coordX, coordY, coordZ, diameter_mm):
-    LABEL_TABLE's rows (with label, nodule_id and its other columns) or annotations.csv's."""
+    LABEL_TABLE's rows (with label, nodule_id and its other columns) or annotations.csv's (needed for LABELS).
+    Returns (nodules, a note for the log or None)."""
     if cfg['LABEL_TABLE']:
-        return luna.read_label_table(cfg['LABEL_TABLE'], scans, reserved=('fold', 'match_mm') + MASKED_COLUMNS)
+        return luna.read_label_table(cfg['LABEL_TABLE'], scans, reserved=('fold', 'match_mm') + MASKED_COLUMNS), None
     path = os.path.join(cfg['LUNA16_DIR'], 'annotations.csv')
     if not (cfg['LABELS'] or os.path.isfile(path)):
-        run.log(f'no {path}: no nodule is protected from the masking')
-        return []
-    return [a for a in luna.read_annotations(path) if a['seriesuid'] in scans]
+        return [], f'no {path}: no nodule is protected from the masking'
+    return [a for a in luna.read_annotations(path) if a['seriesuid'] in scans], None
 
 
 def load_clusters(nodule_table, lidc_db):
@@ -261,14 +262,14 @@ def main(**overrides):
     if not (cfg['VOLUMES'] or cfg['LABELS']):
         raise utils.UserError('nothing to do: VOLUMES and LABELS are both False')
     scans = luna.find_scans(cfg['LUNA16_DIR'])
-    if cfg['LABELS']:  # a missing or malformed annotations.csv fails now, not after the scans
-        luna.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
+    nodules, note = load_nodules(scans, cfg)  # a bad label table or annotations.csv fails now, not after the scans
     run = utils.Run('prepare', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
+    if note:
+        run.log(note)
     folds = sorted({f for f, _ in scans.values()})
     run.log(f'{len(scans)} scans in LUNA16 subsets {folds}')
     summary = {'processed': [], 'skipped': [], 'failed': [], 'run': run.path}
-    nodules = load_nodules(scans, cfg, run)
     if cfg['VOLUMES']:
         summary.update(prepare_volumes(scans, nodules, cfg, run))
     if cfg['LABELS']:

@@ -92,5 +92,5 @@ def test_bad_label_table_named(own_tree, tmp_path):
     path = bad_table(tmp_path, [dict(r, fold=1) for r in good])
     with pytest.raises(UserError, match='column.s. fold are written by prepare.py'):  # through the script
         prepare.main(LUNA16_DIR=root, OUT_DIR=str(tmp_path / 'out'), LABEL_TABLE=path, RUNS=str(tmp_path / 'runs'))
-    with pytest.raises(UserError, match='label table .*nowhere.csv does not exist'):
+    with pytest.raises(UserError, match=r"LABEL_TABLE='.*nowhere.csv' is not allowed: it must satisfy .*isfile"):
         prepare.main(LUNA16_DIR=root, LABEL_TABLE=str(tmp_path / 'nowhere.csv'), RUNS=str(tmp_path / 'runs'))
