@@ -8,6 +8,7 @@ import sys
 
 import plots_cells
 import plots_runs
+import settings
 import utils
 
 RUN = ''  # a run folder of train_search.py or train_3D_continuation.py: its figures are (re)drawn into it
@@ -16,10 +17,13 @@ OUT = ''  # with GENOTYPE: its PNG ('' = cells_<name>.png here); with RUN: the f
 PALETTE = False  # write 256-colour PNGs (about 3x smaller: the README's pictures under docs/)
 PNGS = ()  # PNG files made elsewhere (e.g. predict.py's LayerCAM figures) to rewrite in place with the palette
 DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules; None: any value of the type)
+    'RUN': "RUN == '' or isdir(RUN)", 'GENOTYPE': None, 'OUT': None, 'PALETTE': None, 'PNGS': None,
+}
 
 
 def main(**overrides):
-    cfg = utils.check_settings(overrides, DEFAULTS)
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if not cfg['RUN'] and not cfg['GENOTYPE'] and not cfg['PNGS']:
         raise utils.UserError('nothing to draw: give a run folder (python draw.py runs/<folder>) or --GENOTYPE=')
     if cfg['PNGS'] and not cfg['PALETTE']:
@@ -47,4 +51,4 @@ if __name__ == '__main__':
     # A run folder may be given as the first argument (it would otherwise be read as a config file).
     if len(sys.argv) > 1 and not sys.argv[1].startswith('--') and not sys.argv[1].endswith('.py'):
         sys.argv[1] = f'--RUN={sys.argv[1]}'
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'rerun the same command')

@@ -17,6 +17,7 @@ import data
 import dwconv3d
 import genotypes
 import plots_eval
+import settings
 import utils
 from model import NetworkLUNA
 from plots_runs import fold_files
@@ -31,6 +32,11 @@ DEVICE = utils.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA (compiling them takes longer than a prediction)
 TAG = ''  # suffix of the output folder name
 DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules; None: any value of the type)
+    'RUN': None, 'DATA': "DATA == '' or isdir(DATA)", 'NODULES': None, 'CAM': None,
+    'CAM_CELLS': 'ints(CAM_CELLS)', 'BATCH_SIZE': '>= 1', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
+    'TAG': None,
+}
 
 
 def finished_folds(run_path):
@@ -145,8 +151,8 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg):
 
 
 def main(**overrides):
-    cfg = utils.check_settings(overrides, DEFAULTS)
-    if not cfg['RUN'] or not os.path.isfile(os.path.join(cfg['RUN'], 'config.json')):
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
+    if not cfg['RUN'] or not os.path.isfile(os.path.join(cfg['RUN'], 'config.json')):  # the rule of RUN
         raise utils.UserError(f'RUN={cfg["RUN"]!r}: give a train_3D_continuation run folder (with config.json)')
     folds = finished_folds(cfg['RUN'])
     with open(os.path.join(cfg['RUN'], 'config.json')) as f:
@@ -179,4 +185,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'rerun the same command (nothing is kept from an interrupted prediction)')

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import bench
+import draw
 import nodclsgbt
+import predict
 import prepare
 import train_3D_continuation as retrain
 import train_search
@@ -20,7 +22,7 @@ from conftest import write_cube_set
 from utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = [train_search, retrain, prepare, nodclsgbt, bench]
+SCRIPTS = [train_search, retrain, prepare, nodclsgbt, bench, predict, draw]
 
 
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda m: m.__name__)
