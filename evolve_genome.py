@@ -161,3 +161,30 @@ def make_child(space, parents, rate, value_probs, seen, rng):
 
 def uniform_value_probs(space):
     return [np.full(n, 1.0 / n) for n in space.sizes]
+
+
+# Measured on one H100 (BENCHMARKS.md, 2026-11-23): a retrain step of the paper genotype (C=36, 20 cells, 32^3,
+# batch 4, Triton kernels) takes 0.305 s and issues 6177 operations (CPU profile), i.e. ~309 per cell.
+REF_STEP_S, REF_C, REF_CELLS, REF_CUBE, REF_BATCH = 0.305, 36, 20, 32, 4
+OPS_PER_CELL, LAUNCH_S = 309, 12e-6  # host floor: operations per cell and step, host time per launch (10-16 us)
+
+
+def step_seconds_estimate(genotype, C, cells, cube, batch, ref_elements):
+    """Estimated H100 training-step time of a candidate: the paper network's measured step scaled by the activation
+    elements (these steps are memory-bound), but at least the host time of launching its operations. ESTIMATE."""
+    n_params, gb = network_cost(genotype, C, cells, cube, batch)
+    elements = gb * 1e9 / 4 - OPTIMIZER_SLOTS * n_params
+    return max(REF_STEP_S * elements / ref_elements, cells * OPS_PER_CELL * LAUNCH_S)
+
+
+def search_hours_estimate(space, n_train, n_val, epochs, evaluations, samples, rng):
+    """Estimated H100 hours of a search: `evaluations` candidates of `epochs` epochs each (no early stop, so an upper
+    bound per candidate), the step time averaged over `samples` random genomes; an epoch = its training steps + the
+    forward passes over search-train and search-val (a forward counted as 1/3 of a step). ESTIMATE, not measured."""
+    from genotypes import NAS_HBO_PAPER
+    ref_params, ref_gb = network_cost(NAS_HBO_PAPER, REF_C, REF_CELLS, REF_CUBE, REF_BATCH)
+    ref_elements = ref_gb * 1e9 / 4 - OPTIMIZER_SLOTS * ref_params
+    steps = [step_seconds_estimate(*space.decode(space.random(rng))[:3], space.cube, space.batch, ref_elements)
+             for _ in range(samples)]
+    per_epoch = float(np.mean(steps)) * (math.ceil(n_train / space.batch) + (n_train + n_val) / space.batch / 3)
+    return evaluations * epochs * per_epoch / 3600, float(np.mean(steps))

@@ -16,7 +16,8 @@ def weight_vectors(n):
 
 def neighbourhoods(weights, t):
     """(n, t) indices of the t nearest weight vectors of each one (Euclidean; itself first; ties: lower index)."""
-    dist = np.linalg.norm(weights[:, None, :] - weights[None, :, :], axis=2)
+    # rounded so that equal distances compare equal despite floating-point noise
+    dist = np.round(np.linalg.norm(weights[:, None, :] - weights[None, :, :], axis=2), 12)
     return np.argsort(dist, axis=1, kind='stable')[:, :t]
 
 

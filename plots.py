@@ -166,7 +166,8 @@ def plot_pareto(csv_path, png_path, paper_params=None, title=None):
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     dots = ax.scatter(params / 1e6, f1, c=gen, cmap='viridis', s=16, alpha=0.8, label='evaluated candidates')
-    fig.colorbar(dots, ax=ax, label='generation')
+    bar = fig.colorbar(dots, ax=ax, label='generation')
+    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.step(params[members] / 1e6, f1[members], where='post', color='tab:red', lw=1.2)
     ax.scatter(params[members] / 1e6, f1[members], facecolors='none', edgecolors='tab:red', s=60, lw=1.4,
                label=f'non-dominated front ({len(members)})')
