@@ -54,6 +54,8 @@ METHODS_EVOLVE = True  # also run the evolutionary search (train_evolve.py), wit
 METHODS_EVOLVE_POPULATION = 6  # its population (subproblems); neighbourhood 3
 METHODS_EVOLVE_GENERATIONS = 4  # its generations (0 initialization, 1-2 learning, then exploitation)
 METHODS_EVOLVE_EPOCHS = 2  # epochs per candidate
+METHODS_EVOLVE_FILTERS = (8, 16, 32)  # its initial-channel genes (train_evolve.FILTERS)
+METHODS_EVOLVE_CELLS = (5, 7, 9)  # its cell-count genes (train_evolve.CELLS)
 METHODS_RANDOM_SEEDS = 3  # references: genotypes drawn at random from the same cell space (one per seed)
 METHODS_REFERENCES = True  # references: the paper genotype and the gradient-boosting baseline (nodclsgbt.py)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
@@ -108,7 +110,9 @@ def main(**overrides):
             evolve=({'DEVICE': device, 'CUBE': cfg['CUBE'], 'POPULATION': cfg['METHODS_EVOLVE_POPULATION'],
                      'NEIGHBOURS': 3, 'GENERATIONS': cfg['METHODS_EVOLVE_GENERATIONS'],
                      'LEARNING_GENERATIONS': cfg['METHODS_EVOLVE_GENERATIONS'] // 2,
-                     'EPOCHS': cfg['METHODS_EVOLVE_EPOCHS'], 'LAST_EPOCHS': 1, 'MEMORY_GB': cfg['MEMORY_GB']}
+                     'EPOCHS': cfg['METHODS_EVOLVE_EPOCHS'], 'LAST_EPOCHS': 1,
+                     'FILTERS': cfg['METHODS_EVOLVE_FILTERS'], 'CELLS': cfg['METHODS_EVOLVE_CELLS'],
+                     'MEMORY_GB': cfg['MEMORY_GB']}
                     if cfg['METHODS_EVOLVE'] else None),
             paper=cfg['METHODS_REFERENCES'], random_seeds=cfg['METHODS_RANDOM_SEEDS'],
             baseline=cfg['METHODS_REFERENCES'])
