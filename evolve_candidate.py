@@ -63,36 +63,24 @@ def worst_f1(alpha, beta):
     return 1.0 + alpha + beta
 
 
-def train_candidate(cfg, idx, genome, path):
-    """Train candidate `idx` (genome) and write its result json to `path`; an existing file is read instead."""
-    if os.path.exists(path):
-        with open(path) as f:
-            result = json.load(f)
-        if tuple(result['genome']) != tuple(genome):
-            raise utils.UserError(f'{path} holds genome {result["genome"]}, the search now asks for {list(genome)}: '
-                                  'the run folder comes from other code or settings; start a new run')
-        return result
-    t0 = time.time()
-    space = gene_space(cfg)
-    geno, C, cells, lr = space.decode(genome)
-    seed = cfg['SEED'] * 1_000_003 + idx  # depends on the candidate, not on what the process ran before
-    utils.seed_everything(seed)
+def fit(cfg, model, lr, seed, name, run_path):
+    """Train on search-train with early stopping on search-val loss; per-epoch metrics of both sets. A NaN/inf loss
+    or metric ends the training as diverged. Returns (history of lists, diverged)."""
     train, val = search_data(cfg)
-    model = NetworkLUNA(C, 2, cells, geno).to(cfg['DEVICE'])
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr, momentum=cfg['MOMENTUM'], weight_decay=cfg['WEIGHT_DECAY'])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['EPOCHS'])
     gen = data.make_generator(cfg['DEVICE'], seed)
     metric = cfg['METRIC']
     hist = {'m_train': [], 'm_val': [], 'val_loss': [], 'acc_val': [], 'auc_val': []}
-    diverged, best_loss, since_best = False, math.inf, 0
+    best_loss, since_best = math.inf, 0
     try:
         for epoch in range(cfg['EPOCHS']):
             model.train()
             steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
             engine.run_epoch(
                 lambda b: engine.train_step(model, opt, *train.train_batch(b, gen), params, cfg['GRAD_CLIP']),
-                steps, len(train), f'candidate {idx} epoch {epoch}', os.path.dirname(path), 'none')
+                steps, len(train), f'{name} epoch {epoch}', run_path, 'none')
             sched.step()
             ev_tr = engine.evaluate(model, train, cfg['BATCH_SIZE'])
             ev_va = engine.evaluate(model, val, cfg['BATCH_SIZE'])
@@ -107,14 +95,32 @@ def train_candidate(cfg, idx, genome, path):
     except (utils.UserError, FloatingPointError) as e:
         if not isinstance(e, FloatingPointError) and not str(e).startswith('loss is'):
             raise
-        diverged = True
+        return hist, True
+    return hist, False
+
+
+def train_candidate(cfg, idx, genome, path):
+    """Train candidate `idx` (genome) and write its result json to `path`; an existing file is read instead."""
+    if os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+        if tuple(result['genome']) != tuple(genome):
+            raise utils.UserError(f'{path} holds genome {result["genome"]}, the search now asks for {list(genome)}: '
+                                  'the run folder comes from other code or settings; start a new run')
+        return result
+    t0 = time.time()
+    geno, C, cells, lr = gene_space(cfg).decode(genome)
+    seed = cfg['SEED'] * 1_000_003 + idx  # depends on the candidate, not on what the process ran before
+    utils.seed_everything(seed)
+    model = NetworkLUNA(C, 2, cells, geno).to(cfg['DEVICE'])
+    hist, diverged = fit(cfg, model, lr, seed, f'candidate {idx}', os.path.dirname(path))
     if diverged or not hist['val_loss']:
         f1, e_best = worst_f1(cfg['ALPHA'], cfg['BETA']), 0
     else:
         f1, e_best = objective_f1(hist['m_train'], hist['m_val'], hist['val_loss'], cfg['EPOCHS'], cfg['ALPHA'],
                                   cfg['BETA'], cfg['LAST_EPOCHS'])
     last = slice(-cfg['LAST_EPOCHS'], None)
-    result = {'index': idx, 'genome': [int(v) for v in genome], 'params': sum(p.numel() for p in params),
+    result = {'index': idx, 'genome': [int(v) for v in genome], 'params': sum(p.numel() for p in model.parameters()),
               'f1': f1, 'e_best': e_best, 'epochs': len(hist['val_loss']), 'diverged': diverged,
               **{k: float(np.mean(v[last])) if v and not diverged else float('nan') for k, v in hist.items()},
               'seconds': time.time() - t0}
