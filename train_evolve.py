@@ -243,7 +243,7 @@ def main(**overrides):
         run.log(f'resuming: replaying the search, {len(os.listdir(run.file("candidates")))} candidates are done')
     search = Search(cfg, run, Outputs(run, cfg))
     search.initialize()
-    hv = search.end_generation(0, list(range(len(search.archive))))
+    hv = search.end_generation(0, [])  # the initial population is nobody's offspring: no subproblem is credited
     for g in range(1, cfg['GENERATIONS']):
         learning = g <= cfg['LEARNING_GENERATIONS']
         children = search.learning_generation(g) if learning else search.exploitation_generation(g)

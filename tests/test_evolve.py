@@ -243,15 +243,15 @@ def test_tiny_search_writes_all_outputs_and_a_member_retrains(tiny_run):
 def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, monkeypatch):
     cubes, root, full = tiny_run
 
-    def killed_at_6(cfg, idx, genome, path):
-        if idx == 6:
+    def killed_at_9(cfg, idx, genome, path):  # candidate 9: in the exploitation phase (generation 2)
+        if idx == 9:
             raise KeyboardInterrupt
         return evolve_candidate.train_candidate(cfg, idx, genome, path)
-    monkeypatch.setattr(train_evolve, 'train_candidate', killed_at_6)
+    monkeypatch.setattr(train_evolve, 'train_candidate', killed_at_9)
     with pytest.raises(KeyboardInterrupt):
         train_evolve.main(**TINY, DATA=cubes, RUNS=str(root / 'killed'))
     run = os.path.join(root / 'killed', os.listdir(root / 'killed')[0])
-    assert len(os.listdir(os.path.join(run, 'candidates'))) == 6
+    assert len(os.listdir(os.path.join(run, 'candidates'))) == 9
     monkeypatch.undo()
     resumed = train_evolve.main(RESUME=run)
     assert resumed['evaluated'] == full['evaluated']
