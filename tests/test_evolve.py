@@ -258,3 +258,13 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, monkeypatch)
     assert read_rows(os.path.join(run, 'evaluations.csv')) == read_rows(os.path.join(full['run'], 'evaluations.csv'))
     assert (read_rows(os.path.join(run, 'pareto.csv'), drop=('genotype_file',))
             == read_rows(os.path.join(full['run'], 'pareto.csv'), drop=('genotype_file',)))
+
+
+def test_pareto_plot_reads_evaluations_and_rejects_a_bad_file(tmp_path):
+    path = tmp_path / 'evaluations.csv'
+    path.write_text('index,generation,params,f1\n0,0,1000,0.5\n1,1,2000,0.3\n2,1,3000,0.4\n')
+    png = plots.plot_pareto(str(path), str(tmp_path / 'p.png'), 12.79e6, title='t')
+    assert os.path.getsize(png) > 0
+    path.write_text('index,generation,f1\n0,0,0.5\n')
+    with pytest.raises(UserError, match='params'):
+        plots.plot_pareto(str(path), str(tmp_path / 'q.png'))
