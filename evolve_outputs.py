@@ -2,7 +2,6 @@
 each evaluation pareto.csv, pareto.png and front/<candidate>.json (a genotype file per front member that
 train_3D_continuation.py retrains with the member's channels, cells and learning rate)."""
 import csv
-import json
 import math
 import os
 
@@ -73,9 +72,3 @@ class Outputs:
             w.writeheader()
             w.writerows(rows)
 
-
-def read_front_settings(path):
-    """The macro settings ('C', 'LAYERS', 'LR') stored in a front member's genotype file (json), if any."""
-    with open(path) as f:
-        body = json.load(f)
-    return {k: body[k] for k in ('C', 'LAYERS', 'LR') if k in body}
