@@ -9,8 +9,9 @@ Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the
 and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step,
 samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
 Section 3: operations per step (what the host issues; the search step appeared host-bound on an H100).
-BENCH='methods' (separately): 2nd / 1st / zeroth-order searches on the demo set under one short budget, each
-genotype retrained and tested on one fold: search time and test metrics per method.
+BENCH='methods' (separately): 2nd / 1st / zeroth-order and evolutionary searches on the demo set under one short
+budget, each genotype retrained and tested on one fold, beside the paper genotype, random genotypes of the same cell
+space and the gradient-boosting baseline: search time and test metrics per method.
 The steps and the counts also run on a CPU (BENCH='steps' or 'ops', small settings); the kernels need CUDA.
 """
 import datetime
@@ -50,6 +51,14 @@ METHODS_RETRAIN_EPOCHS = 20  # retrain epochs of each found genotype
 METHODS_RETRAIN_C = 16  # retrain channels
 METHODS_RETRAIN_LAYERS = 8  # retrain cells
 METHODS_FOLD = 5  # test fold of the retrains
+METHODS_EVOLVE = True  # also run the evolutionary search (train_evolve.py), with the settings below
+METHODS_EVOLVE_POPULATION = 6  # its population (subproblems); neighbourhood 3
+METHODS_EVOLVE_GENERATIONS = 4  # its generations (0 initialization, 1-2 learning, then exploitation)
+METHODS_EVOLVE_EPOCHS = 2  # epochs per candidate
+METHODS_EVOLVE_FILTERS = (8, 16, 32)  # its initial-channel genes (train_evolve.FILTERS)
+METHODS_EVOLVE_CELLS = (5, 7, 9)  # its cell-count genes (train_evolve.CELLS)
+METHODS_RANDOM_SEEDS = 3  # references: genotypes drawn at random from the same cell space (one per seed)
+METHODS_REFERENCES = True  # references: the paper genotype and the gradient-boosting baseline (nodclsgbt.py)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 DEFAULTS = utils.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'STEPS >= 1';
@@ -59,7 +68,11 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'SEARCH_C': 'SEARCH_C >= 4 and SEARCH_C % 4 == 0', 'SEARCH_LAYERS': '>= 3', 'RETRAIN_C': '>= 1',
     'RETRAIN_LAYERS': '>= 1', 'CUBE': 'CUBE >= 12 and CUBE % 4 == 0', 'AMP': None, 'METHODS_EPOCHS': '>= 1',
     'METHODS_C': 'METHODS_C >= 4 and METHODS_C % 4 == 0', 'METHODS_LAYERS': '>= 3', 'METHODS_RETRAIN_EPOCHS': '>= 1',
-    'METHODS_RETRAIN_C': '>= 1', 'METHODS_RETRAIN_LAYERS': '>= 1', 'METHODS_FOLD': '>= 0', 'MEMORY_GB': '> 0',
+    'METHODS_RETRAIN_C': '>= 1', 'METHODS_RETRAIN_LAYERS': '>= 1', 'METHODS_FOLD': '>= 0', 'METHODS_EVOLVE': None,
+    'METHODS_EVOLVE_POPULATION': '>= 3', 'METHODS_EVOLVE_GENERATIONS': '>= 2', 'METHODS_EVOLVE_EPOCHS': '>= 1',
+    'METHODS_EVOLVE_FILTERS': 'len(METHODS_EVOLVE_FILTERS) >= 1 and ints(METHODS_EVOLVE_FILTERS)',
+    'METHODS_EVOLVE_CELLS': 'len(METHODS_EVOLVE_CELLS) >= 1 and ints(METHODS_EVOLVE_CELLS)',
+    'METHODS_RANDOM_SEEDS': '>= 0', 'METHODS_REFERENCES': None, 'MEMORY_GB': '> 0',
 }
 
 
@@ -107,7 +120,16 @@ def main(**overrides):
             {**common, 'EPOCHS': cfg['METHODS_EPOCHS'], 'WARMUP_EPOCHS': cfg['METHODS_EPOCHS'] // 2,
              'C': cfg['METHODS_C'], 'LAYERS': cfg['METHODS_LAYERS']},
             {**common, 'EPOCHS': cfg['METHODS_RETRAIN_EPOCHS'], 'C': cfg['METHODS_RETRAIN_C'],
-             'LAYERS': cfg['METHODS_RETRAIN_LAYERS'], 'FOLD': cfg['METHODS_FOLD']})
+             'LAYERS': cfg['METHODS_RETRAIN_LAYERS'], 'FOLD': cfg['METHODS_FOLD']},
+            evolve=({'DEVICE': device, 'CUBE': cfg['CUBE'], 'POPULATION': cfg['METHODS_EVOLVE_POPULATION'],
+                     'NEIGHBOURS': 3, 'GENERATIONS': cfg['METHODS_EVOLVE_GENERATIONS'],
+                     'LEARNING_GENERATIONS': cfg['METHODS_EVOLVE_GENERATIONS'] // 2,
+                     'EPOCHS': cfg['METHODS_EVOLVE_EPOCHS'], 'LAST_EPOCHS': 1,
+                     'FILTERS': cfg['METHODS_EVOLVE_FILTERS'], 'CELLS': cfg['METHODS_EVOLVE_CELLS'],
+                     'MEMORY_GB': cfg['MEMORY_GB']}
+                    if cfg['METHODS_EVOLVE'] else None),
+            paper=cfg['METHODS_REFERENCES'], random_seeds=cfg['METHODS_RANDOM_SEEDS'],
+            baseline=cfg['METHODS_REFERENCES'])
         print(bench_methods.methods_table(out['methods']))
     return out
 

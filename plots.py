@@ -141,3 +141,46 @@ def plot_op_weights(csv_path, png_path, title=None):
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=110)
     return png_path
+
+
+def plot_pareto(csv_path, png_path, paper_params=None, title=None):
+    """Save a PNG of an evolutionary search's candidates: f1 against parameters (log scale), every evaluated
+    candidate as a dot, the non-dominated front highlighted and joined, the paper genotype's size as a vertical line.
+
+    csv_path: evaluations.csv of train_evolve.py (columns params, f1, generation). Returns png_path."""
+    import numpy as np
+
+    import evolve_samea
+    try:
+        with open(csv_path, newline='') as f:
+            rows = [(float(r['params']), float(r['f1']), int(r['generation'])) for r in csv.DictReader(f)]
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f'{csv_path}: cannot read params, f1 and generation ({e})') from None
+    if not rows:
+        raise UserError(f'{csv_path}: no data rows')
+    params, f1, gen = (np.array(c) for c in zip(*rows))
+    members = evolve_samea.front(np.column_stack([f1, np.log(params)]))
+    members = members[np.argsort(params[members])]
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    dots = ax.scatter(params / 1e6, f1, c=gen, cmap='viridis', s=16, alpha=0.8, label='evaluated candidates')
+    bar = fig.colorbar(dots, ax=ax, label='generation')
+    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.step(params[members] / 1e6, f1[members], where='post', color='tab:red', lw=1.2)
+    ax.scatter(params[members] / 1e6, f1[members], facecolors='none', edgecolors='tab:red', s=60, lw=1.4,
+               label=f'non-dominated front ({len(members)})')
+    if paper_params:
+        ax.axvline(paper_params / 1e6, color='grey', ls='--', lw=1,
+                   label=f'paper genotype, C=36, 20 cells ({paper_params / 1e6:.2f} M)')
+    ax.set_xscale('log')
+    ax.set_xlabel('trainable parameters (millions, log scale)')
+    ax.set_ylabel('f1 = error term (unitless, lower is better)')
+    ax.grid(alpha=0.3, lw=0.5)
+    ax.legend(fontsize=7, loc='upper right')
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    return png_path

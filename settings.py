@@ -63,8 +63,8 @@ def usable_device(name):
 
 
 # Functions a rule may call (besides its settings, constants, arithmetic, comparisons, and/or/not, x[i]).
-RULE_FUNCTIONS = {'len': len, 'ints': _ints, 'folds': _folds, 'isfile': os.path.isfile, 'isdir': os.path.isdir,
-                  'device': usable_device}
+RULE_FUNCTIONS = {'len': len, 'min': min, 'max': max, 'ints': _ints, 'folds': _folds, 'isfile': os.path.isfile,
+                  'isdir': os.path.isdir, 'device': usable_device}
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
 _COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq,

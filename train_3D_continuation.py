@@ -19,7 +19,8 @@ import utils
 from model import NetworkLUNA
 
 DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
-GENOTYPE = 'NAS_HBO_PAPER'  # a registered genotype name, or the path of a genotype.json from train_search.py
+GENOTYPE = 'NAS_HBO_PAPER'  # a registered name, or a genotype.json path (train_search.py; train_evolve.py's front/
+# files also hold C, LAYERS and LR, which become this run's defaults unless given explicitly)
 FOLD = 'all'  # test fold: a fold number, or 'all' for every fold in TEST_FOLDS
 TEST_FOLDS = (5, 6, 7, 8, 9)  # folds evaluated when FOLD = 'all' (the paper reports 5-9)
 TRAIN_FOLDS = ()  # training folds; () = every fold of the cube set except the test fold
@@ -168,9 +169,24 @@ def save_fold_outputs(run, cfg, table, fold, train, train_folds, prob):
         pd.DataFrame({'nodule_id': test['nodule_id'], 'label': test['label'], 'prob': prob}).to_csv(tmp, index=False)
 
 
+def genotype_file_settings(cfg, overrides):
+    """Settings stored beside the genotype in its json file ('C', 'LAYERS', 'LR': a front member of train_evolve.py)
+    are this run's defaults; settings given explicitly (command line, config file, main()) win."""
+    path = str(cfg['GENOTYPE'])
+    if not path.endswith('.json') or not os.path.isfile(path):
+        return cfg
+    with open(path) as f:
+        body = json.load(f)
+    stored = {k: body[k] for k in ('C', 'LAYERS', 'LR') if isinstance(body, dict) and k in body and k not in overrides}
+    return {**cfg, **{k: v for k, v in utils.check_settings(stored, DEFAULTS).items() if k in stored}}
+
+
 def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     genotype = genotypes.get_genotype(cfg['GENOTYPE'])
+    if not cfg['RESUME']:
+        cfg = genotype_file_settings(cfg, overrides)
+        settings.check_rules(cfg, RULES)
     data.check_cube_size(cfg['CUBE'], [op for op, _ in genotype.normal + genotype.reduce])
     folds = test_folds(cfg)
     table = data.read_table(cfg['DATA'])

@@ -60,3 +60,31 @@ def test_methods_comparison_runs_each_search_and_retrains_its_genotype(tmp_path,
     table = bench_methods.methods_table(rows).splitlines()
     assert len(table) == 5 and table[4].startswith('| zeroth, sparsemax |')
     assert 'zeroth, sparsemax: search' in capsys.readouterr().out
+
+
+def test_methods_comparison_adds_the_evolutionary_search_and_the_references(tmp_path, capsys):
+    cubes = str(write_cube_set(tmp_path / 'cubes', size=8))
+    runs = str(tmp_path / 'runs')
+    ops = ('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3')
+    common = dict(DATA=cubes, RUNS=runs, DEVICE='cpu', CUBE=8)
+    rows = bench_methods.compare_methods(
+        dict(common, C=4, LAYERS=3, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34, BATCH_SIZE=3, EPOCHS=1, WARMUP_EPOCHS=1,
+             ZO_T=2, PRIMITIVES=ops),
+        dict(common, C=4, LAYERS=3, FOLD=5, TRAIN_FOLDS=(0, 1, 2, 3), BATCH_SIZE=4, EPOCHS=1),
+        evolve=dict(common, PRIMITIVES=ops, FILTERS=(4,), CELLS=(2,), POPULATION=3, NEIGHBOURS=2, GENERATIONS=2,
+                    LEARNING_GENERATIONS=1, EPOCHS=1, LAST_EPOCHS=1),
+        paper=True, random_seeds=2, baseline=True)
+    names = [r['method'] for r in rows]
+    assert names[3:] == ['evolutionary (EMONAS SaMEA), lowest f1', 'reference: paper genotype',
+                         'reference: random genotype, seed 0', 'reference: random genotype, seed 1',
+                         'baseline: gradient boosting (nodclsgbt.py)']
+    retrained = [json.load(open(os.path.join(r['retrain_run'], 'config.json'))) for r in rows[3:7]]
+    # every genotype is retrained the same way: same C, cells, learning rate, epochs and test fold
+    assert {(c['C'], c['LAYERS'], c['LR'], c['EPOCHS'], c['FOLD']) for c in retrained} == {(4, 3, 0.025, 1, '5')}
+    assert retrained[1]['GENOTYPE'] == 'NAS_HBO_PAPER' and retrained[2]['GENOTYPE'] != retrained[3]['GENOTYPE']
+    assert rows[3]['search_s'] > 0 and all(0 <= r['acc'] <= 100 for r in rows)
+    gbt = json.load(open(os.path.join(rows[-1]['retrain_run'], 'config.json')))
+    assert gbt['TEST_FOLDS'] == [5] and gbt['CROP'] is False
+    table = bench_methods.methods_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and table[-1].endswith('|  |')
+    assert 'gradient boosting' in capsys.readouterr().out

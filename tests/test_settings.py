@@ -15,6 +15,7 @@ import nodclsgbt
 import predict
 import prepare
 import train_3D_continuation as retrain
+import train_evolve
 import train_search
 import settings
 import utils
@@ -22,7 +23,7 @@ from conftest import write_cube_set
 from utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = [train_search, retrain, prepare, nodclsgbt, bench, predict, draw]
+SCRIPTS = [train_search, retrain, train_evolve, prepare, nodclsgbt, bench, predict, draw]
 
 
 @pytest.mark.parametrize('script', SCRIPTS, ids=lambda m: m.__name__)

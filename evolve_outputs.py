@@ -1,0 +1,74 @@
+"""What the evolutionary search writes as it goes: evaluations.csv (a row per trained candidate, appended), and after
+each evaluation pareto.csv, pareto.png and front/<candidate>.json (a genotype file per front member that
+train_3D_continuation.py retrains with the member's channels, cells and learning rate)."""
+import csv
+import math
+import os
+
+import evolve_samea as sm
+import genotypes
+import utils
+
+PAPER_PARAMS = 12.79e6  # parameters of genotypes.NAS_HBO_PAPER at C=36, 20 cells (the reference in pareto.png)
+COLUMNS = ('index', 'generation', 'phase', 'subproblem', 'screening', 'genome', 'genotype', 'C', 'cells', 'lr',
+           'params', 'f1', 'f2', 'm_train', 'm_val', 'acc_val', 'auc_val', 'val_loss', 'e_best', 'epochs', 'diverged',
+           'seconds', 'predicted_f1', 'predicted_std')
+FRONT_COLUMNS = ('index', 'generation', 'f1', 'f2', 'params', 'C', 'cells', 'lr', 'm_val', 'acc_val', 'auc_val',
+                 'genotype_file')
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return '' if math.isnan(value) else f'{value:.6g}'
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return ' '.join(map(str, value))  # a genome
+    return value
+
+
+def front_file(run, idx):
+    return run.file(os.path.join('front', f'candidate_{idx:04d}.json'))
+
+
+class Outputs:
+    def __init__(self, run, cfg):
+        self.run, self.cfg = run, cfg
+
+    def evaluated(self, archive):
+        """After each evaluation: append its row, rewrite the front's files and figure."""
+        r = archive[-1]
+        self.run.metrics_row({k: _cell(r.get(k, '')) for k in COLUMNS}, 'evaluations.csv')
+        tail = (f', surrogate predicted f1 {r["predicted_f1"]:.3f} ± {r["predicted_std"]:.3f} ({r["screening"]})'
+                if 'predicted_f1' in r else '')
+        self.run.log(f'  candidate {r["index"]} (gen {r["generation"]} {r["phase"]}, subproblem {r["subproblem"]}): '
+                     f'C={r["C"]} cells={r["cells"]} lr={r["lr"]:g} {r["params"] / 1e6:.3f} M params, f1 '
+                     f'{r["f1"]:.4f}{" (diverged)" if r["diverged"] else ""}, val {self.cfg["METRIC"]} '
+                     f'{r["m_val"]:.3f}, {r["epochs"]} epochs, {r["seconds"]:.1f} s{tail}')
+        members = sm.front([[a['f1'], a['f2']] for a in archive]).tolist()
+        members.sort(key=lambda i: archive[i]['f2'])
+        self.write_front(archive, members)
+        import plots
+        plots.plot_pareto(self.run.file('evaluations.csv'), self.run.file('pareto.png'), PAPER_PARAMS,
+                          title=f'{self.run.path}: {len(archive)} candidates, front of {len(members)}')
+
+    def write_front(self, archive, members):
+        os.makedirs(self.run.file('front'), exist_ok=True)
+        keep = set()
+        rows = []
+        for i in members:
+            r = archive[i]
+            path = front_file(self.run, i)
+            keep.add(os.path.basename(path))
+            if not os.path.exists(path):
+                # genotype keys + the member's macro settings, which train_3D_continuation.py uses as defaults
+                body = {**genotypes.genotype_to_dict(r['genotype']), 'C': r['C'], 'LAYERS': r['cells'],
+                        'LR': r['lr'], 'params': r['params'], 'f1': r['f1'], 'search_candidate': i}
+                utils.save_json_atomic(path, body)
+            rows.append({k: _cell(r.get(k, '')) for k in FRONT_COLUMNS[:-1]} | {'genotype_file': path})
+        for name in os.listdir(self.run.file('front')):
+            if name not in keep:
+                os.remove(os.path.join(self.run.file('front'), name))
+        with utils.atomic_path(self.run.file('pareto.csv')) as tmp, open(tmp, 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=list(FRONT_COLUMNS))
+            w.writeheader()
+            w.writerows(rows)
+

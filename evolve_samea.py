@@ -1,0 +1,140 @@
+"""The pieces of SaMEA (EMONAS-Net's surrogate-assisted MOEA/D) used by train_evolve.py: weight vectors,
+neighbourhoods, PBI, objective normalization, selection probabilities, the random-forest surrogate and its
+pre-screening rules, non-dominated fronts and the hypervolume.
+
+Objectives are minimized: F[:, 0] = f1 (error term), F[:, 1] = f2 = ln(parameters).
+"""
+import numpy as np
+
+
+def weight_vectors(n):
+    """EMONAS' n weight vectors: w1 = 0.5 + 0.5 i / (n - 1), w2 = 1 - w1 (error weighted at least as much as size).
+    Returns (n, 2)."""
+    w1 = 0.5 + 0.5 * np.arange(n) / (n - 1)
+    return np.stack([w1, 1.0 - w1], axis=1)
+
+
+def neighbourhoods(weights, t):
+    """(n, t) indices of the t nearest weight vectors of each one (Euclidean; itself first; ties: lower index)."""
+    # rounded so that equal distances compare equal despite floating-point noise
+    dist = np.round(np.linalg.norm(weights[:, None, :] - weights[None, :, :], axis=2), 12)
+    return np.argsort(dist, axis=1, kind='stable')[:, :t]
+
+
+def pbi(F, weights, theta):
+    """PBI value of each row of F (normalized objectives) under the matching row of weights, ideal point at the
+    origin: d1 + theta d2 with d1 the length of F's projection on w and d2 its distance from the line (pymoo)."""
+    from pymoo.decomposition.pbi import PBI
+    F, weights = np.atleast_2d(np.asarray(F, dtype=float)), np.atleast_2d(np.asarray(weights, dtype=float))
+    return PBI(theta=theta).do(F, weights, utopian_point=np.zeros(F.shape[1]))
+
+
+def normalizer(F):
+    """(lower, span) of each objective over the evaluated candidates F (n, 2): F is normalized as (F - lower) / span,
+    so the evaluated ones lie in [0, 1] with the ideal point at the origin (span 1 where all values are equal)."""
+    F = np.asarray(F, dtype=float)
+    lower = F.min(axis=0)
+    span = F.max(axis=0) - lower
+    return lower, np.where(span > 0, span, 1.0)
+
+
+def subproblem_probs(counts, extra=0.2):
+    """Probability of choosing each subproblem: its cumulative count of offspring that entered the best set,
+    normalized, + extra / n, renormalized (uniform while no offspring entered it)."""
+    c = np.asarray(counts, dtype=float)
+    p = c / c.sum() if c.sum() > 0 else np.zeros_like(c)
+    p = p + extra / len(c)
+    return p / p.sum()
+
+
+def gene_value_probs(genomes, f1, sizes, extra=0.2):
+    """Per gene, the probability of each value: score = max f1 (over all evaluated) - mean f1 of the evaluated
+    genomes carrying the value (0 for a value never seen), normalized, + extra / #values, renormalized."""
+    genomes, f1 = np.asarray(genomes), np.asarray(f1, dtype=float)
+    worst = f1.max()
+    out = []
+    for g, n in enumerate(sizes):
+        score = np.zeros(n)
+        for v in range(n):
+            has = genomes[:, g] == v
+            if has.any():
+                score[v] = worst - f1[has].mean()
+        p = score / score.sum() if score.sum() > 0 else np.zeros(n)
+        p = p + extra / n
+        out.append(p / p.sum())
+    return out
+
+
+def front(F):
+    """Indices of the non-dominated rows of F (pymoo's non-dominated sorting), in increasing order."""
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+    F = np.asarray(F, dtype=float)
+    return np.sort(NonDominatedSorting().do(F, only_non_dominated_front=True))
+
+
+def best_set(F, k):
+    """Indices of the k best rows of F by non-dominated sorting, the last front cut by crowding distance (NSGA-II's
+    survival; pymoo's sorting and crowding distance)."""
+    from pymoo.operators.survival.rank_and_crowding.metrics import calc_crowding_distance
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+    F = np.asarray(F, dtype=float)
+    chosen = []
+    for layer in NonDominatedSorting().do(F):
+        layer = np.asarray(layer)
+        if len(chosen) + len(layer) <= k:
+            chosen += layer.tolist()
+            continue
+        crowd = calc_crowding_distance(F[layer])
+        order = np.argsort(-crowd, kind='stable')
+        chosen += layer[order[:k - len(chosen)]].tolist()
+        break
+    return sorted(chosen)
+
+
+def hypervolume(F, ref):
+    """Hypervolume of F (raw objectives) against the reference point `ref` (pymoo)."""
+    from pymoo.indicators.hv import HV
+    F = np.asarray(F, dtype=float)
+    inside = F[(F < np.asarray(ref)).all(axis=1)]
+    return float(HV(ref_point=np.asarray(ref, dtype=float))(inside)) if len(inside) else 0.0
+
+
+class Surrogate:
+    """EMONAS' random forest: gene values + ln(parameters) -> normalized f1; uncertainty = std over the trees."""
+
+    def __init__(self, seed=0):
+        from sklearn.ensemble import RandomForestRegressor
+        self.forest = RandomForestRegressor(n_estimators=100, min_samples_split=5, random_state=seed, n_jobs=1)
+
+    @staticmethod
+    def features(genomes, f2):
+        return np.column_stack([np.asarray(genomes, dtype=float), np.asarray(f2, dtype=float)])
+
+    def fit(self, genomes, f2, f1_normalized):
+        self.forest.fit(self.features(genomes, f2), np.asarray(f1_normalized, dtype=float))
+        return self
+
+    def predict(self, genomes, f2):
+        """(mean, std) of the trees' predictions of normalized f1, one per genome."""
+        per_tree = np.stack([t.predict(self.features(genomes, f2)) for t in self.forest.estimators_])
+        return per_tree.mean(axis=0), per_tree.std(axis=0)
+
+
+def beats_a_neighbour(child_F, neighbour_F, neighbour_weights, theta):
+    """Pre-screening: is the child's (predicted) normalized point at least as good (PBI <=) as some neighbour's
+    point under that neighbour's weight vector? Then it is trained at once."""
+    n = len(neighbour_F)
+    child = np.repeat(np.atleast_2d(child_F), n, axis=0)
+    return bool((pbi(child, neighbour_weights, theta) <= pbi(neighbour_F, neighbour_weights, theta)).any())
+
+
+def pool_choice(pool_F, pool_std, front_F):
+    """Pool members to train after a generation's children (predicted normalized points pool_F, tree std pool_std):
+    those not dominated by any point of the current front front_F, the one with the lowest predicted f1 and the one
+    with the largest std. Returns sorted pool indices."""
+    pool_F, front_F = np.asarray(pool_F, dtype=float), np.asarray(front_F, dtype=float)
+    dominated = [bool(((front_F <= p).all(axis=1) & (front_F < p).any(axis=1)).any()) for p in pool_F]
+    chosen = {i for i, d in enumerate(dominated) if not d}
+    chosen.add(int(np.argmin(pool_F[:, 0])))
+    chosen.add(int(np.argmax(pool_std)))
+    return sorted(chosen)

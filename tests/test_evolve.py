@@ -1,0 +1,272 @@
+"""The evolutionary search (train_evolve.py, EMONAS-Net's SaMEA): worked examples of its rules, its operators, the
+memory guard, a tiny end-to-end run, resume, parallel == sequential, and bad settings."""
+import csv
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+import evolve_candidate
+import evolve_genome as eg
+import evolve_samea as sm
+import parallel
+import plots
+import train_3D_continuation
+import train_evolve
+from conftest import write_cube_set
+from model import NetworkLUNA
+from utils import UserError
+
+OPS3 = ('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3')
+TINY = dict(DEVICE='cpu', SEARCH_FOLDS=(0, 1, 2, 3, 4), CUBE=8, EPOCHS=1, LAST_EPOCHS=1, PRIMITIVES=OPS3,
+            FILTERS=(4,), CELLS=(2, 3), POPULATION=4, NEIGHBOURS=2, GENERATIONS=3, LEARNING_GENERATIONS=1)
+
+
+def small_space(memory_gb=24.0):
+    return eg.GeneSpace(OPS3, (4, 8), (2, 3), (0.01, 0.1), 8, 4, memory_gb)
+
+
+# ---------------------------------------------------------------- worked examples of the rules
+
+def test_pbi_worked_example():
+    # F = (0.3, 0.4), w = (0.6, 0.4): d1 = F.w/|w| = 0.34/sqrt(0.52); d2 = sqrt(|F|^2 - d1^2); theta 0.5
+    d1 = 0.34 / math.sqrt(0.52)
+    expected = d1 + 0.5 * math.sqrt(0.25 - d1 ** 2)
+    assert expected == pytest.approx(0.5547002, abs=1e-7)
+    got = sm.pbi([[0.3, 0.4], [0.3, 0.4]], [[0.6, 0.4], [1.0, 0.0]], 0.5)
+    assert got[0] == pytest.approx(expected) and got[1] == pytest.approx(0.3 + 0.5 * 0.4)
+
+
+def test_weight_vectors_and_neighbourhoods():
+    w = sm.weight_vectors(10)
+    assert w[:, 0] == pytest.approx(0.5 + 0.5 * np.arange(10) / 9) and w.sum(1) == pytest.approx(np.ones(10))
+    hood = sm.neighbourhoods(w, 3)
+    assert hood[0].tolist() == [0, 1, 2] and hood[5].tolist() == [5, 4, 6] and hood[9].tolist() == [9, 8, 7]
+
+
+def test_mutation_rate_schedule():
+    assert eg.mutation_rate(1, 40) == pytest.approx(0.81, abs=0.005)
+    assert eg.mutation_rate(10, 40) == pytest.approx(0.35, abs=0.005)
+    at_26 = 1 - math.log(27) / math.log(40)
+    assert eg.mutation_rate(26, 40) == pytest.approx(at_26) and at_26 > 0.1
+    assert [eg.mutation_rate(g, 40) for g in (27, 30, 35, 39)] == [0.1] * 4  # the floor from g = 27 (so from 30)
+
+
+def test_selection_probabilities_worked_examples():
+    # counts [2, 0, 1, 1]: [0.5, 0, 0.25, 0.25] + 0.2/4, renormalized by 1.2
+    assert sm.subproblem_probs([2, 0, 1, 1]) == pytest.approx([0.55 / 1.2, 0.05 / 1.2, 0.3 / 1.2, 0.3 / 1.2])
+    assert sm.subproblem_probs([0, 0, 0]) == pytest.approx([1 / 3] * 3)
+    # one gene with 3 values: value 0 seen with f1 0.2 and 0.4, value 1 with 0.6 (the worst), value 2 unseen
+    probs = sm.gene_value_probs([[0], [0], [1]], [0.2, 0.4, 0.6], [3])
+    assert probs[0] == pytest.approx([(1 + 0.2 / 3) / 1.2, (0.2 / 3) / 1.2, (0.2 / 3) / 1.2])
+
+
+def test_prescreening_decisions():
+    neighbours = np.array([[0.2, 0.5], [0.6, 0.1]])
+    weights = np.array([[0.9, 0.1], [0.6, 0.4]])
+    assert sm.beats_a_neighbour([0.1, 0.5], neighbours, weights, 0.001)  # better error, same size: trained now
+    assert not sm.beats_a_neighbour([0.9, 0.9], neighbours, weights, 0.001)  # worse on both: to the pool
+    # pool: #0 is dominated by front point (0.4, 0.2); #1 is not and has the lowest f1; #2 has the largest std
+    chosen = sm.pool_choice([[0.5, 0.5], [0.05, 0.95], [0.9, 0.9]], [0.1, 0.05, 0.3], [[0.1, 0.6], [0.4, 0.2]])
+    assert chosen == [1, 2]
+
+
+def test_front_best_set_and_hypervolume():
+    F = np.array([[0.1, 3.0], [0.2, 2.0], [0.3, 2.5], [0.5, 1.0], [0.6, 4.0]])
+    assert sm.front(F).tolist() == [0, 1, 3]
+    assert sm.best_set(F, 3) == [0, 1, 3] and len(sm.best_set(F, 4)) == 4
+    assert sm.hypervolume([[0.5, 0.5]], (1.0, 1.0)) == pytest.approx(0.25)
+
+
+def test_surrogate_predicts_with_tree_spread():
+    rng = np.random.default_rng(0)
+    genomes = rng.integers(0, 3, (30, 5))
+    y = genomes[:, 0] / 2.0
+    mean, std = sm.Surrogate().fit(genomes, np.zeros(30), y).predict(genomes[:3], np.zeros(3))
+    assert mean == pytest.approx(y[:3], abs=0.15) and (std >= 0).all()
+
+
+# ---------------------------------------------------------------- genome, operators, memory guard
+
+def test_decode_gives_a_valid_genotype_and_cost_matches_the_network():
+    space = small_space()
+    genome = space.random(np.random.default_rng(1))
+    geno, C, cells, lr = space.decode(genome)
+    for cell in (geno.normal, geno.reduce):
+        for i in range(4):
+            (_, a), (_, b) = cell[2 * i:2 * i + 2]
+            assert 0 <= a < b <= i + 1
+    model = NetworkLUNA(C, 2, cells, geno)
+    n_params, gb = space.cost(genome)
+    assert n_params == sum(p.numel() for p in model.parameters())
+    count = [0]
+    hooks = [m.register_forward_hook(lambda m, i, o: count.__setitem__(0, count[0] + o.numel()))
+             for part in (model.stem, model.cells) for m in part.modules() if not list(m.children())]
+    model(torch.zeros(1, 1, 8, 8, 8))  # the pooled features and logits are not counted: a few numbers
+    for h in hooks:
+        h.remove()
+    assert gb == pytest.approx(4 * (4 * count[0] + eg.OPTIMIZER_SLOTS * n_params) / 1e9)
+
+
+def test_operators_give_valid_new_genomes_that_fit():
+    space = small_space()
+    rng = np.random.default_rng(0)
+    costs = sorted(space.cost(space.random(rng))[1] for _ in range(8))
+    space.memory_gb = costs[4]  # about half of the genomes are too large now
+    init = eg.latin_hypercube(space, 4, rng)
+    assert len(set(init)) == 4 and all(space.fits(g) for g in init)
+    seen = set(init)
+    for k in range(10):
+        rate = eg.mutation_rate(1 + k % 3, 3)
+        probs = eg.uniform_value_probs(space) if k % 2 else sm.gene_value_probs(list(seen), range(len(seen)),
+                                                                                 space.sizes)
+        child = eg.make_child(space, [init[k % 4], init[(k + 1) % 4]], rate, probs, seen, rng)
+        space.decode(child)
+        assert child not in seen and space.fits(child)
+        seen.add(child)
+
+
+def test_latin_hypercube_spreads_each_gene():
+    space = eg.GeneSpace(OPS3, (4, 5, 6, 7), (2,), (0.1,), 8, 4, 24.0)
+    init = eg.latin_hypercube(space, 4, np.random.default_rng(3))
+    assert sorted(g[-3] for g in init) == [0, 1, 2, 3]  # 4 samples of a 4-value gene: each value once
+
+
+def test_diverged_candidate_gets_the_worst_f1(tmp_path, monkeypatch):
+    cubes = write_cube_set(tmp_path / 'cubes', size=8)
+    cfg = {**train_evolve.DEFAULTS, **TINY, 'DATA': cubes}
+    genome = evolve_candidate.gene_space(cfg).random(np.random.default_rng(0))
+    monkeypatch.setattr(engine, 'train_step', lambda *a: (torch.tensor(float('nan')), torch.tensor(0)))
+    result = evolve_candidate.train_candidate(cfg, 0, genome, str(tmp_path / 'c.json'))
+    assert result['diverged'] and result['f1'] == evolve_candidate.worst_f1(cfg['ALPHA'], cfg['BETA'])
+    assert json.load(open(tmp_path / 'c.json'))['f1'] == result['f1']
+
+
+def test_objective_f1_worked_example():
+    # alpha 0.25 (1 - mean(0.8, 0.9)) + (1 - mean(0.6, 0.7)) + beta 0.25 (10 - 2) / 10; best loss at epoch 2
+    f1, e_best = evolve_candidate.objective_f1([0.5, 0.8, 0.9], [0.5, 0.6, 0.7], [0.9, 0.5, 0.6], 10, 0.25, 0.25, 2)
+    assert e_best == 2 and f1 == pytest.approx(0.25 * 0.15 + 0.35 + 0.25 * 0.8)
+
+
+# ---------------------------------------------------------------- the search loop
+
+def fake_candidate(cfg, idx, genome, path):
+    """A deterministic stand-in for training: f1 from the genome, the real parameter count."""
+    params = evolve_candidate.gene_space(cfg).params(genome)
+    f1 = (sum((i + 1) * v for i, v in enumerate(genome)) % 17) / 17
+    return {'index': idx, 'genome': list(genome), 'params': params, 'f1': f1, 'f2': math.log(params), 'e_best': 1,
+            'epochs': 1, 'diverged': False, 'm_train': 1 - f1, 'm_val': 1 - f1, 'val_loss': f1, 'acc_val': 0.0,
+            'auc_val': 0.0, 'seconds': 0.0}
+
+
+def reversed_map_jobs(fn, jobs, mode='off'):
+    """A stand-in for a parallel backend: jobs run in reverse order, results returned in job order."""
+    if mode == 'off':
+        return [fn(*args) for args in jobs]
+    return [fn(*args) for args in jobs[::-1]][::-1]
+
+
+def read_rows(path, drop=('seconds',)):
+    with open(path, newline='') as f:
+        return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
+
+
+def test_parallel_equals_sequential_and_screening_follows_the_surrogate(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_evolve, 'train_candidate', fake_candidate)
+    monkeypatch.setattr(parallel, 'map_jobs', reversed_map_jobs)
+    monkeypatch.setattr(plots, 'plot_pareto', lambda *a, **k: None)  # drawn in the end-to-end test; slow here
+    cubes = write_cube_set(tmp_path / 'cubes', n_folds=5, size=8)  # checked before the run; never trained on here
+    settings = dict(TINY, DATA=cubes, POPULATION=4, GENERATIONS=4, LEARNING_GENERATIONS=1)
+    seq = train_evolve.main(**settings, RUNS=str(tmp_path / 'a'), PARALLEL='off')
+    par = train_evolve.main(**settings, RUNS=str(tmp_path / 'b'), PARALLEL='ray')
+    rows = read_rows(os.path.join(seq['run'], 'evaluations.csv'))
+    assert rows == read_rows(os.path.join(par['run'], 'evaluations.csv'))
+    assert [r['phase'] for r in rows[:8]] == ['init'] * 4 + ['learning'] * 4
+    exploit = [r for r in rows if r['phase'] == 'exploitation']
+    assert exploit and all(r['predicted_f1'] and r['screening'] in ('beats a neighbour', 'pool') for r in exploit)
+    assert all(1 <= sum(r['generation'] == str(g) for r in exploit) <= 4 for g in (2, 3))
+    # a surrogate that predicts far better errors than any seen: every child is trained at once
+    settings['GENERATIONS'] = 3
+    monkeypatch.setattr(sm.Surrogate, 'predict', lambda self, g, f2: (np.full(len(g), -10.0), np.zeros(len(g))))
+    best = train_evolve.main(**settings, RUNS=str(tmp_path / 'c'))
+    exploit = [r for r in read_rows(os.path.join(best['run'], 'evaluations.csv')) if r['phase'] == 'exploitation']
+    assert len(exploit) == 4 and {r['screening'] for r in exploit} == {'beats a neighbour'}
+    # ... one that predicts the worst error: all wait in the pool; the lowest and most uncertain are among those trained
+    monkeypatch.setattr(sm.Surrogate, 'predict', lambda self, g, f2: (np.full(len(g), 5.0), np.arange(len(g)) / 10))
+    worst = train_evolve.main(**settings, RUNS=str(tmp_path / 'd'))
+    exploit = [r for r in read_rows(os.path.join(worst['run'], 'evaluations.csv')) if r['phase'] == 'exploitation']
+    # all predictions equal, so none is dominated by another... but the front's points dominate them: the lowest
+    # (the first) and the most uncertain (the last) child are trained
+    assert [r['screening'] for r in exploit] == ['pool', 'pool']
+    assert [float(r['predicted_std']) for r in exploit] == [0.0, 0.3]
+
+
+def test_bad_settings_are_one_line_errors_before_anything_is_written(tmp_path):
+    runs = tmp_path / 'runs'
+    for bad, match in (({'POPULATION': 2, 'NEIGHBOURS': 3}, 'NEIGHBOURS=3'),
+                       ({'FILTERS': ()}, r'FILTERS=\(\) is not allowed'),
+                       ({'METRIC': 'f1'}, 'METRIC'), ({'GENERATIONS': 1}, 'GENERATIONS'),
+                       ({'PARALLEL': 'mpi'}, 'PARALLEL'), ({'CUBE': 10}, 'CUBE=10')):
+        with pytest.raises(UserError, match=match):
+            train_evolve.main(**{**TINY, **bad}, RUNS=str(runs))
+    assert not runs.exists()
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('evolve')
+    cubes = write_cube_set(root / 'cubes', size=8)
+    return cubes, root, train_evolve.main(**TINY, DATA=cubes, RUNS=str(root / 'runs'))
+
+
+def test_tiny_search_writes_all_outputs_and_a_member_retrains(tiny_run):
+    cubes, root, out = tiny_run
+    run = out['run']
+    for name in ('config.json', 'log.txt', 'evaluations.csv', 'pareto.csv', 'pareto.png'):
+        assert os.path.getsize(os.path.join(run, name)) > 0
+    rows = read_rows(os.path.join(run, 'evaluations.csv'), drop=())
+    assert [int(r['index']) for r in rows] == list(range(out['evaluated'])) and out['evaluated'] >= 9
+    assert all(float(r['f2']) == pytest.approx(math.log(int(r['params']))) for r in rows)
+    front = read_rows(os.path.join(run, 'pareto.csv'), drop=())
+    assert len(front) == len(out['front']) == len(os.listdir(os.path.join(run, 'front')))
+    log = open(os.path.join(run, 'log.txt')).read()
+    assert 'generation  2:' in log and 'hypervolume' in log
+    member = front[0]
+    result = train_3D_continuation.main(DATA=cubes, RUNS=str(root / 'retrain'), GENOTYPE=member['genotype_file'],
+                                        DEVICE='cpu', FOLD=5, TRAIN_FOLDS=(0, 1), CUBE=8, EPOCHS=1, LAYERS=2)
+    config = json.load(open(os.path.join(result['run'], 'config.json')))
+    assert (config['C'], config['LR'], config['LAYERS']) == (int(member['C']), float(member['lr']), 2)
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, monkeypatch):
+    cubes, root, full = tiny_run
+
+    def killed_at_9(cfg, idx, genome, path):  # candidate 9: in the exploitation phase (generation 2)
+        if idx == 9:
+            raise KeyboardInterrupt
+        return evolve_candidate.train_candidate(cfg, idx, genome, path)
+    monkeypatch.setattr(train_evolve, 'train_candidate', killed_at_9)
+    with pytest.raises(KeyboardInterrupt):
+        train_evolve.main(**TINY, DATA=cubes, RUNS=str(root / 'killed'))
+    run = os.path.join(root / 'killed', os.listdir(root / 'killed')[0])
+    assert len(os.listdir(os.path.join(run, 'candidates'))) == 9
+    monkeypatch.undo()
+    resumed = train_evolve.main(RESUME=run)
+    assert resumed['evaluated'] == full['evaluated']
+    assert read_rows(os.path.join(run, 'evaluations.csv')) == read_rows(os.path.join(full['run'], 'evaluations.csv'))
+    assert (read_rows(os.path.join(run, 'pareto.csv'), drop=('genotype_file',))
+            == read_rows(os.path.join(full['run'], 'pareto.csv'), drop=('genotype_file',)))
+
+
+def test_pareto_plot_reads_evaluations_and_rejects_a_bad_file(tmp_path):
+    path = tmp_path / 'evaluations.csv'
+    path.write_text('index,generation,params,f1\n0,0,1000,0.5\n1,1,2000,0.3\n2,1,3000,0.4\n')
+    png = plots.plot_pareto(str(path), str(tmp_path / 'p.png'), 12.79e6, title='t')
+    assert os.path.getsize(png) > 0
+    path.write_text('index,generation,f1\n0,0,0.5\n')
+    with pytest.raises(UserError, match='params'):
+        plots.plot_pareto(str(path), str(tmp_path / 'q.png'))

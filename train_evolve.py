@@ -1,0 +1,248 @@
+"""Multi-objective evolutionary architecture search (EMONAS-Net's SaMEA) of the same cell space on the search folds:
+networks that are accurate (f1) and small (f2 = ln parameters).
+
+python train_evolve.py [config.py] [--NAME=value ...]
+Phases: 0 Latin-hypercube initialization; 1..LEARNING_GENERATIONS learning (MOEA/D with PBI, uniform crossover,
+decaying mutation; every child trained); then exploitation (subproblems and gene values drawn by their learned
+selection probabilities, a random-forest surrogate decides which children are trained). README: train_evolve.py.
+"""
+import os
+import shutil
+
+import numpy as np
+
+import data
+import evolve_genome as eg
+import evolve_samea as sm
+import operations
+import parallel
+import settings
+import utils
+from evolve_candidate import gene_space, primitives_of, train_candidate
+from evolve_outputs import Outputs
+
+DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
+SEARCH_FOLDS = (0, 1, 2, 3, 4)  # the only folds the search reads (the test folds are never touched)
+VAL_FRACTION = 0.5  # share of the search folds' scans used as search-val
+CUBE = 24  # candidate input edge in voxels, centre crop (retrain: 32); fidelity chosen for the budget (README)
+EPOCHS = 5  # maximum epochs per candidate, E of f1 (EMONAS: 120; fidelity chosen for the budget, README)
+PATIENCE = 2  # stop a candidate when search-val loss has not improved for this many epochs (EMONAS: 20; 0: off)
+LAST_EPOCHS = 2  # f1 averages the metrics over the last this many epochs run (EMONAS: 5)
+BATCH_SIZE = 4  # cubes per step (the retrain's batch)
+MOMENTUM = 0.9  # SGD momentum (the retrain's optimizer, so a member's learning rate carries over)
+WEIGHT_DECAY = 3e-4  # SGD weight decay
+GRAD_CLIP = 5.0  # max gradient norm
+PRIMITIVES = 'mrfc'  # candidate ops of the cells: 'mrfc' (the paper's 9) or a tuple of op names
+FILTERS = (8, 16, 32)  # initial channels C (EMONAS: 8, 16, 32)
+CELLS = (5, 7, 9)  # numbers of cells (EMONAS: 5, 7, 9)
+LRS = tuple(round(m * 10.0 ** e, 6) for e in (-3, -2) for m in range(1, 10)) + (0.1,)  # EMONAS' 19 Adam rates x100, SGD
+POPULATION = 10  # subproblems = population (EMONAS: 10)
+GENERATIONS = 40  # generations, 0 = initialization (EMONAS: 40)
+LEARNING_GENERATIONS = 10  # generations 1..this are the learning phase, the rest exploitation (EMONAS: 10)
+NEIGHBOURS = 3  # neighbourhood size, itself included (EMONAS: 3)
+THETA = 0.001  # PBI penalty (EMONAS: 0.001)
+ALPHA = 0.25  # weight of the search-train error in f1 (EMONAS: 0.25)
+BETA = 0.25  # weight of the early-best-epoch term in f1 (EMONAS: 0.25)
+METRIC = 'acc'  # classification metric of f1: 'acc' or 'auc'
+EXPLORE = 0.2  # added mass of the selection probabilities, spread over subproblems / a gene's values (EMONAS: 0.2)
+MUTATION_FLOOR = 0.1  # lowest per-gene mutation probability (EMONAS: 0.1)
+MEMORY_GB = 24.0  # memory guard: a genome's estimated training-step memory must stay below this (GB)
+SEED = 2  # seed of the algorithm's generator and, with the candidate index, of each candidate's training
+DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+PARALLEL = 'off'  # independent candidates through parallel.map_jobs: 'off' (one after the other) or 'ray'
+RUNS = 'runs'  # folder of run folders
+TAG = ''  # suffix of the run folder name
+RESUME = ''  # a run folder of this script: finished candidates are read back, the search continues
+DEFAULTS = utils.settings_of(globals())
+RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
+    # None: any value of the setting's type; PRIMITIVES and the cube set are checked by check_inputs())
+    'DATA': None, 'SEARCH_FOLDS': 'folds(SEARCH_FOLDS)', 'VAL_FRACTION': '0 < VAL_FRACTION < 1',
+    'CUBE': 'CUBE >= 8 and CUBE % 4 == 0', 'EPOCHS': '>= 1', 'PATIENCE': '>= 0', 'LAST_EPOCHS': '>= 1',
+    'BATCH_SIZE': '>= 1', 'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0',
+    'PRIMITIVES': None, 'FILTERS': 'len(FILTERS) >= 1 and ints(FILTERS) and min(FILTERS) >= 1',
+    'CELLS': 'len(CELLS) >= 1 and ints(CELLS) and min(CELLS) >= 1', 'LRS': 'len(LRS) >= 1 and min(LRS) > 0',
+    'POPULATION': '>= 2', 'GENERATIONS': '>= 2', 'LEARNING_GENERATIONS': '0 <= LEARNING_GENERATIONS < GENERATIONS',
+    'NEIGHBOURS': '2 <= NEIGHBOURS <= POPULATION', 'THETA': '>= 0', 'ALPHA': '>= 0', 'BETA': '>= 0',
+    'METRIC': "in ('acc', 'auc')", 'EXPLORE': '>= 0', 'MUTATION_FLOOR': '0 <= MUTATION_FLOOR <= 1',
+    'MEMORY_GB': '> 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'PARALLEL': "in ('off', 'ray')",
+    'RUNS': "!= ''", 'TAG': None, 'RESUME': None,
+}
+
+
+def check_inputs(cfg):
+    """The candidate ops and the cube set, checked before anything is written (the settings' ranges: RULES)."""
+    prims = primitives_of(cfg)
+    for name in prims:
+        operations.check_op_name(name)
+    data.check_cube_size(cfg['CUBE'], prims)
+    data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
+
+
+class Search:
+    """SaMEA's state: every evaluated candidate (archive), the population (an archive index per subproblem), the
+    subproblems' success counts, and the one seeded generator all of the algorithm's random choices come from."""
+
+    def __init__(self, cfg, run, outputs):
+        self.cfg, self.run, self.out = cfg, run, outputs
+        self.space = gene_space(cfg)
+        self.rng = np.random.default_rng(cfg['SEED'])
+        self.weights = sm.weight_vectors(cfg['POPULATION'])
+        self.hood = sm.neighbourhoods(self.weights, cfg['NEIGHBOURS'])
+        self.archive, self.population = [], []
+        self.counts = np.zeros(cfg['POPULATION'])
+        self.job_cfg = {**cfg, 'DATA': os.path.abspath(cfg['DATA'])}  # workers may run in another folder
+
+    def F(self, idx=None):
+        F = np.array([[r['f1'], r['f2']] for r in self.archive])
+        return F if idx is None else F[idx]
+
+    def normalized(self, F):
+        lower, span = sm.normalizer(self.F())
+        return (np.asarray(F, dtype=float) - lower) / span
+
+    def result_path(self, idx):
+        return os.path.abspath(self.run.file(os.path.join('candidates', f'{idx:04d}.json')))
+
+    def evaluate(self, metas):
+        """Train the candidates (dicts with genome, generation, phase, subproblem, prediction) as independent jobs;
+        record them in candidate order. Sequentially, each is recorded as soon as it is trained."""
+        start = len(self.archive)
+        jobs = [(self.job_cfg, start + k, m['genome'], self.result_path(start + k))
+                for k, m in enumerate(metas)]
+        if self.cfg['PARALLEL'] == 'off':
+            for job, meta in zip(jobs, metas):
+                self.record(parallel.map_jobs(train_candidate, [job], 'off')[0], meta)
+        else:
+            for result, meta in zip(parallel.map_jobs(train_candidate, jobs, self.cfg['PARALLEL']), metas):
+                self.record(result, meta)
+        return list(range(start, len(self.archive)))
+
+    def record(self, result, meta):
+        geno, C, cells, lr = self.space.decode(result['genome'])
+        row = {**meta, **result, 'genome': tuple(result['genome']), 'genotype': geno, 'C': C, 'cells': cells, 'lr': lr}
+        self.archive.append(row)
+        self.out.evaluated(self.archive)
+
+    def replace_neighbours(self, sub, child):
+        """MOEA/D update: the child takes the place of every neighbour of `sub` whose PBI value is >= its own."""
+        for j in self.hood[sub]:
+            pair = self.normalized(self.F([self.population[j], child]))
+            g = sm.pbi(pair, np.repeat(self.weights[j:j + 1], 2, axis=0), self.cfg['THETA'])
+            if g[0] >= g[1]:
+                self.population[j] = child
+
+    def child(self, sub, rate, value_probs, planned):
+        parents = self.rng.choice(self.hood[sub], size=2, replace=False)
+        seen = {r['genome'] for r in self.archive} | planned
+        genome = eg.make_child(self.space, [self.archive[self.population[p]]['genome'] for p in parents], rate,
+                               value_probs, seen, self.rng)
+        planned.add(genome)
+        return genome
+
+    def initialize(self):
+        genomes = eg.latin_hypercube(self.space, self.cfg['POPULATION'], self.rng)
+        self.population = self.evaluate([{'generation': 0, 'phase': 'init', 'subproblem': i, 'genome': g}
+                                         for i, g in enumerate(genomes)])
+
+    def learning_generation(self, g):
+        """Every subproblem gets a child bred from the population as it was at the generation's start; the children
+        are trained as independent jobs, then the replacements are applied in subproblem order."""
+        rate = eg.mutation_rate(g, self.cfg['GENERATIONS'], self.cfg['MUTATION_FLOOR'])
+        probs, planned = eg.uniform_value_probs(self.space), set()
+        metas = [{'generation': g, 'phase': 'learning', 'subproblem': i, 'genome': self.child(i, rate, probs, planned)}
+                 for i in range(self.cfg['POPULATION'])]
+        done = self.evaluate(metas)
+        for meta, idx in zip(metas, done):
+            self.replace_neighbours(meta['subproblem'], idx)
+        return done
+
+    def surrogate_predict(self, genomes):
+        """Refit the forest on every evaluated candidate; (mean, std) of normalized f1 for `genomes`."""
+        lower, span = sm.normalizer(self.F())
+        surrogate = sm.Surrogate().fit([r['genome'] for r in self.archive], self.F()[:, 1],
+                                       (self.F()[:, 0] - lower[0]) / span[0])
+        f2 = [np.log(self.space.params(g)) for g in genomes]
+        mean, std = surrogate.predict(genomes, f2)
+        return np.column_stack([mean, (np.asarray(f2) - lower[1]) / span[1]]), std, lower[0] + mean * span[0]
+
+    def exploitation_generation(self, g):
+        """Subproblems drawn by their success probabilities, gene values by their f1 scores; the surrogate
+        pre-screens: a child predicted to beat a neighbour is trained at once, the others wait in the pool, from
+        which the non-dominated, the lowest predicted f1 and the most uncertain are trained at the end."""
+        cfg = self.cfg
+        rate = eg.mutation_rate(g, cfg['GENERATIONS'], cfg['MUTATION_FLOOR'])
+        sub_probs = sm.subproblem_probs(self.counts, cfg['EXPLORE'])
+        value_probs = sm.gene_value_probs([r['genome'] for r in self.archive], self.F()[:, 0], self.space.sizes,
+                                          cfg['EXPLORE'])
+        done, pool, planned = [], [], set()
+        for _ in range(cfg['POPULATION']):
+            sub = int(self.rng.choice(cfg['POPULATION'], p=sub_probs))
+            genome = self.child(sub, rate, value_probs, planned)
+            point, std, f1_pred = self.surrogate_predict([genome])
+            meta = {'generation': g, 'phase': 'exploitation', 'subproblem': sub, 'genome': genome,
+                    'predicted_f1': float(f1_pred[0]), 'predicted_std': float(std[0])}
+            hood = self.hood[sub]
+            if sm.beats_a_neighbour(point[0], self.normalized(self.F([self.population[j] for j in hood])),
+                                    self.weights[hood], cfg['THETA']):
+                done += self.evaluate([{**meta, 'screening': 'beats a neighbour'}])
+                self.replace_neighbours(sub, done[-1])
+            else:
+                pool.append(meta)
+        if pool:
+            point, std, f1_pred = self.surrogate_predict([m['genome'] for m in pool])
+            front_F = self.normalized(self.F(sm.front(self.F())))
+            chosen = [{**pool[i], 'predicted_f1': float(f1_pred[i]), 'predicted_std': float(std[i]),
+                       'screening': 'pool'} for i in sm.pool_choice(point, std, front_F)]
+            trained = self.evaluate(chosen)
+            for meta, idx in zip(chosen, trained):
+                self.replace_neighbours(meta['subproblem'], idx)
+            done += trained
+        return done
+
+    def end_generation(self, g, children):
+        """Credit the subproblems whose children entered the best-POPULATION set; log the front and hypervolume."""
+        best = set(sm.best_set(self.F(), self.cfg['POPULATION']))
+        for idx in children:
+            if idx in best:
+                self.counts[self.archive[idx]['subproblem']] += 1
+        members = sm.front(self.F())
+        worst = 1.0 + self.cfg['ALPHA'] + self.cfg['BETA']
+        hv = sm.hypervolume(self.F(members), (worst, np.log(1e8)))
+        self.run.log(f'generation {g:2d}: {len(children)} trained, {len(self.archive)} in all; front of '
+                     f'{len(members)} (f1, M params): '
+                     + ' '.join(f'#{i} ({self.archive[i]["f1"]:.3f}, {self.archive[i]["params"] / 1e6:.3f})'
+                                for i in members)
+                     + f' | hypervolume {hv:.4f} (reference f1 {worst:.2f}, ln 1e8)')
+        return hv
+
+
+def main(**overrides):
+    cfg = settings.resolve(overrides, DEFAULTS, RULES)
+    check_inputs(cfg)
+    run = utils.Run('train_evolve', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
+    run.header(cfg, cfg['DEVICE'])
+    os.makedirs(run.file('candidates'), exist_ok=True)
+    if cfg['RESUME']:
+        # The search is replayed from its seed: finished candidates are read from candidates/, so every decision
+        # is taken again exactly as before; the outputs are rebuilt on the way.
+        for name in ('evaluations.csv', 'pareto.csv'):
+            if os.path.exists(run.file(name)):
+                os.remove(run.file(name))
+        shutil.rmtree(run.file('front'), ignore_errors=True)
+        run.log(f'resuming: replaying the search, {len(os.listdir(run.file("candidates")))} candidates are done')
+    search = Search(cfg, run, Outputs(run, cfg))
+    search.initialize()
+    hv = search.end_generation(0, [])  # the initial population is nobody's offspring: no subproblem is credited
+    for g in range(1, cfg['GENERATIONS']):
+        learning = g <= cfg['LEARNING_GENERATIONS']
+        children = search.learning_generation(g) if learning else search.exploitation_generation(g)
+        hv = search.end_generation(g, children)
+    members = sm.front(search.F())
+    run.log(f'done: {len(search.archive)} candidates trained; front of {len(members)} in {run.file("pareto.csv")}; '
+            f'retrain one with: python train_3D_continuation.py --GENOTYPE={run.file("front")}/<candidate>.json')
+    return {'run': run.path, 'evaluated': len(search.archive), 'front': [search.archive[i] for i in members],
+            'hypervolume': hv}
+
+
+if __name__ == '__main__':
+    utils.run_cli(main, DEFAULTS)
