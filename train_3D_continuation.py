@@ -3,6 +3,7 @@
 python train_3D_continuation.py [config.py] [--NAME=value ...]
 Each test fold f is evaluated by training on all other folds and reporting the final epoch on f.
 """
+import copy
 import json
 import os
 import time
@@ -13,6 +14,7 @@ import data
 import dwconv3d
 import engine
 import genotypes
+import parallel
 import utils
 from model import NetworkLUNA
 
@@ -38,6 +40,7 @@ DEVICE = utils.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = True  # Triton depthwise kernels on CUDA (dwconv3d.py): 1.8x faster retrain steps (BENCHMARKS.md)
 CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
+PARALLEL = 'off'  # 'ray': the test folds run at once as Ray tasks, one per GPU (README); 'off': one after the other
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
@@ -122,6 +125,30 @@ def train_fold(cfg, genotype, table, fold, run):
     return result
 
 
+def fold_job(cfg, genotype, table, fold, run):
+    """One test fold as an independent job, in this process or a Ray worker: the process-wide switches come from
+    the settings here, so a fold computes the same wherever it runs."""
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
+    cfg = {**cfg, 'DEVICE': parallel.job_device(cfg['DEVICE'])}
+    return train_fold(cfg, genotype, table, fold, run)
+
+
+def run_folds(cfg, genotype, table, folds, run):
+    """Results of the test folds, one after the other or as Ray tasks (PARALLEL); a failed fold stops the run
+    after the others are done, and RESUME of the run folder runs only what is missing."""
+    job_cfg, job_run = cfg, run
+    if cfg['PARALLEL'] != 'off':  # workers run in a copy of the repo: they get absolute paths
+        job_cfg = {**cfg, 'DATA': os.path.abspath(cfg['DATA'])}
+        job_run = copy.copy(run)
+        job_run.path = os.path.abspath(run.path)
+    jobs = [(job_cfg, genotype, table, f, job_run) for f in folds]
+    try:
+        return parallel.map_jobs(fold_job, jobs, cfg['PARALLEL'], names=[f'fold {f}' for f in folds], log=run.log)
+    except parallel.JobsFailed as e:
+        raise utils.UserError(f'{e}; the finished folds are kept: --RESUME={run.path} runs the missing ones') from None
+
+
 def main(**overrides):
     cfg = utils.check_settings(overrides, DEFAULTS)
     if cfg['RESUME']:
@@ -129,14 +156,13 @@ def main(**overrides):
     genotype = genotypes.get_genotype(cfg['GENOTYPE'])
     data.check_cube_size(cfg['CUBE'], [op for op, _ in genotype.normal + genotype.reduce])
     folds = test_folds(cfg)
+    parallel.check_mode(cfg['PARALLEL'])
     table = data.read_table(cfg['DATA'])
     data.select_folds(table, folds, cfg['DATA'], 'test folds')
     run = utils.Run('train_3D_continuation', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
     run.log(f'genotype {cfg["GENOTYPE"]}: {genotype}')
-    results = [train_fold(cfg, genotype, table, f, run) for f in folds]
+    results = run_folds(cfg, genotype, table, folds, run)
     run.log('final epoch on each test fold (our protocol):')
     run.log(utils.results_table(results, extra=('params_M',)))
     if cfg['REPORT_BEST']:

@@ -123,7 +123,7 @@ def check_settings(overrides, defaults):
 
 
 # Settings a continued run may change: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS')
+RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS', 'PARALLEL')
 
 
 def resumed_settings(run_path, overrides, defaults):
