@@ -66,6 +66,8 @@ def check_mode(mode):
 
 
 def import_ray():
+    # every fold's or candidate's own lines on the console: Ray would fold lines alike but for their numbers
+    os.environ.setdefault('RAY_DEDUP_LOGS', '0')
     try:
         import ray
     except ImportError:
@@ -80,8 +82,8 @@ def init_ray(**kwargs):
     env = {'working_dir': REPO, 'excludes': EXCLUDES}
     if os.environ.get('RAY_ADDRESS'):
         ray.init(runtime_env=env, logging_level='WARNING')
-    else:
-        ray.init(runtime_env=env, logging_level='WARNING', include_dashboard=False, **kwargs)
+    else:  # 'local': a new Ray on this machine, even where one was started with `ray start`
+        ray.init('local', runtime_env=env, logging_level='WARNING', include_dashboard=False, **kwargs)
 
 
 def job_device(device):
