@@ -80,8 +80,13 @@ def init_ray(**kwargs):
     num_cpus); the workers import this repository's code."""
     ray = import_ray()
     env = {'working_dir': REPO, 'excludes': EXCLUDES}
-    if os.environ.get('RAY_ADDRESS'):
-        ray.init(runtime_env=env, logging_level='WARNING')
+    address = os.environ.get('RAY_ADDRESS')
+    if address:
+        try:
+            ray.init(runtime_env=env, logging_level='WARNING')
+        except (ConnectionError, RuntimeError) as e:
+            why = str(e.__cause__ or e).strip().partition('\n')[0][:300]
+            raise UserError(f'cannot use the Ray cluster at RAY_ADDRESS={address}: {why}') from None
     else:  # 'local': a new Ray on this machine, even where one was started with `ray start`
         ray.init('local', runtime_env=env, logging_level='WARNING', include_dashboard=False, **kwargs)
 

@@ -134,6 +134,16 @@ def test_ray_missing_is_one_clear_line(cubes, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_an_unreachable_cluster_is_one_clear_line(monkeypatch):
+    def init(*args, **kwargs):
+        raise ConnectionError('Failed to connect to Ray cluster at 10.9.9.9:6379')
+    monkeypatch.setattr(ray, 'init', init)
+    monkeypatch.setenv('RAY_ADDRESS', '10.9.9.9:6379')
+    with pytest.raises(UserError, match=r'^cannot use the Ray cluster at RAY_ADDRESS=10\.9\.9\.9:6379: '
+                                        r'Failed to connect to Ray cluster at 10\.9\.9\.9:6379$'):
+        parallel.map_jobs(pow, [(2, 3)], 'ray')
+
+
 # ---------------------------------------------------------------- map_jobs on Ray
 
 def test_map_jobs_order_retries_and_failures(ray_session, tmp_path):
