@@ -14,6 +14,7 @@ import torch
 
 import data
 import engine
+import parallel
 import utils
 from evolve_genome import GeneSpace
 from model import NetworkLUNA
@@ -109,6 +110,7 @@ def train_candidate(cfg, idx, genome, path):
                                   'the run folder comes from other code or settings; start a new run')
         return result
     t0 = time.time()
+    cfg = {**cfg, 'DEVICE': parallel.job_device(cfg['DEVICE'])}  # in a Ray task: the device Ray gave it
     geno, C, cells, lr = gene_space(cfg).decode(genome)
     seed = cfg['SEED'] * 1_000_003 + idx  # depends on the candidate, not on what the process ran before
     utils.seed_everything(seed)

@@ -3,6 +3,7 @@
 python train_3D_continuation.py [config.py] [--NAME=value ...]
 Each test fold f is evaluated by training on all other folds and reporting the final epoch on f.
 """
+import copy
 import json
 import os
 import time
@@ -14,6 +15,7 @@ import data
 import dwconv3d
 import engine
 import genotypes
+import parallel
 import settings
 import utils
 from model import NetworkLUNA
@@ -41,6 +43,7 @@ DEVICE = utils.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = True  # Triton depthwise kernels on CUDA (dwconv3d.py): 1.8x faster retrain steps (BENCHMARKS.md)
 CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
+PARALLEL = 'off'  # 'ray': the test folds run at once as Ray tasks, one per GPU (README); 'off': one after the other
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
@@ -53,8 +56,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'EPOCHS': '>= 1', 'BATCH_SIZE': '>= 1', 'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1',
     'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0', 'C': '>= 1', 'LAYERS': '>= 1', 'DROP_PATH': '0 <= DROP_PATH < 1',
     'REPORT_BEST': None, 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None, 'CHECKPOINT_CELLS': None,
-    'AMP': None, 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None,
-    'RESUME': None,
+    'AMP': None, 'PARALLEL': "in ('off', 'ray')", 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None, 'RESUME': None,
 }
 
 
@@ -181,6 +183,30 @@ def genotype_file_settings(cfg, overrides):
     return {**cfg, **{k: v for k, v in utils.check_settings(stored, DEFAULTS).items() if k in stored}}
 
 
+def fold_job(cfg, genotype, table, fold, run):
+    """One test fold as an independent job, in this process or a Ray worker: the process-wide switches come from
+    the settings here, so a fold computes the same wherever it runs."""
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
+    cfg = {**cfg, 'DEVICE': parallel.job_device(cfg['DEVICE'])}
+    return train_fold(cfg, genotype, table, fold, run)
+
+
+def run_folds(cfg, genotype, table, folds, run):
+    """Results of the test folds, one after the other or as Ray tasks (PARALLEL); a failed fold stops the run
+    after the others are done, and RESUME of the run folder runs only what is missing."""
+    job_cfg, job_run = cfg, run
+    if cfg['PARALLEL'] != 'off':  # workers run in a copy of the repo: they get absolute paths
+        job_cfg = {**cfg, 'DATA': os.path.abspath(cfg['DATA'])}
+        job_run = copy.copy(run)
+        job_run.path = os.path.abspath(run.path)
+    jobs = [(job_cfg, genotype, table, f, job_run) for f in folds]
+    try:
+        return parallel.map_jobs(fold_job, jobs, cfg['PARALLEL'], names=[f'fold {f}' for f in folds], log=run.log)
+    except parallel.JobsFailed as e:
+        raise utils.UserError(f'{e}; the finished folds are kept: --RESUME={run.path} runs the missing ones') from None
+
+
 def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     genotype = genotypes.get_genotype(cfg['GENOTYPE'])
@@ -189,6 +215,7 @@ def main(**overrides):
         settings.check_rules(cfg, RULES)
     data.check_cube_size(cfg['CUBE'], [op for op, _ in genotype.normal + genotype.reduce])
     folds = test_folds(cfg)
+    parallel.check_mode(cfg['PARALLEL'])
     table = data.read_table(cfg['DATA'])
     data.select_folds(table, folds, cfg['DATA'], 'test folds')
     for f in folds:  # every input problem is found before the run folder is made or touched
@@ -197,11 +224,9 @@ def main(**overrides):
             read_result(os.path.join(cfg['RESUME'], f'result_fold{f}.json'), f)
     run = utils.Run('train_3D_continuation', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
     run.log(f'genotype {cfg["GENOTYPE"]}: {genotype}')
     genotypes.save_genotype(genotype, run.file('genotype.json'))  # the run folder alone suffices for predict.py
-    results = [train_fold(cfg, genotype, table, f, run) for f in folds]
+    results = run_folds(cfg, genotype, table, folds, run)
     run.log('final epoch on each test fold (our protocol):')
     run.log(utils.results_table(results, extra=('params_M',)))
     if cfg['REPORT_BEST']:

@@ -76,6 +76,7 @@ def check_inputs(cfg):
         operations.check_op_name(name)
     data.check_cube_size(cfg['CUBE'], prims)
     data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
+    parallel.check_mode(cfg['PARALLEL'])  # Ray missing: one line now, not after the run folder is made
 
 
 class Search:
@@ -109,12 +110,18 @@ class Search:
         start = len(self.archive)
         jobs = [(self.job_cfg, start + k, m['genome'], self.result_path(start + k))
                 for k, m in enumerate(metas)]
+        names = [f'candidate {start + k}' for k in range(len(jobs))]
         if self.cfg['PARALLEL'] == 'off':
-            for job, meta in zip(jobs, metas):
-                self.record(parallel.map_jobs(train_candidate, [job], 'off')[0], meta)
-        else:
-            for result, meta in zip(parallel.map_jobs(train_candidate, jobs, self.cfg['PARALLEL']), metas):
-                self.record(result, meta)
+            for job, name, meta in zip(jobs, names, metas):
+                self.record(parallel.map_jobs(train_candidate, [job], 'off', [name], self.run.log)[0], meta)
+            return list(range(start, len(self.archive)))
+        try:
+            results = parallel.map_jobs(train_candidate, jobs, self.cfg['PARALLEL'], names, self.run.log)
+        except parallel.JobsFailed as e:  # the others are done and saved: a resume trains only what is missing
+            raise utils.UserError(f'{e}; the finished candidates are kept: --RESUME={self.run.path} trains the '
+                                  'missing ones') from None
+        for result, meta in zip(results, metas):
+            self.record(result, meta)
         return list(range(start, len(self.archive)))
 
     def record(self, result, meta):

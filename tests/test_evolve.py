@@ -163,7 +163,7 @@ def fake_candidate(cfg, idx, genome, path):
             'auc_val': 0.0, 'seconds': 0.0}
 
 
-def reversed_map_jobs(fn, jobs, mode='off'):
+def reversed_map_jobs(fn, jobs, mode='off', names=None, log=print):
     """A stand-in for a parallel backend: jobs run in reverse order, results returned in job order."""
     if mode == 'off':
         return [fn(*args) for args in jobs]
