@@ -219,3 +219,22 @@ def test_a_fold_that_always_dies_is_named_and_resume_runs_only_it(ray_session, c
     assert out['folds'] == sequential['folds']
     assert_same_folds(path, sequential['run'])
     assert 'fold 8: finished earlier, result read from' in read(os.path.join(path, 'log.txt'))
+
+
+# ---------------------------------------------------------------- the evolutionary search on Ray
+
+def test_an_evolutionary_search_on_ray_equals_the_sequential_one(ray_session, cubes, tmp_path):
+    """Initial population and a learning generation trained as Ray tasks: the same candidates, objectives and
+    front as one after the other (each candidate is seeded from SEED and its index only)."""
+    import train_evolve
+    tiny = dict(DATA=cubes, DEVICE='cpu', CUBE=8, EPOCHS=1, LAST_EPOCHS=1, BATCH_SIZE=4, FILTERS=(4,), CELLS=(2, 3),
+                PRIMITIVES=('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3'), POPULATION=3, NEIGHBOURS=2,
+                GENERATIONS=2, LEARNING_GENERATIONS=1)
+    seq = train_evolve.main(**tiny, RUNS=str(tmp_path / 'seq'))
+    par = train_evolve.main(**tiny, RUNS=str(tmp_path / 'par'), PARALLEL='ray')
+    for name in ('evaluations.csv', 'pareto.csv'):
+        with open(os.path.join(seq['run'], name), newline='') as a, open(os.path.join(par['run'], name)) as b:
+            rows = [[{k: v for k, v in r.items() if k not in ('seconds', 'genotype_file')} for r in csv.DictReader(f)]
+                    for f in (a, b)]
+        assert rows[0] == rows[1] and len(rows[0]) >= (6 if name == 'evaluations.csv' else 1)
+    assert 'candidate 3' in read(os.path.join(par['run'], 'log.txt'))
