@@ -96,6 +96,18 @@ def split_by_scan(table, val_fraction, seed):
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
+def search_split(root, folds, val_fraction, seed, cube, device):
+    """(search-train, search-val) CubeData of the search folds, split by scan (no scan in both), normalized by the
+    statistics of search-train only. The search scripts read nothing else (the test folds are never loaded)."""
+    table = select_folds(read_table(root), folds, root, 'SEARCH_FOLDS')
+    tr_idx, va_idx = split_by_scan(table, val_fraction, seed)
+    cubes = load_cubes(root, table, cube)
+    stats = cube_stats(cubes[tr_idx])
+    labels = table['label'].to_numpy()
+    return (CubeData(cubes[tr_idx], labels[tr_idx], *stats, device),
+            CubeData(cubes[va_idx], labels[va_idx], *stats, device))
+
+
 class CubeData:
     """Cubes and labels held on the training device, with seeded batched augmentation.
 

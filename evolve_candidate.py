@@ -38,14 +38,9 @@ def search_data(cfg):
     key = (os.path.abspath(cfg['DATA']), tuple(cfg['SEARCH_FOLDS']), cfg['VAL_FRACTION'], cfg['SEED'], cfg['CUBE'],
            cfg['DEVICE'])
     if key not in _DATA:
-        table = data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
-        tr_idx, va_idx = data.split_by_scan(table, cfg['VAL_FRACTION'], cfg['SEED'])
-        cubes = data.load_cubes(cfg['DATA'], table, cfg['CUBE'])
-        stats = data.cube_stats(cubes[tr_idx])
-        labels = table['label'].to_numpy()
         _DATA.clear()
-        _DATA[key] = (data.CubeData(cubes[tr_idx], labels[tr_idx], *stats, cfg['DEVICE']),
-                      data.CubeData(cubes[va_idx], labels[va_idx], *stats, cfg['DEVICE']))
+        _DATA[key] = data.search_split(cfg['DATA'], cfg['SEARCH_FOLDS'], cfg['VAL_FRACTION'], cfg['SEED'], cfg['CUBE'],
+                                       cfg['DEVICE'])
     return _DATA[key]
 
 
@@ -96,6 +91,9 @@ def fit(cfg, model, lr, seed, name, run_path):
     except (utils.UserError, FloatingPointError) as e:
         if not isinstance(e, FloatingPointError) and not str(e).startswith('loss is'):
             raise
+        return hist, True
+    except torch.cuda.OutOfMemoryError:  # the memory guard is an estimate: such a candidate gets the worst f1 too
+        torch.cuda.empty_cache()  # (deterministic, so a resumed search replays the same decision)
         return hist, True
     return hist, False
 

@@ -31,12 +31,9 @@ class GeneSpace:
         self.primitives, self.filters, self.cells, self.lrs = list(primitives), list(filters), list(cells), list(lrs)
         self.cube, self.batch, self.memory_gb = cube, batch, memory_gb
         self.pairs = [list(itertools.combinations(range(2 + i), 2)) for i in range(STEPS)]
-        self.names, self.sizes = [], []
-        for cell in CELL_TYPES:
-            for i in range(STEPS):
-                self.names += [f'{cell}{i}_inputs', f'{cell}{i}_op_a', f'{cell}{i}_op_b']
-                self.sizes += [len(self.pairs[i]), len(self.primitives), len(self.primitives)]
-        self.names += ['C', 'cells', 'lr']
+        # per cell type and node: its input pair, its two ops; then C, cells, learning rate
+        self.sizes = [n for _ in CELL_TYPES for i in range(STEPS)
+                      for n in (len(self.pairs[i]), len(self.primitives), len(self.primitives))]
         self.sizes += [len(self.filters), len(self.cells), len(self.lrs)]
         self._cost = {}
 
@@ -76,6 +73,17 @@ class GeneSpace:
 
     def params(self, genome):
         return self.cost(genome)[0]
+
+    def f2_range(self):
+        """(ln parameters) of the smallest and the largest network of the space: every op gene at the op giving the
+        fewest / most parameters, C and cells at their extremes (parameters add up over the edges' ops)."""
+        n_cell_genes = len(self.sizes) - 3
+
+        def extreme(op, pick):
+            macro = [self.filters.index(pick(self.filters)), self.cells.index(pick(self.cells)), 0]
+            return self.params([0 if j % 3 == 0 else op for j in range(n_cell_genes)] + macro)
+        ops = range(len(self.primitives))
+        return (math.log(min(extreme(k, min) for k in ops)), math.log(max(extreme(k, max) for k in ops)))
 
     def fits(self, genome):
         return self.cost(genome)[1] <= self.memory_gb

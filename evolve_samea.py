@@ -29,22 +29,26 @@ def pbi(F, weights, theta):
     return PBI(theta=theta).do(F, weights, utopian_point=np.zeros(F.shape[1]))
 
 
-def normalizer(F):
-    """(lower, span) of each objective over the evaluated candidates F (n, 2): F is normalized as (F - lower) / span,
-    so the evaluated ones lie in [0, 1] with the ideal point at the origin (span 1 where all values are equal)."""
-    F = np.asarray(F, dtype=float)
-    lower = F.min(axis=0)
-    span = F.max(axis=0) - lower
+def normalizer(f1_worst, f2_range):
+    """(lower, span) of the objectives: F is normalized as (F - lower) / span with fixed bounds, f1 over
+    [0, f1_worst] (a diverged candidate's f1) and f2 over f2_range (ln parameters of the smallest and largest networks
+    of the gene space), so the ideal point stays at the origin and no candidate moves another's PBI value."""
+    lower = np.array([0.0, f2_range[0]])
+    span = np.array([f1_worst, f2_range[1] - f2_range[0]])
     return lower, np.where(span > 0, span, 1.0)
+
+
+def _renormalized(score, extra):
+    """score normalized to sum 1 (zeros while nothing scored), + extra / n, renormalized (uniform if all are 0)."""
+    p = score / score.sum() if score.sum() > 0 else np.zeros_like(score)
+    p = p + extra / len(p)
+    return p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p))
 
 
 def subproblem_probs(counts, extra=0.2):
     """Probability of choosing each subproblem: its cumulative count of offspring that entered the best set,
     normalized, + extra / n, renormalized (uniform while no offspring entered it)."""
-    c = np.asarray(counts, dtype=float)
-    p = c / c.sum() if c.sum() > 0 else np.zeros_like(c)
-    p = p + extra / len(c)
-    return p / p.sum()
+    return _renormalized(np.asarray(counts, dtype=float), extra)
 
 
 def gene_value_probs(genomes, f1, sizes, extra=0.2):
@@ -59,9 +63,7 @@ def gene_value_probs(genomes, f1, sizes, extra=0.2):
             has = genomes[:, g] == v
             if has.any():
                 score[v] = worst - f1[has].mean()
-        p = score / score.sum() if score.sum() > 0 else np.zeros(n)
-        p = p + extra / n
-        out.append(p / p.sum())
+        out.append(_renormalized(score, extra))
     return out
 
 
@@ -130,11 +132,14 @@ def beats_a_neighbour(child_F, neighbour_F, neighbour_weights, theta):
 
 def pool_choice(pool_F, pool_std, front_F):
     """Pool members to train after a generation's children (predicted normalized points pool_F, tree std pool_std):
-    those not dominated by any point of the current front front_F, the one with the lowest predicted f1 and the one
-    with the largest std. Returns sorted pool indices."""
+    those on the front of the current front front_F together with the pool, then, among the others, the one with the
+    lowest predicted f1, then the one with the largest std. Returns sorted pool indices."""
     pool_F, front_F = np.asarray(pool_F, dtype=float), np.asarray(front_F, dtype=float)
-    dominated = [bool(((front_F <= p).all(axis=1) & (front_F < p).any(axis=1)).any()) for p in pool_F]
-    chosen = {i for i, d in enumerate(dominated) if not d}
-    chosen.add(int(np.argmin(pool_F[:, 0])))
-    chosen.add(int(np.argmax(pool_std)))
+    both = np.concatenate([front_F.reshape(-1, pool_F.shape[1]), pool_F])
+    dominated = [bool(((both <= p).all(axis=1) & (both < p).any(axis=1)).any()) for p in pool_F]
+    chosen = [i for i, d in enumerate(dominated) if not d]
+    for key in (pool_F[:, 0], -np.asarray(pool_std, dtype=float)):
+        rest = [i for i in range(len(pool_F)) if i not in chosen]
+        if rest:
+            chosen.append(min(rest, key=lambda i: key[i]))
     return sorted(chosen)

@@ -18,6 +18,7 @@ import dwconv3d
 import genotypes
 import plots_eval
 import settings
+import train_3D_continuation
 import utils
 from model import NetworkLUNA
 from plots_runs import fold_files
@@ -93,11 +94,15 @@ def fold_norm(run_path, run_cfg, fold, log):
     runs): every fold of the run's cube set except the test fold, or its TRAIN_FOLDS."""
     path = os.path.join(run_path, f'norm_fold{fold}.json')
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        return saved['mean'], saved['std']
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            return float(saved['mean']), float(saved['std'])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise utils.UserError(f'{path} is damaged ({type(e).__name__}: {e}); delete it to recompute the '
+                                  'normalization from the cube set') from None
     table = data.read_table(run_cfg['DATA'])
-    train_folds = [int(f) for f in run_cfg.get('TRAIN_FOLDS') or ()] or sorted(set(table['fold']) - {fold})
+    train_folds = train_3D_continuation.train_folds_of({'TRAIN_FOLDS': (), **run_cfg}, table, fold)
     cubes = data.load_cubes(run_cfg['DATA'], data.select_folds(table, train_folds, run_cfg['DATA']), run_cfg['CUBE'])
     log(f'fold {fold}: {path} missing (older run): normalization recomputed from {run_cfg["DATA"]} '
         f'folds {train_folds}')

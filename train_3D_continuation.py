@@ -202,7 +202,8 @@ def run_folds(cfg, genotype, table, folds, run):
         job_run.path = os.path.abspath(run.path)
     jobs = [(job_cfg, genotype, table, f, job_run) for f in folds]
     try:
-        return parallel.map_jobs(fold_job, jobs, cfg['PARALLEL'], names=[f'fold {f}' for f in folds], log=run.log)
+        return parallel.map_jobs(fold_job, jobs, cfg['PARALLEL'], names=[f'fold {f}' for f in folds], log=run.log,
+                                 gpus=0 if cfg['DEVICE'] == 'cpu' else None)  # DEVICE=cpu: no GPU even if there are
     except parallel.JobsFailed as e:
         raise utils.UserError(f'{e}; the finished folds are kept: --RESUME={run.path} runs the missing ones') from None
 

@@ -18,7 +18,7 @@ import operations
 import parallel
 import settings
 import utils
-from evolve_candidate import gene_space, primitives_of, train_candidate
+from evolve_candidate import gene_space, primitives_of, train_candidate, worst_f1
 from evolve_outputs import Outputs
 
 DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
@@ -63,7 +63,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'CELLS': 'len(CELLS) >= 1 and ints(CELLS) and min(CELLS) >= 1', 'LRS': 'len(LRS) >= 1 and min(LRS) > 0',
     'POPULATION': '>= 2', 'GENERATIONS': '>= 2', 'LEARNING_GENERATIONS': '0 <= LEARNING_GENERATIONS < GENERATIONS',
     'NEIGHBOURS': '2 <= NEIGHBOURS <= POPULATION', 'THETA': '>= 0', 'ALPHA': '>= 0', 'BETA': '>= 0',
-    'METRIC': "in ('acc', 'auc')", 'EXPLORE': '>= 0', 'MUTATION_FLOOR': '0 <= MUTATION_FLOOR <= 1',
+    'METRIC': "in ('acc', 'auc')", 'EXPLORE': '>= 0', 'MUTATION_FLOOR': '0 < MUTATION_FLOOR <= 1',
     'MEMORY_GB': '> 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'PARALLEL': "in ('off', 'ray')",
     'RUNS': "!= ''", 'TAG': None, 'RESUME': None,
 }
@@ -75,7 +75,11 @@ def check_inputs(cfg):
     for name in prims:
         operations.check_op_name(name)
     data.check_cube_size(cfg['CUBE'], prims)
-    data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
+    table = data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
+    for name, idx in zip(('search-train', 'search-val'), data.split_by_scan(table, cfg['VAL_FRACTION'], cfg['SEED'])):
+        if cfg['METRIC'] == 'auc' and table['label'].iloc[idx].nunique() < 2:
+            raise utils.UserError(f"METRIC='auc': {name} ({len(idx)} nodules) holds one class only; its AUC is "
+                                  "undefined: use more SEARCH_FOLDS, another VAL_FRACTION or METRIC='acc'")
     parallel.check_mode(cfg['PARALLEL'])  # Ray missing: one line now, not after the run folder is made
 
 
@@ -92,14 +96,14 @@ class Search:
         self.archive, self.population = [], []
         self.counts = np.zeros(cfg['POPULATION'])
         self.job_cfg = {**cfg, 'DATA': os.path.abspath(cfg['DATA'])}  # workers may run in another folder
+        self.lower, self.span = sm.normalizer(worst_f1(cfg['ALPHA'], cfg['BETA']), self.space.f2_range())
 
     def F(self, idx=None):
         F = np.array([[r['f1'], r['f2']] for r in self.archive])
         return F if idx is None else F[idx]
 
     def normalized(self, F):
-        lower, span = sm.normalizer(self.F())
-        return (np.asarray(F, dtype=float) - lower) / span
+        return (np.asarray(F, dtype=float) - self.lower) / self.span
 
     def result_path(self, idx):
         return os.path.abspath(self.run.file(os.path.join('candidates', f'{idx:04d}.json')))
@@ -116,7 +120,8 @@ class Search:
                 self.record(parallel.map_jobs(train_candidate, [job], 'off', [name], self.run.log)[0], meta)
             return list(range(start, len(self.archive)))
         try:
-            results = parallel.map_jobs(train_candidate, jobs, self.cfg['PARALLEL'], names, self.run.log)
+            results = parallel.map_jobs(train_candidate, jobs, self.cfg['PARALLEL'], names, self.run.log,
+                                        gpus=0 if self.cfg['DEVICE'] == 'cpu' else None)
         except parallel.JobsFailed as e:  # the others are done and saved: a resume trains only what is missing
             raise utils.UserError(f'{e}; the finished candidates are kept: --RESUME={self.run.path} trains the '
                                   'missing ones') from None
@@ -165,7 +170,7 @@ class Search:
 
     def surrogate_predict(self, genomes):
         """Refit the forest on every evaluated candidate; (mean, std) of normalized f1 for `genomes`."""
-        lower, span = sm.normalizer(self.F())
+        lower, span = self.lower, self.span
         surrogate = sm.Surrogate().fit([r['genome'] for r in self.archive], self.F()[:, 1],
                                        (self.F()[:, 0] - lower[0]) / span[0])
         f2 = [np.log(self.space.params(g)) for g in genomes]
@@ -252,4 +257,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS)
+    utils.run_cli(main, DEFAULTS, 'the finished candidates are kept; rerun with --RESUME=<run folder> to continue')

@@ -176,13 +176,8 @@ def main(**overrides):
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
     # Everything that can fail on the input (cube set, folds, ops, checkpoint) runs before the run folder is touched.
-    table = data.select_folds(data.read_table(cfg['DATA']), cfg['SEARCH_FOLDS'], cfg['DATA'], 'SEARCH_FOLDS')
-    tr_idx, va_idx = data.split_by_scan(table, cfg['VAL_FRACTION'], cfg['SEED'])
-    cubes = data.load_cubes(cfg['DATA'], table, cfg['CUBE'])
-    stats = data.cube_stats(cubes[tr_idx])  # normalization from search-train cubes only
-    labels = table['label'].to_numpy()
-    train = data.CubeData(cubes[tr_idx], labels[tr_idx], *stats, cfg['DEVICE'])
-    val = data.CubeData(cubes[va_idx], labels[va_idx], *stats, cfg['DEVICE'])
+    train, val = data.search_split(cfg['DATA'], cfg['SEARCH_FOLDS'], cfg['VAL_FRACTION'], cfg['SEED'], cfg['CUBE'],
+                                   cfg['DEVICE'])  # normalization from search-train cubes only
     model, w_opt, sched, a_opt, updater = build(cfg)
     gen = data.make_generator(cfg['DEVICE'], cfg['SEED'])
     val_stream = ValStream(val, cfg['BATCH_SIZE'], gen)
@@ -195,8 +190,8 @@ def main(**overrides):
         start, best = state['epoch'] + 1, state['best']
     run = utils.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
-    run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(labels[tr_idx])}, '
-            f'search-val {engine.class_balance(labels[va_idx])} nodules (benign/malignant), split by scan')
+    run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(train.labels.cpu())}, '
+            f'search-val {engine.class_balance(val.labels.cpu())} nodules (benign/malignant), split by scan')
     if cfg['RESUME']:
         run.log(f'resumed from {last} after epoch {state["epoch"]}' if state is not None else
                 f'resumed before the first checkpoint ({last} does not exist): starting from epoch 0')

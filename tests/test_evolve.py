@@ -41,6 +41,18 @@ def test_pbi_worked_example():
     assert got[0] == pytest.approx(expected) and got[1] == pytest.approx(0.3 + 0.5 * 0.4)
 
 
+def test_fixed_normalization_bounds():
+    # f1 over [0, worst f1 = 1.5], f2 over [ln 1e3, ln 1e6]: a point's normalized value depends on it alone
+    lower, span = sm.normalizer(1.5, (math.log(1e3), math.log(1e6)))
+    point = (np.array([0.75, math.log(1e4)]) - lower) / span
+    assert point == pytest.approx([0.5, 1 / 3])
+    space = small_space()
+    low, high = space.f2_range()
+    rng = np.random.default_rng(0)
+    sizes = [math.log(space.params(space.random(rng))) for _ in range(20)]
+    assert low < high and low <= min(sizes) and max(sizes) <= high  # every network of the space lies inside
+
+
 def test_weight_vectors_and_neighbourhoods():
     w = sm.weight_vectors(10)
     assert w[:, 0] == pytest.approx(0.5 + 0.5 * np.arange(10) / 9) and w.sum(1) == pytest.approx(np.ones(10))
@@ -60,6 +72,8 @@ def test_selection_probabilities_worked_examples():
     # counts [2, 0, 1, 1]: [0.5, 0, 0.25, 0.25] + 0.2/4, renormalized by 1.2
     assert sm.subproblem_probs([2, 0, 1, 1]) == pytest.approx([0.55 / 1.2, 0.05 / 1.2, 0.3 / 1.2, 0.3 / 1.2])
     assert sm.subproblem_probs([0, 0, 0]) == pytest.approx([1 / 3] * 3)
+    assert sm.subproblem_probs([0, 0, 0], extra=0.0) == pytest.approx([1 / 3] * 3)  # EXPLORE=0, nothing credited
+    assert sm.subproblem_probs([3, 1], extra=0.0) == pytest.approx([0.75, 0.25])
     # one gene with 3 values: value 0 seen with f1 0.2 and 0.4, value 1 with 0.6 (the worst), value 2 unseen
     probs = sm.gene_value_probs([[0], [0], [1]], [0.2, 0.4, 0.6], [3])
     assert probs[0] == pytest.approx([(1 + 0.2 / 3) / 1.2, (0.2 / 3) / 1.2, (0.2 / 3) / 1.2])
@@ -70,9 +84,13 @@ def test_prescreening_decisions():
     weights = np.array([[0.9, 0.1], [0.6, 0.4]])
     assert sm.beats_a_neighbour([0.1, 0.5], neighbours, weights, 0.001)  # better error, same size: trained now
     assert not sm.beats_a_neighbour([0.9, 0.9], neighbours, weights, 0.001)  # worse on both: to the pool
-    # pool: #0 is dominated by front point (0.4, 0.2); #1 is not and has the lowest f1; #2 has the largest std
+    # pool: #1 is on the front of front + pool; of the rest, #0 has the lowest f1, then #2 the largest std
     chosen = sm.pool_choice([[0.5, 0.5], [0.05, 0.95], [0.9, 0.9]], [0.1, 0.05, 0.3], [[0.1, 0.6], [0.4, 0.2]])
-    assert chosen == [1, 2]
+    assert chosen == [0, 1, 2]
+    # #1 and #2 are dominated by pool member #0 only (not by the front): not chosen as non-dominated; of the rest
+    # {1, 2, 3}, #2 has the lowest f1; of {1, 3}, #3 the largest std; #1 stays untrained
+    chosen = sm.pool_choice([[0.1, 0.1], [0.15, 0.15], [0.12, 0.9], [0.5, 0.5]], [0, 0, 0.1, 0.5], [[0.2, 0.2]])
+    assert chosen == [0, 2, 3]
 
 
 def test_front_best_set_and_hypervolume():
@@ -163,7 +181,7 @@ def fake_candidate(cfg, idx, genome, path):
             'auc_val': 0.0, 'seconds': 0.0}
 
 
-def reversed_map_jobs(fn, jobs, mode='off', names=None, log=print):
+def reversed_map_jobs(fn, jobs, mode='off', names=None, log=print, gpus=None):
     """A stand-in for a parallel backend: jobs run in reverse order, results returned in job order."""
     if mode == 'off':
         return [fn(*args) for args in jobs]
@@ -207,12 +225,16 @@ def test_parallel_equals_sequential_and_screening_follows_the_surrogate(tmp_path
 
 def test_bad_settings_are_one_line_errors_before_anything_is_written(tmp_path):
     runs = tmp_path / 'runs'
+    cubes = write_cube_set(tmp_path / 'cubes', n_folds=5, size=8, nodules_per_scan=1)  # labels alternate by scan
     for bad, match in (({'POPULATION': 2, 'NEIGHBOURS': 3}, 'NEIGHBOURS=3'),
                        ({'FILTERS': ()}, r'FILTERS=\(\) is not allowed'),
                        ({'METRIC': 'f1'}, 'METRIC'), ({'GENERATIONS': 1}, 'GENERATIONS'),
-                       ({'PARALLEL': 'mpi'}, 'PARALLEL'), ({'CUBE': 10}, 'CUBE=10')):
+                       ({'PARALLEL': 'mpi'}, 'PARALLEL'), ({'CUBE': 10}, 'CUBE=10'),
+                       ({'MUTATION_FLOOR': 0.0}, 'MUTATION_FLOOR=0.0 is not allowed'),
+                       ({'VAL_FRACTION': 0.01}, 'cannot split 10 scans'),
+                       ({'METRIC': 'auc', 'SEARCH_FOLDS': (0,)}, "METRIC='auc': search-train .* holds one class")):
         with pytest.raises(UserError, match=match):
-            train_evolve.main(**{**TINY, **bad}, RUNS=str(runs))
+            train_evolve.main(**{**TINY, 'DATA': cubes, **bad}, RUNS=str(runs))
     assert not runs.exists()
 
 

@@ -224,17 +224,20 @@ def test_a_fold_that_always_dies_is_named_and_resume_runs_only_it(ray_session, c
 # ---------------------------------------------------------------- the evolutionary search on Ray
 
 def test_an_evolutionary_search_on_ray_equals_the_sequential_one(ray_session, cubes, tmp_path):
-    """Initial population and a learning generation trained as Ray tasks: the same candidates, objectives and
-    front as one after the other (each candidate is seeded from SEED and its index only)."""
+    """Initial population, a learning and an exploitation generation trained as Ray tasks: the same candidates,
+    objectives, surrogate decisions and front as one after the other (each candidate is seeded from SEED and its
+    index only)."""
     import train_evolve
     tiny = dict(DATA=cubes, DEVICE='cpu', CUBE=8, EPOCHS=1, LAST_EPOCHS=1, BATCH_SIZE=4, FILTERS=(4,), CELLS=(2, 3),
                 PRIMITIVES=('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3'), POPULATION=3, NEIGHBOURS=2,
-                GENERATIONS=2, LEARNING_GENERATIONS=1)
+                GENERATIONS=3, LEARNING_GENERATIONS=1)  # generation 2: exploitation (surrogate, pool on Ray)
     seq = train_evolve.main(**tiny, RUNS=str(tmp_path / 'seq'))
     par = train_evolve.main(**tiny, RUNS=str(tmp_path / 'par'), PARALLEL='ray')
     for name in ('evaluations.csv', 'pareto.csv'):
         with open(os.path.join(seq['run'], name), newline='') as a, open(os.path.join(par['run'], name)) as b:
             rows = [[{k: v for k, v in r.items() if k not in ('seconds', 'genotype_file')} for r in csv.DictReader(f)]
                     for f in (a, b)]
-        assert rows[0] == rows[1] and len(rows[0]) >= (6 if name == 'evaluations.csv' else 1)
+        assert rows[0] == rows[1] and len(rows[0]) >= (7 if name == 'evaluations.csv' else 1)
+        if name == 'evaluations.csv':
+            assert rows[0][-1]['phase'] == 'exploitation'
     assert 'candidate 3' in read(os.path.join(par['run'], 'log.txt'))

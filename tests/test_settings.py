@@ -157,6 +157,9 @@ def test_bad_setting_on_the_command_line_is_one_line(tmp_path):
     ('prepare.py', 'finished scans are kept; rerun the same command to continue', '--RESUME'),
     ('nodclsgbt.py', 'rerun the same command to start again', '--RESUME'),
     ('bench.py', 'rerun the same command to benchmark again', '--RESUME'),
+    ('train_evolve.py', 'the finished candidates are kept; rerun with --RESUME=<run folder> to continue', 'checkpoint'),
+    ('predict.py', 'rerun the same command', '--RESUME'),
+    ('draw.py', 'rerun the same command', '--RESUME'),
 ])
 def test_interrupt_message_names_how_the_script_continues(script, says, never, monkeypatch, capsys):
     def interrupted(defaults, argv):
