@@ -100,7 +100,6 @@ def load_state(path, gen, objects):
 
 def kept_auc(keep):
     """ROC AUC (percent) of the predictions collected by train_step's `keep`; NaN with one class only."""
-    from utils import binary_metrics
     if not keep:
         return float('nan')
     prob, y = (torch.cat(t).cpu().numpy() for t in zip(*keep))

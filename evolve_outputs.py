@@ -14,7 +14,7 @@ COLUMNS = ('index', 'generation', 'phase', 'subproblem', 'screening', 'genome', 
            'params', 'f1', 'f2', 'm_train', 'm_val', 'acc_val', 'auc_val', 'val_loss', 'e_best', 'epochs', 'diverged',
            'seconds', 'predicted_f1', 'predicted_std')
 FRONT_COLUMNS = ('index', 'generation', 'f1', 'f2', 'params', 'C', 'cells', 'lr', 'm_val', 'acc_val', 'auc_val',
-                 'genotype_file')
+                 'diverged', 'genotype_file')  # diverged: a member only by its size (its f1 is the worst)
 
 
 def _cell(value):

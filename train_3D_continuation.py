@@ -234,7 +234,7 @@ def main(**overrides):
         run.log('best epoch on each test fold (published protocol; optimistic, selected on the test fold):')
         run.log(utils.results_table([r['best'] for r in results], extra=('epoch',)))
     utils.save_json_atomic(run.file('results.json'), results)
-    if cfg.get('FIGURES', True):
+    if cfg['FIGURES']:
         import plots_runs
         run.log('figures: ' + ', '.join(os.path.basename(p) for p in plots_runs.draw_run(run.path, run.log)))
     return {'folds': results, 'run': run.path}

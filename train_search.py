@@ -232,7 +232,7 @@ def main(**overrides):
         if early_stop(cfg, epoch, best):
             run.log(f'early stop: no search-val improvement for {cfg["PATIENCE"]} epochs')
             break
-    return finish(run, model, best, epoch, cfg.get('FIGURES', True))
+    return finish(run, model, best, epoch, cfg['FIGURES'])
 
 
 def finish(run, model, best, epoch, figures=True):
