@@ -43,6 +43,7 @@ EDGE_WEIGHTS = True  # multiply each edge by sigmoid(beta)
 ZERO_ONE = 'auto'  # zero-one loss on sigmoid(alpha), sigmoid(beta): 'l2', 'l1', 'off'; auto = l2 if sigmoid else off
 ZERO_ONE_WEIGHT = 10.0  # weight of the zero-one loss in the architecture loss
 HYPERGRAD = 'second'  # 'second' (DARTS 2nd order, paper), 'first', or 'zeroth' (ZO-DARTS+)
+HVP = 'fd'  # second order: Hessian-vector product 'fd' (finite difference, paper/DARTS) or 'exact' (double backward)
 HVP_R = 0.01  # second order: finite-difference radius of the Hessian-vector product is HVP_R / ||v|| (DARTS: 0.01)
 TAU0 = 1.5  # sparsemax: initial temperature
 TAU_FACTOR = 0.75  # sparsemax: temperature multiplied by this ...
@@ -87,7 +88,7 @@ def build(cfg):
                                  zero_one, cfg['ZERO_ONE_WEIGHT'])
     else:
         updater = arch_mod.Architect(model, w_opt, a_opt, cfg['HYPERGRAD'], zero_one, cfg['ZERO_ONE_WEIGHT'],
-                                     cfg['HVP_R'])
+                                     cfg['HVP_R'], cfg['HVP'])
     return model, w_opt, sched, a_opt, updater
 
 
