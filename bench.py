@@ -9,6 +9,8 @@ Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the
 and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step,
 samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
 Section 3: operations per step (what the host issues; the search step appeared host-bound on an H100).
+BENCH='hypergrad' (separately, bench_hypergrad.py): each hypergradient estimator's error against the exact one,
+and its time and peak memory per architecture update; CPU-sized by default.
 BENCH='methods' (separately): 2nd / 1st / zeroth-order searches on the demo set under one short budget, each
 genotype retrained and tested on one fold: search time and test metrics per method.
 The steps and the counts also run on a CPU (BENCH='steps' or 'ops', small settings); the kernels need CUDA.
@@ -18,6 +20,7 @@ import sys
 
 import torch
 
+import bench_hypergrad
 import bench_kernels
 import bench_methods
 import bench_steps
@@ -29,7 +32,8 @@ WARMUP_MS = 25  # warm-up time per measurement (triton.testing.do_bench)
 REP_MS = 100  # measured time per measurement; the median is reported
 PEAK_GBPS = 3000.0  # HBM bandwidth the "% peak" column divides by (H100: ~3 TB/s)
 DEVICE = utils.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
-BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three) or 'methods'
+BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three), 'methods' or
+# 'hypergrad'
 STEPS = 10  # timed training steps per case
 WARMUP_STEPS = 3  # untimed steps first (Triton compilation, cuDNN autotuning)
 SEARCH_BATCH = 7  # search step batch (paper: 7)
@@ -49,6 +53,22 @@ METHODS_RETRAIN_EPOCHS = 20  # retrain epochs of each found genotype
 METHODS_RETRAIN_C = 16  # retrain channels
 METHODS_RETRAIN_LAYERS = 8  # retrain cells
 METHODS_FOLD = 5  # test fold of the retrains
+# BENCH='hypergrad' (not in 'all'): each hypergradient estimator's error against the exact hypergradient (float64),
+# median over seeds x batches, and the time and peak memory of one architecture update (float32, DEVICE).
+HG_PRIMITIVES = 'mrfc'  # candidate ops of the supernet ('mrfc': the paper's 9)
+HG_C = 4  # supernet channels (CPU-sized; the paper's 16 on a GPU)
+HG_LAYERS = 3  # supernet cells (paper: 8)
+HG_CUBE = 12  # input edge (the smallest the 'mrfc' ops allow; paper: 32)
+HG_BATCH = 2  # cubes per batch (paper: 7)
+HG_SEEDS = 2  # supernets (seeds) measured
+HG_BATCHES = 2  # batches measured per supernet
+HG_WARMUP_STEPS = 5  # weight steps before measuring (momentum buffers exist, weights left their initialization)
+HG_RADII = (1e-2, 1e-3, 1e-4, 1e-6)  # finite-difference radii r (step r/||v||; DARTS and the paper: 1e-2)
+HG_MUS = (5e-3, 1e-3, 1e-4, 1e-6)  # zeroth-order mu relative to ||alpha|| (ZO-DARTS+: 5e-3, first is timed)
+HG_DIRECTIONS = (1, 4)  # zeroth order: directions averaged per estimate (ZO-DARTS+: 1)
+HG_ZO_T = 10  # zeroth order: weight steps per architecture step (ZO-DARTS+: 10)
+HG_ERRORS = True  # measure the errors (float64); False: only time and memory (e.g. the paper's supernet on a GPU)
+HG_TIME_STEPS = 3  # timed architecture updates per estimator (median)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 DEFAULTS = utils.settings_of(globals())
 
@@ -57,8 +77,9 @@ def main(**overrides):
     cfg = utils.check_settings(overrides, DEFAULTS)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
-    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods'):
-        raise utils.UserError(f'bench.py: BENCH must be kernels, steps, ops, all or methods, got {cfg["BENCH"]!r}')
+    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods', 'hypergrad'):
+        raise utils.UserError('bench.py: BENCH must be kernels, steps, ops, all, methods or hypergrad, '
+                              f'got {cfg["BENCH"]!r}')
     device = cfg['DEVICE']
     where = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else 'cpu'
     print(f'{datetime.date.today()}  {where}  torch {torch.__version__}  '
@@ -99,6 +120,12 @@ def main(**overrides):
             {**common, 'EPOCHS': cfg['METHODS_RETRAIN_EPOCHS'], 'C': cfg['METHODS_RETRAIN_C'],
              'LAYERS': cfg['METHODS_RETRAIN_LAYERS'], 'FOLD': cfg['METHODS_FOLD']})
         print(bench_methods.methods_table(out['methods']))
+    if cfg['BENCH'] == 'hypergrad':
+        print(f'hypergradient estimators: supernet C={cfg["HG_C"]}, {cfg["HG_LAYERS"]} cells, {cfg["HG_PRIMITIVES"]} '
+              f'ops, cube {cfg["HG_CUBE"]}, batch {cfg["HG_BATCH"]}, {cfg["HG_SEEDS"]} seeds x {cfg["HG_BATCHES"]} '
+              f'batches, errors {"on (float64)" if cfg["HG_ERRORS"] else "off"}; time and memory in float32')
+        out['hypergrad'] = bench_hypergrad.bench_hypergrad(cfg)
+        print(bench_hypergrad.hypergrad_table(out['hypergrad']))
     return out
 
 
