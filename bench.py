@@ -69,6 +69,8 @@ HG_DIRECTIONS = (1, 4)  # zeroth order: directions averaged per estimate (ZO-DAR
 HG_ZO_T = 10  # zeroth order: weight steps per architecture step (ZO-DARTS+: 10)
 HG_ERRORS = True  # measure the errors (float64); False: only time and memory (e.g. the paper's supernet on a GPU)
 HG_TIME_STEPS = 3  # timed architecture updates per estimator (median)
+HG_CHECKPOINT_CELLS = False  # timing: recompute cells in backward (the search's CHECKPOINT_CELLS); AMP as above
+HG_FAST_KERNELS = False  # timing: Triton depthwise kernels on CUDA (the search's FAST_KERNELS default: off)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 DEFAULTS = utils.settings_of(globals())
 

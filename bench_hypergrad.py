@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import dwconv3d
 import engine
 import train_search
 import zo
@@ -203,8 +204,12 @@ def _peak_probe(device):
 
 
 def time_estimators(cfg):
-    """{estimator: (ms, peak MB)} of one architecture update in float32 on the device (median of HG_TIME_STEPS)."""
+    """{estimator: (ms, peak MB)} of one architecture update in float32 on the device (median of HG_TIME_STEPS),
+    with the search's AMP, CHECKPOINT_CELLS and FAST_KERNELS as bench.py's AMP, HG_CHECKPOINT_CELLS and
+    HG_FAST_KERNELS set them."""
     model, opt, arch, settings = _setup(cfg, 0, torch.float32)
+    model.amp, model.checkpoint_cells = cfg['AMP'], cfg['HG_CHECKPOINT_CELLS']
+    dwconv3d.set_fast_kernels(cfg['HG_FAST_KERNELS'])
     gen = torch.Generator().manual_seed(1)
     cube, n, dev = cfg['HG_CUBE'], cfg['HG_BATCH'], cfg['DEVICE']
     train, val = _batch(n, cube, gen, torch.float32, dev), _batch(n, cube, gen, torch.float32, dev)
@@ -245,6 +250,7 @@ def time_estimators(cfg):
             peaks.append(peak(base))
         out[name] = (sorted(times)[len(times) // 2], max(peaks))
         print(f'  {name}: {out[name][0]:.0f} ms, peak +{out[name][1]:.0f} MB', flush=True)
+    dwconv3d.set_fast_kernels(True)
     return out
 
 
@@ -252,12 +258,14 @@ def bench_hypergrad(cfg):
     """Rows per estimator: median rel_err, cos, dir_err over n samples (nan without HG_ERRORS), ms and peak_mb."""
     errors = measure_errors(cfg) if cfg['HG_ERRORS'] else {}
     costs = time_estimators(cfg)
-    labels = (['first order'] + [f'fd r={r:g}' for r in cfg['HG_RADII']] + ['exact']
-              + [f'zo mu={mu:g} x{k}' for mu in cfg['HG_MUS'] for k in cfg['HG_DIRECTIONS']])
+    if errors:
+        labels = (['first order'] + [f'fd r={r:g}' for r in cfg['HG_RADII']] + ['exact']
+                  + [f'zo mu={mu:g} x{k}' for mu in cfg['HG_MUS'] for k in cfg['HG_DIRECTIONS']])
+    else:  # the radius and mu change no work: one row per kind
+        labels = list(costs)
     rows = []
     for label in labels:
         med = np.median(np.array(errors.get(label, [(float('nan'),) * 3]), dtype=np.float64), axis=0)
-        # timed once per kind: the radius and mu change no work
         cost = costs['fd' if label.startswith('fd') else 'zo x' + label.split(' x')[-1] if label.startswith('zo')
                      else label]
         rows.append({'estimator': label, 'rel_err': float(med[0]), 'cos': float(med[1]), 'dir_err': float(med[2]),

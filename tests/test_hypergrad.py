@@ -267,5 +267,15 @@ def test_hypergrad_benchmark_runs_on_cpu(capsys):
     assert '| exact |' in text and 'rel. error' in text
 
 
+def test_hypergrad_benchmark_times_only_without_errors():
+    """HG_ERRORS=False (the GPU measurement at the paper's size): one row per kind, timed with AMP and recomputed
+    cells as the search would run them."""
+    rows = bench.main(BENCH='hypergrad', DEVICE='cpu', HG_PRIMITIVES=tuple(PRIMS), HG_C=4, HG_LAYERS=3, HG_CUBE=8,
+                      HG_BATCH=2, HG_ERRORS=False, HG_DIRECTIONS=(1,), HG_ZO_T=2, HG_WARMUP_STEPS=1, HG_TIME_STEPS=1,
+                      AMP=True, HG_CHECKPOINT_CELLS=True)['hypergrad']
+    assert [r['estimator'] for r in rows] == ['first order', 'fd', 'exact', 'zo x1']
+    assert all(r['ms'] > 0 and r['n'] == 0 for r in rows)
+
+
 if __name__ == '__main__':
     _double_backward_child(sys.argv[1])
