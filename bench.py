@@ -67,6 +67,7 @@ HG_RADII = (1e-2, 1e-3, 1e-4, 1e-6)  # finite-difference radii r (step r/||v||; 
 HG_MUS = (5e-3, 1e-3, 1e-4, 1e-6)  # zeroth-order mu relative to ||alpha|| (ZO-DARTS+: 5e-3, first is timed)
 HG_DIRECTIONS = (1, 4)  # zeroth order: directions averaged per estimate (ZO-DARTS+: 1)
 HG_ZO_T = 10  # zeroth order: weight steps per architecture step (ZO-DARTS+: 10)
+HG_ALPHA_STD = 0.0  # alphas/betas drawn N(0, this^2) before measuring, as mid-search (0: their initialization)
 HG_ERRORS = True  # measure the errors (float64); False: only time and memory (e.g. the paper's supernet on a GPU)
 HG_TIME_STEPS = 3  # timed architecture updates per estimator (median)
 HG_CHECKPOINT_CELLS = False  # timing: recompute cells in backward (the search's CHECKPOINT_CELLS); AMP as above

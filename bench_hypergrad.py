@@ -5,9 +5,11 @@ momentum buf), alpha) w.r.t. alpha, by autograd through the virtual step; the es
 Hessian-vector product at several radii, the exact one (HVP='exact') and first order (no virtual step).
 Zeroth order (ZO-DARTS+): the reference is the derivative through its T unrolled SGD steps (momentum, weight decay,
 gradient clipping); the estimators are its twin-trajectory estimate at several mu, averaged over K directions.
-Errors in float64 at the same weights: relative error ||g - g*|| / ||g*|| and cosine to g*, and for zeroth order
-also the error of the K directional derivatives u . g* themselves (the estimator's own precision; its estimate is
-their projection, (u . g) u, so its error to g* is ~1 even when they are exact). Medians over seeds and batches.
+Errors in float64 at the same weights: relative error ||g - g*|| / ||g*|| and cosine to g*; for second order also
+the error relative to the Hessian-vector term, ||g - g*|| / ||eta H v|| (the estimators share the direct part);
+for zeroth order also the error of the K directional derivatives u . g* themselves (the estimator's own
+precision; its estimate is their projection, (u . g) u, so its error to g* is ~1 even when they are exact).
+Medians over seeds and batches.
 Time and peak memory of one architecture update of each estimator in float32 on the device (zeroth order: its
 K * T twin steps and the validation gradient, i.e. its cost beyond the plain weight steps).
 """
@@ -46,6 +48,10 @@ def _setup(cfg, seed, dtype):
     torch.manual_seed(seed)
     model, w_opt, _, _, arch = train_search.build(settings)
     model.to(dtype)
+    if cfg['HG_ALPHA_STD']:  # an architecture as mid-search, not at its initialization (1e-3 randn)
+        with torch.no_grad():
+            for p in model.arch_parameters():
+                p.normal_(0.0, cfg['HG_ALPHA_STD'], generator=torch.Generator().manual_seed(seed + 1))
     gen = torch.Generator().manual_seed(seed)
     for _ in range(cfg['HG_WARMUP_STEPS']):
         engine.train_step(model, w_opt, *_batch(cfg['HG_BATCH'], cfg['HG_CUBE'], gen, dtype, cfg['DEVICE']),
@@ -153,13 +159,18 @@ def measure_errors(cfg):
             val = _batch(n, cube, gen, dtype, dev)
             ref = _flat(second_order_reference(arch, *batches[0], *val, eta))
             with keep_buffers(model):
+                virtual = arch.virtual_weights(*batches[0], eta)
+                direct = arch.arch_loss(arch._call(virtual, val[0]), val[1])
+                # -eta H v exactly: the reference less its direct part dL_val(w')/d alpha at fixed w'
+                implicit = (ref - _flat(torch.autograd.grad(direct, arch.arch))).norm()
                 first = arch.arch_loss(model(val[0]), val[1])
                 cases = [('first order', _flat(torch.autograd.grad(first, arch.arch)))]
                 for label, hvp, r in ([(f'fd r={r:g}', 'fd', r) for r in cfg['HG_RADII']] + [('exact', 'exact', 0)]):
                     arch.hvp, arch.hvp_r = hvp, r
                     cases.append((label, _flat(arch.second_order_grads(*batches[0], *val, eta)[1])))
-            for label, est in cases:
-                out.setdefault(label, []).append(_compare(est, ref) + (float('nan'),))
+            for label, est in cases:  # second-order estimators share the direct part: their error is the HVP's
+                hvp_err = float((est - ref).norm() / implicit) if label != 'first order' else float('nan')
+                out.setdefault(label, []).append(_compare(est, ref) + (float('nan'), hvp_err))
             restore()
             ref = _flat(unrolled_reference(model, opt, batches, *val, settings['GRAD_CLIP'], arch.arch_loss))
             for mu in cfg['HG_MUS']:  # the same directions for every mu; x1 is the first of x4's
@@ -168,8 +179,10 @@ def measure_errors(cfg):
                 dirs, true_dirs = (h * u).sum(1), u @ ref
                 for k in cfg['HG_DIRECTIONS']:
                     dir_err = float((dirs[:k] - true_dirs[:k]).norm() / true_dirs[:k].norm())
-                    out.setdefault(f'zo mu={mu:g} x{k}', []).append(_compare(h[:k].mean(0), ref) + (dir_err,))
+                    row = _compare(h[:k].mean(0), ref) + (dir_err, float('nan'))
+                    out.setdefault(f'zo mu={mu:g} x{k}', []).append(row)
             print(f'  seed {seed} batch {b}: ' + ', '.join(f'{k} {v[-1][0]:.3g}' for k, v in out.items()), flush=True)
+        print(f'  seed {seed}: ||alpha, beta|| {float(_flat(arch.arch).norm()):.3g}', flush=True)
     return out
 
 
@@ -265,18 +278,19 @@ def bench_hypergrad(cfg):
         labels = list(costs)
     rows = []
     for label in labels:
-        med = np.median(np.array(errors.get(label, [(float('nan'),) * 3]), dtype=np.float64), axis=0)
+        med = np.median(np.array(errors.get(label, [(float('nan'),) * 4]), dtype=np.float64), axis=0)
         cost = costs['fd' if label.startswith('fd') else 'zo x' + label.split(' x')[-1] if label.startswith('zo')
                      else label]
         rows.append({'estimator': label, 'rel_err': float(med[0]), 'cos': float(med[1]), 'dir_err': float(med[2]),
-                     'n': len(errors.get(label, [])), 'ms': cost[0], 'peak_mb': cost[1]})
+                     'hvp_err': float(med[3]), 'n': len(errors.get(label, [])), 'ms': cost[0], 'peak_mb': cost[1]})
     return rows
 
 
 def hypergrad_table(rows):
-    lines = ['| estimator | rel. error | cosine | directional rel. error | samples | ms / arch. update | peak MB |',
-             '| --- | --- | --- | --- | --- | --- | --- |']
+    lines = ['| estimator | rel. error | cosine | HVP term rel. error | directional rel. error | samples | '
+             'ms / arch. update | peak MB |', '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for r in rows:
-        lines.append(f'| {r["estimator"]} | {r["rel_err"]:.3g} | {r["cos"]:.4f} | {r["dir_err"]:.3g} | {r["n"]} | '
+        lines.append(f'| {r["estimator"]} | {r["rel_err"]:.3g} | {r["cos"]:.4f} | {r["hvp_err"]:.3g} | '
+                     f'{r["dir_err"]:.3g} | {r["n"]} | '
                      f'{r["ms"]:.0f} | {r["peak_mb"]:.0f} |')
     return '\n'.join(lines)
