@@ -142,6 +142,7 @@ def _flat(tensors):
 
 
 def _compare(est, ref):
+    est, ref = est.detach(), ref.detach()
     return float((est - ref).norm() / ref.norm()), float(F.cosine_similarity(est, ref, dim=0))
 
 
@@ -182,7 +183,7 @@ def measure_errors(cfg):
                     row = _compare(h[:k].mean(0), ref) + (dir_err, float('nan'))
                     out.setdefault(f'zo mu={mu:g} x{k}', []).append(row)
             print(f'  seed {seed} batch {b}: ' + ', '.join(f'{k} {v[-1][0]:.3g}' for k, v in out.items()), flush=True)
-        print(f'  seed {seed}: ||alpha, beta|| {float(_flat(arch.arch).norm()):.3g}', flush=True)
+        print(f'  seed {seed}: ||alpha, beta|| {float(_flat(arch.arch).detach().norm()):.3g}', flush=True)
     return out
 
 
