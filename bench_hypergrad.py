@@ -147,7 +147,8 @@ def _compare(est, ref):
 
 
 def measure_errors(cfg):
-    """{estimator: [(rel_err, cos, dir_err), ...]} over seeds x batches, in float64."""
+    """{estimator: [(rel_err, cos, dir_err, hvp_err), ...]} over seeds x batches, in float64 (nan where a column
+    does not apply)."""
     out = {}
     dtype, cube, n, dev = torch.float64, cfg['HG_CUBE'], cfg['HG_BATCH'], cfg['DEVICE']
     for seed in range(cfg['HG_SEEDS']):

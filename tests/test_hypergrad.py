@@ -27,7 +27,7 @@ HAVE_TRITON = importlib.util.find_spec('triton') is not None
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def setup(dtype=torch.float64, hvp='exact', seed=0, lr=0.1, momentum=0.9, wd=0.05):
+def prepared(dtype=torch.float64, hvp='exact', seed=0, lr=0.1, momentum=0.9, wd=0.05):
     """A tiny supernet after one weight step (so momentum buffers exist) and its architect."""
     torch.manual_seed(seed)
     net = SearchNetwork(4, 2, 3, PRIMS).to(dtype)
@@ -76,7 +76,7 @@ def forward_over_reverse(net, v, x, y):
 
 @pytest.mark.parametrize('checkpoint_cells', [False, True])
 def test_exact_hvp_equals_forward_over_reverse(checkpoint_cells):
-    net, _, arch = setup()
+    net, _, arch = prepared()
     net.checkpoint_cells = checkpoint_cells
     x, y = batch(seed=2)
     v = random_v(net, arch)
@@ -92,7 +92,7 @@ def test_exact_hvp_equals_forward_over_reverse(checkpoint_cells):
 
 
 def test_exact_hvp_under_autocast_is_taken_in_fp32():
-    net, _, arch = setup(dtype=torch.float32)
+    net, _, arch = prepared(dtype=torch.float32)
     x, y = batch(seed=2, dtype=torch.float32)
     v = random_v(net, arch, dtype=torch.float32)
     with keep_buffers(net):
@@ -113,7 +113,7 @@ def test_exact_hvp_under_autocast_is_taken_in_fp32():
 def test_exact_second_order_hypergradient_equals_autograd_through_the_virtual_step():
     """d/d alpha L_val(w - eta (grad_w L_train(w, alpha) + wd w + momentum buf), alpha), differentiated by autograd
     through the virtual step (float64), equals the architect's dL_val/d alpha - eta H v with the exact product."""
-    net, w_opt, arch = setup(wd=0.05)
+    net, w_opt, arch = prepared(wd=0.05)
     xt, yt = batch(seed=1)
     xv, yv = batch(seed=2)
     eta = 0.5
@@ -139,7 +139,7 @@ def test_exact_second_order_hypergradient_equals_autograd_through_the_virtual_st
 
 @pytest.mark.parametrize('checkpoint_cells', [False, True])
 def test_exact_architecture_step_changes_only_alphas_and_betas(checkpoint_cells):
-    net, w_opt, arch = setup(dtype=torch.float32)
+    net, w_opt, arch = prepared(dtype=torch.float32)
     net.checkpoint_cells = checkpoint_cells
     before = copy.deepcopy(net.state_dict())
     opt_before = copy.deepcopy(w_opt.state_dict())
@@ -153,7 +153,7 @@ def test_exact_architecture_step_changes_only_alphas_and_betas(checkpoint_cells)
 
 
 def test_unknown_hvp_is_a_user_error(tmp_path):
-    net, w_opt, _ = setup()
+    net, w_opt, _ = prepared()
     with pytest.raises(UserError, match="HVP 'exactly'.*fd, exact"):
         Architect(net, w_opt, torch.optim.Adam(net.arch_parameters()), hvp='exactly')
     cfg = {**train_search.DEFAULTS, 'DEVICE': 'cpu', 'C': 4, 'LAYERS': 3, 'PRIMITIVES': tuple(PRIMS), 'CUBE': 8,
