@@ -2,7 +2,10 @@
 
 The second-order virtual step w' = w - eta * (grad_w L_train + wd * w + momentum * buffer) is evaluated
 functionally (torch.func.functional_call): no model is copied or rebuilt. The Hessian-vector product
-d^2 L_train / (d alpha d w) . v uses a central finite difference at w +/- r v, r = 0.01 / ||v||.
+d^2 L_train / (d alpha d w) . v is either DARTS' central finite difference at w +/- eps v, eps = r / ||v||
+(hvp='fd', r = 0.01), or exact (hvp='exact'): double backward, d/d alpha of <grad_w L_train, v> with the
+first gradient's graph kept. Both evaluate L_train at the same weights w with the same batch, in fp32, and
+with BatchNorm in train mode (batch statistics) without tracking running statistics.
 """
 import contextlib
 
@@ -12,8 +15,10 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from model_search import zero_one_loss
+from utils import UserError
 
 HYPERGRADS = ('second', 'first', 'zeroth')
+HVPS = ('fd', 'exact')  # Hessian-vector product of the second order: finite difference or double backward
 
 
 @contextlib.contextmanager
@@ -49,9 +54,12 @@ def full_precision(model):
 
 class Architect:
     def __init__(self, model, w_optimizer, a_optimizer, order='second', zero_one='l2', zero_one_weight=10.0,
-                 hvp_r=1e-2):
+                 hvp_r=1e-2, hvp='fd'):
+        if hvp not in HVPS:
+            raise UserError(f'unknown HVP {hvp!r} (known: {", ".join(HVPS)})')
         self.model = model
         self.hvp_r = hvp_r
+        self.hvp = hvp
         self.w_optimizer = w_optimizer
         self.a_optimizer = a_optimizer
         self.order = order
@@ -112,7 +120,10 @@ class Architect:
         names = list(w_virtual)
         grads = torch.autograd.grad(loss, self.arch + [w_virtual[n] for n in names])
         d_arch, v = grads[:len(self.arch)], dict(zip(names, grads[len(self.arch):]))
-        implicit = self.hessian_vector_product(v, x_train, y_train, self.hvp_r)
+        if self.hvp == 'exact':
+            implicit = self.exact_hessian_vector_product(v, x_train, y_train)
+        else:
+            implicit = self.hessian_vector_product(v, x_train, y_train, self.hvp_r)
         return loss, [d - eta * h for d, h in zip(d_arch, implicit)]
 
     def hessian_vector_product(self, v, x, y, r=1e-2):
@@ -131,3 +142,22 @@ class Architect:
                 loss = F.cross_entropy(self._call(dict(zip(names, shifted)), x), y)
                 out.append(torch.autograd.grad(loss, self.arch))
         return [(gp - gm) / (2 * eps) for gp, gm in zip(*out)]
+
+    def exact_hessian_vector_product(self, v, x, y):
+        """(d/d alpha) (grad_w L_train . v) at the current weights w, by double backward (exact up to rounding).
+
+        The first gradient keeps its graph (create_graph), so <grad_w L, v> is a function of alpha whose gradient
+        is the mixed second derivative applied to v. Cost: about one forward, one backward and the backward of
+        that backward; memory: the first backward's graph is kept until the second has run. In fp32 (autocast off)
+        like the finite difference; BatchNorm as the caller set it (keep_buffers: batch statistics, not tracked).
+        """
+        names = list(v)
+        params = dict(self.model.named_parameters())
+        w = [params[n] for n in names]
+        with full_precision(self.model):
+            loss = F.cross_entropy(self.model(x), y)
+            grads = torch.autograd.grad(loss, w, create_graph=True)
+            dot = torch.stack([(g * v[n]).sum() for g, n in zip(grads, names)]).sum()
+            # allow_unused: an architecture tensor that does not reach L_train (e.g. betas with EDGE_WEIGHTS off)
+            out = torch.autograd.grad(dot, self.arch, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(out, self.arch)]

@@ -9,6 +9,8 @@ Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the
 and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step,
 samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
 Section 3: operations per step (what the host issues; the search step appeared host-bound on an H100).
+BENCH='hypergrad' (separately, bench_hypergrad.py): each hypergradient estimator's error against the exact one,
+and its time and peak memory per architecture update; CPU-sized by default.
 BENCH='methods' (separately): 2nd / 1st / zeroth-order and evolutionary searches on the demo set under one short
 budget, each genotype retrained and tested on one fold, beside the paper genotype, random genotypes of the same cell
 space and the gradient-boosting baseline: search time and test metrics per method.
@@ -19,6 +21,7 @@ import sys
 
 import torch
 
+import bench_hypergrad
 import bench_kernels
 import bench_methods
 import bench_steps
@@ -31,7 +34,8 @@ WARMUP_MS = 25  # warm-up time per measurement (triton.testing.do_bench)
 REP_MS = 100  # measured time per measurement; the median is reported
 PEAK_GBPS = 3000.0  # HBM bandwidth the "% peak" column divides by (H100: ~3 TB/s)
 DEVICE = utils.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
-BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three) or 'methods'
+BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three), 'methods' or
+# 'hypergrad'
 STEPS = 10  # timed training steps per case
 WARMUP_STEPS = 3  # untimed steps first (Triton compilation, cuDNN autotuning)
 SEARCH_BATCH = 7  # search step batch (paper: 7)
@@ -59,6 +63,25 @@ METHODS_EVOLVE_FILTERS = (8, 16, 32)  # its initial-channel genes (train_evolve.
 METHODS_EVOLVE_CELLS = (5, 7, 9)  # its cell-count genes (train_evolve.CELLS)
 METHODS_RANDOM_SEEDS = 3  # references: genotypes drawn at random from the same cell space (one per seed)
 METHODS_REFERENCES = True  # references: the paper genotype and the gradient-boosting baseline (nodclsgbt.py)
+# BENCH='hypergrad' (not in 'all'): each hypergradient estimator's error against the exact hypergradient (float64),
+# median over seeds x batches, and the time and peak memory of one architecture update (float32, DEVICE).
+HG_PRIMITIVES = 'mrfc'  # candidate ops of the supernet ('mrfc': the paper's 9)
+HG_C = 4  # supernet channels (CPU-sized; the paper's 16 on a GPU)
+HG_LAYERS = 3  # supernet cells (paper: 8)
+HG_CUBE = 12  # input edge (the smallest the 'mrfc' ops allow; paper: 32)
+HG_BATCH = 2  # cubes per batch (paper: 7)
+HG_SEEDS = 2  # supernets (seeds) measured
+HG_BATCHES = 2  # batches measured per supernet
+HG_WARMUP_STEPS = 5  # weight steps before measuring (momentum buffers exist, weights left their initialization)
+HG_RADII = (1e-2, 1e-3, 1e-4, 1e-6)  # finite-difference radii r (step r/||v||; DARTS and the paper: 1e-2)
+HG_MUS = (5e-3, 1e-3, 1e-4, 1e-6)  # zeroth-order mu relative to ||alpha|| (ZO-DARTS+: 5e-3, first is timed)
+HG_DIRECTIONS = (1, 4)  # zeroth order: directions averaged per estimate (ZO-DARTS+: 1)
+HG_ZO_T = 10  # zeroth order: weight steps per architecture step (ZO-DARTS+: 10)
+HG_ALPHA_STD = 0.0  # alphas/betas drawn N(0, this^2) before measuring, as mid-search (0: their initialization)
+HG_ERRORS = True  # measure the errors (float64); False: only time and memory (e.g. the paper's supernet on a GPU)
+HG_TIME_STEPS = 3  # timed architecture updates per estimator (median)
+HG_CHECKPOINT_CELLS = False  # timing: recompute cells in backward (the search's CHECKPOINT_CELLS); AMP as above
+HG_FAST_KERNELS = False  # timing: Triton depthwise kernels on CUDA (the search's FAST_KERNELS default: off)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 DEFAULTS = utils.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'STEPS >= 1';
@@ -72,7 +95,13 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'METHODS_EVOLVE_POPULATION': '>= 3', 'METHODS_EVOLVE_GENERATIONS': '>= 2', 'METHODS_EVOLVE_EPOCHS': '>= 1',
     'METHODS_EVOLVE_FILTERS': 'len(METHODS_EVOLVE_FILTERS) >= 1 and ints(METHODS_EVOLVE_FILTERS)',
     'METHODS_EVOLVE_CELLS': 'len(METHODS_EVOLVE_CELLS) >= 1 and ints(METHODS_EVOLVE_CELLS)',
-    'METHODS_RANDOM_SEEDS': '>= 0', 'METHODS_REFERENCES': None, 'MEMORY_GB': '> 0',
+    'METHODS_RANDOM_SEEDS': '>= 0', 'METHODS_REFERENCES': None, 'HG_PRIMITIVES': None,
+    'HG_C': 'HG_C >= 4 and HG_C % 4 == 0', 'HG_LAYERS': '>= 3', 'HG_CUBE': 'HG_CUBE >= 8 and HG_CUBE % 4 == 0',
+    'HG_BATCH': '>= 1', 'HG_SEEDS': '>= 1', 'HG_BATCHES': '>= 1', 'HG_WARMUP_STEPS': '>= 0',
+    'HG_RADII': 'len(HG_RADII) >= 1 and min(HG_RADII) > 0', 'HG_MUS': 'len(HG_MUS) >= 1 and min(HG_MUS) > 0',
+    'HG_DIRECTIONS': 'len(HG_DIRECTIONS) >= 1 and ints(HG_DIRECTIONS) and min(HG_DIRECTIONS) >= 1',
+    'HG_ZO_T': '>= 1', 'HG_ALPHA_STD': '>= 0', 'HG_ERRORS': None, 'HG_TIME_STEPS': '>= 1',
+    'HG_CHECKPOINT_CELLS': None, 'HG_FAST_KERNELS': None, 'MEMORY_GB': '> 0',
 }
 
 
@@ -80,8 +109,9 @@ def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
-    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods'):
-        raise utils.UserError(f'bench.py: BENCH must be kernels, steps, ops, all or methods, got {cfg["BENCH"]!r}')
+    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods', 'hypergrad'):
+        raise utils.UserError('bench.py: BENCH must be kernels, steps, ops, all, methods or hypergrad, '
+                              f'got {cfg["BENCH"]!r}')
     device = cfg['DEVICE']
     where = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else 'cpu'
     print(f'{datetime.date.today()}  {where}  torch {torch.__version__}  '
@@ -131,6 +161,12 @@ def main(**overrides):
             paper=cfg['METHODS_REFERENCES'], random_seeds=cfg['METHODS_RANDOM_SEEDS'],
             baseline=cfg['METHODS_REFERENCES'])
         print(bench_methods.methods_table(out['methods']))
+    if cfg['BENCH'] == 'hypergrad':
+        print(f'hypergradient estimators: supernet C={cfg["HG_C"]}, {cfg["HG_LAYERS"]} cells, {cfg["HG_PRIMITIVES"]} '
+              f'ops, cube {cfg["HG_CUBE"]}, batch {cfg["HG_BATCH"]}, {cfg["HG_SEEDS"]} seeds x {cfg["HG_BATCHES"]} '
+              f'batches, errors {"on (float64)" if cfg["HG_ERRORS"] else "off"}; time and memory in float32')
+        out['hypergrad'] = bench_hypergrad.bench_hypergrad(cfg)
+        print(bench_hypergrad.hypergrad_table(out['hypergrad']))
     return out
 
 

@@ -29,7 +29,6 @@ import itertools
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -328,7 +327,13 @@ def dwconv3d_grad_weight(x, gy, kernel_size, stride=1, dilation=1, split=None):
 
 
 class _DepthwiseConv3dFunction(torch.autograd.Function):
-    """Autograd wrapper of the three launchers (first-order only: backward is not differentiable)."""
+    """Autograd wrapper of the three launchers, differentiable any number of times.
+
+    All three are one trilinear form B(x, w, gy) = <conv(x, w), gy>: forward is dB/dgy, grad-input dB/dx and
+    grad-weight dB/dw. So the derivatives of each are again these launchers (_GradInput, _GradWeight), and a
+    double backward (the search's exact Hessian-vector product, create_graph=True) stays on the fast kernels.
+    A plain backward (grad mode off inside it) calls the launchers directly, without the extra Function layer.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, stride, dilation):
@@ -337,17 +342,60 @@ class _DepthwiseConv3dFunction(torch.autograd.Function):
         return dwconv3d_forward(x, weight, stride, dilation)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         stride, dilation = ctx.conv
         gy = gy.to(x.dtype).contiguous()
+        graph = torch.is_grad_enabled()  # backward with create_graph=True: its result must be differentiable
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = dwconv3d_grad_input(gy, weight, x.shape, stride, dilation)
+            gx = (_GradInput.apply(gy, weight, x.shape, stride, dilation) if graph
+                  else dwconv3d_grad_input(gy, weight, x.shape, stride, dilation))
         if ctx.needs_input_grad[1]:
-            gw = dwconv3d_grad_weight(x, gy, weight.shape[-1], stride, dilation).to(weight.dtype)
+            k = weight.shape[-1]
+            gw = (_GradWeight.apply(x, gy, k, stride, dilation) if graph
+                  else dwconv3d_grad_weight(x, gy, k, stride, dilation)).to(weight.dtype)
         return gx, gw, None, None
+
+
+class _GradInput(torch.autograd.Function):
+    """gx = dB/dx (gy, w): its derivative w.r.t. gy is conv(., w), w.r.t. w grad-weight(., gy)."""
+
+    @staticmethod
+    def forward(ctx, gy, weight, x_shape, stride, dilation):
+        ctx.save_for_backward(gy, weight)
+        ctx.conv = (stride, dilation)
+        return dwconv3d_grad_input(gy, weight, x_shape, stride, dilation)
+
+    @staticmethod
+    def backward(ctx, ggx):
+        gy, weight = ctx.saved_tensors
+        stride, dilation = ctx.conv
+        ggx = ggx.to(gy.dtype).contiguous()
+        d_gy = _DepthwiseConv3dFunction.apply(ggx, weight, stride, dilation) if ctx.needs_input_grad[0] else None
+        d_w = None
+        if ctx.needs_input_grad[1]:
+            d_w = _GradWeight.apply(ggx, gy, weight.shape[-1], stride, dilation).to(weight.dtype)
+        return d_gy, d_w, None, None, None
+
+
+class _GradWeight(torch.autograd.Function):
+    """gw = dB/dw (x, gy), fp32: its derivative w.r.t. x is grad-input(gy, .), w.r.t. gy conv(x, .)."""
+
+    @staticmethod
+    def forward(ctx, x, gy, kernel_size, stride, dilation):
+        ctx.save_for_backward(x, gy)
+        ctx.conv = (stride, dilation)
+        return dwconv3d_grad_weight(x, gy, kernel_size, stride, dilation)
+
+    @staticmethod
+    def backward(ctx, ggw):
+        x, gy = ctx.saved_tensors
+        stride, dilation = ctx.conv
+        ggw = ggw.to(x.dtype).contiguous()
+        d_x = _GradInput.apply(gy, ggw, x.shape, stride, dilation) if ctx.needs_input_grad[0] else None
+        d_gy = _DepthwiseConv3dFunction.apply(x, ggw, stride, dilation) if ctx.needs_input_grad[1] else None
+        return d_x, d_gy, None, None, None
 
 
 class DepthwiseConv3d(nn.Conv3d):

@@ -44,6 +44,7 @@ EDGE_WEIGHTS = True  # multiply each edge by sigmoid(beta)
 ZERO_ONE = 'auto'  # zero-one loss on sigmoid(alpha), sigmoid(beta): 'l2', 'l1', 'off'; auto = l2 if sigmoid else off
 ZERO_ONE_WEIGHT = 10.0  # weight of the zero-one loss in the architecture loss
 HYPERGRAD = 'second'  # 'second' (DARTS 2nd order, paper), 'first', or 'zeroth' (ZO-DARTS+)
+HVP = 'fd'  # second order: Hessian-vector product 'fd' (finite difference, paper/DARTS) or 'exact' (double backward)
 HVP_R = 0.01  # second order: finite-difference radius of the Hessian-vector product is HVP_R / ||v|| (DARTS: 0.01)
 TAU0 = 1.5  # sparsemax: initial temperature
 TAU_FACTOR = 0.75  # sparsemax: temperature multiplied by this ...
@@ -69,7 +70,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0',
     'ARCH_LR': '>= 0', 'ARCH_BETA1': '0 <= ARCH_BETA1 < 1', 'ARCH_WEIGHT_DECAY': '>= 0',
     'C': 'C >= 1 and C % PC_K == 0', 'LAYERS': '>= 3', 'PC_K': '>= 1', 'PRIMITIVES': None, 'WEIGHTS': None,
-    'EDGE_WEIGHTS': None, 'ZERO_ONE': None, 'ZERO_ONE_WEIGHT': '>= 0', 'HYPERGRAD': None, 'HVP_R': '> 0',
+    'EDGE_WEIGHTS': None, 'ZERO_ONE': None, 'ZERO_ONE_WEIGHT': '>= 0', 'HYPERGRAD': None, 'HVP': None, 'HVP_R': '> 0',
     'TAU0': '> 0', 'TAU_FACTOR': '0 < TAU_FACTOR <= 1', 'TAU_EVERY': '>= 1', 'ZO_T': '>= 1', 'ZO_MU': '> 0',
     'ZO_ARCH_LR': '>= 0', 'PATIENCE': '>= 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
     'CHECKPOINT_CELLS': None, 'AMP': None, 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None,
@@ -102,7 +103,7 @@ def build(cfg):
                                  zero_one, cfg['ZERO_ONE_WEIGHT'])
     else:
         updater = arch_mod.Architect(model, w_opt, a_opt, cfg['HYPERGRAD'], zero_one, cfg['ZERO_ONE_WEIGHT'],
-                                     cfg['HVP_R'])
+                                     cfg['HVP_R'], cfg['HVP'])
     return model, w_opt, sched, a_opt, updater
 
 

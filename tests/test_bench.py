@@ -31,7 +31,7 @@ def test_step_benchmarks_run_on_cpu(capsys):
 def test_kernel_benchmarks_need_cuda_and_bad_settings_are_rejected():
     with pytest.raises(UserError, match='needs a CUDA device'):
         bench.main(BENCH='kernels', DEVICE='cpu')
-    with pytest.raises(UserError, match='BENCH must be kernels, steps, ops, all or methods'):
+    with pytest.raises(UserError, match='BENCH must be kernels, steps, ops, all, methods or hypergrad'):
         bench.main(BENCH='everything', DEVICE='cpu')
 
 
