@@ -123,7 +123,8 @@ def recorded_clips(monkeypatch):
     return calls
 
 
-def test_search_clips_the_weight_gradients_only(search_set, tmp_path, monkeypatch):
+def clipped_search(search_set, tmp_path, monkeypatch, **settings):
+    """Run a tiny search with GRAD_CLIP 0.5; returns (its supernet, the clip_grad_norm_ calls)."""
     calls = recorded_clips(monkeypatch)
     models = []
     build = train_search.build
@@ -134,8 +135,13 @@ def test_search_clips_the_weight_gradients_only(search_set, tmp_path, monkeypatc
         return built
     monkeypatch.setattr(train_search, 'build', recording_build)
     monkeypatch.setattr(train_search, 'finish', lambda *args: None)  # no genotype files or plot needed
-    train_search.main(DATA=search_set, RUNS=str(tmp_path), **{**TINY, 'HYPERGRAD': 'second', 'GRAD_CLIP': 0.5})
+    train_search.main(DATA=search_set, RUNS=str(tmp_path), **{**TINY, 'GRAD_CLIP': 0.5, **settings})
     (model,) = models
+    return model, calls
+
+
+def test_search_clips_the_weight_gradients_only(search_set, tmp_path, monkeypatch):
+    model, calls = clipped_search(search_set, tmp_path, monkeypatch, HYPERGRAD='second')
     weights = {id(p) for p in model.weight_parameters()}
     assert len(calls) == 3  # one per weight step; the architecture steps clip nothing
     for ids, _, max_norm in calls:
@@ -143,19 +149,7 @@ def test_search_clips_the_weight_gradients_only(search_set, tmp_path, monkeypatc
 
 
 def test_zeroth_order_search_clips_the_weight_gradients_only(search_set, tmp_path, monkeypatch):
-    calls = recorded_clips(monkeypatch)
-    models = []
-    build = train_search.build
-
-    def recording_build(cfg):
-        built = build(cfg)
-        models.append(built[0])
-        return built
-    monkeypatch.setattr(train_search, 'build', recording_build)
-    monkeypatch.setattr(train_search, 'finish', lambda *args: None)  # no genotype files or plot needed
-    train_search.main(DATA=search_set, RUNS=str(tmp_path), **{**TINY, 'HYPERGRAD': 'zeroth', 'WEIGHTS': 'sparsemax',
-                                                            'ZO_T': 2, 'GRAD_CLIP': 0.5})
-    (model,) = models
+    model, calls = clipped_search(search_set, tmp_path, monkeypatch, HYPERGRAD='zeroth', WEIGHTS='sparsemax', ZO_T=2)
     weights = {id(p) for p in model.weight_parameters()}
     arch = {id(p) for p in model.arch_parameters()}
     real = [c for c in calls if c[0] == weights]
