@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+import bench_gpu
 import bench_kernels
 import bench_methods
 import bench_steps
@@ -31,7 +32,7 @@ WARMUP_MS = 25  # warm-up time per measurement (triton.testing.do_bench)
 REP_MS = 100  # measured time per measurement; the median is reported
 PEAK_GBPS = 3000.0  # HBM bandwidth the "% peak" column divides by (H100: ~3 TB/s)
 DEVICE = utils.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
-BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three) or 'methods'
+BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three), 'methods' or 'gpu'
 STEPS = 10  # timed training steps per case
 WARMUP_STEPS = 3  # untimed steps first (Triton compilation, cuDNN autotuning)
 SEARCH_BATCH = 7  # search step batch (paper: 7)
@@ -60,9 +61,17 @@ METHODS_EVOLVE_CELLS = (5, 7, 9)  # its cell-count genes (train_evolve.CELLS)
 METHODS_RANDOM_SEEDS = 3  # references: genotypes drawn at random from the same cell space (one per seed)
 METHODS_REFERENCES = True  # references: the paper genotype and the gradient-boosting baseline (nodclsgbt.py)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
+# BENCH='gpu' (bench_gpu.py, not in 'all'): every target of the speed issue in one run that fits a short GPU session
+GPU_BUDGET_S = 420.0  # wall-clock budget of the whole run, s (parts past it are skipped with a note)
+GPU_COMPILE_S = 120.0  # cap of the first use in an empty Triton cache (a subprocess), s
+GPU_TIMED_S = 8.0  # timed steps per case: about this many seconds of them (at least 2 steps)
+GPU_CASES = ()  # names of bench_gpu.CASES to time (and fit); () = all, in bench_gpu's order
+GPU_OUT = ''  # results JSON; '' = runs/bench_gpu-<time>.json (also written to $OUT/ when OUT is set)
+PROTOCOL_SEARCH_NODULES = 266  # search-train nodules of the full protocol (demo set = LUNA16's 1010 labelled nodules)
+PROTOCOL_RETRAIN_NODULES = 909  # training nodules of each retrain fold (1010 minus a test fold of ~101)
 DEFAULTS = utils.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'STEPS >= 1';
-    # None: any value of the setting's type; DTYPE and BENCH are checked by main(); supernets use PC_K = 4)
+    # None: any value of the setting's type; DTYPE, BENCH, GPU_CASES are checked by main(); supernets use PC_K = 4)
     'DTYPE': None, 'WARMUP_MS': '>= 0', 'REP_MS': '> 0', 'PEAK_GBPS': '> 0', 'DEVICE': 'device(DEVICE)', 'BENCH': None,
     'STEPS': '>= 1', 'WARMUP_STEPS': '>= 0', 'SEARCH_BATCH': '>= 1', 'RETRAIN_BATCH': '>= 1',
     'SEARCH_C': 'SEARCH_C >= 4 and SEARCH_C % 4 == 0', 'SEARCH_LAYERS': '>= 3', 'RETRAIN_C': '>= 1',
@@ -72,7 +81,9 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'METHODS_EVOLVE_POPULATION': '>= 3', 'METHODS_EVOLVE_GENERATIONS': '>= 2', 'METHODS_EVOLVE_EPOCHS': '>= 1',
     'METHODS_EVOLVE_FILTERS': 'len(METHODS_EVOLVE_FILTERS) >= 1 and ints(METHODS_EVOLVE_FILTERS)',
     'METHODS_EVOLVE_CELLS': 'len(METHODS_EVOLVE_CELLS) >= 1 and ints(METHODS_EVOLVE_CELLS)',
-    'METHODS_RANDOM_SEEDS': '>= 0', 'METHODS_REFERENCES': None, 'MEMORY_GB': '> 0',
+    'METHODS_RANDOM_SEEDS': '>= 0', 'METHODS_REFERENCES': None, 'MEMORY_GB': '> 0', 'GPU_BUDGET_S': '> 0',
+    'GPU_COMPILE_S': '> 0', 'GPU_TIMED_S': '> 0', 'GPU_CASES': None, 'GPU_OUT': None, 'PROTOCOL_SEARCH_NODULES': '>= 1',
+    'PROTOCOL_RETRAIN_NODULES': '>= 1',
 }
 
 
@@ -80,14 +91,21 @@ def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
-    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods'):
-        raise utils.UserError(f'bench.py: BENCH must be kernels, steps, ops, all or methods, got {cfg["BENCH"]!r}')
+    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods', 'gpu'):
+        raise utils.UserError(f'bench.py: BENCH must be kernels, steps, ops, all, methods or gpu, got {cfg["BENCH"]!r}')
+    unknown = [c for c in cfg['GPU_CASES'] if c not in bench_gpu.case_names()]
+    if unknown:
+        raise utils.UserError(f'bench.py: GPU_CASES: unknown case(s) {unknown} '
+                              f'(known: {", ".join(bench_gpu.case_names())})')
     device = cfg['DEVICE']
     where = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else 'cpu'
     print(f'{datetime.date.today()}  {where}  torch {torch.__version__}  '
           f'triton {getattr(dwconv3d.triton, "__version__", "missing")}  command: python bench.py '
           + ' '.join(sys.argv[1:]))
     out = {}
+    if cfg['BENCH'] == 'gpu':
+        print(f'every target of the speed issue within {cfg["GPU_BUDGET_S"]:.0f} s (bench_gpu.py)')
+        out['gpu'] = bench_gpu.run(cfg)
     if cfg['BENCH'] in ('kernels', 'all'):
         dtype = getattr(torch, cfg['DTYPE'])
         out['kernels'] = bench_kernels.bench_kernels(device, dtype, warmup_ms=cfg['WARMUP_MS'],

@@ -2,10 +2,13 @@
 import json
 import math
 import os
+import time
 
 import pytest
 
 import bench
+import bench_gpu
+import bench_gpu_report
 import bench_methods
 import bench_steps
 from conftest import write_cube_set
@@ -31,8 +34,10 @@ def test_step_benchmarks_run_on_cpu(capsys):
 def test_kernel_benchmarks_need_cuda_and_bad_settings_are_rejected():
     with pytest.raises(UserError, match='needs a CUDA device'):
         bench.main(BENCH='kernels', DEVICE='cpu')
-    with pytest.raises(UserError, match='BENCH must be kernels, steps, ops, all or methods'):
+    with pytest.raises(UserError, match='BENCH must be kernels, steps, ops, all, methods or gpu'):
         bench.main(BENCH='everything', DEVICE='cpu')
+    with pytest.raises(UserError, match=r"GPU_CASES: unknown case\(s\) \['retrain fp64'\] \(known: retrain fp32 fast,"):
+        bench.main(BENCH='gpu', DEVICE='cpu', GPU_CASES=('retrain fp64',))
 
 
 def test_operation_counts_on_cpu():
@@ -88,3 +93,98 @@ def test_methods_comparison_adds_the_evolutionary_search_and_the_references(tmp_
     table = bench_methods.methods_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[-1].endswith('|  |')
     assert 'gradient boosting' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- BENCH='gpu': one command for a GPU session
+
+GPU_TINY = dict(TINY, GPU_TIMED_S=0.01, RETRAIN_BATCH=2)
+
+
+def test_gpu_bench_on_cpu_writes_every_key(tmp_path, monkeypatch):
+    monkeypatch.setenv('OUT', str(tmp_path / 'out'))
+    cases = ('retrain fp32 fast', 'search 2nd fp32 native', 'search warm-up fp32 native')
+    res = bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_OUT=str(tmp_path / 'r.json'))['gpu']
+    saved = json.load(open(tmp_path / 'r.json'))
+    assert saved == json.load(open(tmp_path / 'out' / 'r.json')) and res['paths'][0] == str(tmp_path / 'r.json')
+    assert set(saved) == {'meta', 'definitions', 'compile', 'steps', 'largest_batch', 'protocol', 'targets', 'notes',
+                          'skipped', 'finished', 'elapsed_s'}
+    assert saved['finished'] and saved['notes'] == [] and saved['skipped'] == []
+    assert list(saved['steps']) == list(cases)
+    for row in saved['steps'].values():
+        assert set(row) == set(bench_gpu.ROW_KEYS)
+        assert row['ms'] > 0 and row['steps_timed'] == 2 and row['first_s'] > 0 and len(row['ms_halves']) == 2
+        assert row['peak_gb'] is None and row['syncs_per_step'] is None and row['host_share'] is None  # CUDA only
+    assert saved['steps']['retrain fp32 fast']['batch'] == 2 and saved['steps']['search 2nd fp32 native']['batch'] == 2
+    # first use: each case of COMPILED ran its first step in the subprocess; no Triton cache on the CPU
+    assert set(saved['compile']['cases']) == set(bench_gpu.COMPILED) and saved['compile']['kernel_binaries'] is None
+    first = [c['first_s'] for c in saved['compile']['cases'].values()]
+    assert saved['compile']['first_use_s'] == pytest.approx(sum(first)) and min(first) > 0
+    assert saved['largest_batch'] == {'retrain fp32 fast': None, 'search 2nd fp32 native': None}  # needs CUDA memory
+    # protocol: 38 search steps (266 / 7 rounded up: SEARCH_BATCH 2 here gives 133), 5 folds x 600 epochs x 455 steps
+    p, ms = saved['protocol']['defaults'], {k: r['ms'] for k, r in saved['steps'].items()}
+    assert p['search_h'] == pytest.approx(133 * (23 * ms['search warm-up fp32 native']
+                                                 + 27 * ms['search 2nd fp32 native']) / 3.6e6)
+    assert p['retrain_h'] == pytest.approx(5 * 600 * 455 * ms['retrain fp32 fast'] / 3.6e6)
+    assert p['published_h'] == 108 and p['total_h'] == pytest.approx(p['search_h'] + p['retrain_h'])
+    t = saved['targets']
+    assert set(t) == {name for name, *_ in bench_gpu_report.TARGETS}
+    assert t['retrain ms/step'] == {'bound': 70, 'best': ms['retrain fp32 fast'], 'case': 'retrain fp32 fast',
+                                    'met': ms['retrain fp32 fast'] <= 70, 'by_case': {'retrain fp32 fast':
+                                                                                      ms['retrain fp32 fast']}}
+    assert t['retrain peak GB']['met'] is None and t['host share of a step']['best'] is None
+
+
+def fake_steps(monkeypatch, slow=0.4):
+    """bench_gpu's steps replaced: search 1st returns at once, bf16 cases fail to build, zeroth order interrupts,
+    the others sleep `slow` s per step."""
+    def make_step(name, batch, cfg):
+        if 'bf16' in name:
+            raise RuntimeError('boom')
+        if name.startswith('search zeroth'):
+            raise KeyboardInterrupt
+        return (lambda: None) if name.startswith('search 1st') else (lambda: time.sleep(slow))
+    monkeypatch.setattr(bench_gpu, 'make_step', make_step)
+    monkeypatch.setattr(bench_gpu, 'measure_compile', lambda cfg, out, limit: out.update(first_use_s=1.0))
+
+
+def test_gpu_bench_caps_each_part_notes_failures_and_skips_past_its_budget(tmp_path, monkeypatch):
+    fake_steps(monkeypatch)
+    monkeypatch.setattr(bench_gpu, 'CAP_S', {'search 2nd': 1.0, 'fit search 2nd': 1.0, 'other': 1.0})
+    monkeypatch.setattr(bench_gpu, 'MIN_LEFT_S', 1.0)
+    cases = ('search 1st fp32 native', 'search warm-up fp32 native', 'search 2nd bf16 native', 'retrain fp32 native',
+             'search 1st fp32 fast')
+    bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_BUDGET_S=3.0, GPU_OUT=str(tmp_path / 'r.json'))
+    saved = json.load(open(tmp_path / 'r.json'))
+    steps = saved['steps']
+    assert steps['search 1st fp32 native']['ms'] >= 0 and steps['search 1st fp32 native']['steps_timed'] == 200
+    # 0.4 s steps under a 1 s cap: the first and second steps are kept, the timed ones were cut
+    warm = steps['search warm-up fp32 native']
+    assert warm['first_s'] == pytest.approx(0.4, abs=0.2) and warm['ms'] is None
+    assert 'search warm-up fp32 native: stopped at its cap of 1 s' in saved['notes']
+    assert 'search 2nd bf16 native: RuntimeError: boom' in saved['notes']
+    assert steps['retrain fp32 native']['first_s'] is not None  # 2 s of the 3 s budget used by the two capped parts
+    assert saved['skipped'] == ['search 1st fp32 fast: the budget of 3 s was spent'] and saved['finished']
+    assert saved['compile']['first_use_s'] == 1.0 and saved['targets']['first use compile s']['met']
+
+
+def test_gpu_bench_interrupted_keeps_what_it_measured(tmp_path, monkeypatch):
+    fake_steps(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=('search 1st fp32 native', 'search zeroth fp32 native'),
+                   GPU_OUT=str(tmp_path / 'r.json'))
+    saved = json.load(open(tmp_path / 'r.json'))
+    assert saved['steps']['search 1st fp32 native']['ms'] >= 0 and saved['steps']['search zeroth fp32 native']['ms'] \
+        is None and not saved['finished']
+
+
+def test_first_use_probe_is_stopped_at_its_cap():
+    out = {}
+    bench_gpu.measure_compile({**bench.DEFAULTS, **GPU_TINY}, out, 0.5)
+    assert out['note'].startswith('stopped at its cap of 0 s') and out['cases'] == {} and out['first_use_s'] is None
+    assert out['process_s'] < 5
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert bench_gpu.busy_ms([(0, 10_000_000), (5_000_000, 15_000_000), (20_000_000, 30_000_000),
+                              (21_000_000, 22_000_000)]) == 25.0
+    assert bench_gpu.busy_ms([]) == 0.0
