@@ -48,7 +48,7 @@ CASES = (('retrain', 'fp32', True, False), ('search 2nd', 'fp32', False, False),
 FIRST_CASES = 10  # CASES timed before the largest-batch fits, the rest after them
 PROFILED = ('retrain fp32 fast', 'search 2nd fp32 native', 'search 1st fp32 native', 'search 2nd fp32 fast')
 FITS = ('retrain fp32 fast', 'retrain fp32 fast ckpt', 'search 2nd fp32 native', 'search 2nd fp32 native ckpt')
-COMPILED = ('retrain fp32 fast', 'search 2nd fp32 fast', 'retrain bf16 fast')  # first steps in an empty Triton cache
+COMPILED = ('retrain fp32 fast', 'retrain bf16 fast', 'search 2nd fp32 fast')  # first steps in an empty Triton cache
 CAP_S = {'search 2nd': 75, 'fit search 2nd': 60, 'other': 40}  # seconds per part at most (first use: GPU_COMPILE_S)
 MIN_LEFT_S = 5  # a part is started only with this much of the budget left
 MAX_TIMED = 200  # timed steps per case at most
@@ -183,7 +183,7 @@ def host_share_of(step, device, step_ms):
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize(device)
     wall_ms = 1e3 * (time.perf_counter() - t0)
@@ -240,7 +240,9 @@ def measure_compile(cfg, out, limit_s):
     out['process_s'] = time.perf_counter() - t0
     lines = [json.loads(line) for line in stdout.decode().splitlines() if line.startswith('{')]
     out['cases'] = {r.pop('case'): r for r in lines}
-    out['first_use_s'] = sum(r['first_s'] for r in lines) if lines else None
+    complete = len(lines) == len(COMPILED)
+    out['first_use_s'] = sum(r['first_s'] for r in lines) if complete else None
+    out['first_use_at_least_s'] = None if complete else out['process_s']  # stopped or failed: more than this
     binaries = kernel_binaries(cache) if dwconv3d.triton is not None and str(cfg['DEVICE']).startswith('cuda') else None
     out['kernel_binaries'] = sum(binaries.values()) if binaries is not None else None
     out['kernels'] = binaries
@@ -334,6 +336,8 @@ def run(cfg):
         res['finished'] = True
     finally:  # also when interrupted: what was measured is on disk
         dwconv3d.set_fast_kernels(True)
+        if res['compile'].get('kernel_binaries') is not None:
+            res['compile']['kernel_binaries_after_all'] = sum(kernel_binaries().values())
         save()
     del res['save']
     print(report.summary_table(res))

@@ -134,44 +134,43 @@ def test_gpu_bench_on_cpu_writes_every_key(tmp_path, monkeypatch):
     assert t['retrain peak GB']['met'] is None and t['host share of a step']['best'] is None
 
 
-def fake_steps(monkeypatch, slow=0.4):
-    """bench_gpu's steps replaced: search 1st returns at once, bf16 cases fail to build, zeroth order interrupts,
-    the others sleep `slow` s per step."""
+def fake_steps(monkeypatch, behaviour):
+    """bench_gpu's steps replaced, per case: 'instant', 'sleep' (1 s a step), 'boom' (fails to build), 'interrupt'."""
     def make_step(name, batch, cfg):
-        if 'bf16' in name:
+        if behaviour[name] == 'boom':
             raise RuntimeError('boom')
-        if name.startswith('search zeroth'):
+        if behaviour[name] == 'interrupt':
             raise KeyboardInterrupt
-        return (lambda: None) if name.startswith('search 1st') else (lambda: time.sleep(slow))
+        return (lambda: None) if behaviour[name] == 'instant' else (lambda: time.sleep(1.0))
     monkeypatch.setattr(bench_gpu, 'make_step', make_step)
     monkeypatch.setattr(bench_gpu, 'measure_compile', lambda cfg, out, limit: out.update(first_use_s=1.0))
+    return tuple(behaviour)
 
 
 def test_gpu_bench_caps_each_part_notes_failures_and_skips_past_its_budget(tmp_path, monkeypatch):
-    fake_steps(monkeypatch)
-    monkeypatch.setattr(bench_gpu, 'CAP_S', {'search 2nd': 1.0, 'fit search 2nd': 1.0, 'other': 1.0})
-    monkeypatch.setattr(bench_gpu, 'MIN_LEFT_S', 1.0)
-    cases = ('search 1st fp32 native', 'search warm-up fp32 native', 'search 2nd bf16 native', 'retrain fp32 native',
-             'search 1st fp32 fast')
-    bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_BUDGET_S=3.0, GPU_OUT=str(tmp_path / 'r.json'))
+    cases = fake_steps(monkeypatch, {'retrain fp32 fast': 'instant', 'search 2nd fp32 native': 'boom',
+                                     'search warm-up fp32 native': 'sleep', 'retrain bf16 fast': 'instant'})
+    monkeypatch.setattr(bench_gpu, 'MIN_LEFT_S', 0.5)
+    bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_BUDGET_S=4.0, GPU_OUT=str(tmp_path / 'r.json'))
     saved = json.load(open(tmp_path / 'r.json'))
     steps = saved['steps']
-    assert steps['search 1st fp32 native']['ms'] >= 0 and steps['search 1st fp32 native']['steps_timed'] == 200
-    # 0.4 s steps under a 1 s cap: the first and second steps are kept, the timed ones were cut
+    assert steps['retrain fp32 fast']['ms'] >= 0 and steps['retrain fp32 fast']['steps_timed'] == 200  # MAX_TIMED
+    assert saved['notes'][0] == 'search 2nd fp32 native: RuntimeError: boom'
+    # 1 s steps: the first two are kept, the timed ones (and everything after them) did not fit the 4 s budget
     warm = steps['search warm-up fp32 native']
-    assert warm['first_s'] == pytest.approx(0.4, abs=0.2) and warm['ms'] is None
-    assert 'search warm-up fp32 native: stopped at its cap of 1 s' in saved['notes']
-    assert 'search 2nd bf16 native: RuntimeError: boom' in saved['notes']
-    assert steps['retrain fp32 native']['first_s'] is not None  # 2 s of the 3 s budget used by the two capped parts
-    assert saved['skipped'] == ['search 1st fp32 fast: the budget of 3 s was spent'] and saved['finished']
-    assert saved['compile']['first_use_s'] == 1.0 and saved['targets']['first use compile s']['met']
+    assert warm['first_s'] == pytest.approx(1.0, abs=0.3) and warm['ms'] is None
+    assert len(saved['notes']) == 2 and saved['notes'][1].startswith('search warm-up fp32 native: stopped at its cap')
+    assert saved['skipped'] == [f'{name}: the budget of 4 s was spent' for name in
+                                ('retrain bf16 fast', 'largest batch: retrain fp32 fast',
+                                 'largest batch: search 2nd fp32 native')]
+    assert saved['finished'] and saved['compile']['first_use_s'] == 1.0
+    assert saved['targets']['first use compile s']['met'] and saved['targets']['retrain ms/step']['met']
 
 
 def test_gpu_bench_interrupted_keeps_what_it_measured(tmp_path, monkeypatch):
-    fake_steps(monkeypatch)
+    cases = fake_steps(monkeypatch, {'search 1st fp32 native': 'instant', 'search zeroth fp32 native': 'interrupt'})
     with pytest.raises(KeyboardInterrupt):
-        bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=('search 1st fp32 native', 'search zeroth fp32 native'),
-                   GPU_OUT=str(tmp_path / 'r.json'))
+        bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_OUT=str(tmp_path / 'r.json'))
     saved = json.load(open(tmp_path / 'r.json'))
     assert saved['steps']['search 1st fp32 native']['ms'] >= 0 and saved['steps']['search zeroth fp32 native']['ms'] \
         is None and not saved['finished']
@@ -181,7 +180,10 @@ def test_first_use_probe_is_stopped_at_its_cap():
     out = {}
     bench_gpu.measure_compile({**bench.DEFAULTS, **GPU_TINY}, out, 0.5)
     assert out['note'].startswith('stopped at its cap of 0 s') and out['cases'] == {} and out['first_use_s'] is None
-    assert out['process_s'] < 5
+    assert out['process_s'] < 5 and out['first_use_at_least_s'] == out['process_s']
+    res = {'compile': out, 'steps': {}}
+    bench_gpu_report.summarize(res, {**bench.DEFAULTS, **GPU_TINY})
+    assert res['targets']['first use compile s']['best'] == out['process_s']  # at least that long: met if under 60
 
 
 def test_busy_time_is_the_union_of_intervals():
