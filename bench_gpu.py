@@ -277,14 +277,14 @@ def run_part(name, limit_s, fn, res, save, started, budget):
         save()
 
 
-def parts(cfg, res):
+def parts(cfg, res, save):
     """(name, cap in s, fn(deadline)) of every part, in order of importance."""
     def step_part(name):
         def fn(deadline):
             step, dtype, fast, ckpt = case_of(name)
             row = res['steps'][name] = {**dict.fromkeys(ROW_KEYS), 'case': name, 'step': step, 'dtype': dtype,
                                         'fast_kernels': fast, 'checkpoint_cells': ckpt, 'batch': batch_of(name, cfg)}
-            time_case(name, cfg, row, res['save'], deadline)
+            time_case(name, cfg, row, save, deadline)
         return name, CAP_S['search 2nd'] if name.startswith('search 2nd') else CAP_S['other'], fn
 
     def fit_part(name):
@@ -296,8 +296,8 @@ def parts(cfg, res):
 
     names = [case_name(*c) for c in CASES if not cfg['GPU_CASES'] or case_name(*c) in cfg['GPU_CASES']]
     first = [case_name(*c) for c in CASES[:FIRST_CASES]]
-    return ([('first use (empty Triton cache)', cfg['GPU_COMPILE_S'] + 10,
-              lambda deadline: measure_compile(cfg, res['compile'], cfg['GPU_COMPILE_S']))]
+    return ([('first use (empty Triton cache)', cfg['GPU_COMPILE_S'] + 10,  # the subprocess stops 10 s before
+              lambda deadline: measure_compile(cfg, res['compile'], max(1.0, deadline - time.monotonic() - 10)))]
             + [step_part(n) for n in names if n in first]
             + [fit_part(n) for n in FITS if not cfg['GPU_CASES'] or n in cfg['GPU_CASES']]
             + [step_part(n) for n in names if n not in first])
@@ -323,15 +323,14 @@ def run(cfg):
     def save():
         report.summarize(res, cfg)
         res['elapsed_s'] = time.monotonic() - started
-        clean = report.json_safe({k: v for k, v in res.items() if k != 'save'})
+        clean = report.json_safe(res)
         for path in paths:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             utils.save_json_atomic(path, clean)
-    res['save'] = save
     torch.backends.cudnn.benchmark = True
     print(f'results: {", ".join(paths)} (rewritten after each measurement)', flush=True)
     try:
-        for name, limit, fn in parts(cfg, res):
+        for name, limit, fn in parts(cfg, res, save):
             run_part(name, limit, fn, res, save, started, cfg['GPU_BUDGET_S'])
         res['finished'] = True
     finally:  # also when interrupted: what was measured is on disk
@@ -339,6 +338,5 @@ def run(cfg):
         if res['compile'].get('kernel_binaries') is not None:
             res['compile']['kernel_binaries_after_all'] = sum(kernel_binaries().values())
         save()
-    del res['save']
     print(report.summary_table(res))
     return {**res, 'paths': paths}

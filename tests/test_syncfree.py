@@ -104,11 +104,12 @@ SEARCH = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, PRIMITIVES=('ma
                                                                              'sep_conv_3x3x3'), ZO_T=2)
 
 
-def retrain_step(train_step=None):
+def retrain_step(train_step=None, checkpoint_cells=False):
     """A function running train_3D_continuation's step (augmented batch, SGD step with drop path) on a tiny net."""
     torch.manual_seed(0)
     model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER)
     model.drop_path_prob = 0.1
+    model.checkpoint_cells = checkpoint_cells
     params = list(model.parameters())
     opt = torch.optim.SGD(params, 0.025, momentum=0.9, weight_decay=3e-4)
     train, gen = cube_data(), data.make_generator('cpu', 0)
@@ -116,10 +117,11 @@ def retrain_step(train_step=None):
     return lambda i=idx: (train_step or engine.train_step)(model, opt, *train.train_batch(i, gen), params, 5.0)
 
 
-def search_step(hypergrad, weights='sigmoid'):
+def search_step(hypergrad, weights='sigmoid', checkpoint_cells=False):
     """(step, architecture optimizer): train_search.search_epoch's step after warm-up, on tiny data."""
     torch.manual_seed(0)
-    cfg = {**train_search.DEFAULTS, **SEARCH, 'HYPERGRAD': hypergrad, 'WEIGHTS': weights}
+    cfg = {**train_search.DEFAULTS, **SEARCH, 'HYPERGRAD': hypergrad, 'WEIGHTS': weights,
+           'CHECKPOINT_CELLS': checkpoint_cells}
     model, w_opt, _, a_opt, updater = train_search.build(cfg)
     train, val, gen = cube_data(), cube_data(seed=1), data.make_generator('cpu', 0)
     val_stream = train_search.ValStream(val, 3, gen)
@@ -152,8 +154,9 @@ def test_the_guard_rejects_each_kind_of_host_sync(sync):
             assert float(x.sum()) == pytest.approx(float(x.numpy().sum()))
 
 
-def test_retrain_step_is_sync_free():
-    step = retrain_step()
+@pytest.mark.parametrize('checkpoint_cells', [False, True])
+def test_retrain_step_is_sync_free(checkpoint_cells):
+    step = retrain_step(checkpoint_cells=checkpoint_cells)
     step()  # the first step creates the optimizer state
     with Guard():
         loss, hits = step()
@@ -173,10 +176,10 @@ def test_a_float_of_the_loss_in_the_step_is_caught():
         step()
 
 
-@pytest.mark.parametrize('hypergrad', ['second', 'first'])
-def test_search_step_is_sync_free(hypergrad):
+@pytest.mark.parametrize('hypergrad, checkpoint_cells', [('second', False), ('first', False), ('second', True)])
+def test_search_step_is_sync_free(hypergrad, checkpoint_cells):
     """An architecture step (Adam on alphas/betas, validation batch) then a weight step, as in search_epoch."""
-    step, a_opt = search_step(hypergrad)
+    step, a_opt = search_step(hypergrad, checkpoint_cells=checkpoint_cells)
     step()
     with Guard(allowed=step_counters(a_opt)):
         step()
