@@ -177,6 +177,12 @@ def busy_ms(spans):
     return total / 1e6
 
 
+def activity_spans(prof, device_type):
+    """[start, end) in ns of every activity on devices of a type in a finished torch.profiler trace."""
+    return [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
+            if e.device_type() == device_type]
+
+
 def host_share_of(step, device, step_ms):
     """GPU busy time of one traced step (union of its GPU activities) and the host share (DEFINITIONS)."""
     from torch.autograd import DeviceType
@@ -187,8 +193,7 @@ def host_share_of(step, device, step_ms):
         step()
         torch.cuda.synchronize(device)
     wall_ms = 1e3 * (time.perf_counter() - t0)
-    spans = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
-             if e.device_type() == DeviceType.CUDA]
+    spans = activity_spans(prof, DeviceType.CUDA)
     busy = busy_ms(spans)
     return {'gpu_busy_ms': busy, 'gpu_activities_per_step': len(spans), 'profiled_ms': wall_ms,
             'host_share': max(0.0, 1 - busy / step_ms)}

@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+import torch
 
 import bench
 import bench_gpu
@@ -190,3 +191,17 @@ def test_busy_time_is_the_union_of_intervals():
     assert bench_gpu.busy_ms([(0, 10_000_000), (5_000_000, 15_000_000), (20_000_000, 30_000_000),
                               (21_000_000, 22_000_000)]) == 25.0
     assert bench_gpu.busy_ms([]) == 0.0
+
+
+def test_activity_spans_read_a_profiler_trace():
+    """The trace reading of the host share, on CPU activities (the GPU run reads the CUDA ones the same way)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(256, 256)
+    t0 = time.perf_counter_ns()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (x @ x).exp()
+    wall = time.perf_counter_ns() - t0
+    spans = bench_gpu.activity_spans(prof, DeviceType.CPU)
+    assert len(spans) >= 2 and all(e >= s for s, e in spans)
+    assert 0 < bench_gpu.busy_ms(spans) <= wall / 1e6 and bench_gpu.activity_spans(prof, DeviceType.CUDA) == []
