@@ -12,7 +12,9 @@ Section 3: operations per step (what the host issues; the search step appeared h
 BENCH='methods' (separately): 2nd / 1st / zeroth-order and evolutionary searches on the demo set under one short
 budget, each genotype retrained and tested on one fold, beside the paper genotype, random genotypes of the same cell
 space and the gradient-boosting baseline: search time and test metrics per method.
-The steps and the counts also run on a CPU (BENCH='steps' or 'ops', small settings); the kernels need CUDA.
+BENCH='gpu' (separately, bench_gpu.py): one command for a short GPU session that measures every target of the speed
+issue within GPU_BUDGET_S and writes a results JSON as it goes (README, BENCHMARKS.md "To be run").
+The steps and the counts also run on a CPU (BENCH='steps', 'ops' or 'gpu', small settings); the kernels need CUDA.
 """
 import datetime
 import sys
