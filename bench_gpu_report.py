@@ -26,6 +26,8 @@ DEFINITIONS = {
     'kernel_binaries': 'distinct kernel specializations compiled: compiled binaries (.cubin/.hsaco) in that cache; '
                        'kernel_binaries_after_all: in the same cache at the end of the run (every case measured)',
     'largest_batch': 'bench_steps.largest_batch: linear fit of the peak memory of one step at the batch and twice it',
+    'targets': 'each bound of the issue against the smallest measured value over its cases (best, case; by_case: every '
+               'case); met is null without a measurement or off a GPU (the bounds are for a GPU at the full sizes)',
     'protocol_h': 'search: warm-up epochs x steps x (weight-only step) + other epochs x steps x (search step); '
                   'retrain: folds x epochs x steps x (retrain step); steps = ceil(nodules / batch); the evaluation '
                   'passes are not included',
@@ -63,7 +65,7 @@ def summarize(res, cfg):
         'defaults': protocol_hours(steps, cfg, 'search 2nd fp32 native', 'search warm-up fp32 native',
                                    'retrain fp32 fast'),
         'fastest': protocol_hours(steps, cfg, best['search 2nd'], best['search warm-up'], best['retrain'])}
-    targets = {}
+    targets, gpu = {}, str(cfg['DEVICE']).startswith('cuda')  # the bounds are for a GPU at the full sizes
     for name, kind, key, bound in TARGETS:
         if kind == 'compile':  # a probe stopped at its cap took longer than that
             values = {'first use': res['compile'].get(key) or res['compile'].get('first_use_at_least_s')}
@@ -71,8 +73,8 @@ def summarize(res, cfg):
             values = {r['case']: r[key] for r in steps.values() if (kind == 'profiled' or r['step'] == kind)}
         measured = {k: v for k, v in values.items() if v is not None}
         where = min(measured, key=measured.get) if measured else None
-        targets[name] = {'bound': bound, 'best': measured.get(where), 'case': where,
-                         'met': None if where is None else bool(measured[where] <= bound), 'by_case': measured}
+        met = None if where is None or not gpu else bool(measured[where] <= bound)
+        targets[name] = {'bound': bound, 'best': measured.get(where), 'case': where, 'met': met, 'by_case': measured}
     res['targets'] = targets
 
 
