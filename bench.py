@@ -14,13 +14,16 @@ and its time and peak memory per architecture update; CPU-sized by default.
 BENCH='methods' (separately): 2nd / 1st / zeroth-order and evolutionary searches on the demo set under one short
 budget, each genotype retrained and tested on one fold, beside the paper genotype, random genotypes of the same cell
 space and the gradient-boosting baseline: search time and test metrics per method.
-The steps and the counts also run on a CPU (BENCH='steps' or 'ops', small settings); the kernels need CUDA.
+BENCH='gpu' (separately, bench_gpu.py): one command for a short GPU session that measures every target of the speed
+issue within GPU_BUDGET_S and writes a results JSON as it goes (README, BENCHMARKS.md "To be run").
+The steps and the counts also run on a CPU (BENCH='steps', 'ops' or 'gpu', small settings); the kernels need CUDA.
 """
 import datetime
 import sys
 
 import torch
 
+import bench_gpu
 import bench_hypergrad
 import bench_kernels
 import bench_methods
@@ -34,8 +37,8 @@ WARMUP_MS = 25  # warm-up time per measurement (triton.testing.do_bench)
 REP_MS = 100  # measured time per measurement; the median is reported
 PEAK_GBPS = 3000.0  # HBM bandwidth the "% peak" column divides by (H100: ~3 TB/s)
 DEVICE = utils.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
-BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three), 'methods' or
-# 'hypergrad'
+BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three), 'methods',
+# 'hypergrad' or 'gpu'
 STEPS = 10  # timed training steps per case
 WARMUP_STEPS = 3  # untimed steps first (Triton compilation, cuDNN autotuning)
 SEARCH_BATCH = 7  # search step batch (paper: 7)
@@ -83,9 +86,17 @@ HG_TIME_STEPS = 3  # timed architecture updates per estimator (median)
 HG_CHECKPOINT_CELLS = False  # timing: recompute cells in backward (the search's CHECKPOINT_CELLS); AMP as above
 HG_FAST_KERNELS = False  # timing: Triton depthwise kernels on CUDA (the search's FAST_KERNELS default: off)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
+# BENCH='gpu' (bench_gpu.py, not in 'all'): every target of the speed issue in one run that fits a short GPU session
+GPU_BUDGET_S = 420.0  # wall-clock budget of the whole run, s (parts past it are skipped with a note)
+GPU_COMPILE_S = 120.0  # cap of the first use in an empty Triton cache (a subprocess), s
+GPU_TIMED_S = 8.0  # timed steps per case: about this many seconds of them (at least 2 steps)
+GPU_CASES = ()  # names of bench_gpu.CASES to time (and fit); () = all, in bench_gpu's order
+GPU_OUT = ''  # results JSON; '' = runs/bench_gpu-<time>.json (also written to $OUT/ when OUT is set)
+PROTOCOL_SEARCH_NODULES = 266  # search-train nodules of the full protocol (demo set = LUNA16's 1010 labelled nodules)
+PROTOCOL_RETRAIN_NODULES = 909  # training nodules of each retrain fold (1010 minus a test fold of ~101)
 DEFAULTS = utils.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'STEPS >= 1';
-    # None: any value of the setting's type; DTYPE and BENCH are checked by main(); supernets use PC_K = 4)
+    # None: any value of the setting's type; DTYPE, BENCH, GPU_CASES are checked by main(); supernets use PC_K = 4)
     'DTYPE': None, 'WARMUP_MS': '>= 0', 'REP_MS': '> 0', 'PEAK_GBPS': '> 0', 'DEVICE': 'device(DEVICE)', 'BENCH': None,
     'STEPS': '>= 1', 'WARMUP_STEPS': '>= 0', 'SEARCH_BATCH': '>= 1', 'RETRAIN_BATCH': '>= 1',
     'SEARCH_C': 'SEARCH_C >= 4 and SEARCH_C % 4 == 0', 'SEARCH_LAYERS': '>= 3', 'RETRAIN_C': '>= 1',
@@ -101,7 +112,9 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'HG_RADII': 'len(HG_RADII) >= 1 and min(HG_RADII) > 0', 'HG_MUS': 'len(HG_MUS) >= 1 and min(HG_MUS) > 0',
     'HG_DIRECTIONS': 'len(HG_DIRECTIONS) >= 1 and ints(HG_DIRECTIONS) and min(HG_DIRECTIONS) >= 1',
     'HG_ZO_T': '>= 1', 'HG_ALPHA_STD': '>= 0', 'HG_ERRORS': None, 'HG_TIME_STEPS': '>= 1',
-    'HG_CHECKPOINT_CELLS': None, 'HG_FAST_KERNELS': None, 'MEMORY_GB': '> 0',
+    'HG_CHECKPOINT_CELLS': None, 'HG_FAST_KERNELS': None, 'MEMORY_GB': '> 0', 'GPU_BUDGET_S': '> 0',
+    'GPU_COMPILE_S': '> 0', 'GPU_TIMED_S': '> 0', 'GPU_CASES': None, 'GPU_OUT': None, 'PROTOCOL_SEARCH_NODULES': '>= 1',
+    'PROTOCOL_RETRAIN_NODULES': '>= 1',
 }
 
 
@@ -109,15 +122,22 @@ def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if cfg['DTYPE'] not in ('float32', 'bfloat16'):
         raise utils.UserError(f'bench.py: DTYPE must be float32 or bfloat16, got {cfg["DTYPE"]!r}')
-    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods', 'hypergrad'):
-        raise utils.UserError('bench.py: BENCH must be kernels, steps, ops, all, methods or hypergrad, '
+    if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods', 'hypergrad', 'gpu'):
+        raise utils.UserError('bench.py: BENCH must be kernels, steps, ops, all, methods, hypergrad or gpu, '
                               f'got {cfg["BENCH"]!r}')
+    unknown = [c for c in cfg['GPU_CASES'] if c not in bench_gpu.case_names()]
+    if unknown:
+        raise utils.UserError(f'bench.py: GPU_CASES: unknown case(s) {unknown} '
+                              f'(known: {", ".join(bench_gpu.case_names())})')
     device = cfg['DEVICE']
     where = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else 'cpu'
     print(f'{datetime.date.today()}  {where}  torch {torch.__version__}  '
           f'triton {getattr(dwconv3d.triton, "__version__", "missing")}  command: python bench.py '
           + ' '.join(sys.argv[1:]))
     out = {}
+    if cfg['BENCH'] == 'gpu':
+        print(f'every target of the speed issue within {cfg["GPU_BUDGET_S"]:.0f} s (bench_gpu.py)')
+        out['gpu'] = bench_gpu.run(cfg)
     if cfg['BENCH'] in ('kernels', 'all'):
         dtype = getattr(torch, cfg['DTYPE'])
         out['kernels'] = bench_kernels.bench_kernels(device, dtype, warmup_ms=cfg['WARMUP_MS'],

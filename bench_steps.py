@@ -28,8 +28,9 @@ def _random_batch(n, cube, device, seed):
     return x, torch.randint(0, 2, (n,), generator=g).to(device)
 
 
-def search_step(hypergrad, batch, cfg, checkpoint_cells=False):
-    """A function running one search step as train_search.py does: architecture step, then weight step."""
+def search_step(hypergrad, batch, cfg, checkpoint_cells=False, arch=True):
+    """A function running one search step as train_search.py does: architecture step, then weight step.
+    arch False: the weight step alone (the warm-up epochs; 'first' or 'second' build the same model)."""
     settings = {**train_search.DEFAULTS, 'HYPERGRAD': hypergrad, 'BATCH_SIZE': batch, 'DEVICE': cfg['DEVICE'],
                 'C': cfg['SEARCH_C'], 'LAYERS': cfg['SEARCH_LAYERS'], 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP'],
                 'CHECKPOINT_CELLS': checkpoint_cells}
@@ -42,7 +43,8 @@ def search_step(hypergrad, batch, cfg, checkpoint_cells=False):
         return lambda: updater.weight_step(x, y, True, val)
 
     def step():
-        updater.step(x, y, *val.next(), lr)
+        if arch:
+            updater.step(x, y, *val.next(), lr)
         engine.train_step(model, w_opt, x, y, params, settings['GRAD_CLIP'])
     return step
 

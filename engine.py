@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from data import batches
 from utils import UserError, binary_metrics, load_checkpoint, progress, rng_states, save_atomic, set_rng_states
 
+CHECK_EVERY = 20  # training steps between reads of the losses for NaN/inf (each read waits for the device)
+
 
 def check_finite(loss, where, run_path, checkpoint='last.pt'):
     """Stop the run on a NaN/inf loss; the checkpoint of the last good epoch (run_path/checkpoint) stays.
@@ -36,15 +38,38 @@ def train_step(model, optimizer, x, y, params, grad_clip, keep=None):
 
 
 def run_epoch(step, batches_idx, n, desc, run_path, checkpoint='last.pt'):
-    """Call step(idx) -> (loss, number correct) on each batch of indices; stop on a NaN/inf loss (checked every
-    20 steps and at the end, to keep host syncs rare). Returns (mean loss, accuracy in percent) over n samples."""
-    total, correct = 0.0, 0
+    """Call step(idx) -> (loss, number correct) on each batch of indices; stop on a NaN/inf loss. Returns (mean loss,
+    accuracy in percent) over n samples.
+
+    The steps' work stays on the device: the losses are read (one host sync, stop_if_non_finite) at the first step,
+    every CHECK_EVERY steps and at the end, and the sums once at the end (epoch_means); nothing in between waits."""
+    total, correct, losses, first = 0.0, 0, [], 0
     for i, idx in enumerate(progress(batches_idx, desc=desc)):
         loss, hits = step(idx)
-        if i % 20 == 0:
-            check_finite(loss, f'{desc} step {i}', run_path, checkpoint)
+        losses.append(loss)
         total = total + loss * len(idx)
         correct = correct + hits
+        if i % CHECK_EVERY == 0:
+            stop_if_non_finite(losses, first, desc, run_path, checkpoint)
+            losses, first = [], i + 1
+    stop_if_non_finite(losses, first, desc, run_path, checkpoint)
+    return epoch_means(total, correct, n, desc, run_path, checkpoint)
+
+
+def stop_if_non_finite(losses, first, desc, run_path, checkpoint):
+    """Read the losses (0-dim tensors) of steps first, first + 1, ... in one host sync; at the first NaN/inf one, stop
+    as check_finite does, naming that step."""
+    if not losses:
+        return
+    finite = torch.isfinite(torch.stack(losses))
+    if bool(finite.all()):
+        return
+    k = int(torch.argmin(finite.int()))  # the first False
+    check_finite(losses[k], f'{desc} step {first + k}', run_path, checkpoint)
+
+
+def epoch_means(total, correct, n, desc, run_path, checkpoint):
+    """(mean loss, accuracy in percent) from the device sums, read once at the end of an epoch."""
     check_finite(total, desc, run_path, checkpoint)
     return float(total) / n, 100.0 * float(correct) / n
 

@@ -27,6 +27,8 @@ def random_direction(shapes, gen=None, device='cpu', dtype=None):
 def estimate(g_arch, g_w, w, w_twin, u, mu):
     """h = (g_a . u + g_w . (w_twin - w) / mu) * u, for lists of tensors (u as a list shaped like g_arch)."""
     directional = sum((g * d).sum() for g, d in zip(g_arch, u))
+    if isinstance(mu, torch.Tensor):  # a float64 tensor from ZerothOrder: divide in the gradients' precision
+        mu = mu.to(directional.dtype)
     directional = directional + sum((g * (t - p)).sum() for g, p, t in zip(g_w, w, w_twin)) / mu
     return [directional * d for d in u]
 
@@ -50,8 +52,10 @@ class ZerothOrder:
     def _start_period(self):
         dev = self.arch[0].device
         u, _ = random_direction([p.shape for p in self.arch], device=dev, dtype=self.arch[0].dtype)
-        mu = self.mu_rel * float(torch.sqrt(sum((p.detach() ** 2).sum() for p in self.arch)))
-        mu = max(mu, 1e-8)
+        # mu = max(mu_rel * ||alpha||, 1e-8) stays on the device (no host sync): a 0-dim float64 tensor holding the
+        # value the Python float had (the fp32 norm times mu_rel in double); ops with fp32 tensors round it to fp32.
+        norm = torch.sqrt(sum((p.detach() ** 2).sum() for p in self.arch))
+        mu = (norm.double() * self.mu_rel).clamp_min(1e-8)
         weights = [p.detach().clone().requires_grad_() for p in self.params]
         opt = torch.optim.SGD(weights, lr=self.w_opt.param_groups[0]['lr'])
         # Same hyperparameters and momentum buffers. load_state_dict keeps the tensors it is given, so copy
@@ -132,4 +136,5 @@ class ZerothOrder:
         opt = torch.optim.SGD(weights, lr=self.w_opt.param_groups[0]['lr'])
         opt.load_state_dict(saved['opt'])
         self.twin = {'weights': weights, 'opt': opt, 'buffers': {n: b.to(dev) for n, b in saved['buffers'].items()},
-                     'u': [d.to(dev) for d in saved['u']], 'mu': saved['mu']}
+                     'u': [d.to(dev) for d in saved['u']],
+                     'mu': torch.as_tensor(saved['mu'], dtype=torch.float64, device=dev)}

@@ -2,10 +2,14 @@
 import json
 import math
 import os
+import time
 
 import pytest
+import torch
 
 import bench
+import bench_gpu
+import bench_gpu_report
 import bench_methods
 import bench_steps
 from conftest import write_cube_set
@@ -31,8 +35,10 @@ def test_step_benchmarks_run_on_cpu(capsys):
 def test_kernel_benchmarks_need_cuda_and_bad_settings_are_rejected():
     with pytest.raises(UserError, match='needs a CUDA device'):
         bench.main(BENCH='kernels', DEVICE='cpu')
-    with pytest.raises(UserError, match='BENCH must be kernels, steps, ops, all, methods or hypergrad'):
+    with pytest.raises(UserError, match='BENCH must be kernels, steps, ops, all, methods, hypergrad or gpu'):
         bench.main(BENCH='everything', DEVICE='cpu')
+    with pytest.raises(UserError, match=r"GPU_CASES: unknown case\(s\) \['retrain fp64'\] \(known: retrain fp32 fast,"):
+        bench.main(BENCH='gpu', DEVICE='cpu', GPU_CASES=('retrain fp64',))
 
 
 def test_operation_counts_on_cpu():
@@ -88,3 +94,118 @@ def test_methods_comparison_adds_the_evolutionary_search_and_the_references(tmp_
     table = bench_methods.methods_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[-1].endswith('|  |')
     assert 'gradient boosting' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- BENCH='gpu': one command for a GPU session
+
+GPU_TINY = dict(TINY, GPU_TIMED_S=0.01, RETRAIN_BATCH=2)
+
+
+def test_gpu_bench_on_cpu_writes_every_key(tmp_path, monkeypatch):
+    monkeypatch.setenv('OUT', str(tmp_path / 'out'))
+    cases = ('retrain fp32 fast', 'search 2nd fp32 native', 'search warm-up fp32 native')
+    res = bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_OUT=str(tmp_path / 'r.json'))['gpu']
+    saved = json.load(open(tmp_path / 'r.json'))
+    assert saved == json.load(open(tmp_path / 'out' / 'r.json')) and res['paths'][0] == str(tmp_path / 'r.json')
+    assert set(saved) == {'meta', 'definitions', 'compile', 'steps', 'largest_batch', 'protocol', 'targets', 'notes',
+                          'skipped', 'finished', 'elapsed_s'}
+    assert saved['finished'] and saved['notes'] == [] and saved['skipped'] == []
+    assert list(saved['steps']) == list(cases)
+    for row in saved['steps'].values():
+        assert set(row) == set(bench_gpu.ROW_KEYS)
+        assert row['ms'] > 0 and row['steps_timed'] == 2 and row['first_s'] > 0 and len(row['ms_halves']) == 2
+        assert row['peak_gb'] is None and row['syncs_per_step'] is None and row['host_share'] is None  # CUDA only
+    assert saved['steps']['retrain fp32 fast']['batch'] == 2 and saved['steps']['search 2nd fp32 native']['batch'] == 2
+    # first use: each case of COMPILED ran its first step in the subprocess; no Triton cache on the CPU
+    assert set(saved['compile']['cases']) == set(bench_gpu.COMPILED) and saved['compile']['kernel_binaries'] is None
+    first = [c['first_s'] for c in saved['compile']['cases'].values()]
+    assert saved['compile']['first_use_s'] == pytest.approx(sum(first)) and min(first) > 0
+    assert saved['largest_batch'] == {'retrain fp32 fast': None, 'search 2nd fp32 native': None}  # needs CUDA memory
+    # protocol: 38 search steps (266 / 7 rounded up: SEARCH_BATCH 2 here gives 133), 5 folds x 600 epochs x 455 steps
+    p, ms = saved['protocol']['defaults'], {k: r['ms'] for k, r in saved['steps'].items()}
+    assert p['search_h'] == pytest.approx(133 * (23 * ms['search warm-up fp32 native']
+                                                 + 27 * ms['search 2nd fp32 native']) / 3.6e6)
+    assert p['retrain_h'] == pytest.approx(5 * 600 * 455 * ms['retrain fp32 fast'] / 3.6e6)
+    assert p['published_h'] == 108 and p['total_h'] == pytest.approx(p['search_h'] + p['retrain_h'])
+    t = saved['targets']
+    assert set(t) == {name for name, *_ in bench_gpu_report.TARGETS}
+    assert t['retrain ms/step'] == {'bound': 70, 'best': ms['retrain fp32 fast'], 'case': 'retrain fp32 fast',
+                                    'met': None, 'by_case': {'retrain fp32 fast':
+                                                                                      ms['retrain fp32 fast']}}
+    assert t['retrain peak GB']['met'] is None and t['host share of a step']['best'] is None
+
+
+def fake_steps(monkeypatch, behaviour):
+    """bench_gpu's steps replaced, per case: 'instant', 'sleep' (1 s a step), 'boom' (fails to build), 'interrupt'."""
+    def make_step(name, batch, cfg):
+        if behaviour[name] == 'boom':
+            raise RuntimeError('boom')
+        if behaviour[name] == 'interrupt':
+            raise KeyboardInterrupt
+        return (lambda: None) if behaviour[name] == 'instant' else (lambda: time.sleep(1.0))
+    monkeypatch.setattr(bench_gpu, 'make_step', make_step)
+    monkeypatch.setattr(bench_gpu, 'measure_compile', lambda cfg, out, limit: out.update(first_use_s=1.0))
+    return tuple(behaviour)
+
+
+def test_gpu_bench_caps_each_part_notes_failures_and_skips_past_its_budget(tmp_path, monkeypatch):
+    cases = fake_steps(monkeypatch, {'retrain fp32 fast': 'instant', 'search 2nd fp32 native': 'boom',
+                                     'search warm-up fp32 native': 'sleep', 'retrain bf16 fast': 'instant'})
+    monkeypatch.setattr(bench_gpu, 'MIN_LEFT_S', 0.5)
+    bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_BUDGET_S=4.0, GPU_OUT=str(tmp_path / 'r.json'))
+    saved = json.load(open(tmp_path / 'r.json'))
+    steps = saved['steps']
+    assert steps['retrain fp32 fast']['ms'] >= 0 and steps['retrain fp32 fast']['steps_timed'] == 200  # MAX_TIMED
+    assert saved['notes'][0] == 'search 2nd fp32 native: RuntimeError: boom'
+    # 1 s steps: the first two are kept, the timed ones (and everything after them) did not fit the 4 s budget
+    warm = steps['search warm-up fp32 native']
+    assert warm['first_s'] == pytest.approx(1.0, abs=0.3) and warm['ms'] is None
+    assert len(saved['notes']) == 2 and saved['notes'][1].startswith('search warm-up fp32 native: stopped at its cap')
+    assert saved['skipped'] == [f'{name}: the budget of 4 s was spent' for name in
+                                ('retrain bf16 fast', 'largest batch: retrain fp32 fast',
+                                 'largest batch: search 2nd fp32 native')]
+    assert saved['finished'] and saved['compile']['first_use_s'] == 1.0
+    assert saved['targets']['first use compile s']['best'] == 1.0 and saved['targets']['retrain ms/step']['met'] is None
+
+
+def test_gpu_bench_interrupted_keeps_what_it_measured(tmp_path, monkeypatch):
+    cases = fake_steps(monkeypatch, {'search 1st fp32 native': 'instant', 'search zeroth fp32 native': 'interrupt'})
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_OUT=str(tmp_path / 'r.json'))
+    saved = json.load(open(tmp_path / 'r.json'))
+    assert saved['steps']['search 1st fp32 native']['ms'] >= 0 and saved['steps']['search zeroth fp32 native']['ms'] \
+        is None and not saved['finished']
+
+
+def test_first_use_probe_is_stopped_at_its_cap():
+    out = {}
+    bench_gpu.measure_compile({**bench.DEFAULTS, **GPU_TINY}, out, 0.5)
+    assert out['note'].startswith('stopped at its cap of 0 s') and out['cases'] == {} and out['first_use_s'] is None
+    assert out['process_s'] < 5 and out['first_use_at_least_s'] == out['process_s']
+    res = {'compile': out, 'steps': {}}
+    bench_gpu_report.summarize(res, {**bench.DEFAULTS, **GPU_TINY, 'DEVICE': 'cuda'})  # as on a GPU: met or not
+    assert res['targets']['first use compile s']['best'] == out['process_s'] and res['targets']['first use compile s'][
+        'met'] is True  # took at least that long, under the 60 s bound
+    res['compile'] = {'first_use_s': None, 'first_use_at_least_s': 120.3}  # stopped at a cap of 120 s
+    bench_gpu_report.summarize(res, {**bench.DEFAULTS, **GPU_TINY, 'DEVICE': 'cuda'})
+    assert res['targets']['first use compile s']['met'] is False and res['targets']['retrain ms/step']['met'] is None
+
+
+def test_busy_time_is_the_union_of_intervals():
+    assert bench_gpu.busy_ms([(0, 10_000_000), (5_000_000, 15_000_000), (20_000_000, 30_000_000),
+                              (21_000_000, 22_000_000)]) == 25.0
+    assert bench_gpu.busy_ms([]) == 0.0
+
+
+def test_activity_spans_read_a_profiler_trace():
+    """The trace reading of the host share, on CPU activities (the GPU run reads the CUDA ones the same way)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(256, 256)
+    t0 = time.perf_counter_ns()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (x @ x).exp()
+    wall = time.perf_counter_ns() - t0
+    spans = bench_gpu.activity_spans(prof, DeviceType.CPU)
+    assert len(spans) >= 2 and all(e >= s for s, e in spans)
+    assert 0 < bench_gpu.busy_ms(spans) <= wall / 1e6 and bench_gpu.activity_spans(prof, DeviceType.CUDA) == []
