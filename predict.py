@@ -178,11 +178,15 @@ def main(**overrides):
     for fold, (model, mean, std) in models.items():
         result[f'prob_fold{fold}'] = fold_probs(model, cubes, mean, std, cfg['BATCH_SIZE'], cfg['DEVICE'])
     result['prob_mean'] = result[[f'prob_fold{f}' for f in models]].mean(axis=1)
+    own = os.path.abspath(root) == os.path.abspath(run_cfg['DATA'])
+    if own and 'fold' in result.columns:  # the model of a nodule's own fold never trained on it
+        result['prob_heldout'] = [row[f'prob_fold{int(row["fold"])}'] if int(row['fold']) in models else np.nan
+                                  for _, row in result.iterrows()]
     result.to_csv(out.file('predictions.csv'), index=False)
     out.log(f'{len(result)} nodules of {root}, fold models {list(models)}: written {out.file("predictions.csv")}')
-    if os.path.abspath(root) == os.path.abspath(run_cfg['DATA']):
+    if own:
         out.log('note: this is the run\'s own cube set: prob_fold<f> is a held-out prediction only for the nodules '
-                'of fold f; the other fold models may have trained on them')
+                'of fold f (prob_heldout); the other fold models may have trained on them')
     if cfg['CAM']:
         write_cams(out.file('cam'), table, cubes, models, result['prob_mean'].to_numpy(), cells, cfg)
         out.log(f'LayerCAM volumes and figures: {out.file("cam")}')

@@ -46,8 +46,13 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(finished, cubes):
     out = predict.main(RUN=finished, DEVICE='cpu')
     pred = out['predictions']
     assert len(pred) == 20 and list(pred.columns) == ['nodule_id', 'fold', 'label', 'prob_fold8', 'prob_fold9',
-                                                      'prob_mean']
+                                                      'prob_mean', 'prob_heldout']
     assert_reproduces(pred, finished)
+    for fold in (8, 9):  # held out: the test-fold probability of the run; other folds have no held-out model
+        own = run_probs(finished, fold)
+        got = pred.set_index('nodule_id').loc[own['nodule_id'], 'prob_heldout'].to_numpy()
+        np.testing.assert_allclose(got, own['prob'].to_numpy(), rtol=1e-5, atol=1e-7)
+    assert pred.loc[~pred['fold'].isin((8, 9)), 'prob_heldout'].isna().all()
     np.testing.assert_allclose(pred['prob_mean'], (pred['prob_fold8'] + pred['prob_fold9']) / 2, rtol=1e-6)
     written = pd.read_csv(os.path.join(out['run'], 'predictions.csv'), dtype={'nodule_id': str})
     pd.testing.assert_frame_equal(written, pred, check_dtype=False)
