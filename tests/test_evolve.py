@@ -12,6 +12,7 @@ import torch
 import engine
 import evolve_candidate
 import evolve_genome as eg
+import genotypes
 import evolve_samea as sm
 import parallel
 import plots
@@ -292,3 +293,19 @@ def test_pareto_plot_reads_evaluations_and_rejects_a_bad_file(tmp_path):
     path.write_text('index,generation,f1\n0,0,0.5\n')
     with pytest.raises(UserError, match='params'):
         plots.plot_pareto(str(path), str(tmp_path / 'q.png'))
+
+
+def test_budget_estimate_is_anchored_on_the_measured_paper_step():
+    # the paper network at the measured setting gets the measured step; half the batch about half of it (memory-bound
+    # scaling), never below the host floor; the search estimate multiplies it out
+    ref_params, ref_gb = eg.network_cost(genotypes.NAS_HBO_PAPER, 36, 20, 32, 4)
+    ref = ref_gb * 1e9 / 4 - eg.OPTIMIZER_SLOTS * ref_params
+    assert eg.step_seconds_estimate(genotypes.NAS_HBO_PAPER, 36, 20, 32, 4, ref) == pytest.approx(eg.REF_STEP_S)
+    half = eg.step_seconds_estimate(genotypes.NAS_HBO_PAPER, 36, 20, 32, 2, ref)
+    assert 0.45 * eg.REF_STEP_S < half < 0.55 * eg.REF_STEP_S
+    tiny = eg.step_seconds_estimate(genotypes.NAS_HBO_PAPER, 4, 3, 8, 1, ref)
+    assert tiny == pytest.approx(3 * eg.OPS_PER_CELL * eg.LAUNCH_S)
+    space = small_space()
+    hours, step = eg.search_hours_estimate(space, 40, 20, 2, 10, 3, np.random.default_rng(0))
+    per_epoch = step * (math.ceil(40 / space.batch) + 60 / space.batch / 3)
+    assert hours == pytest.approx(10 * 2 * per_epoch / 3600)
