@@ -4,7 +4,6 @@ Per fold: train/test loss and accuracy curves (metrics_fold{f}.csv), ROC curves 
 (probs_fold{f}.csv), confusion matrices at the final epoch (probs_fold{f}.csv, threshold 0.5), and the k-fold
 table (result_fold{f}.json) as a figure.
 """
-import json
 import os
 
 import numpy as np
@@ -12,7 +11,7 @@ from matplotlib import colormaps
 from matplotlib.ticker import MaxNLocator
 
 from plots_runs import fold_files, new_figure, read_rows, save
-from utils import METRIC_NAMES, UserError
+from utils import METRIC_NAMES, UserError, read_json
 
 METRIC_TITLES = {'acc': 'accuracy', 'sens': 'sensitivity', 'spec': 'specificity', 'f1': 'F1', 'auc': 'ROC AUC'}
 
@@ -131,10 +130,8 @@ def plot_kfold_table(run_path, png_path=None):
     files = fold_files(run_path, 'result_fold{f}.json')
     if not files:
         raise UserError(f'{run_path}: no result_fold*.json (no finished fold)')
-    results = []
-    for path in files.values():
-        with open(path) as f:
-            results.append(json.load(f))
+    results = [read_json(path, 'delete it to evaluate that fold again (train_3D_continuation.py --RESUME)')
+               for path in files.values()]
     header = ['test fold'] + [f'{METRIC_TITLES[k]} (%)' for k in METRIC_NAMES]
     cells = [[str(r['fold'])] + [f'{r[k]:.2f}' for k in METRIC_NAMES] for r in results]
     values = np.array([[r[k] for k in METRIC_NAMES] for r in results], dtype=float)

@@ -5,7 +5,6 @@ python predict.py --RUN=runs/<train_3D_continuation run> [--DATA=<cube set>] [--
 Writes <RUN>/predict-<timestamp>[-TAG]/: config.json, log.txt, predictions.csv, and with CAM cam/<id>.npy (the map,
 S^3 float32 in [0, 1]) and cam/<id>.png (three mid-planes through the nodule, map over the CT).
 """
-import json
 import os
 
 import numpy as np
@@ -94,13 +93,12 @@ def fold_norm(run_path, run_cfg, fold, log):
     runs): every fold of the run's cube set except the test fold, or its TRAIN_FOLDS."""
     path = os.path.join(run_path, f'norm_fold{fold}.json')
     if os.path.exists(path):
+        remedy = 'delete it to recompute the normalization from the cube set'
+        saved = utils.read_json(path, remedy)
         try:
-            with open(path) as f:
-                saved = json.load(f)
             return float(saved['mean']), float(saved['std'])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise utils.UserError(f'{path} is damaged ({type(e).__name__}: {e}); delete it to recompute the '
-                                  'normalization from the cube set') from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise utils.UserError(f'{path} is damaged ({type(e).__name__}: {e}); {remedy}') from None
     table = data.read_table(run_cfg['DATA'])
     train_folds = train_3D_continuation.train_folds_of({'TRAIN_FOLDS': (), **run_cfg}, table, fold)
     cubes = data.load_cubes(run_cfg['DATA'], data.select_folds(table, train_folds, run_cfg['DATA']), run_cfg['CUBE'])
@@ -160,8 +158,7 @@ def main(**overrides):
     if not cfg['RUN'] or not os.path.isfile(os.path.join(cfg['RUN'], 'config.json')):  # the rule of RUN
         raise utils.UserError(f'RUN={cfg["RUN"]!r}: give a train_3D_continuation run folder (with config.json)')
     folds = finished_folds(cfg['RUN'])
-    with open(os.path.join(cfg['RUN'], 'config.json')) as f:
-        run_cfg = json.load(f)
+    run_cfg = utils.read_json(os.path.join(cfg['RUN'], 'config.json'), 'not a usable train_3D_continuation run folder')
     root = cfg['DATA'] or run_cfg['DATA']
     table = select_nodules(read_nodules(root), cfg['NODULES'], root)
     check_cube_size(root, table, run_cfg['CUBE'])

@@ -4,7 +4,6 @@ python train_3D_continuation.py [config.py] [--NAME=value ...]
 Each test fold f is evaluated by training on all other folds and reporting the final epoch on f.
 """
 import copy
-import json
 import os
 import time
 
@@ -80,12 +79,7 @@ def train_folds_of(cfg, table, fold):
 
 def read_result(path, fold):
     """A finished fold's result_fold<f>.json, checked (a damaged one is named, not a traceback)."""
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except (OSError, ValueError) as e:
-        raise utils.UserError(f'{path} cannot be read ({e}): delete it to evaluate fold {fold} again from its '
-                              'checkpoint') from None
+    result = utils.read_json(path, f'delete it to evaluate fold {fold} again from its checkpoint')
     keys = {'fold', 'params_M', 'best', *utils.METRIC_NAMES}
     if not isinstance(result, dict) or not keys <= set(result) or result['fold'] != fold:
         raise utils.UserError(f'{path} is not a result of fold {fold} (damaged?): delete it to evaluate fold {fold} '
@@ -177,8 +171,7 @@ def genotype_file_settings(cfg, overrides):
     path = str(cfg['GENOTYPE'])
     if not path.endswith('.json') or not os.path.isfile(path):
         return cfg
-    with open(path) as f:
-        body = json.load(f)
+    body = utils.read_json(path, 'a genotype.json of train_search.py or a front file of train_evolve.py')
     stored = {k: body[k] for k in ('C', 'LAYERS', 'LR') if isinstance(body, dict) and k in body and k not in overrides}
     return {**cfg, **{k: v for k, v in utils.check_settings(stored, DEFAULTS).items() if k in stored}}
 

@@ -310,6 +310,15 @@ def save_atomic(obj, path):
         torch.save(obj, tmp)
 
 
+def read_json(path, remedy):
+    """json.load of a file the code wrote; a damaged or unreadable one is a UserError naming it and `remedy`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise UserError(f'{path} cannot be read ({e}): {remedy}') from None
+
+
 def save_json_atomic(path, obj, default=None):
     """json.dump, atomically (default: json.dump's, for values JSON lacks)."""
     with atomic_path(path) as tmp:

@@ -102,3 +102,10 @@ def test_clear_refusals(finished, cubes, tmp_path):
         predict.main(RUN=str(tmp_path), DEVICE='cpu')
     with pytest.raises(UserError, match=r'CAM_CELLS \[5\]'):
         predict.main(RUN=finished, DEVICE='cpu', CAM=True, CAM_CELLS=(5,))
+    damaged = shutil.copytree(finished, tmp_path / 'damaged')
+    (damaged / 'norm_fold8.json').write_text('{"mean": 1')             # cut short by a crash
+    with pytest.raises(UserError, match=r'norm_fold8.json cannot be read .*delete it to recompute the normalization'):
+        predict.main(RUN=str(damaged), DEVICE='cpu', NODULES=('f8s0n0',))
+    (damaged / 'norm_fold8.json').write_text('{"mean": 1}')           # valid JSON without the std
+    with pytest.raises(UserError, match=r"norm_fold8.json is damaged \(KeyError: 'std'\)"):
+        predict.main(RUN=str(damaged), DEVICE='cpu', NODULES=('f8s0n0',))
