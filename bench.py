@@ -23,11 +23,11 @@ import sys
 
 import torch
 
-import bench_gpu
-import bench_hypergrad
-import bench_kernels
-import bench_methods
-import bench_steps
+from benchmarks import gpu
+from benchmarks import hypergrad
+from benchmarks import kernels
+from benchmarks import methods
+from benchmarks import step_times
 import dwconv3d
 import settings
 import utils
@@ -90,7 +90,7 @@ MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estim
 GPU_BUDGET_S = 420.0  # wall-clock budget of the whole run, s (parts past it are skipped with a note)
 GPU_COMPILE_S = 120.0  # cap of the first use in an empty Triton cache (a subprocess), s
 GPU_TIMED_S = 8.0  # timed steps per case: about this many seconds of them (at least 2 steps)
-GPU_CASES = ()  # names of bench_gpu.CASES to time (and fit); () = all, in bench_gpu's order
+GPU_CASES = ()  # names of gpu.CASES to time (and fit); () = all, in bench_gpu's order
 GPU_OUT = ''  # results JSON; '' = runs/bench_gpu-<time>.json (also written to $OUT/ when OUT is set)
 PROTOCOL_SEARCH_NODULES = 266  # search-train nodules of the full protocol (demo set = LUNA16's 1010 labelled nodules)
 PROTOCOL_RETRAIN_NODULES = 909  # training nodules of each retrain fold (1010 minus a test fold of ~101)
@@ -125,10 +125,10 @@ def main(**overrides):
     if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods', 'hypergrad', 'gpu'):
         raise utils.UserError('bench.py: BENCH must be kernels, steps, ops, all, methods, hypergrad or gpu, '
                               f'got {cfg["BENCH"]!r}')
-    unknown = [c for c in cfg['GPU_CASES'] if c not in bench_gpu.case_names()]
+    unknown = [c for c in cfg['GPU_CASES'] if c not in gpu.case_names()]
     if unknown:
         raise utils.UserError(f'bench.py: GPU_CASES: unknown case(s) {unknown} '
-                              f'(known: {", ".join(bench_gpu.case_names())})')
+                              f'(known: {", ".join(gpu.case_names())})')
     device = cfg['DEVICE']
     where = torch.cuda.get_device_name(device) if str(device).startswith('cuda') else 'cpu'
     print(f'{datetime.date.today()}  {where}  torch {torch.__version__}  '
@@ -137,36 +137,36 @@ def main(**overrides):
     out = {}
     if cfg['BENCH'] == 'gpu':
         print(f'every target of the speed issue within {cfg["GPU_BUDGET_S"]:.0f} s (bench_gpu.py)')
-        out['gpu'] = bench_gpu.run(cfg)
+        out['gpu'] = gpu.run(cfg)
     if cfg['BENCH'] in ('kernels', 'all'):
         dtype = getattr(torch, cfg['DTYPE'])
-        out['kernels'] = bench_kernels.bench_kernels(device, dtype, warmup_ms=cfg['WARMUP_MS'],
+        out['kernels'] = kernels.bench_kernels(device, dtype, warmup_ms=cfg['WARMUP_MS'],
                                                      rep_ms=cfg['REP_MS'], peak_gbps=cfg['PEAK_GBPS'])
         print(f'depthwise conv3d, {cfg["DTYPE"]}')
-        print(bench_kernels.kernels_table(out['kernels']))
+        print(kernels.kernels_table(out['kernels']))
         print('launch overhead (fp32 forward)')
-        print(bench_kernels.bench_launch(device))
+        print(kernels.bench_launch(device))
     if cfg['BENCH'] in ('steps', 'all'):
         torch.backends.cudnn.benchmark = True
         print(f'training steps, cube {cfg["CUBE"]}^3, AMP {cfg["AMP"]} (the first step compiles the kernels)')
-        out['steps'] = bench_steps.bench_steps(cfg)
-        print(bench_steps.steps_table(out['steps']))
+        out['steps'] = step_times.bench_steps(cfg)
+        print(step_times.steps_table(out['steps']))
         if where != 'cpu':
             measured = ('search 2nd order', 'search 2nd, cells recomputed', 'retrain paper genotype',
                         'retrain, cells recomputed')
-            fits = {name: bench_steps.largest_batch(make, batch, cfg)
-                    for name, batch, make in bench_steps.step_cases(cfg) if name in measured}
+            fits = {name: step_times.largest_batch(make, batch, cfg)
+                    for name, batch, make in step_times.step_cases(cfg) if name in measured}
             print(f'largest batch in {cfg["MEMORY_GB"]} GB (fast path, linear fit of peak memory): {fits}')
             out['largest_batch'] = fits
     if cfg['BENCH'] in ('ops', 'all'):
         print('host-side work: operations per step (torch.profiler, CPU activity)')
-        out['ops'] = bench_steps.count_ops(cfg)
+        out['ops'] = step_times.count_ops(cfg)
     if cfg['BENCH'] == 'methods':
         common = {'DEVICE': device, 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP']}
         print(f'search methods on the demo set: {cfg["METHODS_EPOCHS"]} search epochs (C={cfg["METHODS_C"]}, '
               f'{cfg["METHODS_LAYERS"]} cells), retrain {cfg["METHODS_RETRAIN_EPOCHS"]} epochs (C='
               f'{cfg["METHODS_RETRAIN_C"]}, {cfg["METHODS_RETRAIN_LAYERS"]} cells), test fold {cfg["METHODS_FOLD"]}')
-        out['methods'] = bench_methods.compare_methods(
+        out['methods'] = methods.compare_methods(
             {**common, 'EPOCHS': cfg['METHODS_EPOCHS'], 'WARMUP_EPOCHS': cfg['METHODS_EPOCHS'] // 2,
              'C': cfg['METHODS_C'], 'LAYERS': cfg['METHODS_LAYERS']},
             {**common, 'EPOCHS': cfg['METHODS_RETRAIN_EPOCHS'], 'C': cfg['METHODS_RETRAIN_C'],
@@ -180,13 +180,13 @@ def main(**overrides):
                     if cfg['METHODS_EVOLVE'] else None),
             paper=cfg['METHODS_REFERENCES'], random_seeds=cfg['METHODS_RANDOM_SEEDS'],
             baseline=cfg['METHODS_REFERENCES'])
-        print(bench_methods.methods_table(out['methods']))
+        print(methods.methods_table(out['methods']))
     if cfg['BENCH'] == 'hypergrad':
         print(f'hypergradient estimators: supernet C={cfg["HG_C"]}, {cfg["HG_LAYERS"]} cells, {cfg["HG_PRIMITIVES"]} '
               f'ops, cube {cfg["HG_CUBE"]}, batch {cfg["HG_BATCH"]}, {cfg["HG_SEEDS"]} seeds x {cfg["HG_BATCHES"]} '
               f'batches, errors {"on (float64)" if cfg["HG_ERRORS"] else "off"}; time and memory in float32')
-        out['hypergrad'] = bench_hypergrad.bench_hypergrad(cfg)
-        print(bench_hypergrad.hypergrad_table(out['hypergrad']))
+        out['hypergrad'] = hypergrad.bench_hypergrad(cfg)
+        print(hypergrad.hypergrad_table(out['hypergrad']))
     return out
 
 

@@ -22,7 +22,7 @@ def read_table(root):
     """nodules.csv of a cube set, checked; builds the demo set first when root is the demo folder."""
     path = os.path.join(root, 'nodules.csv')
     if not os.path.exists(path) and os.path.normpath(root) == DEMO_DIR:
-        import demo
+        from scans import demo
         demo.ensure_demo_set(root)
     if not os.path.isdir(root):
         raise UserError(f'cube set {root} does not exist (expected a folder with nodules.csv and cubes/)')

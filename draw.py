@@ -6,8 +6,8 @@ python draw.py --GENOTYPE=NAS_HBO_PAPER --OUT=cells.png  the normal and reductio
 import os
 import sys
 
-import plots_cells
-import plots_runs
+from figures import diagrams
+from figures import runs
 import settings
 import utils
 
@@ -35,14 +35,14 @@ def main(**overrides):
     if cfg['RUN'] and cfg['GENOTYPE'] and cfg['OUT']:
         raise utils.UserError('OUT names the PNG of GENOTYPE or the folder of RUN\'s figures: give RUN or GENOTYPE')
     if cfg['RUN']:
-        written += plots_runs.draw_run(cfg['RUN'], out_dir=cfg['OUT'] or None)
+        written += runs.draw_run(cfg['RUN'], out_dir=cfg['OUT'] or None)
     if cfg['GENOTYPE']:
         name = os.path.splitext(os.path.basename(cfg['GENOTYPE']))[0]
         out = cfg['OUT'] or f'cells_{name}.png'
-        written.append(plots_cells.plot_genotype(cfg['GENOTYPE'], out, title=cfg['GENOTYPE']))
+        written.append(diagrams.plot_genotype(cfg['GENOTYPE'], out, title=cfg['GENOTYPE']))
     for path in written + list(cfg['PNGS']):
         if cfg['PALETTE']:
-            plots_runs.to_palette(path)
+            runs.to_palette(path)
         print(f'written {path}')
     return written
 

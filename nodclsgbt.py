@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 import data
-import luna
-import lungmask
+from scans import luna
+from scans import lungmask
 import settings
 import utils
 

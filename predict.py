@@ -11,16 +11,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-import cam as cam_mod
+from figures import cam as cam_mod
 import data
 import dwconv3d
 import genotypes
-import plots_eval
+from figures import evaluation
 import settings
 import train_3D_continuation
 import utils
 from model import NetworkLUNA
-from plots_runs import fold_files
+from figures.common import fold_files
 
 RUN = ''  # a train_3D_continuation run folder with at least one finished fold (model_fold{f}.pt, result_fold{f}.json)
 DATA = ''  # cube set to predict: a folder with cubes/<id>.npy and optionally nodules.csv ('' = the run's own DATA)
@@ -147,7 +147,7 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg):
         label = table['label'][i] if 'label' in table.columns else float('nan')
         truth = 'unknown' if pd.isna(label) else ('malignant' if int(label) else 'benign')
         which = 'last cell' if cells is None else f'cells {", ".join(map(str, cells))} fused'
-        plots_eval.plot_cam(cubes[i], volume, os.path.join(out_dir, f'{nid}.png'),
+        evaluation.plot_cam(cubes[i], volume, os.path.join(out_dir, f'{nid}.png'),
                             f'nodule {nid}: P(malignant) = {probs[i]:.3f} (mean of {len(models)} fold models), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
                             f'LayerCAM of class {"malignant" if target else "benign"}, {which}; {cfg["RUN"]}')

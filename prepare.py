@@ -23,12 +23,12 @@ import time
 import numpy as np
 import pandas as pd
 
-import luna
-import lungmask
-import scanpool
+from scans import luna
+from scans import lungmask
+from scans import pool
 import settings
 import utils
-from luna import world_to_voxel  # noqa: F401 - part of this script's interface (prepare.world_to_voxel)
+from scans.luna import world_to_voxel  # noqa: F401 - part of this script's interface (prepare.world_to_voxel)
 
 LUNA16_DIR = os.path.join('data', 'luna16')  # LUNA16 root: subset0..subset9 folders, annotations.csv
 OUT_DIR = os.path.join('data', 'luna16', 'prepared')  # volumes/, labels.csv and failures.csv go here
@@ -124,7 +124,7 @@ def prepare_volumes(scans, nodules, cfg, run):
                 f'(made before the protection, with another table or another PROTECT_MM)')
     processed, failed = [], []
     t0 = time.time()
-    results = scanpool.run_isolated(lungmask.process_scan, jobs, cfg['WORKERS'], cfg['SCAN_TIMEOUT'],
+    results = pool.run_isolated(lungmask.process_scan, jobs, cfg['WORKERS'], cfg['SCAN_TIMEOUT'],
                                     cfg['START_METHOD'])
     for job, ok, res in utils.progress(results, total=len(jobs), desc='scans'):
         uid = job['seriesuid']
@@ -161,7 +161,7 @@ def load_clusters(nodule_table, lidc_db):
             raise utils.UserError(f'NODULE_TABLE {nodule_table} does not exist')
         table = pd.read_csv(nodule_table, dtype={'seriesuid': str})
     else:
-        import lidc
+        from scans import lidc
         table = pd.DataFrame(lidc.nodule_table(db=lidc_db or None))
     missing = [c for c in CLUSTER_COLUMNS if c not in table.columns]
     if missing:

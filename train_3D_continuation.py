@@ -228,8 +228,8 @@ def main(**overrides):
         run.log(utils.results_table([r['best'] for r in results], extra=('epoch',)))
     utils.save_json_atomic(run.file('results.json'), results)
     if cfg['FIGURES']:
-        import plots_runs
-        run.log('figures: ' + ', '.join(os.path.basename(p) for p in plots_runs.draw_run(run.path, run.log)))
+        from figures import runs
+        run.log('figures: ' + ', '.join(os.path.basename(p) for p in runs.draw_run(run.path, run.log)))
     return {'folds': results, 'run': run.path}
 
 

@@ -12,14 +12,14 @@ import shutil
 import numpy as np
 
 import data
-import evolve_genome as eg
-import evolve_samea as sm
+from evolution import genes as eg
+from evolution import samea as sm
 import operations
 import parallel
 import settings
 import utils
-from evolve_candidate import gene_space, primitives_of, train_candidate, worst_f1
-from evolve_outputs import Outputs
+from evolution.candidate import gene_space, primitives_of, train_candidate, worst_f1
+from evolution.records import Outputs
 
 DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
 SEARCH_FOLDS = (0, 1, 2, 3, 4)  # the only folds the search reads (the test folds are never touched)

@@ -243,8 +243,8 @@ def finish(run, model, best, epoch, figures=True):
     if best['genotype'] is not None:
         genotypes.save_genotype(best['genotype'], run.file('genotype_best.json'))
     if figures and os.path.exists(run.file('weights.csv')):
-        import plots_runs
-        run.log('figures: ' + ', '.join(os.path.basename(p) for p in plots_runs.draw_run(run.path, run.log)))
+        from figures import runs
+        run.log('figures: ' + ', '.join(os.path.basename(p) for p in runs.draw_run(run.path, run.log)))
     run.log(f'final genotype (epoch {epoch}): {geno}')
     run.log(f'best search-val genotype (epoch {best["epoch"]}, acc {best["acc"]:.2f}): {best["genotype"]}')
     run.log(f'written {run.file("genotype.json")}')

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import bench
-import bench_gpu
-import bench_gpu_report
-import bench_methods
-import bench_steps
+from benchmarks import gpu
+from benchmarks import gpu_report
+from benchmarks import methods
+from benchmarks import step_times
 from conftest import write_cube_set
 from utils import UserError
 
@@ -43,7 +43,7 @@ def test_kernel_benchmarks_need_cuda_and_bad_settings_are_rejected():
 
 def test_operation_counts_on_cpu():
     counts = bench.main(BENCH='ops', **TINY)['ops']
-    assert set(counts) == {name for name, _, _ in bench_steps.step_cases(bench.DEFAULTS)}
+    assert set(counts) == {name for name, _, _ in step_times.step_cases(bench.DEFAULTS)}
     # second order: a virtual step, a validation pass at w', two HVP passes, then the weight step
     assert counts['search 2nd order'] > 2 * counts['search 1st order'] > 0
     assert counts['retrain paper genotype'] > 0
@@ -52,18 +52,18 @@ def test_operation_counts_on_cpu():
 def test_methods_comparison_runs_each_search_and_retrains_its_genotype(tmp_path, capsys):
     cubes = str(write_cube_set(tmp_path / 'cubes'))
     common = dict(DATA=cubes, RUNS=str(tmp_path / 'runs'), DEVICE='cpu', C=4, LAYERS=3, CUBE=8)
-    rows = bench_methods.compare_methods(
+    rows = methods.compare_methods(
         dict(common, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34, BATCH_SIZE=3, EPOCHS=2, WARMUP_EPOCHS=1, ZO_T=2,
              PRIMITIVES=('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3')),
         dict(common, FOLD=5, TRAIN_FOLDS=(0, 1, 2, 3), BATCH_SIZE=4, EPOCHS=1))
     assert [r['method'] for r in rows] == ['second, sigmoid', 'first, sigmoid', 'zeroth, sparsemax']
-    for r, (hypergrad, weights) in zip(rows, bench_methods.METHODS):
+    for r, (hypergrad, weights) in zip(rows, methods.METHODS):
         config = json.load(open(os.path.join(r['search_run'], 'config.json')))
         assert (config['HYPERGRAD'], config['WEIGHTS'], config['EPOCHS']) == (hypergrad, weights, 2)
         retrained = json.load(open(os.path.join(r['retrain_run'], 'results.json')))
         assert retrained[0]['fold'] == 5 and retrained[0]['acc'] == r['acc']
         assert r['search_s'] > 0 and r['retrain_s'] > 0 and 0 <= r['acc'] <= 100 and r['params_M'] > 0
-    table = bench_methods.methods_table(rows).splitlines()
+    table = methods.methods_table(rows).splitlines()
     assert len(table) == 5 and table[4].startswith('| zeroth, sparsemax |')
     assert 'zeroth, sparsemax: search' in capsys.readouterr().out
 
@@ -73,7 +73,7 @@ def test_methods_comparison_adds_the_evolutionary_search_and_the_references(tmp_
     runs = str(tmp_path / 'runs')
     ops = ('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3')
     common = dict(DATA=cubes, RUNS=runs, DEVICE='cpu', CUBE=8)
-    rows = bench_methods.compare_methods(
+    rows = methods.compare_methods(
         dict(common, C=4, LAYERS=3, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34, BATCH_SIZE=3, EPOCHS=1, WARMUP_EPOCHS=1,
              ZO_T=2, PRIMITIVES=ops),
         dict(common, C=4, LAYERS=3, FOLD=5, TRAIN_FOLDS=(0, 1, 2, 3), BATCH_SIZE=4, EPOCHS=1),
@@ -91,7 +91,7 @@ def test_methods_comparison_adds_the_evolutionary_search_and_the_references(tmp_
     assert rows[3]['search_s'] > 0 and all(0 <= r['acc'] <= 100 for r in rows)
     gbt = json.load(open(os.path.join(rows[-1]['retrain_run'], 'config.json')))
     assert gbt['TEST_FOLDS'] == [5] and gbt['CROP'] is False
-    table = bench_methods.methods_table(rows).splitlines()
+    table = methods.methods_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and table[-1].endswith('|  |')
     assert 'gradient boosting' in capsys.readouterr().out
 
@@ -112,12 +112,12 @@ def test_gpu_bench_on_cpu_writes_every_key(tmp_path, monkeypatch):
     assert saved['finished'] and saved['notes'] == [] and saved['skipped'] == []
     assert list(saved['steps']) == list(cases)
     for row in saved['steps'].values():
-        assert set(row) == set(bench_gpu.ROW_KEYS)
+        assert set(row) == set(gpu.ROW_KEYS)
         assert row['ms'] > 0 and row['steps_timed'] == 2 and row['first_s'] > 0 and len(row['ms_halves']) == 2
         assert row['peak_gb'] is None and row['syncs_per_step'] is None and row['host_share'] is None  # CUDA only
     assert saved['steps']['retrain fp32 fast']['batch'] == 2 and saved['steps']['search 2nd fp32 native']['batch'] == 2
     # first use: each case of COMPILED ran its first step in the subprocess; no Triton cache on the CPU
-    assert set(saved['compile']['cases']) == set(bench_gpu.COMPILED) and saved['compile']['kernel_binaries'] is None
+    assert set(saved['compile']['cases']) == set(gpu.COMPILED) and saved['compile']['kernel_binaries'] is None
     first = [c['first_s'] for c in saved['compile']['cases'].values()]
     assert saved['compile']['first_use_s'] == pytest.approx(sum(first)) and min(first) > 0
     assert saved['largest_batch'] == {'retrain fp32 fast': None, 'search 2nd fp32 native': None}  # needs CUDA memory
@@ -128,7 +128,7 @@ def test_gpu_bench_on_cpu_writes_every_key(tmp_path, monkeypatch):
     assert p['retrain_h'] == pytest.approx(5 * 600 * 455 * ms['retrain fp32 fast'] / 3.6e6)
     assert p['published_h'] == 108 and p['total_h'] == pytest.approx(p['search_h'] + p['retrain_h'])
     t = saved['targets']
-    assert set(t) == {name for name, *_ in bench_gpu_report.TARGETS}
+    assert set(t) == {name for name, *_ in gpu_report.TARGETS}
     assert t['retrain ms/step'] == {'bound': 70, 'best': ms['retrain fp32 fast'], 'case': 'retrain fp32 fast',
                                     'met': None, 'by_case': {'retrain fp32 fast':
                                                                                       ms['retrain fp32 fast']}}
@@ -143,15 +143,15 @@ def fake_steps(monkeypatch, behaviour):
         if behaviour[name] == 'interrupt':
             raise KeyboardInterrupt
         return (lambda: None) if behaviour[name] == 'instant' else (lambda: time.sleep(1.0))
-    monkeypatch.setattr(bench_gpu, 'make_step', make_step)
-    monkeypatch.setattr(bench_gpu, 'measure_compile', lambda cfg, out, limit: out.update(first_use_s=1.0))
+    monkeypatch.setattr(gpu, 'make_step', make_step)
+    monkeypatch.setattr(gpu, 'measure_compile', lambda cfg, out, limit: out.update(first_use_s=1.0))
     return tuple(behaviour)
 
 
 def test_gpu_bench_caps_each_part_notes_failures_and_skips_past_its_budget(tmp_path, monkeypatch):
     cases = fake_steps(monkeypatch, {'retrain fp32 fast': 'instant', 'search 2nd fp32 native': 'boom',
                                      'search warm-up fp32 native': 'sleep', 'retrain bf16 fast': 'instant'})
-    monkeypatch.setattr(bench_gpu, 'MIN_LEFT_S', 0.5)
+    monkeypatch.setattr(gpu, 'MIN_LEFT_S', 0.5)
     bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_BUDGET_S=4.0, GPU_OUT=str(tmp_path / 'r.json'))
     saved = json.load(open(tmp_path / 'r.json'))
     steps = saved['steps']
@@ -179,22 +179,22 @@ def test_gpu_bench_interrupted_keeps_what_it_measured(tmp_path, monkeypatch):
 
 def test_first_use_probe_is_stopped_at_its_cap():
     out = {}
-    bench_gpu.measure_compile({**bench.DEFAULTS, **GPU_TINY}, out, 0.5)
+    gpu.measure_compile({**bench.DEFAULTS, **GPU_TINY}, out, 0.5)
     assert out['note'].startswith('stopped at its cap of 0 s') and out['cases'] == {} and out['first_use_s'] is None
     assert out['process_s'] < 5 and out['first_use_at_least_s'] == out['process_s']
     res = {'compile': out, 'steps': {}}
-    bench_gpu_report.summarize(res, {**bench.DEFAULTS, **GPU_TINY, 'DEVICE': 'cuda'})  # as on a GPU: met or not
+    gpu_report.summarize(res, {**bench.DEFAULTS, **GPU_TINY, 'DEVICE': 'cuda'})  # as on a GPU: met or not
     assert res['targets']['first use compile s']['best'] == out['process_s'] and res['targets']['first use compile s'][
         'met'] is True  # took at least that long, under the 60 s bound
     res['compile'] = {'first_use_s': None, 'first_use_at_least_s': 120.3}  # stopped at a cap of 120 s
-    bench_gpu_report.summarize(res, {**bench.DEFAULTS, **GPU_TINY, 'DEVICE': 'cuda'})
+    gpu_report.summarize(res, {**bench.DEFAULTS, **GPU_TINY, 'DEVICE': 'cuda'})
     assert res['targets']['first use compile s']['met'] is False and res['targets']['retrain ms/step']['met'] is None
 
 
 def test_busy_time_is_the_union_of_intervals():
-    assert bench_gpu.busy_ms([(0, 10_000_000), (5_000_000, 15_000_000), (20_000_000, 30_000_000),
+    assert gpu.busy_ms([(0, 10_000_000), (5_000_000, 15_000_000), (20_000_000, 30_000_000),
                               (21_000_000, 22_000_000)]) == 25.0
-    assert bench_gpu.busy_ms([]) == 0.0
+    assert gpu.busy_ms([]) == 0.0
 
 
 def test_activity_spans_read_a_profiler_trace():
@@ -206,6 +206,6 @@ def test_activity_spans_read_a_profiler_trace():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         (x @ x).exp()
     wall = time.perf_counter_ns() - t0
-    spans = bench_gpu.activity_spans(prof, DeviceType.CPU)
+    spans = gpu.activity_spans(prof, DeviceType.CPU)
     assert len(spans) >= 2 and all(e >= s for s, e in spans)
-    assert 0 < bench_gpu.busy_ms(spans) <= wall / 1e6 and bench_gpu.activity_spans(prof, DeviceType.CUDA) == []
+    assert 0 < gpu.busy_ms(spans) <= wall / 1e6 and gpu.activity_spans(prof, DeviceType.CUDA) == []

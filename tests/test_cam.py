@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cam
+from figures import cam
 import genotypes
 from model import NetworkLUNA
 

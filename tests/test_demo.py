@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import demo
-import lidc
+from scans import demo
+from scans import lidc
 from utils import UserError
 
 needs_pylidc = pytest.mark.skipif(importlib.util.find_spec('pylidc') is None,

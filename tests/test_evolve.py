@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import engine
-import evolve_candidate
-import evolve_genome as eg
+from evolution import candidate
+from evolution import genes as eg
 import genotypes
-import evolve_samea as sm
+from evolution import samea as sm
 import parallel
-import plots
+from figures import search
 import train_3D_continuation
 import train_evolve
 from conftest import write_cube_set
@@ -158,16 +158,16 @@ def test_latin_hypercube_spreads_each_gene():
 def test_diverged_candidate_gets_the_worst_f1(tmp_path, monkeypatch):
     cubes = write_cube_set(tmp_path / 'cubes', size=8)
     cfg = {**train_evolve.DEFAULTS, **TINY, 'DATA': cubes}
-    genome = evolve_candidate.gene_space(cfg).random(np.random.default_rng(0))
+    genome = candidate.gene_space(cfg).random(np.random.default_rng(0))
     monkeypatch.setattr(engine, 'train_step', lambda *a: (torch.tensor(float('nan')), torch.tensor(0)))
-    result = evolve_candidate.train_candidate(cfg, 0, genome, str(tmp_path / 'c.json'))
-    assert result['diverged'] and result['f1'] == evolve_candidate.worst_f1(cfg['ALPHA'], cfg['BETA'])
+    result = candidate.train_candidate(cfg, 0, genome, str(tmp_path / 'c.json'))
+    assert result['diverged'] and result['f1'] == candidate.worst_f1(cfg['ALPHA'], cfg['BETA'])
     assert json.load(open(tmp_path / 'c.json'))['f1'] == result['f1']
 
 
 def test_objective_f1_worked_example():
     # alpha 0.25 (1 - mean(0.8, 0.9)) + (1 - mean(0.6, 0.7)) + beta 0.25 (10 - 2) / 10; best loss at epoch 2
-    f1, e_best = evolve_candidate.objective_f1([0.5, 0.8, 0.9], [0.5, 0.6, 0.7], [0.9, 0.5, 0.6], 10, 0.25, 0.25, 2)
+    f1, e_best = candidate.objective_f1([0.5, 0.8, 0.9], [0.5, 0.6, 0.7], [0.9, 0.5, 0.6], 10, 0.25, 0.25, 2)
     assert e_best == 2 and f1 == pytest.approx(0.25 * 0.15 + 0.35 + 0.25 * 0.8)
 
 
@@ -175,7 +175,7 @@ def test_objective_f1_worked_example():
 
 def fake_candidate(cfg, idx, genome, path):
     """A deterministic stand-in for training: f1 from the genome, the real parameter count."""
-    params = evolve_candidate.gene_space(cfg).params(genome)
+    params = candidate.gene_space(cfg).params(genome)
     f1 = (sum((i + 1) * v for i, v in enumerate(genome)) % 17) / 17
     return {'index': idx, 'genome': list(genome), 'params': params, 'f1': f1, 'f2': math.log(params), 'e_best': 1,
             'epochs': 1, 'diverged': False, 'm_train': 1 - f1, 'm_val': 1 - f1, 'val_loss': f1, 'acc_val': 0.0,
@@ -197,7 +197,7 @@ def read_rows(path, drop=('seconds',)):
 def test_parallel_equals_sequential_and_screening_follows_the_surrogate(tmp_path, monkeypatch):
     monkeypatch.setattr(train_evolve, 'train_candidate', fake_candidate)
     monkeypatch.setattr(parallel, 'map_jobs', reversed_map_jobs)
-    monkeypatch.setattr(plots, 'plot_pareto', lambda *a, **k: None)  # drawn in the end-to-end test; slow here
+    monkeypatch.setattr(search, 'plot_pareto', lambda *a, **k: None)  # drawn in the end-to-end test; slow here
     cubes = write_cube_set(tmp_path / 'cubes', n_folds=5, size=8)  # checked before the run; never trained on here
     settings = dict(TINY, DATA=cubes, POPULATION=4, GENERATIONS=4, LEARNING_GENERATIONS=1)
     seq = train_evolve.main(**settings, RUNS=str(tmp_path / 'a'), PARALLEL='off')
@@ -271,7 +271,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, monkeypatch)
     def killed_at_9(cfg, idx, genome, path):  # candidate 9: in the exploitation phase (generation 2)
         if idx == 9:
             raise KeyboardInterrupt
-        return evolve_candidate.train_candidate(cfg, idx, genome, path)
+        return candidate.train_candidate(cfg, idx, genome, path)
     monkeypatch.setattr(train_evolve, 'train_candidate', killed_at_9)
     with pytest.raises(KeyboardInterrupt):
         train_evolve.main(**TINY, DATA=cubes, RUNS=str(root / 'killed'))
@@ -288,11 +288,11 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, monkeypatch)
 def test_pareto_plot_reads_evaluations_and_rejects_a_bad_file(tmp_path):
     path = tmp_path / 'evaluations.csv'
     path.write_text('index,generation,params,f1\n0,0,1000,0.5\n1,1,2000,0.3\n2,1,3000,0.4\n')
-    png = plots.plot_pareto(str(path), str(tmp_path / 'p.png'), 12.79e6, title='t')
+    png = search.plot_pareto(str(path), str(tmp_path / 'p.png'), 12.79e6, title='t')
     assert os.path.getsize(png) > 0
     path.write_text('index,generation,f1\n0,0,0.5\n')
     with pytest.raises(UserError, match='params'):
-        plots.plot_pareto(str(path), str(tmp_path / 'q.png'))
+        search.plot_pareto(str(path), str(tmp_path / 'q.png'))
 
 
 def test_budget_estimate_is_anchored_on_the_measured_paper_step():

@@ -16,8 +16,8 @@ import data
 import draw
 import engine
 import genotypes
-import plots_cells
-import plots_runs
+from figures import diagrams
+from figures import runs
 import train_3D_continuation as retrain
 import train_search
 from conftest import write_cube_set
@@ -48,14 +48,14 @@ def retrain_run(cubes, search_run, tmp_path_factory):
 
 
 def test_cell_diagram_of_the_paper_genotype(tmp_path):
-    png = plots_cells.plot_genotype('NAS_HBO_PAPER', tmp_path / 'cells.png')
+    png = diagrams.plot_genotype('NAS_HBO_PAPER', tmp_path / 'cells.png')
     img = assert_real_image(png)
     assert img.shape[1] > img.shape[0]
     # a genotype.json draws the same cells
     genotypes.save_genotype(genotypes.NAS_HBO_PAPER, tmp_path / 'g.json')
-    assert_real_image(plots_cells.plot_genotype(str(tmp_path / 'g.json'), tmp_path / 'g.png'))
+    assert_real_image(diagrams.plot_genotype(str(tmp_path / 'g.json'), tmp_path / 'g.png'))
     with pytest.raises(UserError, match="unknown genotype 'NOPE'"):
-        plots_cells.plot_genotype('NOPE', tmp_path / 'n.png')
+        diagrams.plot_genotype('NOPE', tmp_path / 'n.png')
 
 
 @pytest.mark.parametrize('cell', ['normal', 'reduce'])
@@ -63,12 +63,12 @@ def test_cell_diagram_has_every_edge_and_op_label(cell):
     edges = getattr(genotypes.NAS_HBO_PAPER, cell)
     concat = getattr(genotypes.NAS_HBO_PAPER, f'{cell}_concat')
     ax = Figure().add_subplot()
-    plots_cells.draw_cell(ax, edges, concat, cell, plots_cells.op_colours([op for op, _ in edges]))
+    diagrams.draw_cell(ax, edges, concat, cell, diagrams.op_colours([op for op, _ in edges]))
     texts = [t.get_text() for t in ax.texts]
     assert sorted(texts[:7]) == sorted(['c$_{k-2}$', 'c$_{k-1}$', '0', '1', '2', '3', 'c$_{k}$'])
     assert sorted(t.replace('\n', '_') for t in texts[7:]) == sorted(op for op, _ in edges)
     assert len(ax.patches) == 7 + len(edges) + len(concat)   # boxes, op edges, edges into c_k
-    pos = plots_cells.cell_layout(edges, concat)
+    pos = diagrams.cell_layout(edges, concat)
     for e, (_, j) in enumerate(edges):                       # data flows left to right
         assert pos[j][0] < pos[e // 2 + 2][0] < pos['out'][0]
 
@@ -80,7 +80,7 @@ def test_search_run_writes_its_figures_and_auc(search_run):
     metrics = pd.read_csv(os.path.join(run, 'metrics.csv'))
     assert metrics['train_auc'].between(0, 100).all()
     # the genotype recomputed from weights.csv for the last epoch is the one the search wrote
-    history, ops = plots_runs.genotype_history(os.path.join(run, 'weights.csv'))
+    history, ops = runs.genotype_history(os.path.join(run, 'weights.csv'))
     assert ops == list(PRIMS) and sorted(history['normal']) == [0, 1, 2]
     final = genotypes.load_genotype(os.path.join(run, 'genotype.json'))
     assert history['normal'][2] == final.normal and history['reduce'][2] == final.reduce
@@ -132,9 +132,9 @@ def test_last_changes_and_kept_auc():
     b = [('skip_connect', 0), ('max_pool_3x3x3', 1)]
     c = [('max_pool_3x3x3', 1), ('skip_connect', 0)]
     # one node, 2 edges: edge 1 changes op at epoch 4; listing the same edges in another order (c) is no change
-    assert plots_runs.last_changes({3: a, 4: b, 5: c, 6: b}, 2) == [3, 4]
+    assert runs.last_changes({3: a, 4: b, 5: c, 6: b}, 2) == [3, 4]
     d = [('skip_connect', 0), ('max_pool_3x3x3', 1), ('sep_conv_3x3x3', 2), ('skip_connect', 0)]
-    assert plots_runs.edge_choices(d, 5) == ['skip_connect', 'max_pool_3x3x3', 'skip_connect', None,
+    assert runs.edge_choices(d, 5) == ['skip_connect', 'max_pool_3x3x3', 'skip_connect', None,
                                              'sep_conv_3x3x3']
     keep = [(torch.tensor([0.2, 0.9]), torch.tensor([0, 1])), (torch.tensor([0.6, 0.4]), torch.tensor([0, 1]))]
     assert engine.kept_auc(keep) == pytest.approx(75.0)   # pairs (malignant > benign): 0.9>0.2, 0.9>0.6, 0.4>0.2
@@ -145,6 +145,6 @@ def test_older_retrain_folder_without_probabilities(retrain_run, tmp_path):
     old = shutil.copytree(retrain_run['run'], tmp_path / 'old',
                           ignore=shutil.ignore_patterns('probs_fold*', '*.png', '*.pt'))
     lines = []
-    written = plots_runs.draw_run(str(old), log=lines.append)
+    written = runs.draw_run(str(old), log=lines.append)
     assert sorted(os.path.basename(p) for p in written) == ['cells.png', 'kfold_table.png', 'retrain_curves.png']
     assert lines == [f'{old}: no probs_fold*.csv (a run from before they were saved): no ROC or confusion figure']

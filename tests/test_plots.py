@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from plots import edge_label, plot_op_weights, read_op_weights
+from figures.search import edge_label, plot_op_weights, read_op_weights
 from utils import UserError
 
 OPS = ['max_pool_3x3x3', 'avg_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3', 'dil_conv_5x5x5']

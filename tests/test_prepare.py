@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import luna
+from scans import luna
 import prepare
-import scanpool
+from scans import pool
 from utils import UserError
 
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -240,12 +240,12 @@ def toy_job(job):
 def test_pool_isolates_crash_hang_and_error():
     jobs = [1, 2, 'crash', 3, 'raise', 4, 'hang', 5, 6]
     t0 = time.time()
-    results = {j: (ok, r) for j, ok, r in scanpool.run_isolated(toy_job, jobs, workers=3, timeout_s=2.0,
+    results = {j: (ok, r) for j, ok, r in pool.run_isolated(toy_job, jobs, workers=3, timeout_s=2.0,
                                                                  start_method='fork')}
     assert sorted(results, key=str) == sorted(jobs, key=str)  # every job reported exactly once
     for j in (1, 2, 3, 4, 5, 6):
         assert results[j] == (True, j * 10)
-    assert results['crash'] == (False, scanpool.DIED)
+    assert results['crash'] == (False, pool.DIED)
     assert results['raise'] == (False, 'ValueError: bad input')
     assert results['hang'] == (False, 'timed out after 2 s')
     assert time.time() - t0 < 20

@@ -72,8 +72,8 @@ def edge_label(edge):
 
 
 def _colours(ops):
-    """One fixed colour per op, the same in every figure (plots_cells.op_colours)."""
-    from plots_cells import op_colours
+    """One fixed colour per op, the same in every figure (diagrams.op_colours)."""
+    from figures.diagrams import op_colours
     return op_colours(ops)
 
 
@@ -150,7 +150,7 @@ def plot_pareto(csv_path, png_path, paper_params=None, title=None):
     csv_path: evaluations.csv of train_evolve.py (columns params, f1, generation). Returns png_path."""
     import numpy as np
 
-    import evolve_samea
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
     try:
         with open(csv_path, newline='') as f:
             rows = [(float(r['params']), float(r['f1']), int(r['generation'])) for r in csv.DictReader(f)]
@@ -159,7 +159,9 @@ def plot_pareto(csv_path, png_path, paper_params=None, title=None):
     if not rows:
         raise UserError(f'{csv_path}: no data rows')
     params, f1, gen = (np.array(c) for c in zip(*rows))
-    members = evolve_samea.front(np.column_stack([f1, np.log(params)]))
+    # the non-dominated front (f1, ln params), as in the search (evolution/samea.front; kept apart so that the
+    # figures need nothing of the search)
+    members = np.sort(NonDominatedSorting().do(np.column_stack([f1, np.log(params)]), only_non_dominated_front=True))
     members = members[np.argsort(params[members])]
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)

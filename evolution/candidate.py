@@ -16,7 +16,7 @@ import data
 import engine
 import parallel
 import utils
-from evolve_genome import GeneSpace
+from evolution.genes import GeneSpace
 from model import NetworkLUNA
 
 _DATA = {}  # (cube set, folds, split, cube, device) -> (search-train, search-val) CubeData, kept per process

@@ -13,7 +13,7 @@ import train_3D_continuation
 import train_evolve
 import train_search
 import utils
-from evolve_genome import GeneSpace
+from evolution.genes import GeneSpace
 
 # (HYPERGRAD, WEIGHTS): DARTS second and first order with NAS-HBO's sigmoid weights, ZO-DARTS+.
 METHODS = (('second', 'sigmoid'), ('first', 'sigmoid'), ('zeroth', 'sparsemax'))

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-import lidc
+from scans import lidc
 from utils import UserError, progress
 
 HU_MIN, HU_MAX = -1200.0, 600.0   # HU window of prepare.py, mapped to 0..255

@@ -5,7 +5,7 @@ import csv
 import math
 import os
 
-import evolve_samea as sm
+from evolution import samea as sm
 import genotypes
 import utils
 
@@ -46,8 +46,8 @@ class Outputs:
         members = sm.front([[a['f1'], a['f2']] for a in archive]).tolist()
         members.sort(key=lambda i: archive[i]['f2'])
         self.write_front(archive, members)
-        import plots
-        plots.plot_pareto(self.run.file('evaluations.csv'), self.run.file('pareto.png'), PAPER_PARAMS,
+        from figures import search
+        search.plot_pareto(self.run.file('evaluations.csv'), self.run.file('pareto.png'), PAPER_PARAMS,
                           title=f'{self.run.path}: {len(archive)} candidates, front of {len(members)}')
 
     def write_front(self, archive, members):

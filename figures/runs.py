@@ -6,73 +6,19 @@ draw_run(folder) draws everything a run folder supports; `python draw.py runs/<f
 Agg canvas only (no pyplot): no display needed, the process-wide backend is left alone.
 """
 import csv
-import glob
-import json
 import os
-import re
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 import genotypes
-import plots
-import plots_cells
+from figures import diagrams, evaluation, search
+from figures.common import fold_files, new_figure, read_config, read_rows, save
 from utils import UserError
 
 FOLD_COLOURS = 'tab10'  # one colour per test fold
 NOT_KEPT = (0.93, 0.93, 0.93)  # genotype evolution: an edge the genotype does not keep
-
-
-def new_figure(width, height, nrows=1, ncols=1, **kw):
-    fig = Figure(figsize=(width, height), layout='constrained')
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
-    return fig, axes
-
-
-def save(fig, path, dpi=100):
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
-
-
-def read_rows(path):
-    """CSV rows as dicts of floats where a value parses as a number (strings otherwise)."""
-    def value(v):
-        try:
-            return float(v)
-        except (TypeError, ValueError):
-            return v
-    try:
-        with open(path, newline='') as f:
-            rows = [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    except OSError as e:
-        raise UserError(f'{path}: cannot read ({e.strerror})') from None
-    if not rows:
-        raise UserError(f'{path}: no data rows')
-    return rows
-
-
-def read_config(run_path):
-    path = os.path.join(run_path, 'config.json')
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def fold_files(run_path, pattern):
-    """{fold: path} of files named like pattern with '{f}' standing for the fold number, sorted by fold."""
-    regex = re.compile(re.escape(pattern).replace(r'\{f\}', r'(\d+)') + '$')
-    found = {}
-    for path in glob.glob(os.path.join(run_path, pattern.replace('{f}', '*'))):
-        m = regex.search(os.path.basename(path))
-        if m:
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
 
 
 # ---------------------------------------------------------------- search
@@ -107,13 +53,13 @@ def plot_search_curves(run_path, png_path=None):
 def genotype_history(weights_csv):
     """Per-epoch genotype cells recomputed from weights.csv as the search derives them (W = op weight x edge
     weight, genotypes.derive_cell): ({cell: {epoch: [(op, input), ...]}}, ops in column order)."""
-    series, ops = plots.read_op_weights(weights_csv)
+    series, ops = search.read_op_weights(weights_csv)
     edge_w = {}
     with open(weights_csv, newline='') as f:
         for r in csv.DictReader(f):
             edge_w[(int(r['epoch']), r['cell'], int(r['edge']))] = float(r.get('edge_weight') or 1.0)
     history = {}
-    for cell in plots.CELLS:
+    for cell in search.CELLS:
         edges = sorted(e for c, e in series if c == cell)
         if not edges:
             continue
@@ -152,7 +98,7 @@ def plot_genotype_evolution(run_path, png_path=None):
     """genotype_evolution.png: per cell, which edges the genotype keeps with which op at each epoch, and the epoch
     at which each edge's choice last changed."""
     history, ops = genotype_history(os.path.join(run_path, 'weights.csv'))
-    colours = plots_cells.op_colours(ops)
+    colours = diagrams.op_colours(ops)
     n_epochs = max(len(h) for h in history.values())
     warmup = read_config(run_path).get('WARMUP_EPOCHS')
     fig, axes = new_figure(min(max(9, 4 + 0.18 * n_epochs), 16), 1.2 + 2.9 * len(history), len(history), 1)
@@ -169,7 +115,7 @@ def plot_genotype_evolution(run_path, png_path=None):
         if warmup and epochs[0] < warmup <= epochs[-1]:
             ax.axvline(warmup - 0.5, color='k', lw=1, ls=':')
         ax.set_yticks(range(n_edges))
-        ax.set_yticklabels([f'{plots.edge_label(e)}, same since epoch {last[e]:g}' for e in range(n_edges)],
+        ax.set_yticklabels([f'{search.edge_label(e)}, same since epoch {last[e]:g}' for e in range(n_edges)],
                            fontsize=7)
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -189,7 +135,6 @@ def draw_run(run_path, log=print, out_dir=None):
     """Draw every figure the files of a run folder support (search or retrain run) into out_dir (default: the run
     folder); returns the PNG paths. Figures whose inputs are missing (an older run, a search stopped before its
     first epoch) are skipped with a line through `log`."""
-    import plots_eval
     if not os.path.isdir(run_path):
         raise UserError(f'{run_path} is not a folder (give a run folder runs/<script>-<timestamp>)')
     out_dir = out_dir or run_path
@@ -201,23 +146,23 @@ def draw_run(run_path, log=print, out_dir=None):
     cfg = read_config(run_path)
     jobs = []
     if has['weights.csv']:
-        jobs += [(plots.plot_op_weights, (os.path.join(run_path, 'weights.csv'), out('weights.png'),
+        jobs += [(search.plot_op_weights, (os.path.join(run_path, 'weights.csv'), out('weights.png'),
                                            f'op weights per edge and epoch: {run_path}')),
                  (plot_genotype_evolution, (run_path, out('genotype_evolution.png')))]
     if has['metrics.csv'] and has['weights.csv']:
         jobs.append((plot_search_curves, (run_path, out('search_curves.png'))))
     if fold_files(run_path, 'metrics_fold{f}.csv'):
-        jobs.append((plots_eval.plot_retrain_curves, (run_path, out('retrain_curves.png'))))
+        jobs.append((evaluation.plot_retrain_curves, (run_path, out('retrain_curves.png'))))
     if fold_files(run_path, 'probs_fold{f}.csv'):
-        jobs += [(plots_eval.plot_roc, (run_path, out('roc.png'))),
-                 (plots_eval.plot_confusion, (run_path, out('confusion.png')))]
+        jobs += [(evaluation.plot_roc, (run_path, out('roc.png'))),
+                 (evaluation.plot_confusion, (run_path, out('confusion.png')))]
     elif fold_files(run_path, 'result_fold{f}.json'):
         log(f'{run_path}: no probs_fold*.csv (a run from before they were saved): no ROC or confusion figure')
     if fold_files(run_path, 'result_fold{f}.json'):
-        jobs.append((plots_eval.plot_kfold_table, (run_path, out('kfold_table.png'))))
+        jobs.append((evaluation.plot_kfold_table, (run_path, out('kfold_table.png'))))
     genotype = os.path.join(run_path, 'genotype.json') if has['genotype.json'] else cfg.get('GENOTYPE')
     if genotype and (genotype in genotypes.GENOTYPES or os.path.isfile(genotype)):
-        jobs.append((plots_cells.plot_genotype, (genotype, out('cells.png'), genotype)))
+        jobs.append((diagrams.plot_genotype, (genotype, out('cells.png'), genotype)))
     elif genotype:
         log(f'{run_path}: genotype {genotype} not found from here: no cell diagram')
     if not jobs:

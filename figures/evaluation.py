@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.ticker import MaxNLocator
 
-from plots_runs import fold_files, new_figure, read_rows, save
+from figures.common import fold_files, new_figure, read_rows, save
 from utils import METRIC_NAMES, UserError, read_json
 
 METRIC_TITLES = {'acc': 'accuracy', 'sens': 'sensitivity', 'spec': 'specificity', 'f1': 'F1', 'auc': 'ROC AUC'}

@@ -11,7 +11,7 @@ whatever was measured before stays in the file, which is rewritten after every m
    2nd / 1st / zeroth order at SEARCH_BATCH and the retrain at RETRAIN_BATCH, fp32 and bf16 autocast, Triton kernels
    on and off, cells recomputed or not; host syncs in one step (torch.cuda.set_sync_debug_mode) and, for the cases in
    PROFILED, the host share of a step (DEFINITIONS).
-3. the largest batch in MEMORY_GB (bench_steps.largest_batch) of the retrain and the 2nd-order search.
+3. the largest batch in MEMORY_GB (step_times.largest_batch) of the retrain and the 2nd-order search.
 4. the full protocol's time estimated from the measured steps, beside the published code's.
 On a CPU it runs too (with small settings, for the tests): the CUDA-only numbers are null.
 """
@@ -29,12 +29,11 @@ import warnings
 
 import torch
 
-import bench_gpu_report as report
-import bench_steps
+from benchmarks import gpu_report as report
+from benchmarks import step_times
 import dwconv3d
 import utils
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 # (step, dtype, Triton kernels, cells recomputed), in the order they are timed while the budget lasts: the scripts'
 # defaults first (train_3D_continuation: Triton kernels on; train_search: off), then bf16, recomputed cells, the other
 # kernel path. 'search warm-up' is the weight step alone of the search's warm-up epochs.
@@ -98,10 +97,10 @@ def make_step(name, batch, cfg):
     torch.manual_seed(0)
     c = {**cfg, 'AMP': dtype == 'bf16'}
     if step == 'retrain':
-        return bench_steps.retrain_step(batch, c, ckpt)
+        return step_times.retrain_step(batch, c, ckpt)
     if step == 'search warm-up':
-        return bench_steps.search_step('first', batch, c, ckpt, arch=False)
-    return bench_steps.search_step({'search 2nd': 'second', 'search 1st': 'first'}.get(step, 'zeroth'), batch, c, ckpt)
+        return step_times.search_step('first', batch, c, ckpt, arch=False)
+    return step_times.search_step({'search 2nd': 'second', 'search 1st': 'first'}.get(step, 'zeroth'), batch, c, ckpt)
 
 
 def batch_of(name, cfg):
@@ -137,8 +136,8 @@ def time_case(name, cfg, row, save, deadline):
     # shows the noise), one more warm-up step first; fewer when the part's cap is near
     left = deadline - time.monotonic() - 2 * second
     n = max(2, min(MAX_TIMED, int(min(cfg['GPU_TIMED_S'], left) / max(second, 1e-6))))
-    ms1, peak1, _ = bench_steps.time_steps(lambda: step, device, 1, n // 2)
-    ms2, peak2, _ = bench_steps.time_steps(lambda: step, device, 0, n - n // 2)
+    ms1, peak1, _ = step_times.time_steps(lambda: step, device, 1, n // 2)
+    ms2, peak2, _ = step_times.time_steps(lambda: step, device, 0, n - n // 2)
     ms = (ms1 * (n // 2) + ms2 * (n - n // 2)) / n
     row.update(ms=ms, ms_halves=[ms1, ms2], samples_s=1e3 * row['batch'] / ms,
                peak_gb=max(peak1, peak2) if cuda else None, steps_timed=n)
@@ -232,10 +231,11 @@ def measure_compile(cfg, out, limit_s):
     cache = tempfile.mkdtemp(prefix='triton-cache-')
     probe = {k: cfg[k] for k in ('DEVICE', 'SEARCH_C', 'SEARCH_LAYERS', 'RETRAIN_C', 'RETRAIN_LAYERS', 'CUBE',
                                  'SEARCH_BATCH', 'RETRAIN_BATCH')}
-    cmd = [sys.executable, '-c', 'import sys, bench_gpu; bench_gpu.compile_probe(sys.argv[1])', json.dumps(probe)]
+    cmd = [sys.executable, '-c', 'import sys; from benchmarks import gpu; gpu.compile_probe(sys.argv[1])',
+           json.dumps(probe)]
     t0 = time.perf_counter()
     try:
-        done = subprocess.run(cmd, cwd=HERE, env={**os.environ, 'TRITON_CACHE_DIR': cache}, capture_output=True,
+        done = subprocess.run(cmd, cwd=utils.REPO, env={**os.environ, 'TRITON_CACHE_DIR': cache}, capture_output=True,
                               timeout=limit_s)
         stdout, err = done.stdout, done.stderr if done.returncode else b''
         out['note'] = None if not done.returncode else f'the subprocess failed (exit {done.returncode})'
@@ -295,7 +295,7 @@ def parts(cfg, res, save):
     def fit_part(name):
         def fn(deadline):
             res['largest_batch'][name] = None
-            fit = bench_steps.largest_batch(lambda b: make_step(name, b, cfg), batch_of(name, cfg), cfg)
+            fit = step_times.largest_batch(lambda b: make_step(name, b, cfg), batch_of(name, cfg), cfg)
             res['largest_batch'][name] = fit if isinstance(fit, int) else None
         return f'largest batch: {name}', CAP_S['fit search 2nd'] if 'search' in name else CAP_S['other'], fn
 

@@ -1,0 +1,1 @@
+"""Benchmarks: step times, kernels, hypergradient precision, the methods comparison, the GPU session."""
