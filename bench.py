@@ -1,20 +1,20 @@
 """Speed benchmarks on a CUDA GPU: the fast path (Triton depthwise kernels) against torch's native kernels.
 
 python bench.py [config.py] [--NAME=value ...]
-This entry point holds the settings and dispatches; each benchmark lives in its own module (bench_kernels.py,
-bench_steps.py, bench_methods.py).
+This entry point holds the settings and dispatches; each benchmark lives in its own module (benchmarks/kernels.py,
+benchmarks/step_times.py, benchmarks/methods.py).
 Section 1: the depthwise 3D convolution kernels at the shapes the search and retrain networks use, and the
 host time per launch (Triton launcher vs torch conv3d).
 Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the paper genotype; 2nd-order search
 and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step,
 samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
 Section 3: operations per step (what the host issues; the search step appeared host-bound on an H100).
-BENCH='hypergrad' (separately, bench_hypergrad.py): each hypergradient estimator's error against the exact one,
+BENCH='hypergrad' (separately, benchmarks/hypergrad.py): each hypergradient estimator's error against the exact one,
 and its time and peak memory per architecture update; CPU-sized by default.
 BENCH='methods' (separately): 2nd / 1st / zeroth-order and evolutionary searches on the demo set under one short
 budget, each genotype retrained and tested on one fold, beside the paper genotype, random genotypes of the same cell
 space and the gradient-boosting baseline: search time and test metrics per method.
-BENCH='gpu' (separately, bench_gpu.py): one command for a short GPU session that measures every target of the speed
+BENCH='gpu' (separately, benchmarks/gpu.py): one command for a short GPU session that measures every target of the speed
 issue within GPU_BUDGET_S and writes a results JSON as it goes (README, BENCHMARKS.md "To be run").
 The steps and the counts also run on a CPU (BENCH='steps', 'ops' or 'gpu', small settings); the kernels need CUDA.
 """
@@ -36,7 +36,7 @@ DTYPE = 'float32'  # 'float32' or 'bfloat16'
 WARMUP_MS = 25  # warm-up time per measurement (triton.testing.do_bench)
 REP_MS = 100  # measured time per measurement; the median is reported
 PEAK_GBPS = 3000.0  # HBM bandwidth the "% peak" column divides by (H100: ~3 TB/s)
-DEVICE = utils.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
+DEVICE = settings.default_device()  # 'cuda' or 'cpu' (the benchmarks need 'cuda')
 BENCH = 'all'  # 'kernels', 'steps', 'ops' (operations per step, also on a CPU), 'all' (these three), 'methods',
 # 'hypergrad' or 'gpu'
 STEPS = 10  # timed training steps per case
@@ -86,7 +86,7 @@ HG_TIME_STEPS = 3  # timed architecture updates per estimator (median)
 HG_CHECKPOINT_CELLS = False  # timing: recompute cells in backward (the search's CHECKPOINT_CELLS); AMP as above
 HG_FAST_KERNELS = False  # timing: Triton depthwise kernels on CUDA (the search's FAST_KERNELS default: off)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
-# BENCH='gpu' (bench_gpu.py, not in 'all'): every target of the speed issue in one run that fits a short GPU session
+# BENCH='gpu' (benchmarks/gpu.py, not in 'all'): every target of the speed issue in one run for a short GPU session
 GPU_BUDGET_S = 420.0  # wall-clock budget of the whole run, s (parts past it are skipped with a note)
 GPU_COMPILE_S = 120.0  # cap of the first use in an empty Triton cache (a subprocess), s
 GPU_TIMED_S = 8.0  # timed steps per case: about this many seconds of them (at least 2 steps)
@@ -94,7 +94,7 @@ GPU_CASES = ()  # names of gpu.CASES to time (and fit); () = all, in bench_gpu's
 GPU_OUT = ''  # results JSON; '' = runs/bench_gpu-<time>.json (also written to $OUT/ when OUT is set)
 PROTOCOL_SEARCH_NODULES = 266  # search-train nodules of the full protocol (demo set = LUNA16's 1010 labelled nodules)
 PROTOCOL_RETRAIN_NODULES = 909  # training nodules of each retrain fold (1010 minus a test fold of ~101)
-DEFAULTS = utils.settings_of(globals())
+DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'STEPS >= 1';
     # None: any value of the setting's type; DTYPE, BENCH, GPU_CASES are checked by main(); supernets use PC_K = 4)
     'DTYPE': None, 'WARMUP_MS': '>= 0', 'REP_MS': '> 0', 'PEAK_GBPS': '> 0', 'DEVICE': 'device(DEVICE)', 'BENCH': None,
@@ -136,7 +136,7 @@ def main(**overrides):
           + ' '.join(sys.argv[1:]))
     out = {}
     if cfg['BENCH'] == 'gpu':
-        print(f'every target of the speed issue within {cfg["GPU_BUDGET_S"]:.0f} s (bench_gpu.py)')
+        print(f'every target of the speed issue within {cfg["GPU_BUDGET_S"]:.0f} s (benchmarks/gpu.py)')
         out['gpu'] = gpu.run(cfg)
     if cfg['BENCH'] in ('kernels', 'all'):
         dtype = getattr(torch, cfg['DTYPE'])
@@ -191,4 +191,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS, 'nothing is kept: rerun the same command to benchmark again')
+    settings.run_cli(main, DEFAULTS, 'nothing is kept: rerun the same command to benchmark again')

@@ -16,7 +16,7 @@ GENOTYPE = ''  # a registered genotype name or a genotype.json: its cell diagram
 OUT = ''  # with GENOTYPE: its PNG ('' = cells_<name>.png here); with RUN: the figures' folder ('' = the run folder)
 PALETTE = False  # write 256-colour PNGs (about 3x smaller: the README's pictures under docs/)
 PNGS = ()  # PNG files made elsewhere (e.g. predict.py's LayerCAM figures) to rewrite in place with the palette
-DEFAULTS = utils.settings_of(globals())
+DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules; None: any value of the type)
     'RUN': "RUN == '' or isdir(RUN)", 'GENOTYPE': None, 'OUT': None, 'PALETTE': None, 'PNGS': None,
 }
@@ -51,4 +51,4 @@ if __name__ == '__main__':
     # A run folder may be given as the first argument (it would otherwise be read as a config file).
     if len(sys.argv) > 1 and not sys.argv[1].startswith('--') and not sys.argv[1].endswith('.py'):
         sys.argv[1] = f'--RUN={sys.argv[1]}'
-    utils.run_cli(main, DEFAULTS, 'rerun the same command')
+    settings.run_cli(main, DEFAULTS, 'rerun the same command')

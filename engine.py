@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from data import batches
-from utils import UserError, binary_metrics, load_checkpoint, progress, rng_states, save_atomic, set_rng_states
+from runfolder import load_checkpoint, rng_states, save_atomic, set_rng_states
+from utils import UserError, binary_metrics, progress
 
 CHECK_EVERY = 20  # training steps between reads of the losses for NaN/inf (each read waits for the device)
 

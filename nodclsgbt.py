@@ -24,6 +24,7 @@ import data
 from scans import luna
 from scans import lungmask
 import settings
+import runfolder
 import utils
 
 PREPARED_DIR = os.path.join('data', 'luna16', 'prepared')  # prepare.py's OUT_DIR (volumes/, labels.csv)
@@ -42,7 +43,7 @@ SEED = 0                  # random state of the classifier
 RUNS = 'runs'             # folder of run folders
 TAG = ''                  # suffix of the run folder name
 
-DEFAULTS = utils.settings_of(globals())
+DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'MAX_ITER >= 1';
     # None: any value of the setting's type; PREPARED_DIR / CUBE_SET are checked before the run folder is made)
     'PREPARED_DIR': None, 'CUBE_SET': "!= ''", 'CROP': None, 'CUBE_SIZE': '>= 1', 'TEST_FOLDS': 'folds(TEST_FOLDS)',
@@ -130,7 +131,7 @@ def main(**overrides):
         read_labels(cfg['PREPARED_DIR'])
     else:
         data.select_folds(data.read_table(cfg['CUBE_SET']), cfg['TEST_FOLDS'], cfg['CUBE_SET'], what='TEST_FOLDS')
-    run = utils.Run('nodclsgbt', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
+    run = runfolder.Run('nodclsgbt', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
     if cfg['CROP']:
         crop_cube_set(cfg['PREPARED_DIR'], cfg['CUBE_SET'], cfg['CUBE_SIZE'], run.log)
@@ -163,4 +164,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS, 'nothing is continued: rerun the same command to start again')
+    settings.run_cli(main, DEFAULTS, 'nothing is continued: rerun the same command to start again')

@@ -18,6 +18,7 @@ import genotypes
 from figures import evaluation
 import settings
 import train_3D_continuation
+import runfolder
 import utils
 from model import NetworkLUNA
 from figures.common import fold_files
@@ -28,10 +29,10 @@ NODULES = ()  # nodule ids to predict (() = every nodule of the cube set)
 CAM = False  # also write each nodule's LayerCAM volume (.npy) and figure (.png), averaged over the fold models
 CAM_CELLS = ()  # cells whose LayerCAM maps are fused (() = the last cell; negative indices count from the end)
 BATCH_SIZE = 16  # cubes per forward pass
-DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA (compiling them takes longer than a prediction)
 TAG = ''  # suffix of the output folder name
-DEFAULTS = utils.settings_of(globals())
+DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules; None: any value of the type)
     'RUN': None, 'DATA': "DATA == '' or isdir(DATA)", 'NODULES': None, 'CAM': None,
     'CAM_CELLS': 'ints(CAM_CELLS)', 'BATCH_SIZE': '>= 1', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
@@ -168,7 +169,7 @@ def main(**overrides):
         raise utils.UserError(f'CAM_CELLS {bad}: the run\'s network has cells 0..{run_cfg["LAYERS"] - 1}')
     cubes = data.load_cubes(root, table, run_cfg['CUBE'])
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
-    out = utils.Run('predict', cfg, cfg['RUN'], cfg['TAG'])
+    out = runfolder.Run('predict', cfg, cfg['RUN'], cfg['TAG'])
     out.header(cfg, cfg['DEVICE'])
     models = load_models(cfg['RUN'], run_cfg, folds, cfg['DEVICE'], out.log)
     result = table.copy()
@@ -191,4 +192,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS, 'rerun the same command (nothing is kept from an interrupted prediction)')
+    settings.run_cli(main, DEFAULTS, 'rerun the same command (nothing is kept from an interrupted prediction)')

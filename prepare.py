@@ -3,7 +3,7 @@
     python prepare.py [config.py] [--NAME=value ...]
 
 Reads LUNA16_DIR/subset<k>/*.mhd (+ .raw) and LUNA16_DIR/annotations.csv. Writes into OUT_DIR:
-  volumes/<seriesuid>.npy   uint8 (z, y, x) volume at 1 mm (lungmask.py), 170 outside the lungs
+  volumes/<seriesuid>.npy   uint8 (z, y, x) volume at 1 mm (scans/lungmask.py), 170 outside the lungs
   volumes/<seriesuid>.json  its geometry: luna.world_to_voxel(world_xyz, geometry) -> voxel (z, y, x)
   failures.csv              scans that failed in this run, with the reason
   labels.csv                one row per LUNA16 annotation: world centre, diameter, fold (= subset index),
@@ -14,7 +14,7 @@ Scans run in WORKERS processes; each scan fails alone; a scan whose outputs exis
 current annotations is skipped (resume). Labels come from the LIDC-IDRI reader clusters (lidc.nodule_table),
 matched to annotations.csv by scan and nearest world centre, or from your own LABEL_TABLE (world mm, no
 LIDC database needed). The annotated nodules (a sphere of radius + PROTECT_MM each) are never filled by
-the masking (lungmask.py). A log goes to runs/prepare-<time>/.
+the masking (scans/lungmask.py). A log goes to runs/prepare-<time>/.
 """
 import json
 import os
@@ -27,6 +27,7 @@ from scans import luna
 from scans import lungmask
 from scans import pool
 import settings
+import runfolder
 import utils
 from scans.luna import world_to_voxel  # noqa: F401 - part of this script's interface (prepare.world_to_voxel)
 
@@ -46,7 +47,7 @@ TAG = ''                  # suffix of the run folder name
 LABEL_TABLE = ''          # CSV of your own labels instead of LIDC's (world mm; README): no LIDC_DB, annotations.csv
 PROTECT_MM = 4.0          # margin (mm) beyond each annotated nodule's radius (diameter_mm / 2) that masking never fills
 
-DEFAULTS = utils.settings_of(globals())
+DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '> 0' reads 'MATCH_MM > 0';
     # None: any value of the setting's type; LUNA16_DIR and its annotations.csv are checked before the run folder)
     'LUNA16_DIR': None, 'OUT_DIR': "!= ''", 'VOLUMES': None, 'LABELS': None,
@@ -263,7 +264,7 @@ def main(**overrides):
         raise utils.UserError('nothing to do: VOLUMES and LABELS are both False')
     scans = luna.find_scans(cfg['LUNA16_DIR'])
     nodules, note = load_nodules(scans, cfg)  # a bad label table or annotations.csv fails now, not after the scans
-    run = utils.Run('prepare', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
+    run = runfolder.Run('prepare', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
     if note:
         run.log(note)
@@ -280,4 +281,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS, 'finished scans are kept; rerun the same command to continue')
+    settings.run_cli(main, DEFAULTS, 'finished scans are kept; rerun the same command to continue')

@@ -13,26 +13,25 @@ and main(**overrides) starts with
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
 
 then checks its other inputs (files, folds, genotypes) before it creates or touches its run folder. A broken rule is
-one line (a UserError, printed by utils.run_cli without a traceback) naming the setting, its value and the rule.
+one line (a UserError, printed by run_cli without a traceback) naming the setting, its value and the rule.
 """
 import ast
+import json
 import operator
 import os
+import sys
 
-import torch
-
-import utils
 from utils import UserError
 
 
 def resolve(overrides, defaults, rules):
     """The settings of a script's run, every one checked before the script writes anything: the defaults updated
     with main(**overrides) (names and types checked), or, with RESUME, the continued run's config.json (see
-    utils.resumed_settings: config.json checked to be complete and of this script); then each value against its rule
+    resumed_settings: config.json checked to be complete and of this script); then each value against its rule
     (check_rules). See the module docstring for how a script adopts it."""
-    cfg = utils.check_settings(overrides, defaults)
+    cfg = check_settings(overrides, defaults)
     if cfg.get('RESUME'):
-        cfg = utils.resumed_settings(cfg['RESUME'], overrides, defaults)
+        cfg = resumed_settings(cfg['RESUME'], overrides, defaults)
     check_rules(cfg, rules)
     return cfg
 
@@ -54,6 +53,7 @@ def usable_device(name):
     kind, _, index = name.partition(':')
     if kind != 'cuda' or not (index == '' or index.isdigit()):
         raise UserError(f"DEVICE={name!r}: must be 'cpu', 'cuda' or 'cuda:<index>'")
+    import torch
     if not torch.cuda.is_available():
         raise UserError(f'DEVICE={name!r}: CUDA is not available on this machine (torch.cuda.is_available() is '
                         'False); use --DEVICE=cpu')
@@ -142,3 +142,162 @@ def check_rules(cfg, rules):
             others = ', '.join(f'{n}={cfg[n]!r}' for n in dict.fromkeys(names) if n != name)
             raise UserError(f'{name}={cfg[name]!r} is not allowed: it must satisfy {rule}'
                             + (f' ({others})' if others else ''))
+
+
+# ---------------------------------------------------------------- command line, config files, resume
+
+def _literal(text):
+    """Parse a command-line value: a Python literal if it is one, else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(name, value, default):
+    """Check an override against the type of its default (ints are accepted for floats)."""
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    elif isinstance(value, type(default)) and not isinstance(value, bool):
+        return value
+    elif isinstance(default, str):
+        # string settings also take other literals: FOLD=8, PRIMITIVES=('sep_conv_3x3x3', ...)
+        return str(value) if isinstance(value, (int, float)) else value
+    raise UserError(f'--{name}={value!r}: expected a {type(default).__name__}')
+
+
+def read_config_file(path, known):
+    """Read NAME = literal lines from a config .py file without executing it."""
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError) as e:
+        raise UserError(f'config file {path}: {e}') from None
+    values = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f'config file {path}, line {node.lineno}: only NAME = value lines are allowed')
+        name = node.targets[0].id
+        if name not in known:
+            raise UserError(f'config file {path}: unknown setting {name} (known: {", ".join(sorted(known))})')
+        try:
+            values[name] = ast.literal_eval(node.value)
+        except ValueError:
+            raise UserError(f'config file {path}, line {node.lineno}: {name} must be a literal') from None
+    return values
+
+
+def parse_overrides(defaults, argv):
+    """Settings given on the command line: an optional config .py file (first argument), then --NAME=value."""
+    given = {}
+    args = list(argv)
+    if args and not args[0].startswith('--'):
+        given.update({k: _coerce(k, v, defaults[k]) for k, v in read_config_file(args.pop(0), defaults).items()})
+    for arg in args:
+        if not arg.startswith('--') or '=' not in arg:
+            raise UserError(f'cannot parse argument {arg!r}: use --NAME=value')
+        name, text = arg[2:].split('=', 1)
+        if name not in defaults:
+            raise UserError(f'unknown setting --{name} (known: {", ".join(sorted(defaults))})')
+        given[name] = _coerce(name, _literal(text), defaults[name])
+    return given
+
+
+def settings_of(module_globals):
+    """The UPPERCASE constants of a script, as a dict of defaults."""
+    plain = (int, float, str, bool, list, tuple, type(None))
+    return {k: v for k, v in module_globals.items() if k.isupper() and not k.startswith('_') and isinstance(v, plain)}
+
+
+RESUME_HINT = 'the last checkpoint is kept; rerun with --RESUME=<run folder> to continue'
+
+
+def run_cli(main, defaults, on_interrupt=RESUME_HINT):
+    """Entry point of a script: parse sys.argv, run main(**overrides), print user errors as one line.
+    on_interrupt: what Ctrl-C prints after 'interrupted: ', i.e. how this script continues (or that it restarts)."""
+    try:
+        main(**parse_overrides(defaults, sys.argv[1:]))
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f'interrupted: {on_interrupt}', file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - only torch's out-of-GPU-memory error is answered here
+        torch = sys.modules.get('torch')  # imported by the script when it ran a network; never imported here
+        if torch is None or not isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        advice = ('set CHECKPOINT_CELLS=True (a run continues with it: --RESUME=<run folder> '
+                  '--CHECKPOINT_CELLS=True) or a smaller BATCH_SIZE') if 'CHECKPOINT_CELLS' in defaults else \
+            'use a smaller batch'
+        first = str(e).partition('\n')[0]
+        print(f'error: out of GPU memory ({first}); {advice}', file=sys.stderr)
+        sys.exit(3)
+
+
+def check_settings(overrides, defaults):
+    """Defaults updated with main(**overrides); unknown names and wrong types are rejected."""
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise UserError(f'unknown setting(s) {", ".join(unknown)} (known: {", ".join(sorted(defaults))})')
+    return {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in overrides.items()}}
+
+
+# Settings a continued run may change: where and how fast it runs, not what it computes.
+RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL')
+
+
+def read_run_config(run_path, defaults):
+    """config.json of a run folder to continue, checked to belong to the script of `defaults`: it must parse, hold
+    every setting of the script (those in RESUMABLE_CHANGES may be missing) and no other, each of its type."""
+    path = os.path.join(run_path, 'config.json')
+    if not os.path.exists(path):
+        raise UserError(f'RESUME={run_path}: {path} is missing (not a run folder of this script?)')
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        what = 'is empty' if os.path.getsize(path) == 0 else f'cannot be read ({e})'
+        raise UserError(f'RESUME={run_path}: {path} {what}; the run cannot be continued') from None
+    if not isinstance(saved, dict):
+        raise UserError(f'RESUME={run_path}: {path} holds no settings; the run cannot be continued')
+    unknown = sorted(set(saved) - set(defaults))
+    if unknown:
+        raise UserError(f'RESUME={run_path}: not a run folder of this script: its config.json has setting(s) '
+                        f'{", ".join(unknown)}, which this script does not have')
+    missing = sorted(set(defaults) - set(saved) - set(RESUMABLE_CHANGES))
+    if missing:
+        raise UserError(f'RESUME={run_path}: {path} lacks setting(s) {", ".join(missing)} (damaged, or written by '
+                        'another version of this script); the run cannot be continued')
+    for k, v in saved.items():
+        try:
+            _coerce(k, v, defaults[k])
+        except UserError:
+            raise UserError(f'RESUME={run_path}: {path}: {k}={v!r} is not a {type(defaults[k]).__name__}') from None
+    return saved
+
+
+def resumed_settings(run_path, overrides, defaults):
+    """Settings of a run being continued: its config.json; DEVICE and FAST_KERNELS are this machine's (the
+    defaults or given values). Other settings cannot change (the saved optimizer and schedule were built from them)."""
+    checked = check_settings(overrides, defaults)
+    saved = read_run_config(run_path, defaults)
+    for k in overrides:
+        if k not in RESUMABLE_CHANGES and json.loads(json.dumps(checked[k])) != saved.get(k):
+            raise UserError(f'--{k} cannot change when resuming {run_path} (it was {saved.get(k)!r}); '
+                            'start a new run instead')
+    saved = {k: _coerce(k, v, defaults[k]) for k, v in saved.items()}
+    return {**saved, **{k: checked[k] for k in RESUMABLE_CHANGES if k in checked}, 'RESUME': run_path}
+
+
+def default_device():
+    import torch
+    return 'cuda' if torch.cuda.is_available() else 'cpu'

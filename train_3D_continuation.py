@@ -16,6 +16,7 @@ import engine
 import genotypes
 import parallel
 import settings
+import runfolder
 import utils
 from model import NetworkLUNA
 
@@ -38,7 +39,7 @@ LAYERS = 20  # cells (reductions at LAYERS//3 and 2*LAYERS//3)
 DROP_PATH = 0.2  # drop-path probability, rising linearly from 0 to this over the epochs
 REPORT_BEST = True  # also print the best epoch on the test fold (the published, optimistic protocol)
 SEED = 0  # seed of initialization and augmentation
-DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = True  # Triton depthwise kernels on CUDA (dwconv3d.py): 1.8x faster retrain steps (BENCHMARKS.md)
 CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
@@ -47,7 +48,7 @@ RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
 RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
-DEFAULTS = utils.settings_of(globals())
+DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
     # None: any value of the setting's type; GENOTYPE and FOLD are checked by main() before the run folder is made)
     'DATA': None, 'GENOTYPE': None, 'FOLD': None, 'TEST_FOLDS': 'folds(TEST_FOLDS)',
@@ -105,7 +106,7 @@ def train_fold(cfg, genotype, table, fold, run):
     train, test, train_folds = fold_data(cfg, table, fold)
     run.log(f'fold {fold}: train folds {train_folds} {engine.class_balance(train.labels.cpu())}, '
             f'test {engine.class_balance(test.labels.cpu())} nodules (benign/malignant)')
-    utils.seed_everything(cfg['SEED'] + fold)
+    runfolder.seed_everything(cfg['SEED'] + fold)
     model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype).to(cfg['DEVICE'])
     model.amp = cfg['AMP']
     model.checkpoint_cells = cfg['CHECKPOINT_CELLS']
@@ -149,7 +150,7 @@ def train_fold(cfg, genotype, table, fold, run):
         ev = engine.evaluate(model, test, cfg['BATCH_SIZE'], f'fold {fold} final test evaluation', run.path, ckpt_name)
     result = {'fold': fold, **{k: ev[k] for k in utils.METRIC_NAMES}, 'params_M': n_params,
               'best': {'fold': fold, **best}}
-    utils.save_atomic(model.state_dict(), run.file(f'model_fold{fold}.pt'))
+    runfolder.save_atomic(model.state_dict(), run.file(f'model_fold{fold}.pt'))
     save_fold_outputs(run, cfg, table, fold, train, train_folds, ev['prob'])
     utils.save_json_atomic(result_path, result)  # its presence marks the fold as finished on resume
     return result
@@ -173,7 +174,7 @@ def genotype_file_settings(cfg, overrides):
         return cfg
     body = utils.read_json(path, 'a genotype.json of train_search.py or a front file of train_evolve.py')
     stored = {k: body[k] for k in ('C', 'LAYERS', 'LR') if isinstance(body, dict) and k in body and k not in overrides}
-    return {**cfg, **{k: v for k, v in utils.check_settings(stored, DEFAULTS).items() if k in stored}}
+    return {**cfg, **{k: v for k, v in settings.check_settings(stored, DEFAULTS).items() if k in stored}}
 
 
 def fold_job(cfg, genotype, table, fold, run):
@@ -216,7 +217,7 @@ def main(**overrides):
         train_folds_of(cfg, table, f)
         if cfg['RESUME'] and os.path.exists(os.path.join(cfg['RESUME'], f'result_fold{f}.json')):
             read_result(os.path.join(cfg['RESUME'], f'result_fold{f}.json'), f)
-    run = utils.Run('train_3D_continuation', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
+    run = runfolder.Run('train_3D_continuation', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     run.log(f'genotype {cfg["GENOTYPE"]}: {genotype}')
     genotypes.save_genotype(genotype, run.file('genotype.json'))  # the run folder alone suffices for predict.py
@@ -234,5 +235,5 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS, 'finished folds and the last epoch checkpoint are kept; rerun with '
+    settings.run_cli(main, DEFAULTS, 'finished folds and the last epoch checkpoint are kept; rerun with '
                   '--RESUME=<run folder> to continue')

@@ -17,6 +17,7 @@ from evolution import samea as sm
 import operations
 import parallel
 import settings
+import runfolder
 import utils
 from evolution.candidate import gene_space, primitives_of, train_candidate, worst_f1
 from evolution.records import Outputs
@@ -48,12 +49,12 @@ EXPLORE = 0.2  # added mass of the selection probabilities, spread over subprobl
 MUTATION_FLOOR = 0.1  # lowest per-gene mutation probability (EMONAS: 0.1)
 MEMORY_GB = 24.0  # memory guard: a genome's estimated training-step memory must stay below this (GB)
 SEED = 2  # seed of the algorithm's generator and, with the candidate index, of each candidate's training
-DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 PARALLEL = 'off'  # independent candidates through parallel.map_jobs: 'off' (one after the other) or 'ray'
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 RESUME = ''  # a run folder of this script: finished candidates are read back, the search continues
-DEFAULTS = utils.settings_of(globals())
+DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
     # None: any value of the setting's type; PRIMITIVES and the cube set are checked by check_inputs())
     'DATA': None, 'SEARCH_FOLDS': 'folds(SEARCH_FOLDS)', 'VAL_FRACTION': '0 < VAL_FRACTION < 1',
@@ -231,7 +232,7 @@ class Search:
 def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     check_inputs(cfg)
-    run = utils.Run('train_evolve', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
+    run = runfolder.Run('train_evolve', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     os.makedirs(run.file('candidates'), exist_ok=True)
     if cfg['RESUME']:
@@ -257,4 +258,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS, 'the finished candidates are kept; rerun with --RESUME=<run folder> to continue')
+    settings.run_cli(main, DEFAULTS, 'the finished candidates are kept; rerun with --RESUME=<run folder> to continue')

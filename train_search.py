@@ -15,6 +15,7 @@ import engine
 import genotypes
 import operations
 import settings
+import runfolder
 import utils
 import zo
 from model_search import SearchNetwork, zero_one_loss
@@ -54,7 +55,7 @@ ZO_MU = 0.005  # zeroth order: perturbation size relative to ||alpha||
 ZO_ARCH_LR = 1.5e-2  # zeroth order: Adam learning rate of alphas/betas
 PATIENCE = 0  # stop when search-val accuracy has not improved for this many epochs after warm-up (0: off)
 SEED = 2  # seed of model initialization, split and augmentation
-DEVICE = utils.default_device()  # 'cuda' or 'cpu'
+DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA; off: this step is host-bound, they slowed it (BENCHMARKS)
 CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
@@ -62,7 +63,7 @@ RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
-DEFAULTS = utils.settings_of(globals())
+DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
     # None: any value of the setting's type; names of ops, weightings, hypergradients are checked by build())
     'DATA': None, 'SEARCH_FOLDS': 'folds(SEARCH_FOLDS)', 'VAL_FRACTION': '0 < VAL_FRACTION < 1',
@@ -173,7 +174,7 @@ def log_weights(run, epoch, model):
 
 def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
-    utils.seed_everything(cfg['SEED'])
+    runfolder.seed_everything(cfg['SEED'])
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
     # Everything that can fail on the input (cube set, folds, ops, checkpoint) runs before the run folder is touched.
@@ -189,7 +190,7 @@ def main(**overrides):
     state = engine.load_state(last, gen, ckpt) if cfg['RESUME'] and os.path.exists(last) else None
     if state is not None:
         start, best = state['epoch'] + 1, state['best']
-    run = utils.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
+    run = runfolder.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(train.labels.cpu())}, '
             f'search-val {engine.class_balance(val.labels.cpu())} nodules (benign/malignant), split by scan')
@@ -253,4 +254,4 @@ def finish(run, model, best, epoch, figures=True):
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, DEFAULTS, 'the last epoch checkpoint is kept; rerun with --RESUME=<run folder> to continue')
+    settings.run_cli(main, DEFAULTS, 'the last epoch checkpoint is kept; rerun with --RESUME=<run folder> to continue')

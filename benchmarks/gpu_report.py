@@ -1,4 +1,4 @@
-"""The report of BENCH='gpu' (bench_gpu.py): definitions, the issue's targets against the measured numbers, the
+"""The report of BENCH='gpu' (benchmarks/gpu.py): definitions, the issue's targets against the measured numbers, the
 full-protocol estimate, strict JSON and the closing table."""
 import math
 
@@ -25,7 +25,8 @@ DEFINITIONS = {
                    'at its cap (or failed) first_use_s is null and first_use_at_least_s its running time',
     'kernel_binaries': 'distinct kernel specializations compiled: compiled binaries (.cubin/.hsaco) in that cache; '
                        'kernel_binaries_after_all: in the same cache at the end of the run (every case measured)',
-    'largest_batch': 'bench_steps.largest_batch: linear fit of the peak memory of one step at the batch and twice it',
+    'largest_batch': 'benchmarks.step_times.largest_batch: linear fit of the peak memory of one step at the batch and '
+                     'twice it',
     'targets': 'each bound of the issue against the smallest measured value over its cases (best, case; by_case: every '
                'case); met is null without a measurement or off a GPU (the bounds are for a GPU at the full sizes)',
     'protocol_h': 'search: warm-up epochs x steps x (weight-only step) + other epochs x steps x (search step); '

@@ -15,6 +15,7 @@ import torch
 import data
 import engine
 import parallel
+import runfolder
 import utils
 from evolution.genes import GeneSpace
 from model import NetworkLUNA
@@ -111,7 +112,7 @@ def train_candidate(cfg, idx, genome, path):
     cfg = {**cfg, 'DEVICE': parallel.job_device(cfg['DEVICE'])}  # in a Ray task: the device Ray gave it
     geno, C, cells, lr = gene_space(cfg).decode(genome)
     seed = cfg['SEED'] * 1_000_003 + idx  # depends on the candidate, not on what the process ran before
-    utils.seed_everything(seed)
+    runfolder.seed_everything(seed)
     model = NetworkLUNA(C, 2, cells, geno).to(cfg['DEVICE'])
     hist, diverged = fit(cfg, model, lr, seed, f'candidate {idx}', os.path.dirname(path))
     if diverged or not hist['val_loss']:

@@ -1,7 +1,7 @@
 """LUNA16 files and geometry: scans and headers, annotations, world <-> voxel, label matching, atomic writes.
 
 Arrays are (z, y, x); spacing and origin are kept in the same (z, y, x) order, in mm, while LUNA16's world
-coordinates (annotations.csv) are (x, y, z). A preprocessed volume (see lungmask.py) comes with a geometry
+coordinates (annotations.csv) are (x, y, z). A preprocessed volume (see scans/lungmask.py) comes with a geometry
 dict: spacing, origin, flip and raw_shape of the scan, resolution (mm) of the saved volume and box_start
 (its first voxel in the resampled scan), so that world_to_voxel() maps a world point into it.
 """

@@ -1,4 +1,4 @@
-"""lungmask.py's masking keeps annotated nodules: the bone rule no longer erases dense nodules."""
+"""scans/lungmask.py's masking keeps annotated nodules: the bone rule no longer erases dense nodules."""
 import numpy as np
 
 from scans import lungmask

@@ -12,7 +12,7 @@ import data
 import engine
 import train_3D_continuation as retrain
 import train_search
-import utils
+import runfolder
 from conftest import write_cube_set
 from utils import UserError
 
@@ -241,7 +241,7 @@ def poison_last_step(monkeypatch, n):
 
 
 def assert_good_checkpoint(path):
-    state = utils.load_checkpoint(path)
+    state = runfolder.load_checkpoint(path)
     assert state['epoch'] == 0
     assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
 
@@ -277,7 +277,7 @@ def test_evaluate_without_a_run_folder_names_the_outputs(cubes):
 # ---------------------------------------------------------------- metrics rows on resume
 
 def test_continue_metrics_keeps_whole_rows_of_checkpointed_epochs_and_says_what_is_lost(tmp_path):
-    run = utils.Run('test', {}, path=str(tmp_path / 'run'))
+    run = runfolder.Run('test', {}, path=str(tmp_path / 'run'))
     run.quiet = True
     run.metrics_rows([{'epoch': e, 'loss': 0.5 + e} for e in range(4)])
     with open(run.file('metrics.csv'), 'a') as f:

@@ -11,6 +11,7 @@ import dwconv3d
 import engine
 import genotypes
 import train_3D_continuation as retrain
+import runfolder
 import utils
 from conftest import write_cube_set
 from utils import UserError
@@ -145,13 +146,13 @@ def test_resume_equals_an_uninterrupted_run(cubes, tmp_path, monkeypatch, straig
 
 def test_resume_after_the_last_epoch_only_evaluates(cubes, tmp_path, monkeypatch, straight):
     # killed after the last checkpoint, before the final model and result were written
-    real = utils.save_atomic
+    real = runfolder.save_atomic
 
     def save(obj, path):
         if path.endswith('model_fold8.pt'):
             raise Stop
         real(obj, path)
-    monkeypatch.setattr(utils, 'save_atomic', save)
+    monkeypatch.setattr(runfolder, 'save_atomic', save)
     with pytest.raises(Stop):
         run(cubes, tmp_path, FOLD=8, EPOCHS=3)
     monkeypatch.undo()
@@ -215,7 +216,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cubes, tmp_path):
     with pytest.raises(UserError, match=r'loss is (nan|inf) at fold 8 epoch 1.*last_fold8\.pt'):
         run(cubes, tmp_path, FOLD=8, EPOCHS=2, LR=0.0, LR_MIN=1e38)
     (path,) = [os.path.join(tmp_path, p) for p in os.listdir(tmp_path)]
-    state = utils.load_checkpoint(os.path.join(path, 'last_fold8.pt'))
+    state = runfolder.load_checkpoint(os.path.join(path, 'last_fold8.pt'))
     assert state['epoch'] == 0
     assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
     assert len(read_csv(os.path.join(path, 'metrics_fold8.csv'))) == 1

@@ -18,7 +18,6 @@ import train_3D_continuation as retrain
 import train_evolve
 import train_search
 import settings
-import utils
 from conftest import write_cube_set
 from utils import UserError
 
@@ -164,7 +163,7 @@ def test_bad_setting_on_the_command_line_is_one_line(tmp_path):
 def test_interrupt_message_names_how_the_script_continues(script, says, never, monkeypatch, capsys):
     def interrupted(defaults, argv):
         raise KeyboardInterrupt
-    monkeypatch.setattr(utils, 'parse_overrides', interrupted)
+    monkeypatch.setattr(settings, 'parse_overrides', interrupted)
     monkeypatch.setattr(sys, 'argv', [script])
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(REPO, script), run_name='__main__')
