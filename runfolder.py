@@ -2,6 +2,7 @@
 random states they hold."""
 import csv
 import datetime
+import json
 import os
 import platform
 import random
@@ -22,7 +23,25 @@ class Run:
         self.path = path
         os.makedirs(path, exist_ok=True)
         self.quiet = False
+        self.previous = self._previous_config()  # settings of a continued run before this start; None: a new run
         save_json_atomic(self.file('config.json'), cfg, default=str)  # a kill mid-write keeps the previous one
+
+    def _previous_config(self):
+        """config.json as it was (checked by settings.resumed_settings before the run folder is touched), or None."""
+        try:
+            with open(self.file('config.json')) as f:
+                previous = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return previous if isinstance(previous, dict) else None
+
+    def changed_settings(self, cfg):
+        """'NAME old -> new' for each setting of `cfg` whose value differs from the previous config.json ('(none)'
+        where that lacks it); RESUME aside, which names the folder."""
+        now = json.loads(json.dumps(cfg, default=str))
+        old = self.previous or {}
+        return [f'{k} {old[k]!r} -> {v!r}' if k in old else f'{k} (none) -> {v!r}'
+                for k, v in now.items() if k != 'RESUME' and (k not in old or old[k] != v)]
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -40,6 +59,10 @@ class Run:
                  + (f' ({torch.cuda.get_device_name(device)})' if str(device).startswith('cuda') else ''))
         for k, v in cfg.items():
             self.log(f'  {k} = {v!r}')
+        if self.previous is not None:
+            changed = self.changed_settings(cfg)
+            self.log('resumed with the settings of its config.json' + (
+                ', changed: ' + ', '.join(changed) if changed else ' (none changed)'))
 
     def metrics_row(self, row, name='metrics.csv'):
         """Append one row (a dict) to a CSV, writing the header on first use."""

@@ -26,13 +26,18 @@ from utils import UserError
 
 def resolve(overrides, defaults, rules):
     """The settings of a script's run, every one checked before the script writes anything: the defaults updated
-    with main(**overrides) (names and types checked), or, with RESUME, the continued run's config.json (see
-    resumed_settings: config.json checked to be complete and of this script); then each value against its rule
-    (check_rules). See the module docstring for how a script adopts it."""
+    with main(**overrides) (names and types checked), or, with RESUME, the continued run's config.json updated with
+    the given settings that may change (see resumed_settings); then each value against its rule (check_rules)."""
     cfg = check_settings(overrides, defaults)
-    if cfg.get('RESUME'):
-        cfg = resumed_settings(cfg['RESUME'], overrides, defaults)
-    check_rules(cfg, rules)
+    if not cfg.get('RESUME'):
+        check_rules(cfg, rules)
+        return cfg
+    cfg = resumed_settings(cfg['RESUME'], overrides, defaults)
+    try:
+        check_rules(cfg, rules)
+    except UserError as e:  # e.g. DEVICE='cuda' of a run continued on a machine without a GPU
+        raise UserError(f'{e} (resuming {cfg["RESUME"]}: the settings not given are those of its config.json)') \
+            from None
     return cfg
 
 
@@ -310,7 +315,7 @@ def check_settings(overrides, defaults):
     return {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in overrides.items()}}
 
 
-# Settings a continued run may change: where and how fast it runs, not what it computes.
+# Settings a continued run may change, when given: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL')
 
 
@@ -345,16 +350,18 @@ def read_run_config(run_path, defaults):
 
 
 def resumed_settings(run_path, overrides, defaults):
-    """Settings of a run being continued: its config.json; DEVICE and FAST_KERNELS are this machine's (the
-    defaults or given values). Other settings cannot change (the saved optimizer and schedule were built from them)."""
+    """Settings of a run being continued: every one from its config.json, except those given (main(**overrides),
+    the command line) among RESUMABLE_CHANGES. Giving another value of any other setting is a UserError (the saved
+    optimizer and schedule were built from them); repeating the saved value is fine. A setting of RESUMABLE_CHANGES
+    that an older config.json lacks is the given value or the script's default."""
     checked = check_settings(overrides, defaults)
     saved = read_run_config(run_path, defaults)
     for k in overrides:
         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(checked[k])) != saved.get(k):
             raise UserError(f'--{k} cannot change when resuming {run_path} (it was {saved.get(k)!r}); '
                             'start a new run instead')
-    saved = {k: _coerce(k, v, defaults[k]) for k, v in saved.items()}
-    return {**saved, **{k: checked[k] for k in RESUMABLE_CHANGES if k in checked}, 'RESUME': run_path}
+    return {k: checked[k] if k in overrides or k not in saved else _coerce(k, saved[k], defaults[k])
+            for k in defaults} | {'RESUME': run_path}
 
 
 def default_device():
