@@ -84,9 +84,7 @@ class Run:
         path = self.file(name)
         if not os.path.exists(path):
             return []
-        with open(path, newline='') as f:
-            reader = csv.DictReader(f)
-            rows, fields = list(reader), reader.fieldnames
+        rows, fields = read_metrics(path)
         if not fields:  # empty (cut before its header): the next row writes a new header
             os.remove(path)
             return []
@@ -116,19 +114,65 @@ class Run:
         return lost
 
 
+def read_metrics(path):
+    """(rows, header) of a metrics CSV a run wrote (rows: dicts), ([], None) when it is missing or empty. A damaged
+    one (binary content, no epoch column) is a UserError naming it and what to do: resuming a run checks its CSVs
+    with this before anything in the run folder is written."""
+    if not os.path.exists(path):
+        return [], None
+    try:
+        with open(path, newline='') as f:
+            reader = csv.DictReader(f)
+            rows, fields = list(reader), reader.fieldnames
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f'{path} cannot be read as a CSV table ({_first_line(e)}): {METRICS_REMEDY}') from None
+    if fields and 'epoch' not in fields:
+        raise UserError(f'{path} has no epoch column (damaged?): {METRICS_REMEDY}')
+    return rows, fields
+
+
+METRICS_REMEDY = 'delete it to continue the run (the rows of its finished epochs are then lost; log.txt has them)'
+
+
+def _first_line(error):
+    return str(error).strip().partition('\n')[0][:200]
+
+
 def save_atomic(obj, path):
     """torch.save, atomically (checkpoints)."""
+    import torch
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, remedy=''):
+    """A checkpoint, on the CPU; a missing or unreadable file is a UserError naming it (and `remedy`: what to do)."""
+    import torch
+    tail = f': {remedy}' if remedy else ''
     if not os.path.exists(path):
-        raise UserError(f'checkpoint {path} does not exist')
+        raise UserError(f'checkpoint {path} does not exist{tail}')
     try:
         return torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f'checkpoint {path} cannot be read: {e}') from None
+        raise UserError(f'checkpoint {path} cannot be read ({_first_line(e)}){tail}') from None
+
+
+def check_checkpoint(path, keys, model, remedy):
+    """A checkpoint to continue from, checked before its run folder is touched: readable, holding `keys`, and its
+    'model' weights of the names and shapes of `model` (the network of the run's settings, built on the meta
+    device: no memory). A bad one is a UserError naming it and `remedy`."""
+    state = load_checkpoint(path, remedy)
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f'checkpoint {path} lacks {", ".join(missing)} (damaged?): {remedy}')
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    weights = state['model'] if isinstance(state['model'], dict) else {}
+    got = {k: tuple(getattr(v, 'shape', ())) for k, v in weights.items()}
+    if got != want:
+        differ = sorted(set(got) ^ set(want)) or sorted(k for k in want if got[k] != want[k])
+        raise UserError(f'checkpoint {path} holds a model that does not fit the network of the run\'s settings '
+                        f'({len(differ)} weight(s) differ, e.g. {differ[0]}; from another version?): {remedy}')
+    return state
 
 
 def seed_everything(seed):

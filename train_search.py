@@ -190,6 +190,8 @@ def main(**overrides):
     state = engine.load_state(last, gen, ckpt) if cfg['RESUME'] and os.path.exists(last) else None
     if state is not None:
         start, best = state['epoch'] + 1, state['best']
+    for name in ('metrics.csv', 'weights.csv') if cfg['RESUME'] else ():  # damaged: named before anything is written
+        runfolder.read_metrics(os.path.join(cfg['RESUME'], name))
     run = runfolder.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(train.labels.cpu())}, '
