@@ -156,10 +156,19 @@ def test_damaged_retrain_checkpoint_then_deleted(retrain_run, tmp_path, how, mes
     assert [r['fold'] for r in retrain.main(RESUME=str(folder))['folds']] == [8]
 
 
-def test_damaged_search_checkpoint(search_run, tmp_path):
+@pytest.mark.parametrize('how, message', [
+    ('cut', r'cannot be read \(.*\)'),
+    (lambda state: state.pop('best'), r'lacks best \(damaged\?\)'),
+])
+def test_damaged_search_checkpoint_then_deleted(search_run, tmp_path, how, message):
     folder = copy_of(search_run, tmp_path)
-    damage(folder / 'last.pt', 'cut')
-    assert_refused_untouched(train_search, folder, f'^checkpoint {re.escape(str(folder / "last.pt"))} cannot be read')
+    path = folder / 'last.pt'
+    edited_checkpoint(path, how) if callable(how) else damage(path, how)
+    assert_refused_untouched(train_search, folder, f'^checkpoint {re.escape(str(path))} {message}: delete it to start '
+                                                   'the search again from epoch 0$')
+    os.remove(path)
+    assert train_search.main(RESUME=str(folder))['epochs_done'] == 1
+    assert 'resumed before the first checkpoint' in log_of(folder)
 
 
 # ---------------------------------------------------------------- evolutionary search: candidates/<n>.json
