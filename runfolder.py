@@ -1,5 +1,9 @@
 """A run folder (runs/<script>-<timestamp>[-tag]/: config.json, log.txt, metrics CSVs), its checkpoints and the
-random states they hold."""
+random states they hold.
+
+torch is imported by the functions that need it, not by this module: prepare.py keeps its run folder here, and each of
+its scan workers imports prepare.py again (start methods 'spawn', 'forkserver'), where torch would cost ~0.2 GB and
+seconds per worker for nothing (tests/test_scan_worker.py)."""
 import csv
 import datetime
 import json
@@ -7,8 +11,9 @@ import os
 import platform
 import random
 
+import sys
+
 import numpy as np
-import torch
 
 from utils import UserError, atomic_path, git_commit, save_json_atomic
 
@@ -54,9 +59,10 @@ class Run:
 
     def header(self, cfg, device):
         self.log(f'run folder {self.path}')
-        self.log(f'git {git_commit()}  python {platform.python_version()}  torch {torch.__version__}  '
-                 f'cuda {torch.version.cuda}  device {device}'
-                 + (f' ({torch.cuda.get_device_name(device)})' if str(device).startswith('cuda') else ''))
+        torch = sys.modules.get('torch')  # the versions of torch and CUDA where the script uses them
+        self.log(f'git {git_commit()}  python {platform.python_version()}  '
+                 + (f'torch {torch.__version__}  cuda {torch.version.cuda}  ' if torch else '') + f'device {device}'
+                 + (f' ({torch.cuda.get_device_name(device)})' if torch and str(device).startswith('cuda') else ''))
         for k, v in cfg.items():
             self.log(f'  {k} = {v!r}')
         if self.previous is not None:
@@ -176,12 +182,14 @@ def check_checkpoint(path, keys, model, remedy):
 
 
 def seed_everything(seed):
+    import torch
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def rng_states():
+    import torch
     states = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         states['cuda'] = torch.cuda.get_rng_state_all()
@@ -189,6 +197,7 @@ def rng_states():
 
 
 def set_rng_states(states):
+    import torch
     random.setstate(states['python'])
     np.random.set_state(states['numpy'])
     torch.set_rng_state(states['torch'])
