@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import random
-
 import sys
 
 import numpy as np
