@@ -21,7 +21,6 @@ import os
 import time
 
 import numpy as np
-import pandas as pd
 
 from scans import luna
 from scans import lungmask
@@ -157,6 +156,7 @@ def load_nodules(scans, cfg):
 
 def load_clusters(nodule_table, lidc_db):
     """LIDC reader clusters as a list of dicts (lidc.nodule_table's rows, or the CSV nodule_table)."""
+    import pandas as pd  # not at the top: each scan worker imports this script again, and a scan needs no pandas
     if nodule_table:
         if not os.path.isfile(nodule_table):
             raise utils.UserError(f'NODULE_TABLE {nodule_table} does not exist')

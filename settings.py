@@ -26,13 +26,18 @@ from utils import UserError
 
 def resolve(overrides, defaults, rules):
     """The settings of a script's run, every one checked before the script writes anything: the defaults updated
-    with main(**overrides) (names and types checked), or, with RESUME, the continued run's config.json (see
-    resumed_settings: config.json checked to be complete and of this script); then each value against its rule
-    (check_rules). See the module docstring for how a script adopts it."""
+    with main(**overrides) (names and types checked), or, with RESUME, the continued run's config.json updated with
+    the given settings that may change (see resumed_settings); then each value against its rule (check_rules)."""
     cfg = check_settings(overrides, defaults)
-    if cfg.get('RESUME'):
-        cfg = resumed_settings(cfg['RESUME'], overrides, defaults)
-    check_rules(cfg, rules)
+    if not cfg.get('RESUME'):
+        check_rules(cfg, rules)
+        return cfg
+    cfg = resumed_settings(cfg['RESUME'], overrides, defaults)
+    try:
+        check_rules(cfg, rules)
+    except UserError as e:  # e.g. DEVICE='cuda' of a run continued on a machine without a GPU
+        raise UserError(f'{e} (resuming {cfg["RESUME"]}: the settings not given are those of its config.json)') \
+            from None
     return cfg
 
 
@@ -81,8 +86,33 @@ def _check_rule(tree, rule):
             raise ValueError(f'rule {rule!r}: element {ast.unparse(node)!r} is not supported')
 
 
+class _RuleFailure(Exception):
+    """A rule that cannot be evaluated: `names` are the settings whose values made the failing step fail."""
+
+    def __init__(self, names, error):
+        super().__init__(str(error))
+        self.names, self.error = names, error
+
+
+def _setting_names(*nodes):
+    return list(dict.fromkeys(n.id for node in nodes for n in ast.walk(node)
+                              if isinstance(n, ast.Name) and n.id not in RULE_FUNCTIONS))
+
+
+def _step(blamed, fn, *args, divisor=None):
+    """fn(*args) of one step of a rule; a failure (a comparison of values of other types, an index out of range) is a
+    _RuleFailure naming the settings read by the nodes `blamed`; a division by zero names those of the `divisor`."""
+    try:
+        return fn(*args)
+    except (TypeError, ValueError, ZeroDivisionError, IndexError, KeyError, OverflowError) as e:
+        if isinstance(e, ZeroDivisionError) and divisor is not None:
+            blamed = [divisor]
+        raise _RuleFailure(_setting_names(*blamed), e) from None
+
+
 def _rule_value(node, cfg):
-    """Evaluate a rule's parsed expression over the settings `cfg`; nothing else is reachable (no eval)."""
+    """Evaluate a rule's parsed expression over the settings `cfg`; nothing else is reachable (no eval). A step that
+    fails raises _RuleFailure naming the settings that made it fail."""
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):
@@ -92,56 +122,90 @@ def _rule_value(node, cfg):
     if isinstance(node, ast.BoolOp):  # short-circuits like Python: 'len(X) >= 1 and X[0] >= 0'
         for value in node.values:
             result = _rule_value(value, cfg)
-            if bool(result) == isinstance(node.op, ast.Or):
+            if _step([value], bool, result) == isinstance(node.op, ast.Or):
                 return result
         return result
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
         value = _rule_value(node.operand, cfg)
-        return not value if isinstance(node.op, ast.Not) else -value
+        return _step([node.operand], operator.not_ if isinstance(node.op, ast.Not) else operator.neg, value)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_rule_value(node.left, cfg), _rule_value(node.right, cfg))
+        # dividing by zero is the divisor's fault (C % PC_K with PC_K=0 names PC_K); other failures both operands'
+        return _step([node.left, node.right], _BINARY[type(node.op)], _rule_value(node.left, cfg),
+                     _rule_value(node.right, cfg), divisor=node.right)
     if isinstance(node, ast.Compare):
-        left = _rule_value(node.left, cfg)
+        left_node, left = node.left, _rule_value(node.left, cfg)
         for op, right_node in zip(node.ops, node.comparators):
             right = _rule_value(right_node, cfg)
-            if not _COMPARE[type(op)](left, right):
+            if not _step([left_node, right_node], _COMPARE[type(op)], left, right):
                 return False
-            left = right
+            left_node, left = right_node, right
         return True
     if isinstance(node, ast.Subscript):
-        return _rule_value(node.value, cfg)[_rule_value(node.slice, cfg)]
+        return _step([node.value, node.slice], operator.getitem, _rule_value(node.value, cfg),
+                     _rule_value(node.slice, cfg))
     if isinstance(node, ast.Call):  # checked by _check_rule: one of RULE_FUNCTIONS
-        return RULE_FUNCTIONS[node.func.id](*(_rule_value(a, cfg) for a in node.args))
+        return _step(node.args, RULE_FUNCTIONS[node.func.id], *(_rule_value(a, cfg) for a in node.args))
     raise AssertionError(f'{ast.unparse(node)!r} passed _check_rule')
+
+
+def _parse_rule(name, rule, cfg):
+    """(rule text, parsed expression, the settings it reads) of a setting's rule, checked; None for no rule."""
+    if name not in cfg:
+        raise ValueError(f'rule for unknown setting {name}')
+    if rule is None:
+        return None
+    if rule.lstrip()[0] in '<>=!' or rule.lstrip().startswith(('in ', 'not in ')):  # '>= 1', "in ('a', 'b')"
+        rule = f'{name} {rule.strip()}'
+    tree = ast.parse(rule, mode='eval')
+    _check_rule(tree, rule)
+    names = _setting_names(tree)
+    bad = [n for n in names if n not in cfg]
+    if bad:
+        raise ValueError(f'rule of {name} reads unknown setting(s) {", ".join(bad)}')
+    return rule, tree, names
 
 
 def check_rules(cfg, rules):
     """Check each setting against its rule: `rules` maps a setting's name to a Python expression over the settings
     (e.g. '0 < VAL_FRACTION < 1', 'C % PC_K == 0', "NODULE_TABLE == '' or isfile(NODULE_TABLE)"; one that starts
     with a comparison compares the setting itself: '>= 1' for 'EPOCHS' is 'EPOCHS >= 1') or to None (any value of
-    its type). The first broken rule is a UserError naming the setting, its value, the rule and the other
-    settings the rule reads. A rule naming an unknown setting is a bug of the script (ValueError)."""
-    for name, rule in rules.items():
-        if name not in cfg:
-            raise ValueError(f'rule for unknown setting {name}')
-        if rule is None:
-            continue
-        if rule.lstrip()[0] in '<>=!' or rule.lstrip().startswith(('in ', 'not in ')):  # '>= 1', "in ('a', 'b')"
-            rule = f'{name} {rule.strip()}'
-        tree = ast.parse(rule, mode='eval')
-        _check_rule(tree, rule)
-        names = [n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id not in RULE_FUNCTIONS]
-        bad = [n for n in names if n not in cfg]
-        if bad:
-            raise ValueError(f'rule of {name} reads unknown setting(s) {", ".join(bad)}')
-        try:
-            ok = _rule_value(tree.body, cfg)
-        except (TypeError, ValueError, ZeroDivisionError, IndexError, KeyError):
-            ok = False  # e.g. a comparison with a value of another type (settings whose default is None)
-        if not ok:
-            others = ', '.join(f'{n}={cfg[n]!r}' for n in dict.fromkeys(names) if n != name)
-            raise UserError(f'{name}={cfg[name]!r} is not allowed: it must satisfy {rule}'
-                            + (f' ({others})' if others else ''))
+    its type). A rule is checked after the rules of the other settings it reads, so the first broken rule is the
+    one of the setting at fault: a UserError naming the setting, its value, the rule and the other settings the rule
+    reads (PC_K=0 breaks PC_K's '>= 1', not C's 'C % PC_K == 0'). A rule that cannot be evaluated names the
+    settings that made it fail (a divisor of 0, a value of another type). A rule naming an unknown setting is a bug
+    of the script (ValueError)."""
+    parsed = {name: _parse_rule(name, rule, cfg) for name, rule in rules.items()}
+    done = set()
+
+    def check(name, reading):
+        if name in done or name in reading:  # checked, or a cycle of rules reading each other
+            return
+        rule, tree, names = parsed[name] or (None, None, ())
+        for other in names:
+            if other != name and other in parsed:
+                check(other, reading | {name})
+        done.add(name)
+        if rule is not None:
+            _evaluate(name, rule, tree, names, cfg)
+    for name in rules:
+        check(name, frozenset())
+
+
+def _evaluate(name, rule, tree, names, cfg):
+    try:
+        ok = _rule_value(tree.body, cfg)
+    except _RuleFailure as failure:
+        if failure.names and name not in failure.names:  # another setting's value made the rule fail: name it
+            values = ', '.join(f'{n}={cfg[n]!r}' for n in failure.names)
+            many = len(failure.names) > 1
+            raise UserError(f'{values} {"are" if many else "is"} not allowed: the rule of {name} ({name}={cfg[name]!r})'
+                            f', {rule}, cannot be evaluated with {"them" if many else "it"} '
+                            f'({type(failure.error).__name__}: {failure.error})') from None
+        ok = False  # the setting's own value, e.g. a comparison with a value of another type (None defaults)
+    if not ok:
+        others = ', '.join(f'{n}={cfg[n]!r}' for n in names if n != name)
+        raise UserError(f'{name}={cfg[name]!r} is not allowed: it must satisfy {rule}'
+                        + (f' ({others})' if others else ''))
 
 
 # ---------------------------------------------------------------- command line, config files, resume
@@ -251,7 +315,7 @@ def check_settings(overrides, defaults):
     return {**defaults, **{k: _coerce(k, v, defaults[k]) for k, v in overrides.items()}}
 
 
-# Settings a continued run may change: where and how fast it runs, not what it computes.
+# Settings a continued run may change, when given: where and how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL')
 
 
@@ -286,16 +350,18 @@ def read_run_config(run_path, defaults):
 
 
 def resumed_settings(run_path, overrides, defaults):
-    """Settings of a run being continued: its config.json; DEVICE and FAST_KERNELS are this machine's (the
-    defaults or given values). Other settings cannot change (the saved optimizer and schedule were built from them)."""
+    """Settings of a run being continued: every one from its config.json, except those given (main(**overrides),
+    the command line) among RESUMABLE_CHANGES. Giving another value of any other setting is a UserError (the saved
+    optimizer and schedule were built from them); repeating the saved value is fine. A setting of RESUMABLE_CHANGES
+    that an older config.json lacks is the given value or the script's default."""
     checked = check_settings(overrides, defaults)
     saved = read_run_config(run_path, defaults)
     for k in overrides:
         if k not in RESUMABLE_CHANGES and json.loads(json.dumps(checked[k])) != saved.get(k):
             raise UserError(f'--{k} cannot change when resuming {run_path} (it was {saved.get(k)!r}); '
                             'start a new run instead')
-    saved = {k: _coerce(k, v, defaults[k]) for k, v in saved.items()}
-    return {**saved, **{k: checked[k] for k in RESUMABLE_CHANGES if k in checked}, 'RESUME': run_path}
+    return {k: checked[k] if k in overrides or k not in saved else _coerce(k, saved[k], defaults[k])
+            for k in defaults} | {'RESUME': run_path}
 
 
 def default_device():

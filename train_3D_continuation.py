@@ -88,6 +88,22 @@ def read_result(path, fold):
     return result
 
 
+def check_resumed_fold(cfg, genotype, fold):
+    """The files of test fold `fold` in the run folder to continue, checked before anything in it is written: its
+    result if it is finished, else its last checkpoint; its metrics CSV (the figures read it too)."""
+    def path(name):
+        return os.path.join(cfg['RESUME'], name)
+    runfolder.read_metrics(path(f'metrics_fold{fold}.csv'))
+    if os.path.exists(path(f'result_fold{fold}.json')):
+        read_result(path(f'result_fold{fold}.json'), fold)
+    elif os.path.exists(path(f'last_fold{fold}.pt')):
+        with torch.device('meta'):  # names and shapes only
+            model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype)
+        keys = ('model', 'opt', 'sched', 'epoch', 'rng', 'gen', 'best')
+        runfolder.check_checkpoint(path(f'last_fold{fold}.pt'), keys, model,
+                                   f'delete it to train fold {fold} again from its first epoch')
+
+
 def fold_data(cfg, table, fold):
     """Training and test CubeData of one test fold; normalization from the training folds only."""
     train_folds = train_folds_of(cfg, table, fold)
@@ -215,8 +231,8 @@ def main(**overrides):
     data.select_folds(table, folds, cfg['DATA'], 'test folds')
     for f in folds:  # every input problem is found before the run folder is made or touched
         train_folds_of(cfg, table, f)
-        if cfg['RESUME'] and os.path.exists(os.path.join(cfg['RESUME'], f'result_fold{f}.json')):
-            read_result(os.path.join(cfg['RESUME'], f'result_fold{f}.json'), f)
+        if cfg['RESUME']:
+            check_resumed_fold(cfg, genotype, f)
     run = runfolder.Run('train_3D_continuation', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     run.log(f'genotype {cfg["GENOTYPE"]}: {genotype}')

@@ -19,7 +19,7 @@ import parallel
 import settings
 import runfolder
 import utils
-from evolution.candidate import gene_space, primitives_of, train_candidate, worst_f1
+from evolution.candidate import RESULT_NAME, check_candidates, gene_space, primitives_of, train_candidate, worst_f1
 from evolution.records import Outputs
 
 DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
@@ -232,6 +232,8 @@ class Search:
 def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     check_inputs(cfg)
+    if cfg['RESUME']:  # a damaged result file is named before the outputs below are deleted
+        check_candidates(os.path.join(cfg['RESUME'], 'candidates'))
     run = runfolder.Run('train_evolve', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     os.makedirs(run.file('candidates'), exist_ok=True)
@@ -242,7 +244,8 @@ def main(**overrides):
             if os.path.exists(run.file(name)):
                 os.remove(run.file(name))
         shutil.rmtree(run.file('front'), ignore_errors=True)
-        run.log(f'resuming: replaying the search, {len(os.listdir(run.file("candidates")))} candidates are done')
+        done = [n for n in os.listdir(run.file('candidates')) if RESULT_NAME.fullmatch(n)]
+        run.log(f'resuming: replaying the search, {len(done)} candidates are done')
     search = Search(cfg, run, Outputs(run, cfg))
     search.initialize()
     hv = search.end_generation(0, [])  # the initial population is nobody's offspring: no subproblem is credited

@@ -187,9 +187,14 @@ def main(**overrides):
             'val_stream': val_stream}
     start, best = 0, {'acc': -1.0, 'epoch': -1, 'genotype': None}
     last = os.path.join(cfg['RESUME'], 'last.pt')
-    state = engine.load_state(last, gen, ckpt) if cfg['RESUME'] and os.path.exists(last) else None
-    if state is not None:
+    state = None
+    if cfg['RESUME'] and os.path.exists(last):
+        runfolder.check_checkpoint(last, (*ckpt, 'epoch', 'rng', 'gen', 'best'), model,
+                                   'delete it to start the search again from epoch 0')
+        state = engine.load_state(last, gen, ckpt)
         start, best = state['epoch'] + 1, state['best']
+    for name in ('metrics.csv', 'weights.csv') if cfg['RESUME'] else ():  # damaged: named before anything is written
+        runfolder.read_metrics(os.path.join(cfg['RESUME'], name))
     run = runfolder.Run('train_search', cfg, cfg['RUNS'], cfg['TAG'], path=cfg['RESUME'] or None)
     run.header(cfg, cfg['DEVICE'])
     run.log(f'search folds {list(cfg["SEARCH_FOLDS"])}: search-train {engine.class_balance(train.labels.cpu())}, '

@@ -4,9 +4,10 @@ measure it on search-train and search-val each epoch, stop early, and compute EM
 train_candidate is the job function handed to parallel.map_jobs: module-level, picklable arguments, seeded from
 (SEED, candidate index) only, and it writes its own result file, which a resumed search reads instead of training.
 """
-import json
 import math
+import numbers
 import os
+import re
 import time
 
 import numpy as np
@@ -99,15 +100,38 @@ def fit(cfg, model, lr, seed, name, run_path):
     return hist, False
 
 
+RESULT_NAME = re.compile(r'(\d+)\.json')  # candidates/<index>.json (a kill may leave a <name>.tmp beside them)
+NUMBERS = ('params', 'f1', 'f2', 'm_val', 'epochs', 'seconds')  # what the search's records read
+
+
+def read_candidate(path, genome=None):
+    """A finished candidate's result file (train_candidate writes it), checked; `genome`: the one the search asks for.
+    A damaged file (cut short, not a result of this candidate) is a UserError naming it and what to do."""
+    idx = int(RESULT_NAME.fullmatch(os.path.basename(path)).group(1))
+    remedy = f'delete it to train candidate {idx} again (the search is replayed from its seed)'
+    result = utils.read_json(path, remedy)
+    if not (isinstance(result, dict) and result.get('index') == idx and isinstance(result.get('genome'), list)
+            and all(isinstance(v, int) for v in result['genome']) and isinstance(result.get('diverged'), bool)
+            and all(isinstance(result.get(k), numbers.Real) for k in NUMBERS)):
+        raise utils.UserError(f'{path} is not a result of candidate {idx} (damaged?): {remedy}')
+    if genome is not None and tuple(result['genome']) != tuple(genome):
+        raise utils.UserError(f'{path} holds genome {result["genome"]}, the search now asks for {list(genome)}: '
+                              'the run folder comes from other code or settings; start a new run')
+    return result
+
+
+def check_candidates(folder):
+    """Read every result file in a run folder's candidates/ (check before a resumed search deletes its outputs)."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for name in names:
+        if RESULT_NAME.fullmatch(name):
+            read_candidate(os.path.join(folder, name))
+
+
 def train_candidate(cfg, idx, genome, path):
     """Train candidate `idx` (genome) and write its result json to `path`; an existing file is read instead."""
     if os.path.exists(path):
-        with open(path) as f:
-            result = json.load(f)
-        if tuple(result['genome']) != tuple(genome):
-            raise utils.UserError(f'{path} holds genome {result["genome"]}, the search now asks for {list(genome)}: '
-                                  'the run folder comes from other code or settings; start a new run')
-        return result
+        return read_candidate(path, genome)
     t0 = time.time()
     cfg = {**cfg, 'DEVICE': parallel.job_device(cfg['DEVICE'])}  # in a Ray task: the device Ray gave it
     geno, C, cells, lr = gene_space(cfg).decode(genome)

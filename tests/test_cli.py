@@ -113,26 +113,45 @@ def test_missing_config_file(tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-def test_resumed_settings(tmp_path):
-    saved = {**DEFAULTS, 'N': 11, 'LR': 0.5, 'FOLDS': [8, 9], 'DEVICE': 'cuda:3'}
-    (tmp_path / 'config.json').write_text(json.dumps(saved))
-    cfg = settings.resumed_settings(str(tmp_path), {'N': 11, 'RESUME': str(tmp_path)}, DEFAULTS)
-    # the saved run's settings (repeating one unchanged is fine) and this machine's device
-    # (each of its declared type again: JSON wrote the tuple as a list)
-    assert cfg['N'] == 11 and cfg['LR'] == 0.5 and cfg['FOLDS'] == (8, 9) and cfg['NAME'] == 'x'
-    assert cfg['RESUME'] == str(tmp_path) and cfg['DEVICE'] == 'cpu'
-    assert settings.resumed_settings(str(tmp_path), {'DEVICE': 'meta'}, DEFAULTS)['DEVICE'] == 'meta'
-    # FAST_KERNELS too is this machine's: the default, or the given value (also for runs saved without it)
-    fast = {**DEFAULTS, 'FAST_KERNELS': True}
-    assert settings.resumed_settings(str(tmp_path), {}, fast)['FAST_KERNELS'] is True
-    assert settings.resumed_settings(str(tmp_path), {'FAST_KERNELS': False}, fast)['FAST_KERNELS'] is False
-    with pytest.raises(UserError, match='NOPE'):
-        settings.resumed_settings(str(tmp_path), {'NOPE': 1}, DEFAULTS)
-    with pytest.raises(UserError, match='--N cannot change when resuming .*11'):
-        settings.resumed_settings(str(tmp_path), {'N': 12}, DEFAULTS)
-    with pytest.raises(UserError, match=f'RESUME={tmp_path / "empty"}: .*config.json is missing'):
-        settings.resumed_settings(str(tmp_path / 'empty'), {}, DEFAULTS)
+RUN_DEFAULTS = {**DEFAULTS, 'FAST_KERNELS': True, 'CHECKPOINT_CELLS': False, 'FIGURES': True, 'PARALLEL': 'off'}
 
+
+def test_resumed_settings(tmp_path):
+    saved = {**RUN_DEFAULTS, 'N': 11, 'LR': 0.5, 'FOLDS': [8, 9], 'DEVICE': 'cuda:3', 'FAST_KERNELS': False,
+             'CHECKPOINT_CELLS': True, 'FIGURES': False, 'PARALLEL': 'ray', 'RESUME': ''}
+    (tmp_path / 'config.json').write_text(json.dumps(saved))
+    cfg = settings.resumed_settings(str(tmp_path), {'N': 11, 'RESUME': str(tmp_path)}, RUN_DEFAULTS)
+    # every setting is the saved run's (repeating one unchanged is fine), each of its declared type again (JSON wrote
+    # the tuple as a list), also those a run may change: not the script's defaults
+    assert cfg == {**saved, 'FOLDS': (8, 9), 'RESUME': str(tmp_path)} and list(cfg) == list(RUN_DEFAULTS)
+    # only the settings given change, and only those that may
+    cfg = settings.resumed_settings(str(tmp_path), {'DEVICE': 'meta', 'CHECKPOINT_CELLS': False}, RUN_DEFAULTS)
+    assert (cfg['DEVICE'], cfg['CHECKPOINT_CELLS'], cfg['FIGURES'], cfg['PARALLEL']) == ('meta', False, False, 'ray')
+    with pytest.raises(UserError, match='NOPE'):
+        settings.resumed_settings(str(tmp_path), {'NOPE': 1}, RUN_DEFAULTS)
+    with pytest.raises(UserError, match='--N cannot change when resuming .*11'):
+        settings.resumed_settings(str(tmp_path), {'N': 12}, RUN_DEFAULTS)
+    with pytest.raises(UserError, match=f'RESUME={tmp_path / "empty"}: .*config.json is missing'):
+        settings.resumed_settings(str(tmp_path / 'empty'), {}, RUN_DEFAULTS)
+
+
+def test_config_of_an_older_version_without_the_changeable_settings_resumes(tmp_path):
+    old = {k: v for k, v in RUN_DEFAULTS.items() if k not in ('FAST_KERNELS', 'FIGURES', 'PARALLEL')}
+    (tmp_path / 'config.json').write_text(json.dumps({**old, 'N': 7, 'CHECKPOINT_CELLS': True}))
+    cfg = settings.resumed_settings(str(tmp_path), {'FIGURES': False}, RUN_DEFAULTS)
+    assert (cfg['N'], cfg['CHECKPOINT_CELLS'], cfg['FIGURES'], cfg['FAST_KERNELS'], cfg['PARALLEL']) == \
+        (7, True, False, True, 'off')                          # saved, saved, given, default, default
+
+
+def test_a_saved_setting_broken_on_this_machine_says_where_it_comes_from(tmp_path, monkeypatch):
+    (tmp_path / 'config.json').write_text(json.dumps({**RUN_DEFAULTS, 'DEVICE': 'cuda'}))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    rules = {**{k: None for k in RUN_DEFAULTS}, 'DEVICE': 'device(DEVICE)'}
+    with pytest.raises(UserError, match=r"^DEVICE='cuda': CUDA is not available on this machine .*--DEVICE=cpu "
+                                        rf'\(resuming {tmp_path}: the settings not given are those of its '
+                                        r'config.json\)$'):
+        settings.resolve({'RESUME': str(tmp_path)}, RUN_DEFAULTS, rules)
+    assert settings.resolve({'RESUME': str(tmp_path), 'DEVICE': 'cpu'}, RUN_DEFAULTS, rules)['DEVICE'] == 'cpu'
 
 
 def test_run_cli_turns_errors_into_one_line_and_an_exit_code(monkeypatch, capsys):

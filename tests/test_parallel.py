@@ -214,11 +214,12 @@ def test_a_fold_that_always_dies_is_named_and_resume_runs_only_it(ray_session, c
     steps = []
     real = engine.train_step
     monkeypatch.setattr(engine, 'train_step', lambda *args: steps.append(1) or real(*args))
-    out = retrain.main(RESUME=path, DEVICE='cpu')
+    out = retrain.main(RESUME=path, DEVICE='cpu', PARALLEL='off')  # given: a resumed run keeps its own otherwise
     assert len(steps) == TINY['EPOCHS'] * STEPS  # fold 9 only
     assert out['folds'] == sequential['folds']
     assert_same_folds(path, sequential['run'])
     assert 'fold 8: finished earlier, result read from' in read(os.path.join(path, 'log.txt'))
+    assert "changed: PARALLEL 'ray' -> 'off'" in read(os.path.join(path, 'log.txt'))
 
 
 # ---------------------------------------------------------------- the evolutionary search on Ray

@@ -4,6 +4,7 @@ at evaluation. A kill is simulated by raising from a patched function at that mo
 import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,6 +14,7 @@ import engine
 import train_3D_continuation as retrain
 import train_search
 import runfolder
+import utils
 from conftest import write_cube_set
 from utils import UserError
 
@@ -300,3 +302,115 @@ def test_continue_metrics_keeps_whole_rows_of_checkpointed_epochs_and_says_what_
     assert 'warning: metrics.csv lacks their rows: rows of epoch(s) 0-0 (1) are lost' in log
     assert 'warning: metrics.csv is missing: rows of epoch(s) 0-2 (3) are lost (their numbers are in log.txt); ' \
         'rows from epoch 3 on are appended' in log
+
+
+# ---------------------------------------------------------------- a resumed run keeps its own settings
+
+def spy_fast_kernels(monkeypatch):
+    import dwconv3d
+    seen, real = [], dwconv3d.set_fast_kernels
+
+    def set_fast_kernels(enabled):
+        seen.append(enabled)
+        real(enabled)
+    monkeypatch.setattr(dwconv3d, 'set_fast_kernels', set_fast_kernels)
+    return seen
+
+
+def saved_config(folder):
+    with open(os.path.join(folder, 'config.json')) as f:
+        return json.load(f)
+
+
+def log_lines(folder, start):
+    with open(os.path.join(folder, 'log.txt')) as f:
+        return [line.strip() for line in f if line.startswith(start)]
+
+
+def pngs(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith('.png'))
+
+
+def test_resumed_search_keeps_the_run_settings_and_logs_the_given_changes(cubes, tmp_path, monkeypatch):
+    """The run's FIGURES, CHECKPOINT_CELLS and FAST_KERNELS (not this script's defaults: True, False, False) hold on
+    resume; only a given one changes, and the log says so."""
+    mine = dict(FIGURES=False, CHECKPOINT_CELLS=True, FAST_KERNELS=True)
+    train_search.main(**{**SEARCH, 'EPOCHS': 1}, DATA=cubes, RUNS=str(tmp_path), **mine)
+    folder = only_folder(tmp_path)
+    built, real_build = [], train_search.build
+
+    def build(cfg):
+        out = real_build(cfg)
+        built.append(out[0].checkpoint_cells)
+        return out
+    monkeypatch.setattr(train_search, 'build', build)
+    fast = spy_fast_kernels(monkeypatch)
+    train_search.main(RESUME=folder)
+    assert built == [True] and fast == [True] and pngs(folder) == []
+    assert {k: saved_config(folder)[k] for k in mine} == mine
+    assert log_lines(folder, 'resumed with') == ['resumed with the settings of its config.json (none changed)']
+    train_search.main(RESUME=folder, CHECKPOINT_CELLS=False, DEVICE='cpu')
+    assert built == [True, False] and saved_config(folder)['CHECKPOINT_CELLS'] is False
+    assert log_lines(folder, 'resumed with')[-1] == \
+        'resumed with the settings of its config.json, changed: CHECKPOINT_CELLS True -> False'
+
+
+def test_resumed_retrain_keeps_the_run_settings(cubes, tmp_path, monkeypatch):
+    """Killed in its second epoch; the resume trains with the run's CHECKPOINT_CELLS and FAST_KERNELS and draws no
+    figures (this script's defaults: False, True, True)."""
+    mine = dict(FIGURES=False, CHECKPOINT_CELLS=True, FAST_KERNELS=False)
+    cells, real_step = [], engine.train_step
+
+    def step(model, *args):
+        cells.append(model.checkpoint_cells)
+        if len(cells) == 10:                                 # 36 training nodules in batches of 4: epoch 1's first
+            raise Killed
+        return real_step(model, *args)
+    monkeypatch.setattr(engine, 'train_step', step)
+    with pytest.raises(Killed):
+        retrain.main(**{**RETRAIN, 'EPOCHS': 2}, DATA=cubes, RUNS=str(tmp_path), **mine)
+    folder = only_folder(tmp_path)
+    cells.clear()
+    fast = spy_fast_kernels(monkeypatch)
+    result = retrain.main(RESUME=folder)
+    assert cells == [True] * 9 and fast == [False] and pngs(folder) == []
+    assert [r['fold'] for r in result['folds']] == [8]
+    assert {k: saved_config(folder)[k] for k in mine} == mine
+    assert log_lines(folder, 'resumed with') == ['resumed with the settings of its config.json (none changed)']
+
+
+def fake_candidate(cfg, idx, genome, path):
+    """A stand-in for training a candidate: its result file as train_candidate writes it."""
+    from evolution import candidate
+    params = candidate.gene_space(cfg).params(genome)
+    result = {'index': idx, 'genome': [int(v) for v in genome], 'params': params, 'f1': (sum(genome) % 7) / 7,
+              'f2': float(np.log(params)), 'e_best': 1, 'epochs': 1, 'diverged': False, 'm_train': 0.5, 'm_val': 0.5,
+              'acc_val': 50.0, 'auc_val': 50.0, 'val_loss': 0.7, 'seconds': 0.0}
+    if os.path.exists(path):
+        return candidate.read_candidate(path, genome)
+    utils.save_json_atomic(path, result)
+    return result
+
+
+EVOLVE = dict(DEVICE='cpu', CUBE=8, EPOCHS=1, LAST_EPOCHS=1, PRIMITIVES=('max_pool_3x3x3', 'skip_connect'),
+              FILTERS=(4,), CELLS=(2, 3), POPULATION=2, NEIGHBOURS=2, GENERATIONS=2, LEARNING_GENERATIONS=1)
+
+
+def test_resumed_evolutionary_search_keeps_its_parallel_mode(cubes, tmp_path, monkeypatch):
+    import parallel
+    import train_evolve
+    from figures import search
+    modes = []
+
+    def map_jobs(fn, jobs, mode='off', names=None, log=print, gpus=None):
+        modes.append(mode)
+        return [fn(*args) for args in jobs]
+    monkeypatch.setattr(train_evolve, 'train_candidate', fake_candidate)
+    monkeypatch.setattr(parallel, 'map_jobs', map_jobs)
+    monkeypatch.setattr(search, 'plot_pareto', lambda *a, **k: None)
+    first = train_evolve.main(**EVOLVE, DATA=cubes, RUNS=str(tmp_path), PARALLEL='ray')
+    assert set(modes) == {'ray'}
+    modes.clear()
+    again = train_evolve.main(RESUME=first['run'])                # PARALLEL's default is 'off'
+    assert set(modes) == {'ray'} and again['evaluated'] == first['evaluated']
+    assert saved_config(first['run'])['PARALLEL'] == 'ray'

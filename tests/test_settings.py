@@ -62,6 +62,29 @@ def test_check_rules_worked_examples(tmp_path):
             settings.check_rules(cfg, {'C': rule})
 
 
+def test_a_rule_is_checked_after_the_rules_of_the_settings_it_reads():
+    # NEIGHBOURS comes first and reads POPULATION: POPULATION's own rule is the one broken
+    rules = {'NEIGHBOURS': '2 <= NEIGHBOURS <= POPULATION', 'POPULATION': '>= 2', 'C': 'C % PC_K == 0', 'PC_K': '>= 1'}
+    with pytest.raises(UserError, match='^POPULATION=1 is not allowed: it must satisfy POPULATION >= 2$'):
+        settings.check_rules({'NEIGHBOURS': 3, 'POPULATION': 1, 'C': 4, 'PC_K': 1}, rules)
+    with pytest.raises(UserError, match='^PC_K=0 is not allowed: it must satisfy PC_K >= 1$'):
+        settings.check_rules({'NEIGHBOURS': 2, 'POPULATION': 2, 'C': 4, 'PC_K': 0}, rules)
+    with pytest.raises(UserError, match='^B=0 is not allowed: it must satisfy B > A'):  # rules reading each other
+        settings.check_rules({'A': 1, 'B': 0}, {'A': 'A <= B', 'B': 'B > A'})
+
+
+def test_a_rule_that_cannot_be_evaluated_names_the_setting_that_made_it_fail():
+    # PC_K without a rule of its own: C's rule divides by it
+    with pytest.raises(UserError, match=r'^PC_K=0 is not allowed: the rule of C \(C=4\), C >= 1 and C % PC_K == 0, '
+                                        r'cannot be evaluated with it \(ZeroDivisionError: integer modulo by zero\)$'):
+        settings.check_rules({'C': 4, 'PC_K': 0}, {'C': 'C >= 1 and C % PC_K == 0', 'PC_K': None})
+    with pytest.raises(UserError, match=r"^LIMIT='x', K=2 are not allowed: the rule of N \(N=1\), N < LIMIT - K"):
+        settings.check_rules({'N': 1, 'LIMIT': 'x', 'K': 2}, {'N': 'N < LIMIT - K'})  # 'x' - 2: TypeError
+    # the setting's own value: the rule is not satisfied, as before
+    with pytest.raises(UserError, match=r"^N='x' is not allowed: it must satisfy N % K == 1 \(K=0\)$"):
+        settings.check_rules({'N': 'x', 'K': 0}, {'N': 'N % K == 1', 'K': None})
+
+
 def test_device_rule(monkeypatch):
     assert settings.usable_device('cpu')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
@@ -90,7 +113,7 @@ BAD = [
     (train_search, 'C', 6, r'C=6 .*\(PC_K=4\)'),
     (train_search, 'EPOCHS', 0, 'EPOCHS=0'),
     (train_search, 'LR', -0.1, 'LR=-0.1'),
-    (train_search, 'PC_K', 0, 'PC_K=0'),
+    (train_search, 'PC_K', 0, 'PC_K=0 is not allowed: it must satisfy PC_K >= 1$'),  # not C's rule, C % PC_K == 0
     (train_search, 'VAL_FRACTION', 0.0, 'VAL_FRACTION=0.0'),
     (train_search, 'VAL_FRACTION', 1.0, 'VAL_FRACTION=1.0'),
     (train_search, 'VAL_FRACTION', -0.5, 'VAL_FRACTION=-0.5'),
