@@ -196,7 +196,7 @@ def read_label_table(path, scans, reserved=(), labelled=True):
     if 'seriesuid' not in table.columns and not labelled:
         if 'file' in table.columns:
             table['seriesuid'] = table['file']
-        elif len(scans) == 1:
+        elif len(set(map(str, scans.values()))) == 1:
             table['seriesuid'] = next(iter(scans))
     if 'label' not in table.columns and not labelled:
         table['label'] = ''
