@@ -11,6 +11,7 @@ mid-planes through the nodule, map over the CT). The file INCOMPLETE marks a fol
 """
 import os
 import pickle
+import sys
 import time
 
 import numpy as np
@@ -245,7 +246,7 @@ def main(**overrides):
         table, cubes, geometries, more = scan_input(cfg, run_cfg['CUBE'])
         notes += more
     else:
-        root = cfg['DATA'] or run_cfg['DATA']
+        root, geometries = cfg['DATA'] or run_cfg['DATA'], None
         table = select_nodules(read_nodules(root), cfg['NODULES'], root)
         check_cube_size(root, table, run_cfg['CUBE'])
         cubes = data.load_cubes(root, table, run_cfg['CUBE'])
@@ -260,13 +261,22 @@ def main(**overrides):
         result['prob_heldout'] = [row[f'prob_fold{int(row["fold"])}'] if int(row['fold']) in models else np.nan
                                   for _, row in result.iterrows()]
     out = runfolder.Run('predict', cfg, cfg['RUN'], cfg['TAG'])
+    try:
+        return write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries)
+    except KeyboardInterrupt:
+        print(f'{out.path} is incomplete: it holds the file {INCOMPLETE}', file=sys.stderr, flush=True)
+        raise
+
+
+def write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries):
+    """Everything of the output folder; INCOMPLETE is there until the last file is written."""
     incomplete = out.file(INCOMPLETE)
     with open(incomplete, 'w') as f:
         f.write('this prediction was interrupted: its files may be missing or partial; rerun the same command\n')
     out.header(cfg, cfg['DEVICE'])
     for note in notes:
         out.log(note)
-    if cfg['SCAN']:
+    if geometries is not None:
         write_cube_set(out, result, cubes, geometries)
     with utils.atomic_path(out.file('predictions.csv')) as tmp:
         result.to_csv(tmp, index=False)
@@ -296,5 +306,5 @@ def write_cube_set(out, table, cubes, geometries):
 
 
 if __name__ == '__main__':
-    settings.run_cli(main, DEFAULTS, 'the output folder holds the file INCOMPLETE: its predictions.csv or cam/ may be '
-                     'missing or partial; rerun the same command (a new folder is made)')
+    settings.run_cli(main, DEFAULTS, f'nothing is written before the models, cubes and scans are read; an output '
+                     f'folder begun holds the file {INCOMPLETE} (named above); rerun the same command (a new folder)')

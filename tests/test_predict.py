@@ -164,11 +164,13 @@ def test_interrupted_prediction_is_marked_incomplete(finished, monkeypatch, caps
     with pytest.raises(KeyboardInterrupt):
         predict.main(RUN=finished, DEVICE='cpu', CAM=True, NODULES=('f8s0n0', 'f9s1n0', 'f0s0n0'))
     folder = os.path.join(finished, predict_folders(finished)[-1])
+    assert f'{folder} is incomplete: it holds the file INCOMPLETE' in capsys.readouterr().err
     assert os.path.exists(os.path.join(folder, predict.INCOMPLETE))
     assert sorted(os.listdir(os.path.join(folder, 'cam'))) == ['f8s0n0.npy', 'f8s0n0.png', 'f9s1n0.npy']
     written = pd.read_csv(os.path.join(folder, 'predictions.csv'))
     assert len(written) == 3  # written whole before the maps
-    assert 'LayerCAM: 3 maps to make (one per nodule, each from 2 fold models' in capsys.readouterr().out
+    with open(os.path.join(folder, 'log.txt')) as f:
+        assert 'LayerCAM: 3 maps to make (one per nodule, each from 2 fold models' in f.read()
 
 
 def test_cam_progress_with_time_left(finished, monkeypatch, capsys):
