@@ -13,7 +13,8 @@ Reads LUNA16_DIR/subset<k>/*.mhd (+ .raw) and LUNA16_DIR/annotations.csv. Writes
 Scans run in WORKERS processes; each scan fails alone; a scan whose outputs exist and protect all of its
 current annotations is skipped (resume). Labels come from the LIDC-IDRI reader clusters (lidc.nodule_table),
 matched to annotations.csv by scan and nearest world centre, or from your own LABEL_TABLE (world mm, no
-LIDC database needed). The annotated nodules (a sphere of radius + PROTECT_MM each) are never filled by
+LIDC database needed; its nodules are checked against their scan's header, rows without a label are kept for
+cropping only). The annotated nodules (a sphere of radius + PROTECT_MM each) are never filled by
 the masking (scans/lungmask.py). A log goes to runs/prepare-<time>/.
 """
 import json

@@ -164,3 +164,13 @@ def test_bad_input_is_one_line_and_writes_nothing(finished, demo, tmp_path):  # 
         predict.main(RUN=finished, AT=table, DEVICE='cpu')
     with pytest.raises(UserError, match='SCAN needs AT='):
         predict.main(RUN=finished, SCAN=nii, DEVICE='cpu')
+
+
+def test_scan_modules_import_no_torch():
+    """The preprocessing of a new scan runs in plain numpy / SimpleITK processes (the scan workers' rule)."""
+    import subprocess
+    import sys
+    code = 'import sys, scans.cubes; print("torch" in sys.modules)'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == 'False', out.stderr
