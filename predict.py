@@ -179,7 +179,7 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg, log):
     log(f'LayerCAM: {len(table)} maps to make (one per nodule, each from {len(models)} fold models, {which}), '
         f'into {out_dir}')
     t0 = time.time()
-    for i, nid in list(enumerate(table['nodule_id'])):
+    for i, nid in utils.progress(list(enumerate(table['nodule_id'])), desc='LayerCAM maps', every_s=CAM_EVERY_S):
         target = int(probs[i] >= 0.5)
         maps = []
         for model, mean, std in models.values():

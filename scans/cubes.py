@@ -76,9 +76,10 @@ def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.
     outside = luna.nodules_outside(rows, {rows[0]['seriesuid']: header})
     if outside:
         spacing = ' x '.join(f'{s:g}' for s in header['spacing'][::-1])
-        origin = ', '.join(f'{o:g}' for o in header['origin'][::-1])
-        raise UserError(f'SCAN {path} ({hu.shape[2]} x {hu.shape[1]} x {hu.shape[0]} voxels of {spacing} mm from '
-                        f'({origin}) mm): '
+        span = ', '.join(f'{a} {o:g}..{o + (n - 1) * s:g}' for a, o, n, s in
+                         zip('xyz', header['origin'][::-1], hu.shape[::-1], header['spacing'][::-1]))
+        raise UserError(f'SCAN {path} ({hu.shape[2]} x {hu.shape[1]} x {hu.shape[0]} voxels of {spacing} mm, centres '
+                        f'at {span} mm): '
                         f'{len(outside)} of {len(rows)} nodules outside the scan or within their radius of its edge: '
                         + '; '.join(outside[:3]) + ('; ...' if len(outside) > 3 else '')
                         + ' (world mm in LPS, as LUNA16: x grows to the patient\'s left, y to the back)')
