@@ -2,6 +2,7 @@
 DICOM series gives the same cubes (nodule at the centre) and probabilities; a LUNA16-format scan gives the
 probabilities of predict.py on the cube set that prepare.py + nodclsgbt.py build from it; bad input is one line
 and writes nothing."""
+import locale
 import os
 import shutil
 
@@ -26,6 +27,14 @@ SERIES_UID = '1.2.826.0.1.3680043.2.1125.1.7'
 def write_dicom_series(image, folder, series_uid=SERIES_UID):
     """One 2-D DICOM file per slice of a 3-D image of HU: Image Position / Orientation (Patient), Pixel Spacing,
     Slice Thickness, and the HU stored as unsigned 16 bit with Rescale Intercept -2048 and Slope 1."""
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the process in the C locale (ASCII files)
+    try:
+        _write_slices(image, folder, series_uid)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(image, folder, series_uid):
     os.makedirs(folder, exist_ok=True)
     d, (sx, sy, sz) = image.GetDirection(), image.GetSpacing()
     hu = sitk.Cast(image, sitk.sitkFloat32)
