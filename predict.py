@@ -150,8 +150,10 @@ def load_models(run_path, run_cfg, folds, device, log):
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
-            raise utils.UserError(f'{path} is not a readable model file ({type(e).__name__}: '
-                                  f'{str(e).partition(chr(10))[0][:120]}); retrain that fold') from None
+            garbled = isinstance(e, (EOFError, pickle.UnpicklingError))
+            why = 'cut short, or not a file that torch.save wrote' if garbled else str(e).partition(chr(10))[0][:120]
+            raise utils.UserError(f'{path} is not a readable model file ({type(e).__name__}: {why}); retrain that '
+                                  'fold') from None
         try:
             model.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError, ValueError) as e:
