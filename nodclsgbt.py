@@ -41,6 +41,7 @@ MIN_SAMPLES_LEAF = 20     # fewest training cubes in a leaf
 THREADS = 0               # OpenMP threads of the classifier (0 = all cores; 1 is faster on a busy machine)
 SEED = 0                  # random state of the classifier
 RUNS = 'runs'             # folder of run folders
+MAX_PADDED = 0.5          # a cube with a larger share of its voxels outside the volume is refused (not cropped)
 TAG = ''                  # suffix of the run folder name
 
 DEFAULTS = settings.settings_of(globals())
@@ -49,11 +50,12 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'PREPARED_DIR': None, 'CUBE_SET': "!= ''", 'CROP': None, 'CUBE_SIZE': '>= 1', 'TEST_FOLDS': 'folds(TEST_FOLDS)',
     'DOWNSAMPLE': '1 <= DOWNSAMPLE <= CUBE_SIZE', 'MAX_ITER': '>= 1', 'LEARNING_RATE': '> 0',
     'MAX_LEAF_NODES': '>= 2', 'L2': '>= 0', 'MIN_SAMPLES_LEAF': '>= 1', 'THREADS': '>= 0', 'SEED': '>= 0',
-    'RUNS': "!= ''", 'TAG': None,
+    'RUNS': "!= ''", 'MAX_PADDED': '0 <= MAX_PADDED < 1', 'TAG': None,
 }
 
 
 def read_labels(prepared_dir):
+    """The rows of labels.csv to crop: labelled 0 or 1, and own-table rows without a label (label empty)."""
     path = os.path.join(prepared_dir, 'labels.csv')
     if not os.path.isfile(path):
         raise utils.UserError(f'{path} does not exist: run prepare.py first (or use --CROP=False on a cube set)')
@@ -62,20 +64,21 @@ def read_labels(prepared_dir):
                if c not in table.columns]
     if missing:
         raise utils.UserError(f'{path} lacks column(s) {", ".join(missing)}')
-    labelled = table[table['label'].isin([0, 1])].reset_index(drop=True)
-    if labelled.empty:
+    if not table['label'].isin([0, 1]).any():
         counts = ', '.join(f'{n} with label {v}' for v, n in table['label'].value_counts(dropna=False).items())
         raise utils.UserError(f'{path}: no nodule is labelled 0 (benign) or 1 (malignant), nothing to crop '
                               f'({len(table)} rows' + (f': {counts})' if counts else ')') + '; the labels come from '
                               'the LIDC reader clusters (prepare.py NODULE_TABLE / LIDC_DB) or your own LABEL_TABLE')
-    return labelled
+    return table[table['label'].isin([0, 1]) | table['label'].isna()].reset_index(drop=True)
 
 
-def crop_cube_set(prepared_dir, out_dir, size, log):
-    """Write the cube set; returns (number of cubes, nodule ids whose volume is missing)."""
+def crop_cube_set(prepared_dir, out_dir, size, log, max_padded=MAX_PADDED):
+    """Write the cube set: nodules.csv lists the labelled cubes, unlabelled.csv those without a label (own table;
+    never trained or evaluated on). A cube more than max_padded outside its volume is refused (nodule outside
+    the scan). Returns (number of labelled cubes, nodule ids whose volume is missing)."""
     table = read_labels(prepared_dir)
     os.makedirs(os.path.join(out_dir, 'cubes'), exist_ok=True)
-    rows, missing = [], []
+    rows, missing, refused = [], [], []
     for uid, group in table.groupby('seriesuid', sort=True):
         npy, meta = (os.path.join(prepared_dir, 'volumes', uid + ext) for ext in ('.npy', '.json'))
         if not (os.path.exists(npy) and os.path.exists(meta)):
@@ -85,23 +88,34 @@ def crop_cube_set(prepared_dir, out_dir, size, log):
             geometry = json.load(f)
         volume = np.load(npy, mmap_mode='r')
         world = group[['coordX', 'coordY', 'coordZ']].to_numpy(dtype=float)
-        centres = luna.world_to_voxel(world, geometry)  # (n, 3) float (z, y, x)
-        for r, centre in zip(group.itertuples(index=False), centres):
-            cube = luna.crop_cube(volume, centre, size, lungmask.PAD_VALUE)
+        cubes, centres, padded = luna.crop_nodules(volume, geometry, world, size, lungmask.PAD_VALUE)
+        for r, cube, centre, share in zip(group.itertuples(index=False), cubes, centres, padded):
+            if share > max_padded:
+                refused.append(f'{r.nodule_id} (scan {uid}, {share:.0%} outside the volume)')
+                continue
             luna.save_npy_atomic(os.path.join(out_dir, 'cubes', f'{r.nodule_id}.npy'), cube)
             rows.append({'nodule_id': r.nodule_id, 'seriesuid': uid, 'fold': int(r.fold),
-                         'diameter_mm': r.diameter_mm, 'label': int(r.label), 'coordX': r.coordX,
+                         'diameter_mm': r.diameter_mm, 'label': r.label, 'coordX': r.coordX,
                          'coordY': r.coordY, 'coordZ': r.coordZ,
                          **{f'voxel_{a}': round(float(c), 2) for a, c in zip('zyx', centre)}})
-    if not rows:
-        raise utils.UserError(f'no cube could be cropped: none of the {table["seriesuid"].nunique()} scans of the '
-                              f'{len(table)} labelled nodules has a volume (.npy and .json) in {prepared_dir}/volumes '
-                              f'(run prepare.py with VOLUMES=True; failed scans are in {prepared_dir}/failures.csv)')
-    rows.sort(key=lambda r: r['nodule_id'])
-    luna.write_csv_atomic(os.path.join(out_dir, 'nodules.csv'), rows, list(rows[0]))
-    log(f'cube set {out_dir}: {len(rows)} cubes of {size}^3 ({sum(r["label"] for r in rows)} malignant); '
-        f'{len(missing)} labelled nodules skipped because their scan has no volume')
-    return len(rows), missing
+    if refused:
+        log(f'{len(refused)} nodules refused, their cube mostly padding (the nodule lies outside its scan\'s volume): '
+            + ', '.join(refused[:10]) + (' ...' if len(refused) > 10 else ''))
+    labelled = sorted((dict(r, label=int(r['label'])) for r in rows if r['label'] == r['label']),
+                      key=lambda r: r['nodule_id'])
+    unlabelled = sorted((dict(r, label='') for r in rows if r['label'] != r['label']), key=lambda r: r['nodule_id'])
+    if not labelled:
+        raise utils.UserError(f'no labelled cube could be cropped: of the {len(table)} nodules to crop in '
+                              f'{table["seriesuid"].nunique()} scans, {len(missing)} have no volume (.npy and .json) '
+                              f'in {prepared_dir}/volumes (run prepare.py with VOLUMES=True; failed scans are in '
+                              f'{prepared_dir}/failures.csv), {len(refused)} were refused')
+    luna.write_csv_atomic(os.path.join(out_dir, 'nodules.csv'), labelled, list(labelled[0]))
+    if unlabelled:
+        luna.write_csv_atomic(os.path.join(out_dir, 'unlabelled.csv'), unlabelled, list(unlabelled[0]))
+    log(f'cube set {out_dir}: {len(labelled)} cubes of {size}^3 ({sum(r["label"] for r in labelled)} malignant); '
+        f'{len(unlabelled)} unlabelled cubes (unlabelled.csv: kept out of training and evaluation); '
+        f'{len(missing)} nodules skipped because their scan has no volume; {len(refused)} refused as mostly padding')
+    return len(labelled), missing
 
 
 def features(cubes, factor):
@@ -134,7 +148,7 @@ def main(**overrides):
     run = runfolder.Run('nodclsgbt', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
     if cfg['CROP']:
-        crop_cube_set(cfg['PREPARED_DIR'], cfg['CUBE_SET'], cfg['CUBE_SIZE'], run.log)
+        crop_cube_set(cfg['PREPARED_DIR'], cfg['CUBE_SET'], cfg['CUBE_SIZE'], run.log, cfg['MAX_PADDED'])
     table = data.read_table(cfg['CUBE_SET'])
     data.select_folds(table, cfg['TEST_FOLDS'], cfg['CUBE_SET'], what='TEST_FOLDS')
     x = features(data.load_cubes(cfg['CUBE_SET'], table, cfg['CUBE_SIZE']), cfg['DOWNSAMPLE'])

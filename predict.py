@@ -1,11 +1,18 @@
-"""Apply the fold models of a finished retrain run to a cube set: each fold model's probability of malignancy and
-their mean per nodule, and optionally each nodule's 3D LayerCAM.
+"""Apply the fold models of a finished retrain run to a cube set, or to nodules of new CT scans: each fold model's
+probability of malignancy, their mean and spread per nodule, and optionally each nodule's 3D LayerCAM.
 
 python predict.py --RUN=runs/<train_3D_continuation run> [--DATA=<cube set>] [--NODULES="('id1','id2')"] [--CAM=True]
-Writes <RUN>/predict-<timestamp>[-TAG]/: config.json, log.txt, predictions.csv, and with CAM cam/<id>.npy (the map,
-S^3 float32 in [0, 1]) and cam/<id>.png (three mid-planes through the nodule, map over the CT).
+python predict.py --RUN=<run> --SCAN=<.mhd | .nii(.gz) | DICOM folder | folder of scans> --AT=<nodules.csv> [--CAM=True]
+With SCAN, each scan goes through the preprocessing of training (scans/cubes.py: lung mask with the nodules
+protected, 1 mm resampling, window, cube crop), no label needed. Everything is read and checked before the output
+folder <RUN>/predict-<timestamp>[-TAG]/ is made: config.json, log.txt, predictions.csv, with SCAN the cube set
+(nodules.csv, cubes/<id>.npy), with CAM cam/<id>.npy (the map, S^3 float32 in [0, 1]) and cam/<id>.png (three
+mid-planes through the nodule, map over the CT). The file INCOMPLETE marks a folder whose writing was interrupted.
 """
 import os
+import pickle
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -22,9 +29,16 @@ import runfolder
 import utils
 from model import NetworkLUNA
 from figures.common import fold_files
+from scans import cubes as scan_cubes
+from scans import luna, lungmask
 
 RUN = ''  # a train_3D_continuation run folder with at least one finished fold (model_fold{f}.pt, result_fold{f}.json)
 DATA = ''  # cube set to predict: a folder with cubes/<id>.npy and optionally nodules.csv ('' = the run's own DATA)
+SCAN = ''  # instead of DATA: a CT scan (.mhd, .nii, .nii.gz, DICOM series folder) or a folder of scans
+AT = ''  # with SCAN: CSV of nodules, coordX, coordY, coordZ (world mm), diameter_mm [, nodule_id] [, seriesuid or file]
+SERIES = ''  # with SCAN: the DICOM series to read from a folder holding several ('' = its only series)
+LUNG_ML = lungmask.LUNG_ML  # with SCAN: lung volume range (ml), as prepare.py's LUNG_ML
+PROTECT_MM = lungmask.PROTECT_MM  # with SCAN: margin (mm) beyond each nodule's radius never masked, as prepare.py's
 NODULES = ()  # nodule ids to predict (() = every nodule of the cube set)
 CAM = False  # also write each nodule's LayerCAM volume (.npy) and figure (.png), averaged over the fold models
 CAM_CELLS = ()  # cells whose LayerCAM maps are fused (() = the last cell; negative indices count from the end)
@@ -33,8 +47,12 @@ DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA (compiling them takes longer than a prediction)
 TAG = ''  # suffix of the output folder name
 DEFAULTS = settings.settings_of(globals())
+INCOMPLETE = 'INCOMPLETE'  # file in an output folder whose writing has not finished
+CAM_EVERY_S = 10.0  # seconds between progress lines of the LayerCAM maps (when the console is not a terminal)
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules; None: any value of the type)
-    'RUN': None, 'DATA': "DATA == '' or isdir(DATA)", 'NODULES': None, 'CAM': None,
+    'RUN': None, 'DATA': "DATA == '' or isdir(DATA)", 'SCAN': "SCAN == '' or DATA == ''",
+    'AT': "AT == '' or isfile(AT)", 'SERIES': None, 'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]',
+    'PROTECT_MM': '>= 0', 'NODULES': None, 'CAM': None,
     'CAM_CELLS': 'ints(CAM_CELLS)', 'BATCH_SIZE': '>= 1', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
     'TAG': None,
 }
@@ -51,15 +69,23 @@ def finished_folds(run_path):
 
 
 def read_nodules(root):
-    """The cube set's table: nodules.csv if present (nodule_id required; label and fold kept when given), else
-    every cubes/<id>.npy."""
+    """The cube set's table: nodules.csv if present (nodule_id required; label and fold kept when given) and the
+    unlabelled cubes of unlabelled.csv (nodclsgbt.py, own label table), else every cubes/<id>.npy."""
     if not os.path.isdir(os.path.join(root, 'cubes')):
         raise utils.UserError(f'DATA={root}: no cubes/ folder (a cube set holds cubes/<nodule_id>.npy)')
-    path = os.path.join(root, 'nodules.csv')
-    if os.path.exists(path):
-        table = pd.read_csv(path, dtype={'nodule_id': str})
-        if 'nodule_id' not in table.columns:
-            raise utils.UserError(f'{path} lacks the column nodule_id')
+    tables = []
+    for name in ('nodules.csv', 'unlabelled.csv'):
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            try:
+                table = pd.read_csv(path, dtype={'nodule_id': str})
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+                raise utils.UserError(f'{path} cannot be parsed: {str(e).strip()[:200]}') from None
+            if 'nodule_id' not in table.columns:
+                raise utils.UserError(f'{path} lacks the column nodule_id')
+            tables.append(table)
+    if tables:
+        table = pd.concat(tables, ignore_index=True)
     else:
         ids = sorted(f[:-4] for f in os.listdir(os.path.join(root, 'cubes')) if f.endswith('.npy'))
         table = pd.DataFrame({'nodule_id': ids})
@@ -91,15 +117,20 @@ def check_cube_size(root, table, size):
 
 def fold_norm(run_path, run_cfg, fold, log):
     """(mean, std) of the fold's training cubes: saved beside the model, or recomputed as the retrain did (older
-    runs): every fold of the run's cube set except the test fold, or its TRAIN_FOLDS."""
+    runs): every fold of the run's cube set except the test fold, or its TRAIN_FOLDS. A std that is not a finite
+    positive number is refused (it would make every probability of that fold model NaN)."""
     path = os.path.join(run_path, f'norm_fold{fold}.json')
     if os.path.exists(path):
         remedy = 'delete it to recompute the normalization from the cube set'
         saved = utils.read_json(path, remedy)
         try:
-            return float(saved['mean']), float(saved['std'])
+            mean, std = float(saved['mean']), float(saved['std'])
         except (KeyError, TypeError, ValueError) as e:
             raise utils.UserError(f'{path} is damaged ({type(e).__name__}: {e}); {remedy}') from None
+        if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+            raise utils.UserError(f'{path} is damaged (mean {mean}, std {std}: std must be a finite number > 0); '
+                                  f'{remedy}')
+        return mean, std
     table = data.read_table(run_cfg['DATA'])
     train_folds = train_3D_continuation.train_folds_of({'TRAIN_FOLDS': (), **run_cfg}, table, fold)
     cubes = data.load_cubes(run_cfg['DATA'], data.select_folds(table, train_folds, run_cfg['DATA']), run_cfg['CUBE'])
@@ -109,15 +140,23 @@ def fold_norm(run_path, run_cfg, fold, log):
 
 
 def load_models(run_path, run_cfg, folds, device, log):
-    """{fold: (model in eval mode, mean, std)}."""
+    """{fold: (model in eval mode, mean, std)}; a model file that is not a state dict of the run's network (cut
+    short, random bytes, another network) is one UserError naming it."""
     geno_path = os.path.join(run_path, 'genotype.json')
     genotype = genotypes.get_genotype(geno_path if os.path.exists(geno_path) else run_cfg['GENOTYPE'])
     models = {}
     for fold, path in folds.items():
         model = NetworkLUNA(run_cfg['C'], 2, run_cfg['LAYERS'], genotype)
         try:
-            model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        except (RuntimeError, OSError, ValueError) as e:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+            garbled = isinstance(e, (EOFError, pickle.UnpicklingError))
+            why = 'cut short, or not a file that torch.save wrote' if garbled else str(e).partition(chr(10))[0][:120]
+            raise utils.UserError(f'{path} is not a readable model file ({type(e).__name__}: {why}); retrain that '
+                                  'fold') from None
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError, ValueError) as e:
             raise utils.UserError(f'{path} does not fit the run\'s genotype, C and LAYERS '
                                   f'({str(e).partition(chr(10))[0]})') from None
         models[fold] = (model.to(device).eval(), *fold_norm(run_path, run_cfg, fold, log))
@@ -134,62 +173,140 @@ def fold_probs(model, cubes, mean, std, batch_size, device):
     return torch.cat(out).numpy()
 
 
-def write_cams(out_dir, table, cubes, models, probs, cells, cfg):
-    """Per nodule: LayerCAM of each fold model for the class the ensemble predicts, averaged and scaled to [0, 1]."""
+def write_cams(out_dir, table, cubes, models, probs, cells, cfg, log):
+    """Per nodule: LayerCAM of each fold model for the class the ensemble predicts, averaged and scaled to [0, 1];
+    each file is written whole (a temporary name, then renamed). Progress with the time left."""
     os.makedirs(out_dir, exist_ok=True)
-    for i, nid in enumerate(table['nodule_id']):
+    which = 'last cell' if cells is None else f'cells {", ".join(map(str, cells))} fused'
+    log(f'LayerCAM: {len(table)} maps to make (one per nodule, each from {len(models)} fold models, {which}), '
+        f'into {out_dir}')
+    t0 = time.time()
+    for i, nid in utils.progress(list(enumerate(table['nodule_id'])), desc='LayerCAM maps', every_s=CAM_EVERY_S):
         target = int(probs[i] >= 0.5)
         maps = []
         for model, mean, std in models.values():
             x = (torch.as_tensor(cubes[i:i + 1]).to(cfg['DEVICE']).float().unsqueeze(1) - mean) / std
             maps.append(cam_mod.layer_cam(model, x, cells, target)[0])
         volume = cam_mod.scale01(torch.stack(maps).mean(0))[0].cpu().numpy().astype(np.float32)
-        np.save(os.path.join(out_dir, f'{nid}.npy'), volume)
+        luna.save_npy_atomic(os.path.join(out_dir, f'{nid}.npy'), volume)
         label = table['label'][i] if 'label' in table.columns else float('nan')
         truth = 'unknown' if pd.isna(label) else ('malignant' if int(label) else 'benign')
-        which = 'last cell' if cells is None else f'cells {", ".join(map(str, cells))} fused'
-        evaluation.plot_cam(cubes[i], volume, os.path.join(out_dir, f'{nid}.png'),
+        png = os.path.join(out_dir, f'{nid}.png')
+        part = os.path.join(out_dir, f'.{nid}.part.png')  # matplotlib takes the format from the suffix
+        evaluation.plot_cam(cubes[i], volume, part,
                             f'nodule {nid}: P(malignant) = {probs[i]:.3f} (mean of {len(models)} fold models), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
                             f'LayerCAM of class {"malignant" if target else "benign"}, {which}; {cfg["RUN"]}')
+        os.replace(part, png)
+    log(f'LayerCAM: {len(table)} maps in {time.time() - t0:.0f} s: {out_dir}')
+
+
+def scan_input(cfg, size):
+    """(table, cubes, geometries) of the nodules of AT in the scans of SCAN, preprocessed as for training."""
+    scans = scan_cubes.find_scans(cfg['SCAN'])
+    rows, notes = scan_cubes.read_table(cfg['AT'], scans)
+    ids = [str(i) for i in cfg['NODULES']]
+    if ids:
+        unknown = sorted(set(ids) - {r['nodule_id'] for r in rows})
+        if unknown:
+            raise utils.UserError(f'AT={cfg["AT"]}: no nodule {", ".join(unknown[:5])}')
+        rows = [r for r in rows if r['nodule_id'] in ids]
+    parts, cubes, geometries = [], [], {}
+    for name in sorted({r['seriesuid'] for r in rows}):
+        mine = [r for r in rows if r['seriesuid'] == name]
+        print(f'scan {scans[name]}: {len(mine)} nodules, preprocessing', flush=True)
+        c, centres, geometries[name] = scan_cubes.scan_cubes(scans[name], mine, size, tuple(cfg['LUNG_ML']),
+                                                             cfg['PROTECT_MM'], cfg['SERIES'])
+        cubes.append(c)
+        for r, centre in zip(mine, centres):
+            parts.append({'nodule_id': r['nodule_id'], 'seriesuid': name, 'scan': scans[name],
+                          **{k: r[k] for k in ('coordX', 'coordY', 'coordZ', 'diameter_mm')},
+                          **({'label': r['label']} if r['label'] == r['label'] else {}),
+                          **{f'voxel_{a}': round(float(v), 2) for a, v in zip('zyx', centre)}})
+    table = pd.DataFrame(parts)
+    if 'label' not in table.columns:
+        table = table.assign(label=np.nan)
+    return table, np.concatenate(cubes), geometries, notes
 
 
 def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if not cfg['RUN'] or not os.path.isfile(os.path.join(cfg['RUN'], 'config.json')):  # the rule of RUN
         raise utils.UserError(f'RUN={cfg["RUN"]!r}: give a train_3D_continuation run folder (with config.json)')
+    if cfg['AT'] and not cfg['SCAN']:
+        raise utils.UserError('AT is the nodule table of SCAN: give SCAN=<scan or folder of scans> too')
     folds = finished_folds(cfg['RUN'])
     run_cfg = utils.read_json(os.path.join(cfg['RUN'], 'config.json'), 'not a usable train_3D_continuation run folder')
-    root = cfg['DATA'] or run_cfg['DATA']
-    table = select_nodules(read_nodules(root), cfg['NODULES'], root)
-    check_cube_size(root, table, run_cfg['CUBE'])
     cells = tuple(int(c) for c in cfg['CAM_CELLS']) or None
     bad = [c for c in cells or () if not -run_cfg['LAYERS'] <= c < run_cfg['LAYERS']]
     if bad:
         raise utils.UserError(f'CAM_CELLS {bad}: the run\'s network has cells 0..{run_cfg["LAYERS"] - 1}')
-    cubes = data.load_cubes(root, table, run_cfg['CUBE'])
+    notes = []
+    models = load_models(cfg['RUN'], run_cfg, folds, cfg['DEVICE'], notes.append)  # checked before any output
+    if cfg['SCAN']:
+        root = cfg['SCAN']
+        table, cubes, geometries, more = scan_input(cfg, run_cfg['CUBE'])
+        notes += more
+    else:
+        root, geometries = cfg['DATA'] or run_cfg['DATA'], None
+        table = select_nodules(read_nodules(root), cfg['NODULES'], root)
+        check_cube_size(root, table, run_cfg['CUBE'])
+        cubes = data.load_cubes(root, table, run_cfg['CUBE'])
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
-    out = runfolder.Run('predict', cfg, cfg['RUN'], cfg['TAG'])
-    out.header(cfg, cfg['DEVICE'])
-    models = load_models(cfg['RUN'], run_cfg, folds, cfg['DEVICE'], out.log)
     result = table.copy()
     for fold, (model, mean, std) in models.items():
         result[f'prob_fold{fold}'] = fold_probs(model, cubes, mean, std, cfg['BATCH_SIZE'], cfg['DEVICE'])
-    result['prob_mean'] = result[[f'prob_fold{f}' for f in models]].mean(axis=1)
-    own = os.path.abspath(root) == os.path.abspath(run_cfg['DATA'])
+    probs = result[[f'prob_fold{f}' for f in models]]
+    result['prob_mean'], result['prob_std'] = probs.mean(axis=1), probs.std(axis=1, ddof=0)
+    own = not cfg['SCAN'] and os.path.abspath(root) == os.path.abspath(run_cfg['DATA'])
     if own and 'fold' in result.columns:  # the model of a nodule's own fold never trained on it
         result['prob_heldout'] = [row[f'prob_fold{int(row["fold"])}'] if int(row['fold']) in models else np.nan
                                   for _, row in result.iterrows()]
-    result.to_csv(out.file('predictions.csv'), index=False)
-    out.log(f'{len(result)} nodules of {root}, fold models {list(models)}: written {out.file("predictions.csv")}')
+    out = runfolder.Run('predict', cfg, cfg['RUN'], cfg['TAG'])
+    try:
+        return write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries)
+    except KeyboardInterrupt:
+        print(f'{out.path} is incomplete: it holds the file {INCOMPLETE}', file=sys.stderr, flush=True)
+        raise
+
+
+def write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries):
+    """Everything of the output folder; INCOMPLETE is there until the last file is written."""
+    incomplete = out.file(INCOMPLETE)
+    with open(incomplete, 'w') as f:
+        f.write('this prediction was interrupted: its files may be missing or partial; rerun the same command\n')
+    out.header(cfg, cfg['DEVICE'])
+    for note in notes:
+        out.log(note)
+    if geometries is not None:
+        write_cube_set(out, result, cubes, geometries)
+    with utils.atomic_path(out.file('predictions.csv')) as tmp:
+        result.to_csv(tmp, index=False)
+    out.log(f'{len(result)} nodules of {root}, fold models {list(models)}: written {out.file("predictions.csv")} '
+            '(prob_mean: mean of the fold models; prob_std: their spread, a simple uncertainty)')
     if own:
         out.log('note: this is the run\'s own cube set: prob_fold<f> is a held-out prediction only for the nodules '
                 'of fold f (prob_heldout); the other fold models may have trained on them')
     if cfg['CAM']:
-        write_cams(out.file('cam'), table, cubes, models, result['prob_mean'].to_numpy(), cells, cfg)
-        out.log(f'LayerCAM volumes and figures: {out.file("cam")}')
+        write_cams(out.file('cam'), table, cubes, models, result['prob_mean'].to_numpy(), cells, cfg, out.log)
+    os.remove(incomplete)
     return {'run': out.path, 'predictions': result}
 
 
+def write_cube_set(out, table, cubes, geometries):
+    """The cubes cut from the scans, as a cube set (nodules.csv, cubes/<id>.npy; DATA of a later predict.py), and
+    each scan's geometry (geometry/<seriesuid>.json: world -> voxel of its preprocessed volume)."""
+    for name in ('cubes', 'geometry'):
+        os.makedirs(out.file(name), exist_ok=True)
+    for nid, cube in zip(table['nodule_id'], cubes):
+        luna.save_npy_atomic(os.path.join(out.file('cubes'), f'{nid}.npy'), cube)
+    for name, geometry in geometries.items():
+        utils.save_json_atomic(os.path.join(out.file('geometry'), f'{name}.json'), geometry)
+    keep = [c for c in table.columns if not c.startswith('prob_')]
+    with utils.atomic_path(out.file('nodules.csv')) as tmp:
+        table[keep].to_csv(tmp, index=False)
+
+
 if __name__ == '__main__':
-    settings.run_cli(main, DEFAULTS, 'rerun the same command (nothing is kept from an interrupted prediction)')
+    settings.run_cli(main, DEFAULTS, f'nothing is written before the models, cubes and scans are read; an output '
+                     f'folder begun holds the file {INCOMPLETE} (named above); rerun the same command (a new folder)')

@@ -13,7 +13,8 @@ Reads LUNA16_DIR/subset<k>/*.mhd (+ .raw) and LUNA16_DIR/annotations.csv. Writes
 Scans run in WORKERS processes; each scan fails alone; a scan whose outputs exist and protect all of its
 current annotations is skipped (resume). Labels come from the LIDC-IDRI reader clusters (lidc.nodule_table),
 matched to annotations.csv by scan and nearest world centre, or from your own LABEL_TABLE (world mm, no
-LIDC database needed). The annotated nodules (a sphere of radius + PROTECT_MM each) are never filled by
+LIDC database needed; its nodules are checked against their scan's header, rows without a label are kept for
+cropping only). The annotated nodules (a sphere of radius + PROTECT_MM each) are never filled by
 the masking (scans/lungmask.py). A log goes to runs/prepare-<time>/.
 """
 import json
@@ -40,11 +41,11 @@ MATCH_MM = 10.0           # a reader cluster and an annotation further apart tha
 WORKERS = 4               # worker processes; each needs ~2-3 GB of memory for a 512x512x300 scan
 SCAN_TIMEOUT = 1800.0     # seconds; a scan that runs longer fails as timed out
 START_METHOD = 'spawn'    # how workers start: 'spawn' is safe with threaded libraries, 'fork' starts faster
-LUNG_ML = (100.0, 8200.0)  # volume range (ml) of a 3-D air component inside the body that counts as lung
+LUNG_ML = lungmask.LUNG_ML  # volume range (ml) of a 3-D air component inside the body that counts as lung
 RUNS = 'runs'             # folder of run folders (log, config)
 TAG = ''                  # suffix of the run folder name
 LABEL_TABLE = ''          # CSV of your own labels instead of LIDC's (world mm; README): no LIDC_DB, annotations.csv
-PROTECT_MM = 4.0          # margin (mm) beyond each annotated nodule's radius (diameter_mm / 2) that masking never fills
+PROTECT_MM = lungmask.PROTECT_MM  # margin (mm) beyond each annotated nodule's radius that masking never fills
 
 DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '> 0' reads 'MATCH_MM > 0';
@@ -145,13 +146,33 @@ def prepare_volumes(scans, nodules, cfg, run):
 def load_nodules(scans, cfg):
     """The annotated nodules of the scans (dicts with seriesuid, coordX, coordY, coordZ, diameter_mm):
     LABEL_TABLE's rows (with label, nodule_id and its other columns) or annotations.csv's (needed for LABELS).
-    Returns (nodules, a note for the log or None)."""
+    A LABEL_TABLE nodule outside its scan, or within its radius of the scan's edge, is refused (UserError naming
+    the lines) before anything is written. Returns (nodules, notes for the log)."""
     if cfg['LABEL_TABLE']:
-        return luna.read_label_table(cfg['LABEL_TABLE'], scans, reserved=('fold', 'match_mm') + MASKED_COLUMNS), None
+        rows, notes = luna.read_label_table(cfg['LABEL_TABLE'], scans,
+                                            reserved=('fold', 'match_mm') + MASKED_COLUMNS)
+        headers = {}
+        for uid in sorted({r['seriesuid'] for r in rows}):
+            try:
+                headers[uid] = luna.read_header(scans[uid][1])
+            except luna.ScanError:
+                pass  # the scan fails with its reason when it is processed
+        outside = luna.nodules_outside(rows, headers)
+        if outside:
+            raise utils.UserError(f'label table {cfg["LABEL_TABLE"]}: {len(outside)} of {len(rows)} nodules refused, '
+                                  f'outside their scan or within their radius of its edge: ' + '; '.join(outside[:5])
+                                  + ('; ...' if len(outside) > 5 else '') + ' (coordinates are world mm as in '
+                                  'LUNA16\'s annotations.csv, x and y growing to the patient\'s left and back: LPS, '
+                                  'not RAS)')
+        unlabelled = sum(r['label'] != r['label'] for r in rows)
+        if unlabelled:
+            notes.append(f'{unlabelled} nodules of {cfg["LABEL_TABLE"]} have no label: preprocessed and cropped '
+                         '(nodclsgbt.py lists them in unlabelled.csv), kept out of training and evaluation')
+        return rows, notes
     path = os.path.join(cfg['LUNA16_DIR'], 'annotations.csv')
     if not (cfg['LABELS'] or os.path.isfile(path)):
-        return [], f'no {path}: no nodule is protected from the masking'
-    return [a for a in luna.read_annotations(path) if a['seriesuid'] in scans], None
+        return [], [f'no {path}: no nodule is protected from the masking']
+    return [a for a in luna.read_annotations(path) if a['seriesuid'] in scans], []
 
 
 def load_clusters(nodule_table, lidc_db):
@@ -202,7 +223,7 @@ def own_label_rows(scans, table):
     """(rows of labels.csv, counts) from LABEL_TABLE's rows: fold = subset index of the scan."""
     rows = [{'nodule_id': r['nodule_id'], 'seriesuid': r['seriesuid'], 'coordX': r['coordX'], 'coordY': r['coordY'],
              'coordZ': r['coordZ'], 'diameter_mm': r['diameter_mm'], 'fold': scans[r['seriesuid']][0],
-             'label': r['label'], **r} for r in table]
+             'label': r['label'], **{k: v for k, v in r.items() if k != '_line'}} for r in table]
     return rows, {'annotations': len(rows)}
 
 
@@ -231,12 +252,14 @@ def build_labels(scans, cfg, run, table=None):
         annotations = luna.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
         clusters = load_clusters(cfg['NODULE_TABLE'], cfg['LIDC_DB'])
         rows, counts = label_rows(scans, annotations, clusters, cfg['MATCH_MM'])
-    labels = np.array([r['label'] for r in rows], dtype=int)
+    labels = np.array([r['label'] for r in rows], dtype=float)  # nan: unlabelled (own table)
     matched = np.array([r.get('match_mm', 0.0) == r.get('match_mm', 0.0) for r in rows], dtype=bool)  # nan != nan
     counts.update(benign=int((labels == 0).sum()), malignant=int((labels == 1).sum()),
                   excluded=int(((labels == -1) & matched).sum()), unmatched=int((~matched).sum()))
     known, over, over_unprotected = add_masking(rows, cfg['OUT_DIR'])
     counts.update(masked_known=known, masked_over=over, masked_over_unprotected=over_unprotected)
+    for r in rows:  # an unlabelled row of LABEL_TABLE keeps an empty label
+        r['label'] = '' if r['label'] != r['label'] else r['label']
     columns = list(dict.fromkeys(k for r in rows for k in r))
     os.makedirs(cfg['OUT_DIR'], exist_ok=True)
     luna.write_csv_atomic(os.path.join(cfg['OUT_DIR'], 'labels.csv'), rows, columns)
@@ -244,7 +267,8 @@ def build_labels(scans, cfg, run, table=None):
         run.log(f'  no labels for scan {b}')
     if cfg['LABEL_TABLE']:
         run.log(f'labels: {counts["annotations"]} nodules from {cfg["LABEL_TABLE"]} in {len(scans)} scans: '
-                f'{counts["benign"]} benign, {counts["malignant"]} malignant')
+                f'{counts["benign"]} benign, {counts["malignant"]} malignant, {int(np.isnan(labels).sum())} unlabelled '
+                '(cropped, kept out of training and evaluation)')
     else:
         run.log(f'labels: {counts["clusters"]} reader clusters in {len(scans)} scans, {counts["annotations"]} '
                 f'annotations, {counts["matched"]} matched within {cfg["MATCH_MM"]:g} mm: {counts["benign"]} benign, '
@@ -263,10 +287,10 @@ def main(**overrides):
     if not (cfg['VOLUMES'] or cfg['LABELS']):
         raise utils.UserError('nothing to do: VOLUMES and LABELS are both False')
     scans = luna.find_scans(cfg['LUNA16_DIR'])
-    nodules, note = load_nodules(scans, cfg)  # a bad label table or annotations.csv fails now, not after the scans
+    nodules, notes = load_nodules(scans, cfg)  # a bad label table or annotations.csv fails now, not after the scans
     run = runfolder.Run('prepare', cfg, root=cfg['RUNS'], tag=cfg['TAG'])
     run.header(cfg, 'cpu')
-    if note:
+    for note in notes:
         run.log(note)
     folds = sorted({f for f, _ in scans.values()})
     run.log(f'{len(scans)} scans in LUNA16 subsets {folds}')

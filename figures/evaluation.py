@@ -48,10 +48,17 @@ def plot_retrain_curves(run_path, png_path=None):
 
 
 def read_probs(run_path):
-    """{fold: (labels int array, probabilities array)} from probs_fold{f}.csv."""
+    """{fold: (labels int array, probabilities array)} from probs_fold{f}.csv; a damaged file (a row cut short, a
+    label not 0/1, a probability not in [0, 1]) is one UserError naming its line, before any figure is drawn."""
     out = {}
     for fold, path in fold_files(run_path, 'probs_fold{f}.csv').items():
         rows = read_rows(path)
+        for i, r in enumerate(rows):
+            label, prob = r.get('label'), r.get('prob')
+            if label not in (0.0, 1.0) or not isinstance(prob, float) or not 0 <= prob <= 1:
+                raise UserError(f'{path}, line {i + 2}: label {label!r}, prob {prob!r} (label 0 or 1, prob in [0, 1] '
+                                'expected): the file is damaged; train_3D_continuation.py writes it when the fold '
+                                'ends (delete that fold\'s result_fold and probs_fold files and resume the run)')
         out[fold] = (np.array([int(r['label']) for r in rows]), np.array([r['prob'] for r in rows]))
     return out
 

@@ -154,6 +154,7 @@ def draw_run(run_path, log=print, out_dir=None):
     if fold_files(run_path, 'metrics_fold{f}.csv'):
         jobs.append((evaluation.plot_retrain_curves, (run_path, out('retrain_curves.png'))))
     if fold_files(run_path, 'probs_fold{f}.csv'):
+        evaluation.read_probs(run_path)  # a damaged file is one line before any figure is written
         jobs += [(evaluation.plot_roc, (run_path, out('roc.png'))),
                  (evaluation.plot_confusion, (run_path, out('confusion.png')))]
     elif fold_files(run_path, 'result_fold{f}.json'):

@@ -128,6 +128,8 @@ def check_data_file(path):
         return None  # a file per slice: left to ITK
     local = datafile.upper() == 'LOCAL'
     data = path if local else os.path.join(os.path.dirname(path), datafile)
+    if os.path.isdir(data):
+        raise ScanError(f'data file {data} is a directory, not a file (ElementDataFile of {path})')
     if not os.path.isfile(data):
         raise ScanError(f'missing data file {data} (ElementDataFile of {path})')
     actual = os.path.getsize(data) - (offset if local else 0)
@@ -173,58 +175,124 @@ def read_annotations(path):
             raise UserError(f'{path}, line {reader.line_num}: {e}') from None
 
 
-def read_label_table(path, scans, reserved=()):
+def read_label_table(path, scans, reserved=(), labelled=True):
     """Your own labels: a CSV in LUNA16's annotation format (seriesuid, coordX, coordY, coordZ in world mm,
-    diameter_mm) plus label (0 benign, 1 malignant); optional nodule_id (unique), other columns are kept.
-    Every seriesuid must be one of `scans`. Returns a list of dicts; UserError naming the file and the
-    rows (line numbers, the header being line 1) of a bad table."""
+    diameter_mm) plus label (0 benign, 1 malignant, empty: unlabelled, cropped but never trained on); optional
+    nodule_id (unique), other columns are kept. labelled=False (predict.py's table): the label column may be
+    missing, and so may seriesuid when `scans` holds one scan (a file column names the scan instead).
+    Every seriesuid must be one of `scans`. The same nodule twice (same scan, centres within DUPLICATE_MM) is
+    merged when its labels agree and refused when they do not.
+    Returns (rows: dicts with '_line', the file line (the header being line 1, blank lines counted), notes);
+    UserError naming the file and the lines of a bad table."""
     import pandas as pd
     if not os.path.isfile(path):
-        raise UserError(f'label table {path} does not exist')
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        raise UserError(f'label table {path} does not exist' if not os.path.isdir(path) else
+                        f'label table {path} is a directory, not a CSV file')
+    try:  # blank lines are kept as rows (then dropped) so that row i is file line i + 2
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, skip_blank_lines=False)
     except (ValueError, pd.errors.ParserError) as e:
         raise UserError(f'label table {path} is not a readable CSV: {str(e).strip()[:200]}') from None
     table.columns = [str(c).strip() for c in table.columns]
+    if 'seriesuid' not in table.columns and not labelled:
+        if 'file' in table.columns:
+            table['seriesuid'] = table['file']
+        elif len(set(map(str, scans.values()))) == 1:
+            table['seriesuid'] = next(iter(scans))
+    if 'label' not in table.columns and not labelled:
+        table['label'] = ''
     missing = [c for c in ANNOTATION_COLUMNS + ('label',) if c not in table.columns]
     if missing:
         raise UserError(f'label table {path} lacks column(s) {", ".join(missing)} (needs '
-                        f'{", ".join(ANNOTATION_COLUMNS)}, label; found {", ".join(table.columns)})')
+                        f'{", ".join(ANNOTATION_COLUMNS)}' + (', label' if labelled else '')
+                        + f'; found {", ".join(table.columns)})')
     clash = [c for c in reserved if c in table.columns]
     if clash:
         raise UserError(f'label table {path}: column(s) {", ".join(clash)} are written by prepare.py; rename them')
+    table['_line'] = np.arange(len(table)) + 2
+    table = table[table.drop(columns='_line').apply(lambda c: c.astype(str).str.strip() != '').any(axis=1)]
     if table.empty:
         raise UserError(f'label table {path} has no rows')
-    if 'nodule_id' not in table.columns:
+    generated = 'nodule_id' not in table.columns
+    if generated:
         table.insert(0, 'nodule_id', [f'own{i:05d}' for i in range(len(table))])
     rows, problems = [], []
-    for i, r in enumerate(table.to_dict('records')):
-        where = f'line {i + 2}'
-        try:
-            values = {k: float(r[k]) for k in ANNOTATION_COLUMNS[1:] + ('label',)}
-        except ValueError:
-            bad = [k for k in ANNOTATION_COLUMNS[1:] + ('label',) if not _is_number(r[k])]
+    for r in table.to_dict('records'):
+        where = f'line {r["_line"]}'
+        given = [k for k in ANNOTATION_COLUMNS[1:] + ('label',) if k != 'label' or r[k].strip()]
+        bad = [k for k in given if not _is_number(r[k])]
+        if bad:
             problems.append(f'{where}: not a number in {", ".join(f"{k}={r[k]!r}" for k in bad)}')
             continue
-        if not all(np.isfinite(v) for v in values.values()) or values['diameter_mm'] <= 0:
+        values = {k: float(r[k]) if k in given else float('nan') for k in ANNOTATION_COLUMNS[1:] + ('label',)}
+        if not all(np.isfinite(values[k]) for k in ANNOTATION_COLUMNS[1:]) or values['diameter_mm'] <= 0:
             problems.append(f'{where}: coordinates must be finite and diameter_mm > 0 '
                             f'({", ".join(f"{k}={r[k]}" for k in ANNOTATION_COLUMNS[1:])})')
-        elif values['label'] not in (0.0, 1.0):
-            problems.append(f'{where}: label {r["label"]!r} is not 0 (benign) or 1 (malignant)')
+        elif 'label' in given and values['label'] not in (0.0, 1.0):
+            problems.append(f'{where}: label {r["label"]!r} is not 0 (benign), 1 (malignant) or empty (unlabelled)')
         elif r['seriesuid'].strip() not in scans:
-            problems.append(f'{where}: seriesuid {r["seriesuid"]!r} has no scan (no subset*/{r["seriesuid"]}.mhd)')
+            problems.append(f'{where}: seriesuid {r["seriesuid"]!r} has no scan'
+                            + (' (no subset*/{r["seriesuid"]}.mhd)' if labelled else ''))
         elif not str(r['nodule_id']).strip():
             problems.append(f'{where}: empty nodule_id')
         else:
-            rows.append({**r, **values, 'seriesuid': r['seriesuid'].strip(), 'label': int(values['label']),
+            label = int(values['label']) if 'label' in given else float('nan')
+            rows.append({**r, **values, 'seriesuid': r['seriesuid'].strip(), 'label': label,
                          'nodule_id': str(r['nodule_id']).strip()})
+    rows, notes = merge_duplicates(rows, problems, ('_line', 'nodule_id') if generated else ('_line',))
     dup = sorted(n for n, k in collections.Counter(r['nodule_id'] for r in rows).items() if k > 1)
     if dup:
         problems.append(f'nodule_id(s) used twice: {", ".join(dup[:5])}')
     if problems:
         raise UserError(f'label table {path}: {len(problems)} bad row(s): ' + '; '.join(problems[:5])
                         + ('; ...' if len(problems) > 5 else ''))
-    return rows
+    return rows, notes
+
+
+DUPLICATE_MM = 2.0  # two rows of one scan whose centres are closer than this (mm) are the same nodule
+
+
+def merge_duplicates(rows, problems, ignore=('_line',)):
+    """(rows with each nodule once, notes): a row within DUPLICATE_MM of an earlier one of the same scan is
+    merged into it when their labels agree (a note names both lines, 'exact duplicate' when every value is
+    equal but those of `ignore`), else a problem naming both lines is appended to `problems`."""
+    kept, notes = [], []
+    for r in rows:
+        w = np.array([r['coordX'], r['coordY'], r['coordZ']])
+        same = [k for k in kept if k['seriesuid'] == r['seriesuid']
+                and np.linalg.norm(w - [k['coordX'], k['coordY'], k['coordZ']]) < DUPLICATE_MM]
+        if not same:
+            kept.append(r)
+            continue
+        k = same[0]
+        dist = float(np.linalg.norm(w - [k['coordX'], k['coordY'], k['coordZ']]))
+        both = f'lines {k["_line"]} and {r["_line"]} (scan {r["seriesuid"]}, {dist:.1f} mm apart)'
+        if str(k['label']) != str(r['label']):
+            problems.append(f'{both}: the same nodule with conflicting labels {k["label"]} and {r["label"]}')
+        else:
+            exact = all(str(k[a]) == str(r.get(a)) for a in k if a not in ignore)
+            notes.append(f'line {r["_line"]} merged into line {k["_line"]}: '
+                         + ('exact duplicate' if exact else f'the same nodule ({dist:.1f} mm apart, same label)'))
+    return kept, notes
+
+
+def nodules_outside(rows, headers):
+    """Lines (text) of the rows whose nodule lies outside its scan or within its radius of the scan's edge.
+    headers: {seriesuid: header of read_header}; rows of scans without a header are not checked."""
+    out = []
+    for r in rows:
+        h = headers.get(r['seriesuid'])
+        if h is None:
+            continue
+        raw = world_to_raw([r['coordX'], r['coordY'], r['coordZ']], h['origin'], h['spacing'], False, h['size'],
+                           h['direction'])
+        margin = edge_margin(raw, r['diameter_mm'] / 2, h['spacing'], h['size'])
+        if margin < 0:
+            where = 'outside the scan' if edge_margin(raw, 0.0, h['spacing'], h['size']) < 0 else \
+                'within its radius of the edge'
+            out.append(f'line {r["_line"]} (nodule {r["nodule_id"]}, scan {r["seriesuid"]}): centre '
+                       f'({r["coordX"]:g}, {r["coordY"]:g}, {r["coordZ"]:g}) mm is {where} (voxel (z, y, x) '
+                       f'{np.round(raw, 1).tolist()} of {h["size"]})')
+    return out
 
 
 def _is_number(text):
@@ -244,11 +312,16 @@ def itk_message(error):
 
 # ---------------------------------------------------------------- geometry
 
-def world_to_raw(world_xyz, origin, spacing, flip, raw_shape):
+def world_to_raw(world_xyz, origin, spacing, flip, raw_shape, direction=None):
     """World (x, y, z) mm, shape (3,) or (N, 3) -> float (z, y, x) index of the scan array as read_scan
-    returns it: |world - origin| / spacing, mirrored in y and x (index n-1-i) when the scan is flipped."""
-    w = np.asarray(world_xyz, dtype=float)[..., ::-1]
-    raw = np.abs(w - np.asarray(origin, dtype=float)) / np.asarray(spacing, dtype=float)
+    returns it: the file's index D^T (world - origin) / spacing (D: direction cosines, columns = index axes),
+    then mirrored in y and x (index n-1-i) when `flip` (volumes of older versions, which mirrored a scan
+    with LUNA16's TransformMatrix -1 0 0 0 -1 0 0 0 1 and kept its header; direction None: that matrix
+    when flip, else identity). A point outside the scan gets an index outside 0..n-1 (never mirrored in)."""
+    if direction is None:
+        direction = np.diag([-1.0, -1.0, 1.0]) if flip else np.eye(3)
+    w = np.asarray(world_xyz, dtype=float) - np.asarray(origin, dtype=float)[::-1]  # (..., 3) x y z
+    raw = (w @ np.asarray(direction, dtype=float))[..., ::-1] / np.asarray(spacing, dtype=float)
     if flip:
         n = np.asarray(raw_shape, dtype=float)
         raw[..., 1:] = n[1:] - 1 - raw[..., 1:]
@@ -259,8 +332,18 @@ def world_to_voxel(world_xyz, geometry):
     """World (x, y, z) mm, shape (3,) or (N, 3) -> float (z, y, x) voxel of the saved volume.
 
     The raw scan index (world_to_raw) resampled to `resolution` mm and cropped at box_start."""
-    raw = world_to_raw(world_xyz, geometry['origin'], geometry['spacing'], geometry['flip'], geometry['raw_shape'])
+    raw = world_to_raw(world_xyz, geometry['origin'], geometry['spacing'], geometry['flip'], geometry['raw_shape'],
+                       geometry.get('direction'))
     return raw * np.asarray(geometry['spacing']) / geometry['resolution'] - np.asarray(geometry['box_start'])
+
+
+def edge_margin(raw_zyx, radius_mm, spacing, raw_shape):
+    """How far (mm) a nodule's sphere stays inside the scan: the smallest distance from its centre (float raw
+    index (z, y, x)) to the scan's outer voxel faces, minus its radius; < 0: outside the scan or within its
+    radius of an edge."""
+    c, s = np.asarray(raw_zyx, dtype=float), np.asarray(spacing, dtype=float)
+    n = np.asarray(raw_shape, dtype=float)
+    return float(np.min(np.minimum(c + 0.5, n - 0.5 - c) * s)) - radius_mm
 
 
 def pixel_to_world(row, col, z, header):
@@ -316,6 +399,22 @@ def crop_cube(volume, centre_zyx, size, pad_value):
         dst.append(slice(lo - start[a], hi - start[a]))
     cube[tuple(dst)] = volume[tuple(src)]
     return cube
+
+
+def padded_share(volume_shape, centre_zyx, size):
+    """Share of the voxels of crop_cube's cube that lie outside the volume (filled with the pad value)."""
+    start = np.round(np.asarray(centre_zyx, dtype=float)).astype(int) - size // 2
+    inside = [max(min(start[a] + size, volume_shape[a]) - max(start[a], 0), 0) for a in range(3)]
+    return 1.0 - float(np.prod(inside)) / size ** 3
+
+
+def crop_nodules(volume, geometry, world_xyz, size, pad_value):
+    """Cubes of the nodules at world (x, y, z) mm (N, 3) in a preprocessed volume and its geometry:
+    (cubes (N, size, size, size), voxel centres (N, 3) float (z, y, x), padded shares (N,))."""
+    centres = np.atleast_2d(world_to_voxel(np.atleast_2d(world_xyz), geometry))
+    cubes = np.stack([crop_cube(volume, c, size, pad_value) for c in centres]) if len(centres) else \
+        np.empty((0,) + (size,) * 3, dtype=volume.dtype)
+    return cubes, centres, np.array([padded_share(volume.shape, c, size) for c in centres])
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -4,7 +4,8 @@ Steps: per-slice lung binarization (Gaussian sigma 1, -600 HU, area and eccentri
 component analysis, hole filling, two-lung split, per-lung per-slice convex hull, 3-D dilation (10
 iterations); HU window [-1200, 600] -> 0..255; outside the dilated mask = 170, bright (> 210) voxels in the
 dilation ring = 170 (bone); resampling to 1 mm (linear) of the lung bounding box (+ margin) only.
-A scan whose TransformMatrix is not identity is mirrored in y and x first. Arrays are (z, y, x).
+A scan's axes are first turned to +x, +y, +z (to_lps: a LUNA16 TransformMatrix
+-1 0 0 0 -1 0 0 0 1 is mirrored in y and x). Arrays are (z, y, x).
 
 Annotated nodules are protected: a sphere of the nodule's radius plus a margin (protect_mm) around each
 annotation is never filled. Without it the bone rule erases dense nodules: the lung mask's holes are
@@ -21,7 +22,8 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
-from scans.luna import ScanError, check_data_file, itk_message, read_header, save_npy_atomic, world_to_raw
+from scans.luna import (ScanError, check_data_file, check_header, itk_message, read_header, save_npy_atomic,
+                        world_to_raw)
 from utils import save_json_atomic
 
 HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)
@@ -38,25 +40,80 @@ BOX_MARGIN_MM = 5             # margin around the lung bounding box, mm
 MAX_SPLIT_EROSIONS = 10       # erosions (of SPLIT_MM blocks) tried to separate the two lungs where they touch
 SPLIT_MM = 3.0                # block size (mm) of the coarse mask on which the lungs are split
 SPLIT_RATIO = 0.1             # the smaller of two lungs must have at least this fraction of the larger
+AXIS_TOL = 1e-3               # direction cosines within this of 0 or +-1 count as along the axes (not oblique)
+LUNG_ML = (100.0, 8200.0)     # volume range (ml) of a 3-D air component inside the body that counts as lung
+PROTECT_MM = 4.0              # margin (mm) beyond each annotated nodule's radius that masking never fills
 
 
-def read_scan(path):
-    """(hu, header): int16 HU array (z, y, x), already mirrored in y and x when the scan is flipped."""
-    check_data_file(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    header = read_header(path, reader)
+def dicom_files(folder, series=''):
+    """The files of one DICOM series in `folder`, in slice order (GDCM sorts them by position); ScanError when
+    the folder holds none, or several and `series` does not choose one (the message lists them)."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    if not ids:
+        raise ScanError(f'{folder} holds no DICOM series (a scan is a .mhd, a .nii / .nii.gz or a DICOM folder)')
+    if series and series not in ids:
+        raise ScanError(f'{folder} has no DICOM series {series} (it holds {", ".join(ids)})')
+    if len(ids) > 1 and not series:
+        listed = ', '.join(f'{i} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, i))} files)'
+                           for i in ids)
+        raise ScanError(f'{folder} holds {len(ids)} DICOM series: {listed}; choose one with SERIES=<id>')
+    return sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series or ids[0])
+
+
+def read_image(path, series=''):
+    """(sitk image, header of the file): a .mhd/.raw (checked against its data file first), a NIfTI or
+    another single file ITK reads, or a folder holding a DICOM series (slope and intercept applied)."""
     try:
-        image = reader.Execute()
+        if os.path.isdir(path):
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(dicom_files(path, series))
+            image = reader.Execute()
+            return image, check_header(image, path)
+        if not os.path.isfile(path):
+            raise ScanError(f'no scan at {path}')
+        if path.lower().endswith('.mhd'):
+            check_data_file(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        header = read_header(path, reader)
+        return reader.Execute(), header
     except RuntimeError as e:
-        raise ScanError(f'unreadable scan: {itk_message(e)}') from None
+        raise ScanError(f'unreadable scan {path}: {itk_message(e)}') from None
+
+
+def to_lps(image, header, path):
+    """(image, header) with the voxel axes along +x, +y, +z (LPS: the direction cosines become identity) by
+    flipping and permuting axes (DICOMOrient, exact); the file's direction is kept as file_direction. A LUNA16
+    scan with TransformMatrix -1 0 0 0 -1 0 0 0 1 is mirrored in y and x, as the DeepLung lineage does; a NIfTI
+    (stored in RAS, converted to LPS by ITK when read) or a DICOM series of any axis order comes out the same
+    way. ScanError for an oblique scan (cosines not along the axes)."""
+    direction = np.asarray(header['direction'], dtype=float)
+    if np.allclose(direction, np.eye(3), atol=AXIS_TOL):
+        return image, dict(header, direction=np.eye(3).tolist(), flip=False, file_direction=header['direction'])
+    oriented = sitk.DICOMOrient(image, 'LPS')
+    if not np.allclose(np.reshape(oriented.GetDirection(), (3, 3)), np.eye(3), atol=AXIS_TOL):
+        raise ScanError(f'oblique scan: direction cosines {np.round(direction, 4).tolist()} are not along the axes '
+                        f'({path}); resample it onto axis-aligned voxels first')
+    return oriented, dict(check_header(oriented, path), direction=np.eye(3).tolist(), flip=False,
+                          file_direction=header['direction'])
+
+
+def read_scan(path, series=''):
+    """(hu, header): int16 HU array (z, y, x) with its axes along +z, +y, +x (to_lps), and its geometry
+    (spacing, origin, size in that order, direction identity)."""
+    image, header = to_lps(*read_image(path, series), path)
     hu = sitk.GetArrayFromImage(image)
     if not np.issubdtype(hu.dtype, np.number) or hu.ndim != 3:
         raise ScanError(f'bad pixel data: {hu.dtype} array of shape {hu.shape}')
-    hu = np.clip(hu, -32768, 32767).astype(np.int16, copy=False)
-    if header['flip']:
-        hu = np.ascontiguousarray(hu[:, ::-1, ::-1])
-    return hu, header
+    if np.issubdtype(hu.dtype, np.floating):  # DICOM with a fractional slope: round, not truncate
+        hu = np.rint(hu)
+    return np.clip(hu, -32768, 32767).astype(np.int16, copy=False), header
+
+
+def raw_centres(nodules, header):
+    """Float (z, y, x) index in the array of read_scan of each nodule (dict with world (x, y, z) mm)."""
+    return [world_to_raw(n['world'], header['origin'], header['spacing'], header['flip'], header['size'],
+                         header['direction']) for n in nodules]
 
 
 def binarize_slices(hu, spacing, chunk=32):
@@ -302,28 +359,34 @@ def preprocess(hu, spacing, volume_ml, nodules=(), protect_mm=0.0):
     return resample_box(image, spacing, start, stop), start, shares
 
 
+def scan_volume(hu, header, nodules, volume_ml, protect_mm, uid=''):
+    """(volume, geometry) of a scan read by read_scan: the preprocessed volume and the geometry that maps a
+    world point into it (luna.world_to_voxel). nodules: list of dict(world (x, y, z) mm, diameter_mm), the
+    annotations to protect; the geometry lists them with the share of each nodule's sphere that masking
+    changed (masked_frac) and would have changed unprotected (masked_frac_unprotected)."""
+    centres = raw_centres(nodules, dict(header, size=list(hu.shape)))
+    volume, start, shares = preprocess(hu, header['spacing'], volume_ml,
+                                       [(c, n['diameter_mm']) for c, n in zip(centres, nodules)], protect_mm)
+    protected = [{'world': list(n['world']), 'diameter_mm': n['diameter_mm'], **s} for n, s in zip(nodules, shares)]
+    geometry = {'seriesuid': uid, 'spacing': header['spacing'], 'origin': header['origin'],
+                'direction': header['direction'], 'flip': header['flip'], 'raw_shape': list(hu.shape),
+                'file_direction': header.get('file_direction', header['direction']),
+                'resolution': RESOLUTION, 'box_start': start.tolist(), 'shape': list(volume.shape),
+                'protect_mm': protect_mm, 'nodules': protected}
+    return volume, geometry
+
+
 def process_scan(job):
     """Worker: preprocess job['path'] into job['out_dir']/<seriesuid>.npy and .json (geometry, written last).
 
-    job: dict(seriesuid, path, out_dir, volume_ml, nodules, protect_mm); nodules: list of dict(world (x, y, z)
-    mm, diameter_mm), the annotations to protect. The geometry lists them with the share of each nodule's
-    sphere that masking changed (masked_frac) and would have changed unprotected (masked_frac_unprotected).
+    job: dict(seriesuid, path, out_dir, volume_ml, nodules, protect_mm), see scan_volume.
     Returns dict(seriesuid, shape, seconds, nodules)."""
     t0 = time.time()
     hu, header = read_scan(job['path'])
-    nodules = job.get('nodules', [])
-    centres = [world_to_raw(n['world'], header['origin'], header['spacing'], header['flip'], hu.shape)
-               for n in nodules]
-    volume, start, shares = preprocess(hu, header['spacing'], job['volume_ml'],
-                                       [(c, n['diameter_mm']) for c, n in zip(centres, nodules)],
-                                       job.get('protect_mm', 0.0))
-    protected = [{'world': list(n['world']), 'diameter_mm': n['diameter_mm'], **s} for n, s in zip(nodules, shares)]
-    geometry = {'seriesuid': job['seriesuid'], 'spacing': header['spacing'], 'origin': header['origin'],
-                'direction': header['direction'], 'flip': header['flip'], 'raw_shape': list(hu.shape),
-                'resolution': RESOLUTION, 'box_start': start.tolist(), 'shape': list(volume.shape),
-                'protect_mm': job.get('protect_mm', 0.0), 'nodules': protected}
+    volume, geometry = scan_volume(hu, header, job.get('nodules', []), job['volume_ml'], job.get('protect_mm', 0.0),
+                                   job['seriesuid'])
     base = os.path.join(job['out_dir'], job['seriesuid'])
     save_npy_atomic(base + '.npy', volume)
     save_json_atomic(base + '.json', geometry)
     return {'seriesuid': job['seriesuid'], 'shape': list(volume.shape), 'seconds': round(time.time() - t0, 2),
-            'nodules': protected}
+            'nodules': geometry['nodules']}

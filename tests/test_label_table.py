@@ -22,7 +22,7 @@ def own_tree(tmp_path_factory):
     """Two scans, plain (subset0) and flipped with other spacing (subset3), two nodules each; no
     annotations.csv and no LIDC database: only a label table in world mm."""
     root = str(tmp_path_factory.mktemp('own'))
-    specs = {'plain': dict(folder=0, nodules=((34.0, 3.0, 8.0), (-30.0, -10.0, -12.0))),
+    specs = {'plain': dict(folder=0, nodules=((34.0, 3.0, 8.0), (-30.0, -10.0, -12.0), (-26.0, 12.0, 6.0))),
              'flipped': dict(folder=3, flip=True, spacing=(1.2, 1.2, 2.0), origin=(60.0, 80.0, -100.0),
                              nodules=((20.0, 12.0, 15.0), (-24.0, -6.0, -10.0)))}
     rows = []
@@ -30,9 +30,9 @@ def own_tree(tmp_path_factory):
         folder = spec.pop('folder')
         os.makedirs(os.path.join(root, f'subset{folder}'))
         world, _ = make_scan(os.path.join(root, f'subset{folder}', f'{uid}.mhd'), **spec)
-        for k, w in enumerate(world):
+        for k, w in enumerate(world):  # the third nodule has no label
             rows.append({'seriesuid': uid, 'coordX': w[0], 'coordY': w[1], 'coordZ': w[2], 'diameter_mm': 8.0,
-                         'label': k, 'reader': f'r{k}'})
+                         'label': k if k < 2 else '', 'reader': f'r{k}'})
     table = os.path.join(root, 'mylabels.csv')
     write_csv(table, rows)
     return root, table, rows
@@ -45,14 +45,23 @@ def test_own_labels_prepare_and_crop(own_tree, tmp_path):
                            WORKERS=1, START_METHOD='fork', LUNG_ML=SMALL_LUNGS, RUNS=str(tmp_path / 'runs'))
     assert sorted(summary['processed']) == ['flipped', 'plain'] and summary['failed'] == []
     assert (summary['labels']['benign'], summary['labels']['malignant']) == (2, 2)
+    with open(os.path.join(summary['run'], 'log.txt')) as f:
+        log = f.read()
+    assert '1 nodules of' in log and 'have no label: preprocessed and cropped' in log
+    assert '2 benign, 2 malignant, 1 unlabelled' in log
     labels = read_csv(os.path.join(out, 'labels.csv'))
-    assert [(r['nodule_id'], r['seriesuid'], int(r['fold']), int(r['label']), r['reader']) for r in labels] == \
-        [(f'own{i:05d}', r['seriesuid'], 0 if r['seriesuid'] == 'plain' else 3, r['label'], r['reader'])
+    assert [(r['nodule_id'], r['seriesuid'], int(r['fold']), r['label'], r['reader']) for r in labels] == \
+        [(f'own{i:05d}', r['seriesuid'], 0 if r['seriesuid'] == 'plain' else 3, str(r['label']), r['reader'])
          for i, r in enumerate(rows)]
+    assert '_line' not in labels[0]
     assert all(float(r['masked_frac']) == 0.0 for r in labels)
-    # nodclsgbt crops each nodule at the centre of its cube, flipped or not (400 HU spheres -> 227)
+    # nodclsgbt crops each nodule at the centre of its cube, flipped or not (400 HU spheres -> 227); the unlabelled
+    # one goes to unlabelled.csv, never into nodules.csv (training and evaluation)
     n, missing = nodclsgbt.crop_cube_set(out, str(tmp_path / 'set'), 16, print)
     assert n == 4 and missing == []
+    unlabelled = read_csv(str(tmp_path / 'set' / 'unlabelled.csv'))
+    assert [r['nodule_id'] for r in unlabelled] == ['own00002'] and unlabelled[0]['label'] == ''
+    assert 'own00002' not in {r['nodule_id'] for r in read_csv(str(tmp_path / 'set' / 'nodules.csv'))}
     for r in labels:
         cube = np.load(str(tmp_path / 'set' / 'cubes' / f'{r["nodule_id"]}.npy'))
         bright = np.argwhere(cube > 215)
@@ -60,6 +69,63 @@ def test_own_labels_prepare_and_crop(own_tree, tmp_path):
     result = nodclsgbt.main(PREPARED_DIR=out, CUBE_SET=str(tmp_path / 'set2'), CUBE_SIZE=16, TEST_FOLDS=(0, 3),
                             MAX_ITER=3, MIN_SAMPLES_LEAF=1, THREADS=1, RUNS=str(tmp_path / 'runs'))
     assert [row['n_test'] for row in result['folds']] == [2, 2]
+
+
+def test_nodules_outside_their_scan_are_refused(own_tree, tmp_path):
+    """The plain scan starts at x = -70 mm (voxel faces from -70.7 mm): a nodule at x = -85 mm lies 15 mm before
+    it. The old |world - origin| / spacing mirrored it to index +10.7, inside, and prepare.py went on. Refused
+    before anything is written, with lines and uids."""
+    root, _, rows = own_tree
+    shifted = [dict(r, coordX=-85.0) if r['seriesuid'] == 'plain' else r for r in rows]
+    path = bad_table(tmp_path, shifted, 'shifted.csv')
+    runs = tmp_path / 'runs'
+    with pytest.raises(UserError, match=r'shifted.csv: 3 of 5 nodules refused, outside their scan or within their '
+                                        r'radius of its edge: line 2 \(nodule own00000, scan plain\): centre \(-85, '
+                                        r'.* is outside the scan \(voxel \(z, y, x\) \[.*, -10.7\] .*LPS, not RAS'):
+        prepare.main(LUNA16_DIR=root, OUT_DIR=str(tmp_path / 'out'), LABEL_TABLE=path, RUNS=str(runs))
+    assert not runs.exists() and not (tmp_path / 'out').exists()
+    # within its radius of the edge: the plain scan is 140 mm wide in x from -70 mm (voxel faces at -70.7, 69.3)
+    edge = [dict(rows[0], coordX=66.0)]
+    scans = luna.find_scans(root)
+    table, _ = luna.read_label_table(bad_table(tmp_path, edge, 'edge.csv'), scans)
+    headers = {'plain': luna.read_header(scans['plain'][1])}
+    assert len(luna.nodules_outside(table, headers)) == 1 and 'within its radius of the edge' in \
+        luna.nodules_outside(table, headers)[0]
+    table[0]['coordX'] = 64.0  # 5.3 mm from the edge, radius 4: kept
+    assert luna.nodules_outside(table, headers) == []
+
+
+def test_duplicates_merged_conflicts_refused_and_file_lines_counted(own_tree, tmp_path):
+    root, _, rows = own_tree
+    scans = luna.find_scans(root)
+    good = [dict(r) for r in rows]
+    twice = good + [dict(good[1]), dict(good[3], coordX=good[3]['coordX'] + 0.5)]  # exact, and 0.5 mm apart
+    table, notes = luna.read_label_table(bad_table(tmp_path, twice), scans)
+    assert len(table) == len(good)
+    assert notes == ['line 7 merged into line 3: exact duplicate',
+                     'line 8 merged into line 5: the same nodule (0.5 mm apart, same label)']
+    conflict = good + [dict(good[0], coordZ=good[0]['coordZ'] + 0.5, label=1 - good[0]['label'])]
+    with pytest.raises(UserError, match=r'lines 2 and 7 \(scan plain, 0.5 mm apart\): the same nodule with '
+                                        r'conflicting labels 0 and 1'):
+        luna.read_label_table(bad_table(tmp_path, conflict), scans)
+    path = str(tmp_path / 'blank.csv')  # blank lines count: the bad row is line 6 of the file
+    write_csv(path, good[:2])
+    with open(path) as f:
+        header, *body = f.read().splitlines()
+    bad = dict(good[2], coordY='twelve')
+    with open(path, 'w') as f:
+        f.write('\n'.join([header, body[0], '', '', body[1], ','.join(str(bad[k]) for k in good[0])]) + '\n')
+    with pytest.raises(UserError, match=r"1 bad row.s.: line 6: not a number in coordY='twelve'"):
+        luna.read_label_table(path, scans)
+
+
+def test_directory_given_as_raw_is_named(own_tree, tmp_path):
+    mhd = tmp_path / 'scan.mhd'
+    with open(os.path.join(own_tree[0], 'subset0', 'plain.mhd')) as f:
+        mhd.write_text(f.read().replace('plain.raw', 'rawdir'))
+    (tmp_path / 'rawdir').mkdir()
+    with pytest.raises(luna.ScanError, match=r'data file .*rawdir is a directory, not a file \(ElementDataFile of'):
+        luna.check_data_file(str(mhd))
 
 
 def bad_table(tmp_path, rows, name='bad.csv'):
@@ -76,8 +142,8 @@ def test_bad_label_table_named(own_tree, tmp_path):
     with pytest.raises(UserError, match=f'label table {path} lacks column.s. diameter_mm'):
         luna.read_label_table(path, scans)
     cases = [(2, 'coordY', 'twelve', r"line 4: not a number in coordY='twelve'"),
-             (1, 'label', '2', r"line 3: label '2' is not 0 \(benign\) or 1 \(malignant\)"),
-             (0, 'label', '', r"line 2: not a number in label=''"),
+             (1, 'label', '2', r"line 3: label '2' is not 0 \(benign\), 1 \(malignant\) or empty"),
+             (0, 'label', 'x', r"line 2: not a number in label='x'"),
              (3, 'seriesuid', 'elsewhere', r"line 5: seriesuid 'elsewhere' has no scan"),
              (0, 'diameter_mm', '-3', r'line 2: coordinates must be finite and diameter_mm > 0')]
     for i, key, value, message in cases:

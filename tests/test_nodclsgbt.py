@@ -89,9 +89,9 @@ def write_prepared(root):
             volume[z, y, x] = 250  # marks the nodule voxel
             # invert world_to_voxel: saved voxel -> raw index -> world (x, y, z)
             raw = (np.array([z, y, x]) + g['box_start']) * g['resolution'] / np.array(g['spacing'])
-            if flip:
+            if flip:  # LUNA16's TransformMatrix -1 0 0 0 -1 0 0 0 1: x and y shrink as their index grows
                 raw[1:] = np.array(g['raw_shape'][1:]) - 1 - raw[1:]
-            world = np.array(g['origin']) + raw * np.array(g['spacing'])
+            world = np.array(g['origin']) + raw * np.array(g['spacing']) * ([1, -1, -1] if flip else 1)
             labels.append({'nodule_id': f'luna{s}{k}', 'seriesuid': f's{s}', 'coordX': world[2],
                            'coordY': world[1], 'coordZ': world[0], 'diameter_mm': 6.0, 'label': label,
                            'fold': s, 'voxel': (z, y, x)})
@@ -106,7 +106,12 @@ def write_prepared(root):
 
 def test_crop_from_prepared_volumes(tmp_path):
     labels = write_prepared(str(tmp_path / 'prep'))
-    n, missing = nodclsgbt.crop_cube_set(str(tmp_path / 'prep'), str(tmp_path / 'set'), 8, print)
+    logged = []
+    n, missing = nodclsgbt.crop_cube_set(str(tmp_path / 'prep'), str(tmp_path / 'set'), 8, logged.append)
+    assert n == 2 and missing == ['luna99']  # the corner nodules' cubes are mostly padding (1 - 5*6*6/8**3): refused
+    assert '2 nodules refused, their cube mostly padding' in logged[0] and 'luna01 (scan s0, 65% outside' in logged[0]
+    assert not os.path.exists(str(tmp_path / 'set' / 'cubes' / 'luna01.npy'))
+    n, missing = nodclsgbt.crop_cube_set(str(tmp_path / 'prep'), str(tmp_path / 'set'), 8, print, max_padded=0.7)
     assert n == 4 and missing == ['luna99']  # label -1 rows are left out; a scan without volume is skipped
     rows = read_csv(str(tmp_path / 'set' / 'nodules.csv'))
     assert {'nodule_id', 'seriesuid', 'fold', 'diameter_mm', 'label'} <= set(rows[0])
@@ -132,5 +137,6 @@ def test_no_labelled_nodule_is_named(tmp_path):
     labels = write_prepared(str(tmp_path / 'prep2'))
     for s in ('s0', 's1'):
         os.remove(str(tmp_path / 'prep2' / 'volumes' / f'{s}.npy'))
-    with pytest.raises(UserError, match='none of the 3 scans of the 5 labelled nodules has a volume'):
+    with pytest.raises(UserError, match='no labelled cube could be cropped: of the 5 nodules to crop in 3 scans, '
+                                        '5 have no volume'):
         nodclsgbt.crop_cube_set(str(tmp_path / 'prep2'), str(tmp_path / 'set2'), 8, print)

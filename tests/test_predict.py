@@ -11,6 +11,8 @@ from test_plots import assert_real_image
 import predict
 import train_3D_continuation as retrain
 from conftest import write_cube_set
+import utils
+from figures import evaluation, runs as run_figures
 from utils import UserError
 
 RETRAIN = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, TEST_FOLDS=(8, 9), EPOCHS=1, SEED=0, FIGURES=False)
@@ -46,7 +48,7 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(finished, cubes):
     out = predict.main(RUN=finished, DEVICE='cpu')
     pred = out['predictions']
     assert len(pred) == 20 and list(pred.columns) == ['nodule_id', 'fold', 'label', 'prob_fold8', 'prob_fold9',
-                                                      'prob_mean', 'prob_heldout']
+                                                      'prob_mean', 'prob_std', 'prob_heldout']
     assert_reproduces(pred, finished)
     for fold in (8, 9):  # held out: the test-fold probability of the run; other folds have no held-out model
         own = run_probs(finished, fold)
@@ -54,6 +56,7 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(finished, cubes):
         np.testing.assert_allclose(got, own['prob'].to_numpy(), rtol=1e-5, atol=1e-7)
     assert pred.loc[~pred['fold'].isin((8, 9)), 'prob_heldout'].isna().all()
     np.testing.assert_allclose(pred['prob_mean'], (pred['prob_fold8'] + pred['prob_fold9']) / 2, rtol=1e-6)
+    np.testing.assert_allclose(pred['prob_std'], (pred['prob_fold8'] - pred['prob_fold9']).abs() / 2, rtol=1e-5)
     written = pd.read_csv(os.path.join(out['run'], 'predictions.csv'), dtype={'nodule_id': str})
     pd.testing.assert_frame_equal(written, pred, check_dtype=False)
     assert os.path.dirname(out['run']) == finished
@@ -109,3 +112,71 @@ def test_clear_refusals(finished, cubes, tmp_path):
     (damaged / 'norm_fold8.json').write_text('{"mean": 1}')           # valid JSON without the std
     with pytest.raises(UserError, match=r"norm_fold8.json is damaged \(KeyError: 'std'\)"):
         predict.main(RUN=str(damaged), DEVICE='cpu', NODULES=('f8s0n0',))
+
+
+def predict_folders(run):
+    return sorted(f for f in os.listdir(run) if f.startswith('predict-'))
+
+
+def test_damaged_run_files_are_one_line_before_anything_is_written(finished, tmp_path):
+    damaged = shutil.copytree(finished, tmp_path / 'damaged')
+    before = predict_folders(damaged)
+    (damaged / 'norm_fold8.json').write_text('{"mean": 90.0, "std": 0.0}')  # would make every probability NaN
+    with pytest.raises(UserError, match=r'norm_fold8.json is damaged \(mean 90.0, std 0.0: std must be a finite '
+                                        r'number > 0\)'):
+        predict.main(RUN=str(damaged), DEVICE='cpu', NODULES=('f8s0n0',))
+    shutil.copy(os.path.join(finished, 'norm_fold8.json'), damaged)
+    (damaged / 'model_fold9.pt').write_bytes(np.random.default_rng(0).bytes(4096))  # random bytes
+    with pytest.raises(UserError, match=r'model_fold9.pt is not a readable model file \(UnpicklingError'):
+        predict.main(RUN=str(damaged), DEVICE='cpu', NODULES=('f8s0n0',))
+    (damaged / 'model_fold9.pt').write_bytes(b'')  # cut to nothing
+    with pytest.raises(UserError, match=r'model_fold9.pt is not a readable model file \(EOFError'):
+        predict.main(RUN=str(damaged), DEVICE='cpu', NODULES=('f8s0n0',))
+    assert predict_folders(damaged) == before  # the models are loaded and checked before the output folder is made
+
+
+def test_damaged_probs_file_is_one_line_before_any_figure(finished, tmp_path):
+    damaged = shutil.copytree(finished, tmp_path / 'damaged')
+    path = damaged / 'probs_fold9.csv'
+    text = path.read_text()
+    for bad, line in ((text[:text.rindex(',')], text.count('\n')),  # the last row cut mid-row
+                      (text.replace(',1,', ',one,', 1), None)):     # a label that is not a number
+        path.write_text(bad)
+        with pytest.raises(UserError, match=rf'probs_fold9.csv, line {line or "[0-9]+"}: label .* the file is damaged'):
+            evaluation.read_probs(str(damaged))
+        out = tmp_path / f'figures{line}'
+        out.mkdir()
+        with pytest.raises(UserError, match='probs_fold9.csv, line'):
+            run_figures.draw_run(str(damaged), out_dir=str(out))
+        assert os.listdir(out) == []  # not one figure drawn
+
+
+def test_interrupted_prediction_is_marked_incomplete(finished, monkeypatch, capsys):
+    calls = []
+
+    def interrupt(*args):
+        calls.append(args)
+        if len(calls) == 2:  # Ctrl-C while the second map is drawn
+            raise KeyboardInterrupt
+        return real(*args)
+    real = evaluation.plot_cam
+    monkeypatch.setattr(evaluation, 'plot_cam', interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        predict.main(RUN=finished, DEVICE='cpu', CAM=True, NODULES=('f8s0n0', 'f9s1n0', 'f0s0n0'))
+    folder = os.path.join(finished, predict_folders(finished)[-1])
+    assert f'{folder} is incomplete: it holds the file INCOMPLETE' in capsys.readouterr().err
+    assert os.path.exists(os.path.join(folder, predict.INCOMPLETE))
+    assert sorted(os.listdir(os.path.join(folder, 'cam'))) == ['f8s0n0.npy', 'f8s0n0.png', 'f9s1n0.npy']
+    written = pd.read_csv(os.path.join(folder, 'predictions.csv'))
+    assert len(written) == 3  # written whole before the maps
+    with open(os.path.join(folder, 'log.txt')) as f:
+        assert 'LayerCAM: 3 maps to make (one per nodule, each from 2 fold models' in f.read()
+
+
+def test_cam_progress_with_time_left(finished, monkeypatch, capsys):
+    monkeypatch.setattr(predict, 'CAM_EVERY_S', 0.0)
+    monkeypatch.setattr(utils.sys.stderr, 'isatty', lambda: False)
+    out = predict.main(RUN=finished, DEVICE='cpu', CAM=True, NODULES=('f8s0n0', 'f9s1n0', 'f0s0n0'))
+    text = capsys.readouterr().out
+    assert 'LayerCAM maps: 1/3, ' in text and 'LayerCAM maps: 2/3, ' in text and 's left' in text
+    assert not os.path.exists(os.path.join(out['run'], predict.INCOMPLETE))

@@ -146,7 +146,8 @@ def test_nodules_land_at_world_to_voxel(prepared, tree):
         with open(os.path.join(out, 'volumes', f'{uid}.json')) as f:
             geometry = json.load(f)
         assert volume.dtype == np.uint8 and list(volume.shape) == geometry['shape']
-        assert geometry['flip'] == (uid == 'scanB')
+        assert not geometry['flip'] and geometry['direction'] == np.eye(3).tolist()  # axes turned to +x +y +z
+        assert (np.ravel(geometry['file_direction']).tolist() == list(FLIPPED)) == (uid == 'scanB')
         for w in centres:
             expected = prepare.world_to_voxel(w, geometry)
             lo = np.maximum(np.round(expected).astype(int) - 8, 0)
@@ -166,8 +167,12 @@ def test_world_to_voxel_worked_example():
     # world (x 38, y 45, z -96): raw index z 2, y 10, x 4; mirrored y 19 - 10 = 9, x 29 - 4 = 25;
     # in mm: z 4, y 4.5, x 12.5; minus the box start
     assert np.allclose(luna.world_to_voxel((38.0, 45.0, -96.0), g), [3.0, 2.5, 9.5])
-    g['flip'] = False
-    assert np.allclose(luna.world_to_voxel([[38.0, 45.0, -96.0]] * 2, g), [[3.0, 3.0, -1.0]] * 2)
+    g['flip'] = False  # the same voxel, now on the +x +y side of the origin
+    assert np.allclose(luna.world_to_voxel([[42.0, 55.0, -96.0]] * 2, g), [[3.0, 3.0, -1.0]] * 2)
+    # a point before the origin lies outside the scan: negative index, never mirrored back inside
+    assert np.allclose(luna.world_to_voxel((38.0, 45.0, -96.0), g), [3.0, -7.0, -5.0])
+    g['direction'] = [[1, 0, 0], [0, 1, 0], [0, 0, -1]]  # z index growing to the feet: z mm = -100 - 2 * index
+    assert np.allclose(luna.world_to_voxel((42.0, 55.0, -104.0), g), [3.0, 3.0, -1.0])  # z index 2, as -96 above
 
 
 def test_labels_matched_by_scan_and_world_centre(prepared, tree):

@@ -1,0 +1,97 @@
+"""Cubes of given nodules straight from CT scans (predict.py --SCAN): a .mhd/.raw, a NIfTI (.nii / .nii.gz) or a
+DICOM series folder, or a folder holding several of them, and a table of world-mm centres without labels.
+
+The steps are those of prepare.py + nodclsgbt.py, through the same functions: lungmask.read_scan (the scan turned
+to +x +y +z axes), lungmask.scan_volume (lung mask with the table's nodules protected, HU window, 1 mm
+resampling of the lung box) and luna.crop_nodules (the cube around each centre), so that a scan scored here and
+the same scan prepared for training give the same cubes.
+"""
+import os
+
+import numpy as np
+
+from scans import luna, lungmask
+from utils import UserError
+
+SCAN_SUFFIXES = ('.mhd', '.nii.gz', '.nii')
+
+
+def scan_name(path):
+    """A scan's key in the table's seriesuid column: its file name without the suffix (a folder: its name)."""
+    base = os.path.basename(os.path.normpath(path))
+    for suffix in SCAN_SUFFIXES:
+        if base.lower().endswith(suffix):
+            return base[:-len(suffix)]
+    return base
+
+
+def is_dicom_folder(path):
+    import SimpleITK as sitk
+    return os.path.isdir(path) and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(path))
+
+
+def find_scans(path):
+    """{name: path}: the scan at `path` (a file or a DICOM folder), or each scan of a folder of scans."""
+    if not os.path.exists(path):
+        raise UserError(f'SCAN={path} does not exist')
+    if os.path.isfile(path) or is_dicom_folder(path):
+        return {scan_name(path): path}
+    scans = {}
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        if (os.path.isfile(full) and entry.lower().endswith(SCAN_SUFFIXES)) or is_dicom_folder(full):
+            name = scan_name(full)
+            if name in scans:
+                raise UserError(f'SCAN={path}: two scans named {name}: {scans[name]} and {full}')
+            scans[name] = full
+    if not scans:
+        raise UserError(f'SCAN={path} is neither a scan nor a folder of scans (.mhd, .nii, .nii.gz files or '
+                        'DICOM series folders)')
+    return scans
+
+
+def read_table(path, scans):
+    """The nodules to score: rows of luna.read_label_table (label optional, seriesuid or file optional with
+    one scan; a file column's value may carry the scan's suffix)."""
+    if not path:
+        raise UserError('SCAN needs AT=<table.csv> with the nodules\' world centres (coordX, coordY, coordZ in mm, '
+                        'diameter_mm; nodule_id optional; seriesuid or file when SCAN holds several scans)')
+    by_name = dict(scans, **{os.path.basename(os.path.normpath(p)): p for p in scans.values()})
+    rows, notes = luna.read_label_table(path, by_name, labelled=False)
+    for r in rows:
+        r['seriesuid'] = scan_name(by_name[r['seriesuid']])
+    return rows, notes
+
+
+def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.5):
+    """(cubes uint8 (N, size, size, size), voxel centres (N, 3), geometry) of the rows' nodules in one scan.
+
+    UserError, before anything is written, for an unreadable scan, a nodule outside it or within its radius of
+    its edge, or a cube mostly (> max_padded) outside the preprocessed volume."""
+    try:
+        hu, header = lungmask.read_scan(path, series)
+    except luna.ScanError as e:
+        raise UserError(f'SCAN {path}: {e}') from None
+    header = dict(header, size=list(hu.shape))
+    outside = luna.nodules_outside(rows, {rows[0]['seriesuid']: header})
+    if outside:
+        spacing = ' x '.join(f'{s:g}' for s in header['spacing'][::-1])
+        span = ', '.join(f'{a} {o:g}..{o + (n - 1) * s:g}' for a, o, n, s in
+                         zip('xyz', header['origin'][::-1], hu.shape[::-1], header['spacing'][::-1]))
+        raise UserError(f'SCAN {path} ({hu.shape[2]} x {hu.shape[1]} x {hu.shape[0]} voxels of {spacing} mm, centres '
+                        f'at {span} mm): '
+                        f'{len(outside)} of {len(rows)} nodules outside the scan or within their radius of its edge: '
+                        + '; '.join(outside[:3]) + ('; ...' if len(outside) > 3 else '')
+                        + ' (world mm in LPS, as LUNA16: x grows to the patient\'s left, y to the back)')
+    nodules = [{'world': [r['coordX'], r['coordY'], r['coordZ']], 'diameter_mm': r['diameter_mm']} for r in rows]
+    try:
+        volume, geometry = lungmask.scan_volume(hu, header, nodules, volume_ml, protect_mm, rows[0]['seriesuid'])
+    except luna.ScanError as e:
+        raise UserError(f'SCAN {path}: {e}') from None
+    world = np.array([n['world'] for n in nodules], dtype=float)
+    cubes, centres, padded = luna.crop_nodules(volume, geometry, world, size, lungmask.PAD_VALUE)
+    bad = [f'{r["nodule_id"]} (line {r["_line"]}, {p:.0%})' for r, p in zip(rows, padded) if p > max_padded]
+    if bad:
+        raise UserError(f'SCAN {path}: the cube of {len(bad)} nodules lies mostly outside the lungs\' box of the '
+                        f'preprocessed scan: {", ".join(bad[:5])} (a nodule outside the lungs, or a wrong centre)')
+    return cubes, centres, geometry
