@@ -263,7 +263,8 @@ def test_replacement_worked_example():
 
 
 def test_search_replaces_the_right_neighbour_and_keeps_the_better(tmp_path, monkeypatch):
-    search = hand_made(stub_search(tmp_path, monkeypatch), children=[((0.3, 0.6), 2), ((0.95, 0.95), 1)])
+    search = hand_made(stub_search(tmp_path, monkeypatch),
+                       children=[((0.3, 0.6), 2), ((0.95, 0.95), 1), ((0.3, 0.25), 2)])
     search.replace_neighbours(2, 4)
     # subproblem 2's member (archive 1) is replaced by child 4; subproblem 1's (archive 2) is better than it: kept
     assert search.population == [3, 2, 4, 0]
@@ -272,6 +273,10 @@ def test_search_replaces_the_right_neighbour_and_keeps_the_better(tmp_path, monk
     # and a worse member is never put back over a better child: child 4 as a neighbour stays
     search.replace_neighbours(2, 5)
     assert search.population == [3, 2, 4, 0]
+    # child 6 = (0.3, 0.25) of subproblem 2 replaces both neighbours, each judged under its own vector: under w2
+    # 0.29 against child 4's 0.35; under w1 0.283 against b's 0.3 (under w2, b's 0.25 would have kept b)
+    search.replace_neighbours(2, 6)
+    assert search.population == [3, 6, 6, 0]
 
 
 def test_prescreening_against_the_neighbourhood(tmp_path, monkeypatch):
@@ -281,8 +286,8 @@ def test_prescreening_against_the_neighbourhood(tmp_path, monkeypatch):
     # it would beat subproblem 3's member (0.9, 0.9) under w3 = (1, 0), but 3 is no neighbour of 2
     assert not search.screen(2, (0.6, 0.6))
     assert search.screen(3, (0.6, 0.6))  # ... and is one of 3 (neighbours 3, 2)
-    # a point that only beats subproblem 1's member: under w1 0.2/|w1| against 0.3/|w1|
-    assert search.screen(2, (0.1, 0.4)) and search.screen(1, (0.1, 0.4))
+    # (0.45, 0.2) beats one neighbour of 2 only: a under w2 (0.408 <= 0.433), not b under w1 (0.367 > 0.3)
+    assert search.screen(2, (0.45, 0.2))
 
 
 def test_success_credit_worked_example(tmp_path, monkeypatch):
@@ -545,3 +550,18 @@ def test_a_run_of_the_older_search_is_refused_with_one_line(tiny_run, tmp_path):
     with pytest.raises(UserError, match=r'written by an earlier version of this search .* start a new run'):
         train_evolve.main(RESUME=str(old))
     assert os.listdir(old) == ['config.json']  # nothing written
+
+
+def test_share_predicted_malignant_on_search_val(tmp_path, monkeypatch):
+    cubes = write_cube_set(tmp_path / 'cubes', size=8)
+    cfg = {**train_evolve.DEFAULTS, **TINY, 'DATA': cubes, 'EPOCHS': 2, 'LAST_EPOCHS': 2}
+    evaluate = engine.evaluate
+
+    def every_fourth_at_one_half(model, data, batch_size, *args):
+        out = evaluate(model, data, batch_size, *args)
+        return {**out, 'prob': np.where(np.arange(len(out['prob'])) % 4 == 0, 0.5, 0.49)}  # 0.5 counts malignant
+    monkeypatch.setattr(engine, 'evaluate', every_fourth_at_one_half)
+    genome = candidate.gene_space(cfg).random(np.random.default_rng(0))
+    result = candidate.train_candidate(cfg, 0, genome, str(tmp_path / 'c.json'))
+    n_val = len(candidate.search_data(cfg)[1])
+    assert result['malignant_val'] == pytest.approx(math.ceil(n_val / 4) / n_val) and n_val > 4
