@@ -6,6 +6,7 @@ Phases: 0 Latin-hypercube initialization; 1..LEARNING_GENERATIONS learning (MOEA
 decaying mutation; every child trained); then exploitation (subproblems and gene values drawn by their learned
 selection probabilities, a random-forest surrogate decides which children are trained). README: train_evolve.py.
 """
+import json
 import os
 import shutil
 
@@ -46,7 +47,6 @@ ALPHA = 0.25  # weight of the search-train error in f1 (EMONAS: 0.25)
 BETA = 0.25  # weight of the early-best-epoch term in f1 (EMONAS: 0.25)
 METRIC = 'acc'  # classification metric of f1: 'acc' or 'auc'
 EXPLORE = 0.2  # added mass of the selection probabilities, spread over subproblems / a gene's values (EMONAS: 0.2)
-MUTATION_FLOOR = 0.1  # lowest per-gene mutation probability (EMONAS: 0.1)
 MEMORY_GB = 24.0  # memory guard: a genome's estimated training-step memory must stay below this (GB)
 SEED = 2  # seed of the algorithm's generator and, with the candidate index, of each candidate's training
 DEVICE = settings.default_device()  # 'cuda' or 'cpu'
@@ -64,7 +64,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'CELLS': 'len(CELLS) >= 1 and ints(CELLS) and min(CELLS) >= 1', 'LRS': 'len(LRS) >= 1 and min(LRS) > 0',
     'POPULATION': '>= 2', 'GENERATIONS': '>= 2', 'LEARNING_GENERATIONS': '0 <= LEARNING_GENERATIONS < GENERATIONS',
     'NEIGHBOURS': '2 <= NEIGHBOURS <= POPULATION', 'THETA': '>= 0', 'ALPHA': '>= 0', 'BETA': '>= 0',
-    'METRIC': "in ('acc', 'auc')", 'EXPLORE': '>= 0', 'MUTATION_FLOOR': '0 < MUTATION_FLOOR <= 1',
+    'METRIC': "in ('acc', 'auc')", 'EXPLORE': '>= 0',
     'MEMORY_GB': '> 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'PARALLEL': "in ('off', 'ray')",
     'RUNS': "!= ''", 'TAG': None, 'RESUME': None,
 }
@@ -82,6 +82,22 @@ def check_inputs(cfg):
             raise utils.UserError(f"METRIC='auc': {name} ({len(idx)} nodules) holds one class only; its AUC is "
                                   "undefined: use more SEARCH_FOLDS, another VAL_FRACTION or METRIC='acc'")
     parallel.check_mode(cfg['PARALLEL'])  # Ray missing: one line now, not after the run folder is made
+
+
+def refuse_older_run(run_path):
+    """A run folder of the search before its MUTATION_FLOOR setting went (issue 20: the published mutation rate, gene
+    score and initial order) cannot be replayed by this code: one line saying so, before anything is written."""
+    path = os.path.join(run_path, 'config.json')
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):  # missing or damaged: settings.resolve names it
+        return
+    if isinstance(saved, dict) and 'MUTATION_FLOOR' in saved:
+        raise utils.UserError(f'RESUME={run_path}: written by an earlier version of this search (fixed mutation '
+                              'constants, gene scores from the observed worst f1, an unordered initial population); '
+                              'this one would take other decisions, so it cannot continue it: start a new run (the '
+                              "folder's candidates/ and pareto.csv stay valid as results)")
 
 
 class Search:
@@ -136,13 +152,22 @@ class Search:
         self.archive.append(row)
         self.out.evaluated(self.archive)
 
+    def neighbours(self, sub):
+        """(subproblem indices, normalized points of their current members) of the neighbourhood of `sub`."""
+        hood = self.hood[sub]
+        return hood, self.normalized(self.F([self.population[j] for j in hood]))
+
     def replace_neighbours(self, sub, child):
-        """MOEA/D update: the child takes the place of every neighbour of `sub` whose PBI value is >= its own."""
-        for j in self.hood[sub]:
-            pair = self.normalized(self.F([self.population[j], child]))
-            g = sm.pbi(pair, np.repeat(self.weights[j:j + 1], 2, axis=0), self.cfg['THETA'])
-            if g[0] >= g[1]:
-                self.population[j] = child
+        """MOEA/D update: the child (archive index) takes the place of every neighbour of `sub` whose PBI value under
+        that neighbour's weight vector is >= its own (sm.replaced)."""
+        hood, points = self.neighbours(sub)
+        for k in sm.replaced(self.normalized(self.F(child)), points, self.weights[hood], self.cfg['THETA']):
+            self.population[hood[k]] = child
+
+    def screen(self, sub, point):
+        """Pre-screening of a child of `sub` by its predicted normalized point: would it replace a neighbour?"""
+        hood, points = self.neighbours(sub)
+        return sm.beats_a_neighbour(point, points, self.weights[hood], self.cfg['THETA'])
 
     def child(self, sub, rate, value_probs, planned):
         parents = self.rng.choice(self.hood[sub], size=2, replace=False)
@@ -153,14 +178,17 @@ class Search:
         return genome
 
     def initialize(self):
+        """Train a Latin-hypercube sample, then order it onto the weight vectors (sm.initial_order)."""
         genomes = eg.latin_hypercube(self.space, self.cfg['POPULATION'], self.rng)
-        self.population = self.evaluate([{'generation': 0, 'phase': 'init', 'subproblem': i, 'genome': g}
-                                         for i, g in enumerate(genomes)])
+        done = self.evaluate([{'generation': 0, 'phase': 'init', 'subproblem': '', 'genome': g} for g in genomes])
+        self.population = [done[k] for k in sm.initial_order(self.F(done))]
+        self.run.log('initial population onto the weight vectors (lowest f1 on w = (1, 0)): '
+                     + ' '.join(f'{i}: #{c}' for i, c in enumerate(self.population)))
 
     def learning_generation(self, g):
         """Every subproblem gets a child bred from the population as it was at the generation's start; the children
         are trained as independent jobs, then the replacements are applied in subproblem order."""
-        rate = eg.mutation_rate(g, self.cfg['GENERATIONS'], self.cfg['MUTATION_FLOOR'])
+        rate = eg.mutation_rate(g, self.cfg['GENERATIONS'], len(self.space))
         probs, planned = eg.uniform_value_probs(self.space), set()
         metas = [{'generation': g, 'phase': 'learning', 'subproblem': i, 'genome': self.child(i, rate, probs, planned)}
                  for i in range(self.cfg['POPULATION'])]
@@ -183,20 +211,16 @@ class Search:
         pre-screens: a child predicted to beat a neighbour is trained at once, the others wait in the pool, from
         which the non-dominated, the lowest predicted f1 and the most uncertain are trained at the end."""
         cfg = self.cfg
-        rate = eg.mutation_rate(g, cfg['GENERATIONS'], cfg['MUTATION_FLOOR'])
-        sub_probs = sm.subproblem_probs(self.counts, cfg['EXPLORE'])
+        rate = eg.mutation_rate(g, cfg['GENERATIONS'], len(self.space))
         value_probs = sm.gene_value_probs([r['genome'] for r in self.archive], self.F()[:, 0], self.space.sizes,
-                                          cfg['EXPLORE'])
+                                          worst_f1(cfg['ALPHA'], cfg['BETA']), cfg['EXPLORE'])
         done, pool, planned = [], [], set()
-        for _ in range(cfg['POPULATION']):
-            sub = int(self.rng.choice(cfg['POPULATION'], p=sub_probs))
+        for sub in sm.draw_subproblems(self.counts, cfg['POPULATION'], cfg['EXPLORE'], self.rng):
             genome = self.child(sub, rate, value_probs, planned)
             point, std, f1_pred = self.surrogate_predict([genome])
             meta = {'generation': g, 'phase': 'exploitation', 'subproblem': sub, 'genome': genome,
                     'predicted_f1': float(f1_pred[0]), 'predicted_std': float(std[0])}
-            hood = self.hood[sub]
-            if sm.beats_a_neighbour(point[0], self.normalized(self.F([self.population[j] for j in hood])),
-                                    self.weights[hood], cfg['THETA']):
+            if self.screen(sub, point[0]):
                 done += self.evaluate([{**meta, 'screening': 'beats a neighbour'}])
                 self.replace_neighbours(sub, done[-1])
             else:
@@ -214,10 +238,8 @@ class Search:
 
     def end_generation(self, g, children):
         """Credit the subproblems whose children entered the best-POPULATION set; log the front and hypervolume."""
-        best = set(sm.best_set(self.F(), self.cfg['POPULATION']))
-        for idx in children:
-            if idx in best:
-                self.counts[self.archive[idx]['subproblem']] += 1
+        self.counts = sm.credit(self.counts, children, sm.best_set(self.F(), self.cfg['POPULATION']),
+                                {idx: self.archive[idx]['subproblem'] for idx in children})
         members = sm.front(self.F())
         worst = 1.0 + self.cfg['ALPHA'] + self.cfg['BETA']
         hv = sm.hypervolume(self.F(members), (worst, np.log(1e8)))
@@ -230,6 +252,8 @@ class Search:
 
 
 def main(**overrides):
+    if overrides.get('RESUME'):
+        refuse_older_run(overrides['RESUME'])
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     check_inputs(cfg)
     if cfg['RESUME']:  # a damaged result file is named before the outputs below are deleted

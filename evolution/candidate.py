@@ -70,7 +70,7 @@ def fit(cfg, model, lr, seed, name, run_path):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['EPOCHS'])
     gen = data.make_generator(cfg['DEVICE'], seed)
     metric = cfg['METRIC']
-    hist = {'m_train': [], 'm_val': [], 'val_loss': [], 'acc_val': [], 'auc_val': []}
+    hist = {'m_train': [], 'm_val': [], 'val_loss': [], 'acc_val': [], 'auc_val': [], 'malignant_val': []}
     best_loss, since_best = math.inf, 0
     try:
         for epoch in range(cfg['EPOCHS']):
@@ -85,7 +85,8 @@ def fit(cfg, model, lr, seed, name, run_path):
             if not all(math.isfinite(v) for v in (ev_tr[metric], ev_va[metric], ev_va['loss'])):
                 raise FloatingPointError(f'{metric} or loss not finite')
             for k, v in (('m_train', ev_tr[metric] / 100), ('m_val', ev_va[metric] / 100),
-                         ('val_loss', ev_va['loss']), ('acc_val', ev_va['acc']), ('auc_val', ev_va['auc'])):
+                         ('val_loss', ev_va['loss']), ('acc_val', ev_va['acc']), ('auc_val', ev_va['auc']),
+                         ('malignant_val', float(np.mean(ev_va['prob'] >= 0.5)))):  # share predicted malignant
                 hist[k].append(v)
             best_loss, since_best = (ev_va['loss'], 0) if ev_va['loss'] < best_loss else (best_loss, since_best + 1)
             if cfg['PATIENCE'] and since_best >= cfg['PATIENCE']:
@@ -128,6 +129,11 @@ def check_candidates(folder):
             read_candidate(os.path.join(folder, name))
 
 
+def candidate_seed(seed, idx):
+    """Training seed of candidate idx: depends on the candidate, not on what the process ran before."""
+    return seed * 1_000_003 + idx
+
+
 def train_candidate(cfg, idx, genome, path):
     """Train candidate `idx` (genome) and write its result json to `path`; an existing file is read instead."""
     if os.path.exists(path):
@@ -135,7 +141,7 @@ def train_candidate(cfg, idx, genome, path):
     t0 = time.time()
     cfg = {**cfg, 'DEVICE': parallel.job_device(cfg['DEVICE'])}  # in a Ray task: the device Ray gave it
     geno, C, cells, lr = gene_space(cfg).decode(genome)
-    seed = cfg['SEED'] * 1_000_003 + idx  # depends on the candidate, not on what the process ran before
+    seed = candidate_seed(cfg['SEED'], idx)
     runfolder.seed_everything(seed)
     model = NetworkLUNA(C, 2, cells, geno).to(cfg['DEVICE'])
     hist, diverged = fit(cfg, model, lr, seed, f'candidate {idx}', os.path.dirname(path))

@@ -137,9 +137,12 @@ def crossover(a, b, rng):
     return tuple(int(x if t else y) for x, y, t in zip(a, b, take_a))
 
 
-def mutation_rate(generation, generations, floor=0.1):
-    """Per-gene mutation probability at a generation: max(1 - ln(g + 1) / ln(G), floor)."""
-    return max(1.0 - math.log(generation + 1) / math.log(generations), floor)
+def mutation_rate(generation, generations, n_genes):
+    """Per-gene mutation probability at a generation (EMONAS' rule, scaled to the genome's length n):
+    max(fi0 (1 - ln(g + 1) / ln(G)), 1 / n) with fi0 = min(20 / n, 1). For EMONAS' 10 genes: 1 at the start, 0.1
+    floor; for our 27: 0.74 and 1/27, so about 16 genes mutate at generation 1 (of 40), 1 per child at the end."""
+    start = min(20.0 / n_genes, 1.0)
+    return max(start * (1.0 - math.log(generation + 1) / math.log(generations)), 1.0 / n_genes)
 
 
 def mutate_once(genome, rate, value_probs, rng):

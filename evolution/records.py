@@ -11,8 +11,8 @@ import utils
 
 PAPER_PARAMS = 12.79e6  # parameters of genotypes.NAS_HBO_PAPER at C=36, 20 cells (the reference in pareto.png)
 COLUMNS = ('index', 'generation', 'phase', 'subproblem', 'screening', 'genome', 'genotype', 'C', 'cells', 'lr',
-           'params', 'f1', 'f2', 'm_train', 'm_val', 'acc_val', 'auc_val', 'val_loss', 'e_best', 'epochs', 'diverged',
-           'seconds', 'predicted_f1', 'predicted_std')
+           'params', 'f1', 'f2', 'm_train', 'm_val', 'acc_val', 'auc_val', 'val_loss', 'malignant_val', 'e_best',
+           'epochs', 'diverged', 'seconds', 'predicted_f1', 'predicted_std')
 FRONT_COLUMNS = ('index', 'generation', 'f1', 'f2', 'params', 'C', 'cells', 'lr', 'm_val', 'acc_val', 'auc_val',
                  'diverged', 'genotype_file')  # diverged: a member only by its size (its f1 is the worst)
 
@@ -29,6 +29,15 @@ def front_file(run, idx):
     return run.file(os.path.join('front', f'candidate_{idx:04d}.json'))
 
 
+def constant_prediction(row):
+    """'benign' or 'malignant' when a candidate predicted that class for every search-val nodule in the epochs its
+    metrics average (malignant_val: the share predicted malignant, 0 or 1); '' otherwise or when diverged."""
+    share = row.get('malignant_val', float('nan'))
+    if row.get('diverged') or not isinstance(share, float) or math.isnan(share) or 0.0 < share < 1.0:
+        return ''
+    return 'malignant' if share == 1.0 else 'benign'
+
+
 class Outputs:
     def __init__(self, run, cfg):
         self.run, self.cfg = run, cfg
@@ -39,10 +48,16 @@ class Outputs:
         self.run.metrics_row({k: _cell(r.get(k, '')) for k in COLUMNS}, 'evaluations.csv')
         tail = (f', surrogate predicted f1 {r["predicted_f1"]:.3f} ± {r["predicted_std"]:.3f} ({r["screening"]})'
                 if 'predicted_f1' in r else '')
-        self.run.log(f'  candidate {r["index"]} (gen {r["generation"]} {r["phase"]}, subproblem {r["subproblem"]}): '
+        sub = f', subproblem {r["subproblem"]}' if r['subproblem'] != '' else ''
+        self.run.log(f'  candidate {r["index"]} (gen {r["generation"]} {r["phase"]}{sub}): '
                      f'C={r["C"]} cells={r["cells"]} lr={r["lr"]:g} {r["params"] / 1e6:.3f} M params, f1 '
                      f'{r["f1"]:.4f}{" (diverged)" if r["diverged"] else ""}, val {self.cfg["METRIC"]} '
                      f'{r["m_val"]:.3f}, {r["epochs"]} epochs, {r["seconds"]:.1f} s{tail}')
+        one_class = constant_prediction(r)
+        if one_class:
+            self.run.log(f'  candidate {r["index"]} predicts one class only: every search-val nodule {one_class} '
+                         f'over its last {self.cfg["LAST_EPOCHS"]} epoch(s) (a constant predictor; its accuracy is '
+                         "the class share, its f1 says nothing about the architecture)")
         members = sm.front([[a['f1'], a['f2']] for a in archive]).tolist()
         members.sort(key=lambda i: archive[i]['f2'])
         self.write_front(archive, members)

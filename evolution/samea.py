@@ -51,19 +51,51 @@ def subproblem_probs(counts, extra=0.2):
     return _renormalized(np.asarray(counts, dtype=float), extra)
 
 
-def gene_value_probs(genomes, f1, sizes, extra=0.2):
-    """Per gene, the probability of each value: score = max f1 (over all evaluated) - mean f1 of the evaluated
-    genomes carrying the value (0 for a value never seen), normalized, + extra / #values, renormalized."""
+def draw_subproblems(counts, n, extra, rng):
+    """n subproblems drawn (with replacement) by subproblem_probs(counts, extra): the exploitation phase's choice of
+    which subproblems breed its children (the counts do not change within a generation)."""
+    return [int(s) for s in rng.choice(len(counts), size=n, p=subproblem_probs(counts, extra))]
+
+
+def gene_value_probs(genomes, f1, sizes, f1_worst, extra=0.2):
+    """Per gene, the probability of each value: score = f1_worst (the normalization's fixed upper bound of f1, as
+    EMONAS' code; not the worst f1 seen so far) - mean f1 of the evaluated genomes carrying the value (0 for a value
+    never seen), normalized, + extra / #values, renormalized."""
     genomes, f1 = np.asarray(genomes), np.asarray(f1, dtype=float)
-    worst = f1.max()
     out = []
     for g, n in enumerate(sizes):
         score = np.zeros(n)
         for v in range(n):
             has = genomes[:, g] == v
             if has.any():
-                score[v] = worst - f1[has].mean()
+                score[v] = f1_worst - f1[has].mean()
         out.append(_renormalized(score, extra))
+    return out
+
+
+def initial_order(F):
+    """The initial population ordered onto the weight vectors of weight_vectors(len(F)) (EMONAS): subproblem i gets
+    the archive row order[i], the lowest f1 on the last vector w = (1, 0), the highest on w = (0.5, 0.5); equal f1:
+    the smaller network nearer the vectors that weight size more."""
+    F = np.asarray(F, dtype=float)
+    return np.lexsort((-F[:, 1], F[:, 0]))[::-1].tolist()
+
+
+def replaced(child_F, neighbour_F, neighbour_weights, theta):
+    """MOEA/D's update decision: the positions k of the neighbours that the child replaces, those whose PBI value
+    under their own weight vector neighbour_weights[k] is >= the child's under it (normalized points)."""
+    n = len(neighbour_F)
+    child = np.repeat(np.atleast_2d(np.asarray(child_F, dtype=float)), n, axis=0)
+    return np.flatnonzero(pbi(child, neighbour_weights, theta) <= pbi(neighbour_F, neighbour_weights, theta)).tolist()
+
+
+def credit(counts, children, best, subproblems):
+    """Success counts after a generation: +1 to the subproblem of each child (archive index in `children`, bred by
+    subproblems[child]) that entered the best set `best` (archive indices). Returns a new array."""
+    out, best = np.array(counts, dtype=float), set(best)
+    for idx in children:
+        if idx in best:
+            out[subproblems[idx]] += 1
     return out
 
 
@@ -123,11 +155,9 @@ class Surrogate:
 
 
 def beats_a_neighbour(child_F, neighbour_F, neighbour_weights, theta):
-    """Pre-screening: is the child's (predicted) normalized point at least as good (PBI <=) as some neighbour's
-    point under that neighbour's weight vector? Then it is trained at once."""
-    n = len(neighbour_F)
-    child = np.repeat(np.atleast_2d(child_F), n, axis=0)
-    return bool((pbi(child, neighbour_weights, theta) <= pbi(neighbour_F, neighbour_weights, theta)).any())
+    """Pre-screening: would the child's (predicted) normalized point replace some neighbour (replaced)? Then it is
+    trained at once."""
+    return bool(replaced(child_F, neighbour_F, neighbour_weights, theta))
 
 
 def pool_choice(pool_F, pool_std, front_F):

@@ -63,30 +63,44 @@ def read_probs(run_path):
     return out
 
 
+def roc_points(y, p):
+    """(false positive rates, true positive rates, AUC) of one fold: malignant (label 1) is the positive class,
+    ranked by P(malignant) (sklearn's roc_curve and roc_auc_score)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+    fpr, tpr, _ = roc_curve(y, p, pos_label=1)
+    return fpr, tpr, float(roc_auc_score(y, p))
+
+
+def mean_roc(curves, grid):
+    """Vertical average of ROC curves [(fpr, tpr), ...]: each tpr interpolated on the fpr grid (starting at 0, as
+    roc_curve's first points all lie at fpr 0), then the mean over curves."""
+    tprs = []
+    for fpr, tpr in curves:
+        tprs.append(np.interp(grid, fpr, tpr))
+        tprs[-1][0] = 0.0
+    return np.mean(tprs, 0)
+
+
 def plot_roc(run_path, png_path=None):
     """roc.png: the ROC curve of each test fold (final epoch) with its AUC, and their mean (vertical average of
     the true positive rate over a grid of false positive rates) with mean AUC +/- std over folds."""
-    from sklearn.metrics import roc_auc_score, roc_curve
     probs = read_probs(run_path)
     if not probs:
         raise UserError(f'{run_path}: no probs_fold*.csv (written by train_3D_continuation at the end of a fold)')
     fig, axes = new_figure(5.6, 5.2)
     ax = axes[0][0]
-    grid, tprs, aucs = np.linspace(0, 1, 201), [], []
+    grid, curves, aucs = np.linspace(0, 1, 201), [], []
     for i, (fold, (y, p)) in enumerate(probs.items()):
         if len(set(y.tolist())) < 2:
             ax.plot([], [], color=fold_colour(i), label=f'fold {fold}: one class only, no ROC')
             continue
-        fpr, tpr, _ = roc_curve(y, p)
-        auc = roc_auc_score(y, p)
+        fpr, tpr, auc = roc_points(y, p)
         aucs.append(auc)
-        tprs.append(np.interp(grid, fpr, tpr))
-        tprs[-1][0] = 0.0  # roc_curve starts with several points at fpr 0: start the mean at the origin
+        curves.append((fpr, tpr))
         ax.plot(fpr, tpr, color=fold_colour(i), lw=1.2, alpha=0.8, label=f'fold {fold} (AUC {auc:.3f}, n={len(y)})')
-    if tprs:
-        mean = np.mean(tprs, 0)
-        ax.plot(grid, mean, color='k', lw=2.2,
-                label=f'mean of {len(tprs)} folds (AUC {np.mean(aucs):.3f} ± {np.std(aucs):.3f})')
+    if curves:
+        ax.plot(grid, mean_roc(curves, grid), color='k', lw=2.2,
+                label=f'mean of {len(curves)} folds (AUC {np.mean(aucs):.3f} ± {np.std(aucs):.3f})')
     ax.plot([0, 1], [0, 1], ':', color='0.5', lw=1, label='chance')
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
@@ -100,7 +114,8 @@ def plot_roc(run_path, png_path=None):
 
 
 def confusion(y, p, threshold=0.5):
-    """2x2 counts [[TN, FP], [FN, TP]]: rows true benign/malignant, columns predicted."""
+    """2x2 counts [[TN, FP], [FN, TP]]: rows the true class (benign, malignant), columns the predicted one
+    (P(malignant) >= threshold: malignant)."""
     pred = (np.asarray(p) >= threshold).astype(int)
     y = np.asarray(y).astype(int)
     return np.array([[np.sum((y == t) & (pred == q)) for q in (0, 1)] for t in (0, 1)])

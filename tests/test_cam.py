@@ -111,3 +111,28 @@ def test_layer_cam_peaks_at_the_blob_that_decides_the_class():
             far = tuple(int(v) for v in np.where(c < 8, 15, 0))
             top = torch.quantile(maps[i].flatten(), 0.9)
             assert maps[i][tuple(c)] >= top > maps[i][far], (cells, i)
+
+
+def test_layer_cam_maps_worked_example_outer_relu():
+    # 2 channels, 2 voxels. Voxel 0: A = (2, -3), G = (1, 1): 2 - 3 = -1, the outer ReLU makes it 0.
+    # Voxel 1: A = (2, 1), G = (1, -1): the negative gradient counts for nothing (inner ReLU): 2
+    a = torch.tensor([[2.0, 2.0], [-3.0, 1.0]]).view(1, 2, 1, 1, 2)
+    g = torch.tensor([[1.0, 1.0], [1.0, -1.0]]).view(1, 2, 1, 1, 2)
+    assert cam.layer_cam_maps(a, g).flatten().tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize('bias', [(3.0, -3.0), (-3.0, 3.0)])
+def test_layer_cam_is_of_the_predicted_class(bias):
+    torch.manual_seed(0)
+    model = NetworkLUNA(4, 2, 3, SMALL)
+    with torch.no_grad():  # every cube is predicted as the favoured class
+        model.classifier.bias.copy_(torch.tensor(bias))
+    x = torch.randn(2, 1, 16, 16, 16)
+    predicted = int(np.argmax(bias))
+    got, prob, classes = cam.layer_cam(model, x)
+    assert classes.tolist() == [predicted] * 2 and (prob.argmax(1) == predicted).all()
+    maps, _ = direct_maps(model, x, target=predicted)  # the formula by hand, for the predicted class
+    assert torch.allclose(got, scaled(maps[-1], 16), atol=1e-5)
+    other, _, _ = cam.layer_cam(model, x, target=1 - predicted)
+    assert not torch.allclose(got, other, atol=1e-3)  # (the other class's map differs: the check above can fail)
+    assert got.min() >= 0

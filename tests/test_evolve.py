@@ -62,11 +62,17 @@ def test_weight_vectors_and_neighbourhoods():
 
 
 def test_mutation_rate_schedule():
-    assert eg.mutation_rate(1, 40) == pytest.approx(0.81, abs=0.005)
-    assert eg.mutation_rate(10, 40) == pytest.approx(0.35, abs=0.005)
+    # EMONAS' 10 genes: start min(20/10, 1) = 1, floor 1/10: 0.81 at generation 1, 0.35 at 10, the floor from 27
+    assert eg.mutation_rate(1, 40, 10) == pytest.approx(0.81, abs=0.005)
+    assert eg.mutation_rate(10, 40, 10) == pytest.approx(0.35, abs=0.005)
     at_26 = 1 - math.log(27) / math.log(40)
-    assert eg.mutation_rate(26, 40) == pytest.approx(at_26) and at_26 > 0.1
-    assert [eg.mutation_rate(g, 40) for g in (27, 30, 35, 39)] == [0.1] * 4  # the floor from g = 27 (so from 30)
+    assert eg.mutation_rate(26, 40, 10) == pytest.approx(at_26) and at_26 > 0.1
+    assert [eg.mutation_rate(g, 40, 10) for g in (27, 30, 35, 39)] == [0.1] * 4
+    # our 27 genes: start 20/27, floor 1/27: at generation 1 about 16 of the 27 genes mutate, not 22
+    assert eg.mutation_rate(1, 40, 27) == pytest.approx(20 / 27 * (1 - math.log(2) / math.log(40)))
+    assert 27 * eg.mutation_rate(1, 40, 27) == pytest.approx(16.24, abs=0.01)
+    assert eg.mutation_rate(39, 40, 27) == pytest.approx(1 / 27)
+    assert eg.mutation_rate(1, 40, 5) == pytest.approx(1 - math.log(2) / math.log(40))  # short genome: start 1
 
 
 def test_selection_probabilities_worked_examples():
@@ -75,9 +81,13 @@ def test_selection_probabilities_worked_examples():
     assert sm.subproblem_probs([0, 0, 0]) == pytest.approx([1 / 3] * 3)
     assert sm.subproblem_probs([0, 0, 0], extra=0.0) == pytest.approx([1 / 3] * 3)  # EXPLORE=0, nothing credited
     assert sm.subproblem_probs([3, 1], extra=0.0) == pytest.approx([0.75, 0.25])
-    # one gene with 3 values: value 0 seen with f1 0.2 and 0.4, value 1 with 0.6 (the worst), value 2 unseen
-    probs = sm.gene_value_probs([[0], [0], [1]], [0.2, 0.4, 0.6], [3])
+    # one gene with 3 values: value 0 seen with f1 0.2 and 0.4, value 1 with 0.6, value 2 unseen
+    # with the fixed worst f1 0.6: scores [0.3, 0, 0]
+    probs = sm.gene_value_probs([[0], [0], [1]], [0.2, 0.4, 0.6], [3], 0.6)
     assert probs[0] == pytest.approx([(1 + 0.2 / 3) / 1.2, (0.2 / 3) / 1.2, (0.2 / 3) / 1.2])
+    # with the normalization's worst f1 1.5 (EMONAS' code), not the observed 0.6: scores [1.2, 0.9, 0]
+    probs = sm.gene_value_probs([[0], [0], [1]], [0.2, 0.4, 0.6], [3], 1.5)
+    assert probs[0] == pytest.approx([(1.2 / 2.1 + 0.2 / 3) / 1.2, (0.9 / 2.1 + 0.2 / 3) / 1.2, (0.2 / 3) / 1.2])
 
 
 def test_prescreening_decisions():
@@ -140,9 +150,9 @@ def test_operators_give_valid_new_genomes_that_fit():
     assert len(set(init)) == 4 and all(space.fits(g) for g in init)
     seen = set(init)
     for k in range(10):
-        rate = eg.mutation_rate(1 + k % 3, 3)
+        rate = eg.mutation_rate(1 + k % 3, 3, len(space))
         probs = eg.uniform_value_probs(space) if k % 2 else sm.gene_value_probs(list(seen), range(len(seen)),
-                                                                                 space.sizes)
+                                                                                 space.sizes, len(seen))
         child = eg.make_child(space, [init[k % 4], init[(k + 1) % 4]], rate, probs, seen, rng)
         space.decode(child)
         assert child not in seen and space.fits(child)
@@ -194,6 +204,196 @@ def read_rows(path, drop=('seconds',)):
         return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(f)]
 
 
+# ---------------------------------------------------------------- the loop's decisions, worked examples
+
+class StubRun:
+    """What Search needs of a run folder: files under `path` and a log kept as a list."""
+
+    def __init__(self, path):
+        self.path, self.lines = str(path), []
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def log(self, line):
+        self.lines.append(line)
+
+
+class NoOutputs:
+    def evaluated(self, archive):
+        pass
+
+
+def stub_search(tmp_path, monkeypatch, **settings):
+    """A Search of TINY's space whose candidates are fake_candidate (nothing is trained)."""
+    monkeypatch.setattr(train_evolve, 'train_candidate', fake_candidate)
+    os.makedirs(tmp_path / 'candidates', exist_ok=True)
+    cfg = {**train_evolve.DEFAULTS, **TINY, 'DATA': str(tmp_path), **settings}
+    return train_evolve.Search(cfg, StubRun(tmp_path), NoOutputs())
+
+
+# normalized points of the current members of subproblems 0..3 (weights w1 = 0.5, 2/3, 5/6, 1), kept in the archive
+# in another order than their subproblems' (population = [3, 2, 1, 0]), so an archive index is no subproblem index
+MEMBERS = {0: (0.1, 0.9), 1: (0.2, 0.5), 2: (0.5, 0.1), 3: (0.9, 0.9)}
+
+
+def hand_made(search, children=()):
+    """Archive rows 0..3 = the members of subproblems 3, 2, 1, 0; then the children (point, subproblem); the
+    normalization made the identity so that the points are the normalized points."""
+    search.archive = [{'f1': MEMBERS[s][0], 'f2': MEMBERS[s][1], 'genome': (s,), 'params': 1000,
+                       'subproblem': ''} for s in (3, 2, 1, 0)]
+    search.archive += [{'f1': p[0], 'f2': p[1], 'genome': (9, k), 'params': 1000, 'subproblem': s}
+                       for k, (p, s) in enumerate(children)]
+    search.population = [3, 2, 1, 0]
+    search.lower, search.span = np.zeros(2), np.ones(2)
+    return search
+
+
+def test_replacement_worked_example():
+    w = sm.weight_vectors(4)
+    assert sm.neighbourhoods(w, 2)[2].tolist() == [2, 1]  # equally near 1 and 3: the lower index
+    # child c = (0.3, 0.6) against the members of subproblems 2 (a = (0.5, 0.1)) and 1 (b = (0.2, 0.5)), each under
+    # its own weight vector (theta 0: PBI = F.w / |w|): w2 = (5/6, 1/6): c 0.35 <= a 0.433, replaced;
+    # w1 = (2/3, 1/3): c 0.4 > b 0.3, kept
+    assert sm.replaced((0.3, 0.6), [(0.5, 0.1), (0.2, 0.5)], w[[2, 1]], 0.0) == [0]
+    # a judged under w1 (0.367 < c's 0.4) would be kept: the neighbour's own vector decides
+    assert sm.replaced((0.3, 0.6), [(0.5, 0.1)], w[[1]], 0.0) == []
+    assert sm.replaced((0.3, 0.6), [(0.3, 0.6)], w[[1]], 0.001) == [0]  # equal PBI: the child replaces (>=)
+    assert sm.replaced((0.9, 0.9), [(0.5, 0.1), (0.2, 0.5)], w[[2, 1]], 0.001) == []  # worse: replaces no one
+
+
+def test_search_replaces_the_right_neighbour_and_keeps_the_better(tmp_path, monkeypatch):
+    search = hand_made(stub_search(tmp_path, monkeypatch),
+                       children=[((0.3, 0.6), 2), ((0.95, 0.95), 1), ((0.3, 0.25), 2)])
+    search.replace_neighbours(2, 4)
+    # subproblem 2's member (archive 1) is replaced by child 4; subproblem 1's (archive 2) is better than it: kept
+    assert search.population == [3, 2, 4, 0]
+    search.replace_neighbours(1, 5)  # a child worse than both neighbours (subproblems 1 and 0) replaces nobody
+    assert search.population == [3, 2, 4, 0]
+    # and a worse member is never put back over a better child: child 4 as a neighbour stays
+    search.replace_neighbours(2, 5)
+    assert search.population == [3, 2, 4, 0]
+    # child 6 = (0.3, 0.25) of subproblem 2 replaces both neighbours, each judged under its own vector: under w2
+    # 0.29 against child 4's 0.35; under w1 0.283 against b's 0.3 (under w2, b's 0.25 would have kept b)
+    search.replace_neighbours(2, 6)
+    assert search.population == [3, 6, 6, 0]
+
+
+def test_prescreening_against_the_neighbourhood(tmp_path, monkeypatch):
+    search = hand_made(stub_search(tmp_path, monkeypatch))
+    assert search.screen(2, (0.3, 0.6))  # would replace subproblem 2's member (see the replacement example)
+    # (0.6, 0.6): PBI 0.6 under w2 against a's 0.433, 0.6 under w1 against b's 0.3: beats no neighbour, to the pool;
+    # it would beat subproblem 3's member (0.9, 0.9) under w3 = (1, 0), but 3 is no neighbour of 2
+    assert not search.screen(2, (0.6, 0.6))
+    assert search.screen(3, (0.6, 0.6))  # ... and is one of 3 (neighbours 3, 2)
+    # (0.45, 0.2) beats one neighbour of 2 only: a under w2 (0.408 <= 0.433), not b under w1 (0.367 > 0.3)
+    assert search.screen(2, (0.45, 0.2))
+
+
+def test_success_credit_worked_example(tmp_path, monkeypatch):
+    # archive 0..3 as hand_made, children 4 = (0.15, 0.45) bred by subproblem 2 and 5 = (0.95, 0.95) by 0.
+    # Fronts: {1, 3, 4}, then {2} (dominated by 4), {0}, {5}: the best 4 are {1, 2, 3, 4}; child 4 entered, 5 not
+    F = [(0.9, 0.9), (0.5, 0.1), (0.2, 0.5), (0.1, 0.9), (0.15, 0.45), (0.95, 0.95)]
+    best = sm.best_set(F, 4)
+    assert best == [1, 2, 3, 4]
+    assert sm.credit([1, 0, 0, 0], [4, 5], best, {4: 2, 5: 0}).tolist() == [1, 0, 1, 0]
+    search = hand_made(stub_search(tmp_path, monkeypatch), children=[((0.15, 0.45), 2), ((0.95, 0.95), 0)])
+    search.counts = np.array([1.0, 0, 0, 0])
+    search.end_generation(1, [4, 5])
+    assert search.counts.tolist() == [1, 0, 1, 0]  # the breeding subproblem of the child that entered, only
+    search.end_generation(2, [])
+    assert search.counts.tolist() == [1, 0, 1, 0]  # cumulative; no children, no credit
+
+
+def test_initial_population_is_ordered_onto_the_weight_vectors(tmp_path, monkeypatch):
+    # f1: rows 0 and 2 tie at 0.5 (row 2 the smaller network), row 1 lowest, row 3 highest
+    F = [(0.5, 10.0), (0.2, 12.0), (0.5, 8.0), (0.9, 9.0)]
+    assert sm.initial_order(F) == [3, 2, 0, 1]  # subproblem 3 (w = (1, 0)) gets the lowest f1
+    search = stub_search(tmp_path, monkeypatch)
+    search.initialize()
+    f1 = [search.archive[i]['f1'] for i in search.population]
+    assert sorted(search.population) == [0, 1, 2, 3] and f1 == sorted(f1, reverse=True) and len(set(f1)) > 1
+    assert search.population != [0, 1, 2, 3]  # (fake_candidate's f1 of this sample is not already in that order)
+    assert any(line.startswith('initial population onto the weight vectors') for line in search.run.lines)
+
+
+def test_exploitation_subproblems_follow_their_success_probabilities():
+    # counts [3, 1, 0, 0], extra 0.2: p = ([0.75, 0.25, 0, 0] + 0.05) / 1.2
+    want = np.array([0.8, 0.3, 0.05, 0.05]) / 1.2
+    draws = sm.draw_subproblems([3, 1, 0, 0], 6000, 0.2, np.random.default_rng(0))
+    freq = np.bincount(draws, minlength=4) / 6000
+    assert np.abs(freq - want).max() < 0.02  # binomial std at most 0.0065
+    assert sm.draw_subproblems([0, 0, 5, 0], 50, 0.0, np.random.default_rng(1)) == [2] * 50
+
+
+def test_exploitation_generation_uses_the_probabilities_and_the_fixed_worst(tmp_path, monkeypatch):
+    search = stub_search(tmp_path, monkeypatch, EXPLORE=0.0)
+    search.initialize()
+    search.counts = np.array([0.0, 0, 5, 0])  # only subproblem 2 ever succeeded: with EXPLORE 0 it breeds them all
+    seen = {}
+    gene_value_probs, mutation_rate = sm.gene_value_probs, eg.mutation_rate
+
+    def spy_values(genomes, f1, sizes, f1_worst, extra):
+        seen['worst'] = f1_worst
+        return gene_value_probs(genomes, f1, sizes, f1_worst, extra)
+
+    def spy_rate(g, generations, n_genes):
+        seen['n_genes'] = n_genes
+        return mutation_rate(g, generations, n_genes)
+    monkeypatch.setattr(sm, 'gene_value_probs', spy_values)
+    monkeypatch.setattr(eg, 'mutation_rate', spy_rate)
+    done = search.exploitation_generation(2)
+    assert done and {search.archive[i]['subproblem'] for i in done} == {2}
+    assert seen == {'worst': 1.5, 'n_genes': 27} and len(search.space) == 27  # 1 + ALPHA + BETA; the genome's length
+
+
+def test_surrogate_inputs_and_target(tmp_path, monkeypatch):
+    calls = []
+
+    class Spy:
+        def __init__(self, seed=0):
+            pass
+
+        def fit(self, genomes, f2, target):
+            calls.append((genomes, np.asarray(f2), np.asarray(target)))
+            return self
+
+        def predict(self, genomes, f2):
+            return np.full(len(genomes), 0.4), np.full(len(genomes), 0.1)
+    search = stub_search(tmp_path, monkeypatch)
+    search.initialize()
+    monkeypatch.setattr(sm, 'Surrogate', Spy)
+    new = [search.space.random(np.random.default_rng(k)) for k in range(2)]
+    point, std, f1_pred = search.surrogate_predict(new)
+    genomes, f2, target = calls[0]
+    # every evaluated genome; features: its genes + ln(parameters) (raw); target: f1 / the fixed worst f1 (1.5)
+    assert [tuple(g) for g in genomes] == [r['genome'] for r in search.archive]
+    assert f2 == pytest.approx([math.log(r['params']) for r in search.archive])
+    assert target == pytest.approx([r['f1'] / 1.5 for r in search.archive])
+    lower, span = search.lower, search.span
+    assert point[:, 0] == pytest.approx([0.4, 0.4]) and f1_pred == pytest.approx([0.6, 0.6])
+    assert std.tolist() == [0.1, 0.1]
+    assert point[:, 1] == pytest.approx([(math.log(search.space.params(g)) - lower[1]) / span[1] for g in new])
+
+
+def test_each_candidates_training_seed_depends_on_its_index(tmp_path, monkeypatch):
+    seeds = []
+
+    def fake_fit(cfg, model, lr, seed, name, run_path):
+        seeds.append((seed, torch.initial_seed()))
+        return {'m_train': [0.5], 'm_val': [0.5], 'val_loss': [0.7], 'acc_val': [50.0], 'auc_val': [50.0],
+                'malignant_val': [0.5]}, False
+    monkeypatch.setattr(candidate, 'fit', fake_fit)
+    cfg = {**train_evolve.DEFAULTS, **TINY, 'SEED': 3}
+    genome = candidate.gene_space(cfg).random(np.random.default_rng(0))
+    for idx in (4, 5, 4):
+        candidate.train_candidate(cfg, idx, genome, str(tmp_path / f'{len(seeds)}.json'))
+    assert seeds[0] == seeds[2] != seeds[1]  # the same genome as candidate 4 and 5 trains from other seeds
+    assert [s for s, _ in seeds] == [candidate.candidate_seed(3, i) for i in (4, 5, 4)]
+    assert all(s == t for s, t in seeds)  # torch is seeded with it before the network is built
+    assert candidate.candidate_seed(3, 4) != candidate.candidate_seed(4, 4)
+
+
 def test_parallel_equals_sequential_and_screening_follows_the_surrogate(tmp_path, monkeypatch):
     monkeypatch.setattr(train_evolve, 'train_candidate', fake_candidate)
     monkeypatch.setattr(parallel, 'map_jobs', reversed_map_jobs)
@@ -231,7 +431,7 @@ def test_bad_settings_are_one_line_errors_before_anything_is_written(tmp_path):
                        ({'FILTERS': ()}, r'FILTERS=\(\) is not allowed'),
                        ({'METRIC': 'f1'}, 'METRIC'), ({'GENERATIONS': 1}, 'GENERATIONS'),
                        ({'PARALLEL': 'mpi'}, 'PARALLEL'), ({'CUBE': 10}, 'CUBE=10'),
-                       ({'MUTATION_FLOOR': 0.0}, 'MUTATION_FLOOR=0.0 is not allowed'),
+                       ({'EXPLORE': -0.1}, 'EXPLORE=-0.1 is not allowed'),
                        ({'VAL_FRACTION': 0.01}, 'cannot split 10 scans'),
                        ({'METRIC': 'auc', 'SEARCH_FOLDS': (0,)}, "METRIC='auc': search-train .* holds one class")):
         with pytest.raises(UserError, match=match):
@@ -309,3 +509,59 @@ def test_budget_estimate_is_anchored_on_the_measured_paper_step():
     hours, step = eg.search_hours_estimate(space, 40, 20, 2, 10, 3, np.random.default_rng(0))
     per_epoch = step * (math.ceil(40 / space.batch) + 60 / space.batch / 3)
     assert hours == pytest.approx(10 * 2 * per_epoch / 3600)
+
+
+def test_constant_predictors_are_named_in_the_log(tiny_run):
+    cubes, root, out = tiny_run
+    run = out['run']
+    rows = read_rows(os.path.join(run, 'evaluations.csv'), drop=())
+    log = open(os.path.join(run, 'log.txt')).read()
+    val = candidate.search_data({**train_evolve.DEFAULTS, **TINY, 'DATA': cubes})[1]
+    benign_share = 100 * float((val.labels == 0).float().mean())
+    constant = 0
+    for r in rows:
+        share = float(r['malignant_val'])
+        line = f'candidate {r["index"]} predicts one class only: every search-val nodule '
+        assert (line in log) == (share in (0.0, 1.0)), r['index']
+        if share in (0.0, 1.0):  # its accuracy is the share of the class it always says (LAST_EPOCHS = 1)
+            constant += 1
+            assert float(r['acc_val']) == pytest.approx(benign_share if share == 0 else 100 - benign_share, abs=1e-3)
+            assert line + ('benign' if share == 0 else 'malignant') in log
+    assert constant > 0  # (8^3 cubes, 1 epoch: the tiny run has constant predictors, so the rule above was exercised)
+
+
+def test_constant_prediction_rule():
+    assert candidate_row(0.0) == 'benign' and candidate_row(1.0) == 'malignant'
+    assert candidate_row(0.5) == '' and candidate_row(float('nan')) == ''
+    assert candidate_row(0.0, diverged=True) == ''
+
+
+def candidate_row(share, diverged=False):
+    from evolution import records
+    return records.constant_prediction({'malignant_val': share, 'diverged': diverged})
+
+
+def test_a_run_of_the_older_search_is_refused_with_one_line(tiny_run, tmp_path):
+    _, _, out = tiny_run
+    old = tmp_path / 'old'
+    os.makedirs(old)
+    config = json.load(open(os.path.join(out['run'], 'config.json')))
+    json.dump({**config, 'MUTATION_FLOOR': 0.1}, open(old / 'config.json', 'w'))
+    with pytest.raises(UserError, match=r'written by an earlier version of this search .* start a new run'):
+        train_evolve.main(RESUME=str(old))
+    assert os.listdir(old) == ['config.json']  # nothing written
+
+
+def test_share_predicted_malignant_on_search_val(tmp_path, monkeypatch):
+    cubes = write_cube_set(tmp_path / 'cubes', size=8)
+    cfg = {**train_evolve.DEFAULTS, **TINY, 'DATA': cubes, 'EPOCHS': 2, 'LAST_EPOCHS': 2}
+    evaluate = engine.evaluate
+
+    def every_fourth_at_one_half(model, data, batch_size, *args):
+        out = evaluate(model, data, batch_size, *args)
+        return {**out, 'prob': np.where(np.arange(len(out['prob'])) % 4 == 0, 0.5, 0.49)}  # 0.5 counts malignant
+    monkeypatch.setattr(engine, 'evaluate', every_fourth_at_one_half)
+    genome = candidate.gene_space(cfg).random(np.random.default_rng(0))
+    result = candidate.train_candidate(cfg, 0, genome, str(tmp_path / 'c.json'))
+    n_val = len(candidate.search_data(cfg)[1])
+    assert result['malignant_val'] == pytest.approx(math.ceil(n_val / 4) / n_val) and n_val > 4

@@ -17,6 +17,7 @@ import draw
 import engine
 import genotypes
 from figures import diagrams
+from figures import evaluation
 from figures import runs
 import train_3D_continuation as retrain
 import train_search
@@ -148,3 +149,53 @@ def test_older_retrain_folder_without_probabilities(retrain_run, tmp_path):
     written = runs.draw_run(str(old), log=lines.append)
     assert sorted(os.path.basename(p) for p in written) == ['cells.png', 'kfold_table.png', 'retrain_curves.png']
     assert lines == [f'{old}: no probs_fold*.csv (a run from before they were saved): no ROC or confusion figure']
+
+
+# ---------------------------------------------------------------- the numbers behind the evaluation figures
+
+def test_roc_points_and_auc_of_a_known_case():
+    # benign 0.1, 0.4; malignant 0.35, 0.8 (malignant positive). Thresholds 0.8, 0.4, 0.35, 0.1 give
+    # (fpr, tpr) (0, 0.5), (0.5, 0.5), (0.5, 1), (1, 1); AUC = share of (malignant, benign) pairs ranked right = 3/4
+    fpr, tpr, auc = evaluation.roc_points([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
+    assert auc == pytest.approx(0.75)
+    # a perfect ranking and a chance line: the mean curve averages the true positive rates at each fpr, from (0, 0)
+    grid = np.array([0.0, 0.5, 1.0])
+    mean = evaluation.mean_roc([([0, 0, 1], [0, 1, 1]), ([0, 1], [0, 1])], grid)
+    assert mean.tolist() == [0.0, 0.75, 1.0]
+
+
+def test_confusion_counts_rows_are_the_true_class():
+    # true benign: 0.2, 0.7 (predicted malignant), 0.1; true malignant: 0.9, 0.5 (>= 0.5: malignant), 0.3, 0.2
+    m = evaluation.confusion([0, 0, 0, 1, 1, 1, 1], [0.2, 0.7, 0.1, 0.9, 0.5, 0.3, 0.2])
+    assert m.tolist() == [[2, 1], [2, 2]]  # [[TN, FP], [FN, TP]]: rows true (benign, malignant), columns predicted
+
+
+def drawn(monkeypatch, plot, run_path):
+    """The figure a plot function draws, kept instead of saved."""
+    monkeypatch.setattr(evaluation, 'save', lambda fig, path: fig)
+    return plot(str(run_path))
+
+
+def write_probs(run_path, fold, labels, probs):
+    pd.DataFrame({'nodule_id': [str(i) for i in range(len(labels))], 'label': labels, 'prob': probs}).to_csv(
+        os.path.join(run_path, f'probs_fold{fold}.csv'), index=False)
+
+
+def test_roc_figure_draws_the_fold_curve_and_its_auc(tmp_path, monkeypatch):
+    write_probs(tmp_path, 3, [0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    ax = drawn(monkeypatch, evaluation.plot_roc, tmp_path).axes[0]
+    line = next(ln for ln in ax.get_lines() if ln.get_label().startswith('fold 3'))
+    assert line.get_label() == 'fold 3 (AUC 0.750, n=4)'
+    assert list(line.get_xdata()) == [0, 0, 0.5, 0.5, 1] and list(line.get_ydata()) == [0, 0.5, 0.5, 1, 1]
+    assert ax.get_xlabel().startswith('false positive rate') and ax.get_ylabel().startswith('true positive rate')
+
+
+def test_confusion_figure_puts_the_true_class_on_the_rows(tmp_path, monkeypatch):
+    write_probs(tmp_path, 0, [0, 0, 0, 1, 1, 1, 1], [0.2, 0.7, 0.1, 0.9, 0.5, 0.3, 0.2])
+    ax = drawn(monkeypatch, evaluation.plot_confusion, tmp_path).axes[0]
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ('true', 'predicted')
+    assert [t.get_text() for t in ax.get_yticklabels()] == ['benign', 'malignant']
+    cells = {tuple(int(round(v)) for v in t.get_position()): t.get_text() for t in ax.texts}
+    # text at (x = predicted, y = true row): count and the share of its true class
+    assert cells == {(0, 0): '2\n67%', (1, 0): '1\n33%', (0, 1): '2\n50%', (1, 1): '2\n50%'}

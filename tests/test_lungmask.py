@@ -1,4 +1,6 @@
 """scans/lungmask.py's masking keeps annotated nodules: the bone rule no longer erases dense nodules."""
+import os
+
 import numpy as np
 
 from scans import lungmask
@@ -68,13 +70,16 @@ def test_dense_nodules_kept_ribs_removed():
         assert (before.ravel()[ball] != plain.ravel()[ball]).mean() > 0.5  # without protection: mostly lost
     assert shares[0]['masked_frac'] == 0.0 and shares[1]['masked_frac'] == 0.0
     assert shares[0]['masked_frac_unprotected'] > 0.5  # what the rule alone did to A's sphere
-    # ribs in the ring are still removed, away from the nodules; under B (within 4 mm of its surface) kept
-    far_rib = ((x - ribs[1][0]) ** 2 + (y - ribs[1][1]) ** 2 <= 1.0) & (np.abs(z) < 30)
-    assert (region(after, start, far_rib) == lungmask.PAD_VALUE).all()
-    rib_b = (x - ribs[0][0]) ** 2 + (y - ribs[0][1]) ** 2 <= 1.0
-    assert (region(after, start, rib_b & (np.abs(z - 1.25) > 12) & (np.abs(z) < 30)) == lungmask.PAD_VALUE).all()
-    assert (region(after, start, rib_b & (np.abs(z - 1.25) < 1)) > 225).all()
-    assert (region(before, start0, rib_b & (np.abs(z - 1.25) < 1)) == lungmask.PAD_VALUE).all()
+    # ribs in the ring are still removed, away from the nodules; under B (within 4 mm of its surface) kept. The
+    # ribs' cores lie beyond the saved box (lung box + 5 mm): their inner edges (radius 3 mm) are what it holds
+    far_rib = ((x - ribs[1][0]) ** 2 + (y - ribs[1][1]) ** 2 <= 9.0) & (np.abs(z) < 30)
+    assert len(region(after, start, far_rib)) > 20 and (region(after, start, far_rib) == lungmask.PAD_VALUE).all()
+    rib_b = (x - ribs[0][0]) ** 2 + (y - ribs[0][1]) ** 2 <= 9.0
+    away = region(after, start, rib_b & (np.abs(z - 1.25) > 12) & (np.abs(z) < 30))
+    assert len(away) > 20 and (away <= lungmask.PAD_VALUE + 5).all()  # (+ 5: resampling beside the bright rim)
+    near = rib_b & (np.abs(z - 1.25) < 1)
+    assert len(region(after, start, near)) >= 5 and (region(after, start, near) > 220).all()
+    assert (region(before, start0, near) <= lungmask.PAD_VALUE + 5).all()
     # nothing else changes: beyond the protected spheres (4 + 4 mm, + 2 mm for the resampling) both are equal
     near = np.zeros(len(grid), dtype=bool)
     for c, _ in nodules.values():
@@ -97,3 +102,45 @@ def test_sphere_share_worked_example():
     assert shares == [{'masked_frac': 0.0, 'masked_frac_unprotected': round(1 / 7, 4)}]
     assert fill[0, 0, 0] and not fill[1, 1, 0]  # the corner is 1.73 mm away: beyond radius 1 + 0.5
     assert lungmask.sphere(np.array([10.0, 1.0, 1.0]), 1.0, np.ones(3), image.shape) is None
+
+
+def test_the_margin_keeps_a_rim_beyond_the_annotated_radius():
+    """A row of 9 voxels at 1 mm, all to be filled (outside the lung mask); a dense nodule spans voxels 1..7
+    (radius 3 mm) but is annotated with diameter 4 mm (radius 2) at voxel 4: only the margin keeps its rim."""
+    image = np.full((1, 1, 9), 200, dtype=np.uint8)
+    centre = [((0.0, 0.0, 4.0), 4.0)]
+    for protect_mm, kept in ((1.0, range(1, 8)), (0.0, range(2, 7))):
+        fill = np.ones_like(image, dtype=bool)
+        shares = lungmask.protect_nodules(fill, image, np.ones(3), centre, protect_mm)
+        assert np.flatnonzero(~fill[0, 0]).tolist() == list(kept), protect_mm
+        # the annotated sphere (radius 2: voxels 2..6) is kept either way; 5 of 5 would have changed
+        assert shares == [{'masked_frac': 0.0, 'masked_frac_unprotected': 1.0}]
+
+
+def test_process_scan_applies_the_jobs_margin(tmp_path):
+    """Through a scan file: nodule B (radius 4 mm, on the pleura, its outer part beyond the lung) annotated with
+    diameter 4 mm, as an annotation that underestimates it. protect_mm=5 keeps all of B as in the unmasked scan;
+    with protect_mm=0 nearly all of it changes (its rim is filled and the resampling blends that into the rest)."""
+    import json
+
+    import SimpleITK as sitk
+    hu, nodules, _ = phantom()
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(tuple(float(s) for s in SPACING[::-1]))  # (x, y, z), origin 0, no flip
+    sitk.WriteImage(image, str(tmp_path / 'scan.mhd'))
+    annotated = {'A': 8.0, 'B': 4.0}
+    for protect_mm in (5.0, 0.0):
+        out = tmp_path / str(protect_mm)
+        os.makedirs(out)
+        lungmask.process_scan({'seriesuid': 's', 'path': str(tmp_path / 'scan.mhd'), 'out_dir': str(out),
+                               'volume_ml': (20.0, 8200.0), 'protect_mm': protect_mm,
+                               'nodules': [{'world': list(c[::-1] * SPACING[::-1]), 'diameter_mm': annotated[k]}
+                                           for k, (c, _) in nodules.items()]})
+        geometry = json.load(open(out / 's.json'))
+        volume, start = np.load(out / 's.npy'), np.asarray(geometry['box_start'])
+        assert geometry['protect_mm'] == protect_mm
+        plain = lungmask.resample_box(lungmask.window(hu), SPACING, start, start + np.asarray(volume.shape))
+        grid = np.indices(volume.shape).reshape(3, -1).T.astype(float)
+        ball = np.linalg.norm(grid - to_volume(nodules['B'][0], start), axis=1) <= 4.0  # B's true extent
+        changed = (volume.ravel()[ball] != plain.ravel()[ball]).mean()
+        assert ball.sum() > 200 and (changed == 0 if protect_mm else changed > 0.9), (protect_mm, changed)
