@@ -1,0 +1,199 @@
+"""graphs.py: the graph-ready steps compute what the eager steps do; StepGraphs keys, copies, clones and falls back;
+CUDA_GRAPHS is refused off CUDA with one line; on a GPU a graphed step equals the eager one after 5 steps."""
+import pytest
+import torch
+
+import graphs
+import train_3D_continuation
+import train_search
+from genotypes import NAS_HBO_PAPER
+from model import NetworkLUNA
+from test_syncfree import SEARCH, Guard, step_counters
+from utils import UserError
+
+
+def fake_capture(log=None):
+    """A capture for the CPU: records nothing and replays by running the step on the static inputs (as a graph does);
+    the outputs are filled at each replay."""
+    def capture(fn, pool):
+        outputs = []
+        if log is not None:
+            log.append('capture')
+
+        def replay():
+            outputs[:] = fn()
+        return replay, outputs
+    return capture
+
+
+def batches(n, b, cube, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 1, cube, cube, cube, generator=g), torch.randint(0, 2, (b,), generator=g))
+            for _ in range(n)]
+
+
+def state_of(model, *optimizers):
+    """Weights, alphas/betas, BatchNorm statistics and the optimizers' momentum / moment buffers, as one dict."""
+    out = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, opt in enumerate(optimizers):
+        for j, s in enumerate(opt.state.values()):
+            out.update({f'opt{i}.{j}.{k}': v.detach().clone() for k, v in s.items() if torch.is_tensor(v)})
+    return out
+
+
+def assert_close(a, b, atol=1e-5, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=rtol, msg=k)
+
+
+def run_retrain(graphed, device='cpu', capture=None, n=5, drop=0.2):
+    torch.manual_seed(0)
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER).to(device)
+    model.drop_path_prob = drop
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, 0.05, momentum=0.9, weight_decay=3e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n)
+    step = graphs.retrain_step(model, opt, params, 5.0, graphed, warmup=2, **({'capture': capture} if capture else {}))
+    losses = []
+    torch.manual_seed(1)  # the drop-path draws
+    for i, (x, y) in enumerate(batches(n, 3, 8)):
+        graphs.set_value(model, 'drop_path_prob', drop * (i + 1) / n)
+        loss, _ = step(x.to(device), y.to(device))
+        losses.append(float(loss))
+        sched.step()  # per step here (per epoch in the script): the in-place tensor update is exercised
+    return state_of(model, opt), losses
+
+
+def test_retrain_graph_ready_equals_eager():
+    """5 retrain steps (drop path rising, lr annealed): graph-ready (tensor lr, fused SGD, tensor drop path, through
+    StepGraphs with a CPU capture: 2 eager, then captured and replayed) equal today's eager steps."""
+    eager, l_eager = run_retrain(False)
+    ready, l_ready = run_retrain(True, capture=fake_capture())
+    assert_close(eager, ready)
+    assert l_eager == pytest.approx(l_ready, rel=1e-5)
+    assert any('running_mean' in k for k in eager)
+
+
+def run_search(hypergrad, graphed, hvp='fd', device='cpu', capture=None, n=5):
+    cfg = {**train_search.DEFAULTS, **SEARCH, 'HYPERGRAD': hypergrad, 'HVP': hvp, 'DEVICE': device, 'EPOCHS': n}
+    torch.manual_seed(0)
+    model, w_opt, sched, a_opt, updater = train_search.build(cfg)
+    step = graphs.search_steps(model, w_opt, updater, cfg['GRAD_CLIP'], graphed, warmup=2,
+                               **({'capture': capture} if capture else {}))
+    train = batches(n, 3, 8, seed=0)
+    val = iter(batches(n, 3, 8, seed=1))
+
+    class Val:
+        def next(self):
+            x, y = next(val)
+            return x.to(device), y.to(device)
+    keep, losses = [], []
+    torch.manual_seed(1)
+    for x, y in train:
+        loss, _ = step(x.to(device), y.to(device), True, Val(), keep)
+        losses.append(float(loss))
+        sched.step()
+    return state_of(model, w_opt, a_opt), losses, torch.cat([p for p, _ in keep])
+
+
+@pytest.mark.parametrize('hypergrad,hvp', [('first', 'fd'), ('second', 'fd'), ('second', 'exact'), ('zeroth', 'fd')])
+def test_search_graph_ready_equals_eager(hypergrad, hvp):
+    """5 search steps (architecture then weight step): weights, alphas/betas, BatchNorm statistics, momentum and Adam
+    moments of the graph-ready steps equal the eager ones (zeroth order: runs eagerly under CUDA_GRAPHS)."""
+    eager, l_eager, p_eager = run_search(hypergrad, False, hvp)
+    ready, l_ready, p_ready = run_search(hypergrad, True, hvp, capture=fake_capture())
+    assert_close(eager, ready)
+    assert l_eager == pytest.approx(l_ready, rel=1e-5)
+    torch.testing.assert_close(p_eager, p_ready, atol=1e-5, rtol=1e-4)  # keep: the predictions for the epoch's AUC
+    assert any(k.startswith('alphas') for k in eager)
+
+
+def test_graph_ready_steps_do_not_sync():
+    """The graph-ready steps (tensor lr read by the fused SGD, tensor eta in the virtual step, tensor drop path) never
+    read a value on the host: a capture would fail there (a float lr with foreach SGD reads it with .item())."""
+    torch.manual_seed(0)
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER)
+    model.drop_path_prob = 0.1
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, 0.05, momentum=0.9, weight_decay=3e-4)
+    step = graphs.retrain_step(model, opt, params, 5.0, True, warmup=0, capture=fake_capture())
+    x, y = batches(1, 3, 8)[0]
+    step(x, y)  # momentum buffers made
+    with Guard():
+        step(x, y)
+    cfg = {**train_search.DEFAULTS, **SEARCH, 'HYPERGRAD': 'second'}
+    model, w_opt, _, a_opt, updater = train_search.build(cfg)
+    step = graphs.search_steps(model, w_opt, updater, 5.0, True, warmup=0, capture=fake_capture())
+
+    class Val:
+        def next(self):
+            return x, y
+    step(x, y, True, Val(), None)
+    with Guard(step_counters(a_opt)):
+        step(x, y, True, Val(), [])
+
+
+def test_step_graphs_shapes_tags_copies_and_clones():
+    """One capture per (tag, input shapes): the last partial batch gets its own; each replay computes on the batch
+    copied in (not on the one captured), and returns clones (a later replay does not change earlier results)."""
+    log = []
+    g = graphs.StepGraphs(lambda x: (x * 2,), warmup=1, capture=fake_capture(log))
+    a, b, c = torch.ones(4), torch.full((4,), 3.0), torch.full((2,), 5.0)
+    assert g(a)[0].tolist() == [2.0] * 4 and log == []  # warm-up: eager
+    first = g(b)[0]
+    assert log == ['capture'] and first.tolist() == [6.0] * 4
+    second = g(a)[0]
+    assert second.tolist() == [2.0] * 4 and first.tolist() == [6.0] * 4 and log == ['capture']
+    assert g(c)[0].tolist() == [10.0] * 2 and log == ['capture']  # partial batch: its own warm-up first
+    assert g(c)[0].tolist() == [10.0] * 2 and log == ['capture'] * 2
+    assert g(a, tag='arch')[0].tolist() == [2.0] * 4 and len(g.calls) == 3
+    assert len([e for e in g.graphs.values() if e is not None]) == 2
+
+
+def test_step_graphs_fallback_and_off():
+    """enabled False: eager, nothing captured. A capture that fails: one line, then that key runs eagerly."""
+    calls, lines = [], []
+    g = graphs.StepGraphs(lambda x: (calls.append(1) or x + 1,), enabled=False, capture=fake_capture(lines))
+    for _ in range(5):
+        assert g(torch.zeros(2))[0].tolist() == [1.0, 1.0]
+    assert len(calls) == 5 and lines == [] and g.graphs == {}
+
+    def broken(fn, pool):
+        raise RuntimeError('operation not permitted when stream is capturing')
+    g = graphs.StepGraphs(lambda x: (x + 1,), warmup=1, capture=broken, log=lines.append)
+    for _ in range(4):
+        assert g(torch.zeros(2))[0].tolist() == [1.0, 1.0]
+    assert len(lines) == 1 and 'runs eagerly' in lines[0] and 'not permitted' in lines[0]
+
+
+def test_cuda_graphs_need_cuda():
+    """The real capture refuses CPU inputs with one line; the scripts refuse CUDA_GRAPHS=True with DEVICE=cpu."""
+    g = graphs.StepGraphs(lambda x: (x,))
+    with pytest.raises(UserError, match='CUDA_GRAPHS needs the CUDA device'):
+        g(torch.zeros(2))
+    for script in (train_search, train_3D_continuation):
+        with pytest.raises(UserError, match='CUDA_GRAPHS=True is not allowed.*DEVICE=.cpu'):
+            script.main(CUDA_GRAPHS=True, DEVICE='cpu')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
+@pytest.mark.parametrize('case', ['retrain', 'first', 'second', 'exact'])
+def test_graphed_equals_eager_on_cuda(case):
+    """On a GPU: 5 steps captured with torch.cuda.graph (2 eager, capture, replays) equal 5 eager steps."""
+    if case == 'retrain':
+        # drop path 0: a graph's replays draw from other generator offsets than eager steps (same distribution)
+        eager, ready = run_retrain(False, 'cuda', drop=0.0)[0], run_retrain(True, 'cuda', drop=0.0)[0]
+    else:
+        hg, hvp = ('second', 'exact') if case == 'exact' else (case, 'fd')
+        eager, ready = run_search(hg, False, hvp, 'cuda')[0], run_search(hg, True, hvp, 'cuda')[0]
+    assert_close(eager, ready, atol=1e-4, rtol=1e-3)
+
+
+def test_graphs_off_leaves_the_optimizer_alone():
+    """CUDA_GRAPHS off: the optimizer keeps its float learning rate and foreach path (today's numbers)."""
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    graphs.retrain_step(model, opt, list(model.parameters()), 5.0, False)
+    assert not torch.is_tensor(opt.param_groups[0]['lr']) and not opt.param_groups[0]['fused']
+    assert not torch.is_tensor(model.drop_path_prob)
