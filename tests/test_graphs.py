@@ -20,8 +20,13 @@ def fake_capture(log=None):
         if log is not None:
             log.append('capture')
 
-        def replay():
-            outputs[:] = fn()
+        def replay():  # the outputs stay the same tensors (a graph's static outputs), overwritten by each replay
+            new = fn()
+            if outputs:
+                for o, n in zip(outputs, new):
+                    o.copy_(n)
+            else:
+                outputs[:] = new
         return replay, outputs
     return capture
 
