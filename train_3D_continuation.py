@@ -7,7 +7,6 @@ import copy
 import os
 import time
 
-import pandas as pd
 import torch
 
 import data
@@ -166,6 +165,7 @@ def save_fold_outputs(run, cfg, table, fold, train, train_folds, prob):
     final-epoch probabilities (ROC curves, confusion matrices)."""
     utils.save_json_atomic(run.file(f'norm_fold{fold}.json'), {
         'mean': train.mean, 'std': train.std, 'train_folds': train_folds, 'cube': cfg['CUBE']})
+    import pandas as pd  # here, not at the top: the speed benchmarks import this script where pandas is missing
     test = data.select_folds(table, [fold])  # the rows of the test CubeData, in its order
     with utils.atomic_path(run.file(f'probs_fold{fold}.csv')) as tmp:
         pd.DataFrame({'nodule_id': test['nodule_id'], 'label': test['label'], 'prob': prob}).to_csv(tmp, index=False)
