@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -209,3 +211,39 @@ def test_activity_spans_read_a_profiler_trace():
     spans = gpu.activity_spans(prof, DeviceType.CPU)
     assert len(spans) >= 2 and all(e >= s for s, e in spans)
     assert 0 < gpu.busy_ms(spans) <= wall / 1e6 and gpu.activity_spans(prof, DeviceType.CUDA) == []
+
+
+
+BLOCKED = ('pandas', 'scipy', 'SimpleITK', 'skimage', 'sklearn', 'pymoo', 'ray', 'matplotlib', 'tqdm')
+# A finder that answers for the blocked packages with a loader that fails: `import pandas` raises
+# ModuleNotFoundError as where it is not installed (importlib.util.find_spec, which torch's dynamo calls for
+# many names at import, still answers without loading).
+NO_EXTRAS = '''import importlib.abc, importlib.machinery, runpy, sys
+class Fail(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f'No module named {{spec.name!r}} (blocked by the test)', name=spec.name)
+    def exec_module(self, module):
+        pass
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition('.')[0] in {blocked!r}:
+            return importlib.machinery.ModuleSpec(name, Fail())
+sys.meta_path.insert(0, Missing())
+sys.argv = ['bench.py'] + sys.argv[1:]
+runpy.run_path('bench.py', run_name='__main__')
+'''
+
+
+def test_gpu_bench_runs_with_only_torch_numpy_and_triton(tmp_path):
+    """The GPU machine has no SimpleITK, pymoo, Ray (maybe no pandas, scipy, sklearn, matplotlib, tqdm): bench.py
+    --BENCH=gpu runs in a process where importing any of them fails, and measures and writes its results."""
+    out = tmp_path / 'r.json'
+    args = [f'--{k}={v!r}' if isinstance(v, str) else f'--{k}={v}' for k, v in GPU_TINY.items()]
+    done = subprocess.run([sys.executable, '-c', NO_EXTRAS.format(blocked=BLOCKED), '--BENCH=gpu', *args,
+                           "--GPU_CASES=('retrain fp32 fast',)", f'--GPU_OUT={out}', '--GPU_COMPILE_S=1',
+                           '--GPU_BUDGET_S=40'], env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                          cwd=bench.utils.REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    saved = json.load(open(out))
+    assert saved['finished'] and saved['steps']['retrain fp32 fast']['first_s'] > 0
+    assert not [n for n in saved['notes'] if 'Error' in n], saved['notes']  # (a slow CPU may hit a part's cap)
