@@ -161,8 +161,10 @@ def retrain_step(model, optimizer, params, grad_clip, cuda_graphs=False, **kw):
 def search_steps(model, w_opt, updater, grad_clip, cuda_graphs=False, **kw):
     """step(x, y, arch_on, val_stream, keep) -> (loss, number correct) of train_search's epoch: the architecture step
     (after warm-up) then the weight step; keep collects (P(malignant), labels) as engine.train_step does. With
-    CUDA_GRAPHS the first- and second-order steps are graphed (one graph per phase and batch shape); the
-    zeroth-order steps (a period structure in Python) run eagerly."""
+    CUDA_GRAPHS the steps are graphed, one graph per phase and batch shapes: first and second order (architecture +
+    weight step; the weight step alone in the warm-up), zeroth order (the weight step alone; twin + weight step;
+    twin + weight + architecture step at a period's end), whose period start and counting stay in Python (the twin's
+    tensors are then kept for the whole run and refilled in place)."""
     zeroth = not hasattr(updater, 'second_order_grads')
 
     def eager(x, y, arch_on, val_stream, keep):
@@ -171,22 +173,36 @@ def search_steps(model, w_opt, updater, grad_clip, cuda_graphs=False, **kw):
         if arch_on:
             updater.step(x, y, *val_stream.next(), w_opt.param_groups[0]['lr'])
         return engine.train_step(model, w_opt, x, y, model.weight_parameters(), grad_clip, keep)
-    if not cuda_graphs or zeroth:
+    if not cuda_graphs:
         return eager
     graph_ready_sgd(w_opt)
-    graph_ready_adam(updater.a_optimizer)
+    graph_ready_adam(updater.a_opt if zeroth else updater.a_optimizer)
+    if zeroth:
+        updater.persistent = True
+        if updater.twin is not None:  # a resumed period
+            updater.store = updater.twin
+            graph_ready_sgd(updater.twin['opt'])
 
     def fn(x, y, *val):
         kept = []
-        if val:
-            updater.step(x, y, *val, w_opt.param_groups[0]['lr'])
-        loss, hits = engine.train_step(model, w_opt, x, y, model.weight_parameters(), grad_clip, kept)
+        if zeroth:
+            loss, hits = updater.steps(x, y, val, kept)
+        else:
+            if val:
+                updater.step(x, y, *val, w_opt.param_groups[0]['lr'])
+            loss, hits = engine.train_step(model, w_opt, x, y, model.weight_parameters(), grad_clip, kept)
         return loss, hits, kept[0][0]
     graphs = StepGraphs(fn, **kw)
 
     def step(x, y, arch_on, val_stream, keep):
-        val = val_stream.next() if arch_on else ()
-        loss, hits, prob = graphs(x, y, *val, tag='arch' if arch_on else 'weights')
+        if zeroth:
+            val = updater.begin(arch_on, val_stream)
+            tag = 'weights' if updater.twin is None else 'twin'
+        else:
+            val, tag = (val_stream.next() if arch_on else ()), ('arch' if arch_on else 'weights')
+        loss, hits, prob = graphs(x, y, *val, tag=tag)
+        if zeroth:
+            updater.end(val)
         if keep is not None:
             keep.append((prob, y))
         return loss, hits

@@ -102,16 +102,34 @@ def run_search(hypergrad, graphed, hvp='fd', device='cpu', capture=None, n=5):
     return state_of(model, w_opt, a_opt), losses, torch.cat([p for p, _ in keep])
 
 
-@pytest.mark.parametrize('hypergrad,hvp', [('first', 'fd'), ('second', 'fd'), ('second', 'exact'), ('zeroth', 'fd')])
+@pytest.mark.parametrize('hypergrad,hvp', [('first', 'fd'), ('second', 'fd'), ('second', 'exact')])
 def test_search_graph_ready_equals_eager(hypergrad, hvp):
     """5 search steps (architecture then weight step): weights, alphas/betas, BatchNorm statistics, momentum and Adam
-    moments of the graph-ready steps equal the eager ones (zeroth order: runs eagerly under CUDA_GRAPHS)."""
+    moments of the graph-ready steps equal the eager ones. (Zeroth order: test_zeroth_graph_ready_equals_eager_exactly;
+    with the fused SGD's rounding its steps are not comparable: the estimate divides w_twin - w by mu ~1e-4, and Adam
+    turns a flipped sign of the directional derivative into a full step the other way.)"""
     eager, l_eager, p_eager = run_search(hypergrad, False, hvp)
     ready, l_ready, p_ready = run_search(hypergrad, True, hvp, capture=fake_capture())
     assert_close(eager, ready)
     assert l_eager == pytest.approx(l_ready, rel=1e-5)
     torch.testing.assert_close(p_eager, p_ready, atol=1e-5, rtol=1e-4)  # keep: the predictions for the epoch's AUC
     assert any(k.startswith('alphas') for k in eager)
+
+
+def test_zeroth_graph_ready_equals_eager_exactly(monkeypatch):
+    """With the learning rate a float64 tensor read by the foreach SGD (the eager step's arithmetic), the graph-ready
+    zeroth-order steps (period start and counting in Python; the twin's tensors kept for the run and refilled in place
+    at each period's start; twin, weight and architecture steps through StepGraphs) equal the eager ones exactly:
+    2 periods of ZO_T = 2 steps and a third begun, the 5th step replayed."""
+    def float64_lr(opt):
+        for group in opt.param_groups:
+            group['lr'] = torch.tensor(float(group['lr']), dtype=torch.float64)
+        return opt
+    monkeypatch.setattr(graphs, 'graph_ready_sgd', float64_lr)
+    eager, l_eager, p_eager = run_search('zeroth', False)
+    ready, l_ready, p_ready = run_search('zeroth', True, capture=fake_capture())
+    assert_close(eager, ready, atol=0, rtol=0)
+    assert l_eager == l_ready and torch.equal(p_eager, p_ready)
 
 
 def test_graph_ready_steps_do_not_sync():
@@ -137,6 +155,13 @@ def test_graph_ready_steps_do_not_sync():
     step(x, y, True, Val(), None)
     with Guard(step_counters(a_opt)):
         step(x, y, True, Val(), [])
+    model, w_opt, _, a_opt, updater = train_search.build({**cfg, 'HYPERGRAD': 'zeroth'})  # ZO_T = 2
+    step = graphs.search_steps(model, w_opt, updater, 5.0, True, warmup=1, capture=fake_capture())
+    step(x, y, True, Val(), None)
+    step(x, y, True, Val(), None)  # the first period: its twin is made (then kept)
+    with Guard(step_counters(a_opt)):
+        for _ in range(4):  # refilled periods, twin steps, architecture steps, replays
+            step(x, y, True, Val(), [])
 
 
 def test_step_graphs_shapes_tags_copies_and_clones():
