@@ -237,3 +237,41 @@ def test_graphs_off_leaves_the_optimizer_alone():
     graphs.retrain_step(model, opt, list(model.parameters()), 5.0, False)
     assert not torch.is_tensor(opt.param_groups[0]['lr']) and not opt.param_groups[0]['fused']
     assert not torch.is_tensor(model.drop_path_prob)
+
+
+def metrics_of(run, name):
+    import csv
+    with open(f'{run}/{name}') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('script', ['search second', 'search zeroth', 'retrain'])
+def test_scripts_run_with_cuda_graphs(script, tmp_path, monkeypatch):
+    """The scripts' wiring with CUDA_GRAPHS (the rule off CUDA lifted, the CPU capture standing in): epochs with
+    partial last batches, warm-up then architecture steps, the lr schedule, evaluation, checkpoints and logs give the
+    eager run's numbers (fp32 rounding); the lr is logged as a number."""
+    from conftest import write_cube_set
+    cubes = write_cube_set(tmp_path / 'set', scans_per_fold=2, nodules_per_scan=1)
+    mod = train_search if script.startswith('search') else train_3D_continuation
+    monkeypatch.setitem(mod.RULES, 'CUDA_GRAPHS', None)
+    captures = []
+    monkeypatch.setattr(graphs.StepGraphs.__init__, '__defaults__', (True, 1, fake_capture(captures), print))
+    common = dict(DATA=cubes, C=4, LAYERS=3, CUBE=8, DEVICE='cpu', SEED=0, FIGURES=False, EPOCHS=3)
+    if mod is train_search:
+        common.update(BATCH_SIZE=3, SEARCH_FOLDS=(0, 1, 2, 3, 4), VAL_FRACTION=0.4, WARMUP_EPOCHS=1,
+                      PRIMITIVES=('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3'), HYPERGRAD=script.split()[1],
+                      ZO_T=2)
+        name = 'metrics.csv'
+    else:
+        # drop path 0: with a device probability the masks are drawn at 0 too (all ones), which moves the generator
+        # the later epochs' masks come from (same distribution; equal draws: test_retrain_graph_ready_equals_eager)
+        common.update(BATCH_SIZE=4, FOLD=5, DROP_PATH=0.0)
+        name = 'metrics_fold5.csv'
+    runs = [mod.main(RUNS=str(tmp_path / f'runs{g}'), CUDA_GRAPHS=g, **common)['run'] for g in (False, True)]
+    eager, graphed = (metrics_of(r, name) for r in runs)
+    assert len(eager) == len(graphed) == 3 and len(captures) >= 2  # (full and partial batches at least)
+    for a, b in zip(eager, graphed):
+        assert float(a['lr']) == pytest.approx(float(b['lr']), rel=1e-6)  # a number, not a tensor's text
+        loss = 'train_loss'
+        tol = 0.05 if script == 'search zeroth' else 1e-4  # (zeroth order: see test_search_graph_ready_equals_eager)
+        assert float(a[loss]) == pytest.approx(float(b[loss]), rel=tol, abs=tol)
