@@ -1,19 +1,20 @@
-"""BENCH='gpu': one command for a GPU session that measures every target of the speed issue (#15) within a time budget
-and writes a results JSON as it goes (python bench.py --BENCH=gpu; settings GPU_* and PROTOCOL_* in bench.py).
+"""BENCH='gpu': one command for a GPU session that measures every target of the speed issues (#15, #18) within a time
+budget and writes a results JSON as it goes (python bench.py --BENCH=gpu; settings GPU_* and PROTOCOL_* in bench.py).
 
-Parts, in order of importance while the budget (GPU_BUDGET_S) lasts, each under its own cap; a part still running at
-its cap is stopped (SIGALRM, between Python statements: a backward pass in progress finishes first) and noted, and
-whatever was measured before stays in the file, which is rewritten after every measurement:
-1. first use: a subprocess with an empty Triton cache runs the first retrain and search steps with the Triton kernels
-   (seconds of each first step; distinct kernel specializations compiled = binaries in the cache). The main process
-   then uses that cache.
-2. steps (CASES): ms/step (mean over the timed steps, after a first and two warm-up steps) and peak memory, for search
-   2nd / 1st / zeroth order at SEARCH_BATCH and the retrain at RETRAIN_BATCH, fp32 and bf16 autocast, Triton kernels
-   on and off, cells recomputed or not; host syncs in one step (torch.cuda.set_sync_debug_mode) and, for the cases in
-   PROFILED, the host share of a step (DEFINITIONS).
+Parts, in order of importance, each under its own cap; a part still running at its cap is stopped (SIGALRM, between
+Python statements: a backward pass in progress finishes first) and noted, and whatever was measured before stays in
+the file, which is rewritten after every measurement:
+1. first use, capped at GPU_COMPILE_S (60 s; outside GPU_BUDGET_S, so it takes no time from the steps): a subprocess
+   with an empty Triton cache runs the first retrain and search steps with the Triton kernels (seconds of each first
+   step, or "over 60 s"; distinct kernel binaries compiled). The main process then uses that cache.
+2. steps (CASES) while GPU_BUDGET_S lasts: the whole-step CUDA graphs first (graphs.py), then the check that a graphed
+   step equals the eager one after 5 steps (benchmarks/graph_check.py, 'graph_check'), then today's eager steps with
+   the Triton kernels on and off, bf16 autocast, recomputed cells: ms/step (mean over the timed steps, after the first
+   steps, and for graphed cases the capture) and peak memory; host syncs in one step (torch.cuda.set_sync_debug_mode)
+   and, for the cases in PROFILED, the host share of a step (DEFINITIONS) and the top kernels by GPU time.
 3. the largest batch in MEMORY_GB (step_times.largest_batch) of the retrain and the 2nd-order search.
 4. the full protocol's time estimated from the measured steps, beside the published code's.
-On a CPU it runs too (with small settings, for the tests): the CUDA-only numbers are null.
+On a CPU it runs too (with small settings, for the tests): the CUDA-only numbers are null, the graphed cases skipped.
 """
 import contextlib
 import gc
@@ -64,8 +65,8 @@ MIN_LEFT_S = 5  # a part is started only with this much of the budget left
 MAX_TIMED = 200  # timed steps per case at most
 ROW_KEYS = ('case', 'step', 'batch', 'dtype', 'fast_kernels', 'checkpoint_cells', 'build_s', 'first_s', 'peak_first_gb',
             'ms', 'ms_halves', 'samples_s', 'peak_gb', 'steps_timed', 'syncs_per_step', 'sync_sites', 'host_share',
-            'gpu_busy_ms', 'gpu_activities_per_step', 'profiled_ms', 'graphed', 'top_kernels')  # every row has them
-# all (None: not measured)
+            'gpu_busy_ms', 'gpu_activities_per_step', 'profiled_ms', 'graphed', 'capture_s',
+            'top_kernels')  # every row has them all (None: not measured)
 
 
 class OverBudget(Exception):

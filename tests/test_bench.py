@@ -247,3 +247,16 @@ def test_gpu_bench_runs_with_only_torch_numpy_and_triton(tmp_path):
     saved = json.load(open(out))
     assert saved['finished'] and saved['steps']['retrain fp32 fast']['first_s'] > 0
     assert not [n for n in saved['notes'] if 'Error' in n], saved['notes']  # (a slow CPU may hit a part's cap)
+
+
+def test_top_kernels_sums_gpu_time_by_kernel_name():
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def event(name, ms, device=DeviceType.CUDA):
+        return NS(name=lambda: name, duration_ns=lambda: int(ms * 1e6), device_type=lambda: device)
+    events = [event('dw_fwd', 2), event('bn', 1), event('dw_fwd', 3), event('aten::conv3d', 50, DeviceType.CPU),
+              event('copy', 0.5)]
+    prof = NS(profiler=NS(kineto_results=NS(events=lambda: events)))
+    assert gpu.top_kernels(prof, n=2) == [['dw_fwd', 5.0], ['bn', 1.0]]
