@@ -82,7 +82,7 @@ HG_CHECKPOINT_CELLS = False  # timing: recompute cells in backward (the search's
 HG_FAST_KERNELS = False  # timing: Triton depthwise kernels on CUDA (the search's FAST_KERNELS default: off)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 # BENCH='gpu' (benchmarks/gpu.py, not in 'all'): every target of the speed issue in one run for a short GPU session
-GPU_BUDGET_S = 390.0  # wall-clock budget of the steps' parts, s (parts past it are skipped with a note); with the
+GPU_BUDGET_S = 380.0  # wall-clock budget of the steps' parts, s (parts past it are skipped with a note); with the
 # first use's cap (+10 s) and the start-up, the whole run takes under 8 minutes
 GPU_COMPILE_S = 60.0  # cap of the first use in an empty Triton cache (a subprocess), s; slower: 'over 60 s'
 GPU_TIMED_S = 8.0  # timed steps per case: about this many seconds of them (at least 2 steps)
