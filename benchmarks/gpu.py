@@ -58,8 +58,8 @@ FIRST_CASES = 18  # CASES timed before the largest-batch fits, the rest after th
 PROFILED = ('retrain fp32 fast graphed', 'search 2nd fp32 fast graphed', 'search 1st fp32 fast graphed',
             'retrain fp32 fast', 'search 2nd fp32 native', 'search 2nd fp32 fast', 'search 1st fp32 native')
 FITS = ('retrain fp32 fast', 'retrain fp32 fast ckpt', 'search 2nd fp32 native', 'search 2nd fp32 native ckpt')
-# first steps in an empty Triton cache: the default retrain and the search with the Triton kernels, fp32 (the 52 binaries
-# of benchmarks.kernels.specializations; bf16 compiles its own when its cases first run)
+# first steps in an empty Triton cache: the default retrain and the search with the Triton kernels, fp32 (the 52
+# binaries of benchmarks.kernels.specializations; bf16 compiles its own when its cases first run)
 COMPILED = ('retrain fp32 fast', 'search 2nd fp32 fast')
 TOP_KERNELS = 12  # rows of the top-kernels table of a profiled case
 CAP_S = {'search 2nd': 75, 'fit search 2nd': 60, 'other': 40}  # seconds per part at most (first use: GPU_COMPILE_S)
