@@ -60,7 +60,7 @@ DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA; off: this step is host-bound, they slowed it (BENCHMARKS)
 CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
-CUDA_GRAPHS = False  # capture each 1st/2nd-order step once as a CUDA graph and replay it (graphs.py; CUDA only;
+CUDA_GRAPHS = False  # capture each search step once as a CUDA graph and replay it (graphs.py; CUDA only;
 # off until a GPU measurement decides, BENCHMARKS.md)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
