@@ -91,6 +91,7 @@ class StepGraphs:
         self.graphs = {}  # key -> (static inputs, replay, static outputs), or None: this key runs eagerly
         self.calls = {}  # key -> eager calls so far
         self.pool = None
+        self.side = None
 
     def key(self, inputs, tag):
         return (tag,) + tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
@@ -117,11 +118,12 @@ class StepGraphs:
         if self.capture is not cuda_capture:
             yield
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        if self.side is None:  # one side stream for all warm-ups (blocks freed on it are reused on it)
+            self.side = torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             yield
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
 
     def _capture(self, key, inputs):
         static = [t.detach().clone() for t in inputs]
