@@ -112,6 +112,8 @@ class Architect:
             d = torch._foreach_add(list(grads), w, alpha=wd)
             if moving:
                 torch._foreach_add_([d[i] for i in moving], [buffers[i] for i in moving], alpha=momentum)
+            if isinstance(eta, torch.Tensor):  # a device learning rate (graphs.py): an alpha would be read on the host
+                return dict(zip(self.w_names, torch._foreach_sub(w, torch._foreach_mul(d, eta))))
             return dict(zip(self.w_names, torch._foreach_add(w, d, alpha=-eta)))
 
     def second_order_grads(self, x_train, y_train, x_val, y_val, eta):

@@ -23,11 +23,6 @@ import sys
 
 import torch
 
-from benchmarks import gpu
-from benchmarks import hypergrad
-from benchmarks import kernels
-from benchmarks import methods
-from benchmarks import step_times
 import dwconv3d
 import settings
 import utils
@@ -87,8 +82,9 @@ HG_CHECKPOINT_CELLS = False  # timing: recompute cells in backward (the search's
 HG_FAST_KERNELS = False  # timing: Triton depthwise kernels on CUDA (the search's FAST_KERNELS default: off)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
 # BENCH='gpu' (benchmarks/gpu.py, not in 'all'): every target of the speed issue in one run for a short GPU session
-GPU_BUDGET_S = 420.0  # wall-clock budget of the whole run, s (parts past it are skipped with a note)
-GPU_COMPILE_S = 120.0  # cap of the first use in an empty Triton cache (a subprocess), s
+GPU_BUDGET_S = 380.0  # wall-clock budget of the steps' parts, s (parts past it are skipped with a note); with the
+# first use's cap (+10 s) and the start-up, the whole run takes under 8 minutes
+GPU_COMPILE_S = 60.0  # cap of the first use in an empty Triton cache (a subprocess), s; slower: 'over 60 s'
 GPU_TIMED_S = 8.0  # timed steps per case: about this many seconds of them (at least 2 steps)
 GPU_CASES = ()  # names of gpu.CASES to time (and fit); () = all, in bench_gpu's order
 GPU_OUT = ''  # results JSON; '' = runs/bench_gpu-<time>.json (also written to $OUT/ when OUT is set)
@@ -125,6 +121,9 @@ def main(**overrides):
     if cfg['BENCH'] not in ('kernels', 'steps', 'ops', 'all', 'methods', 'hypergrad', 'gpu'):
         raise utils.UserError('bench.py: BENCH must be kernels, steps, ops, all, methods, hypergrad or gpu, '
                               f'got {cfg["BENCH"]!r}')
+    # Each benchmark is imported when it runs: BENCH='gpu' needs only torch, numpy and triton (the GPU machine has
+    # no SimpleITK, pymoo, Ray, maybe no pandas or scipy), which the methods benchmark's imports would need.
+    from benchmarks import gpu
     unknown = [c for c in cfg['GPU_CASES'] if c not in gpu.case_names()]
     if unknown:
         raise utils.UserError(f'bench.py: GPU_CASES: unknown case(s) {unknown} '
@@ -139,6 +138,7 @@ def main(**overrides):
         print(f'every target of the speed issue within {cfg["GPU_BUDGET_S"]:.0f} s (benchmarks/gpu.py)')
         out['gpu'] = gpu.run(cfg)
     if cfg['BENCH'] in ('kernels', 'all'):
+        from benchmarks import kernels
         dtype = getattr(torch, cfg['DTYPE'])
         out['kernels'] = kernels.bench_kernels(device, dtype, warmup_ms=cfg['WARMUP_MS'],
                                                      rep_ms=cfg['REP_MS'], peak_gbps=cfg['PEAK_GBPS'])
@@ -146,6 +146,8 @@ def main(**overrides):
         print(kernels.kernels_table(out['kernels']))
         print('launch overhead (fp32 forward)')
         print(kernels.bench_launch(device))
+    if cfg['BENCH'] in ('steps', 'all', 'ops'):
+        from benchmarks import step_times
     if cfg['BENCH'] in ('steps', 'all'):
         torch.backends.cudnn.benchmark = True
         print(f'training steps, cube {cfg["CUBE"]}^3, AMP {cfg["AMP"]} (the first step compiles the kernels)')
@@ -162,6 +164,7 @@ def main(**overrides):
         print('host-side work: operations per step (torch.profiler, CPU activity)')
         out['ops'] = step_times.count_ops(cfg)
     if cfg['BENCH'] == 'methods':
+        from benchmarks import methods
         common = {'DEVICE': device, 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP']}
         print(f'search methods on the demo set: {cfg["METHODS_EPOCHS"]} search epochs (C={cfg["METHODS_C"]}, '
               f'{cfg["METHODS_LAYERS"]} cells), retrain {cfg["METHODS_RETRAIN_EPOCHS"]} epochs (C='
@@ -182,6 +185,7 @@ def main(**overrides):
             baseline=cfg['METHODS_REFERENCES'])
         print(methods.methods_table(out['methods']))
     if cfg['BENCH'] == 'hypergrad':
+        from benchmarks import hypergrad
         print(f'hypergradient estimators: supernet C={cfg["HG_C"]}, {cfg["HG_LAYERS"]} cells, {cfg["HG_PRIMITIVES"]} '
               f'ops, cube {cfg["HG_CUBE"]}, batch {cfg["HG_BATCH"]}, {cfg["HG_SEEDS"]} seeds x {cfg["HG_BATCHES"]} '
               f'batches, errors {"on (float64)" if cfg["HG_ERRORS"] else "off"}; time and memory in float32')

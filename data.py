@@ -6,7 +6,6 @@ cubes/<nodule_id>.npy (uint8, S^3 with S >= the network input, nodule at the cen
 import os
 
 import numpy as np
-import pandas as pd
 import torch
 
 from utils import UserError
@@ -28,6 +27,7 @@ def read_table(root):
         raise UserError(f'cube set {root} does not exist (expected a folder with nodules.csv and cubes/)')
     if not os.path.exists(path):
         raise UserError(f'cube set {root}: {path} is missing')
+    import pandas as pd  # here, not at the top: the speed benchmarks run where pandas is not installed
     try:
         table = pd.read_csv(path, dtype={'nodule_id': str, 'seriesuid': str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

@@ -12,8 +12,9 @@ Kernel design. Tensors are NCDHW contiguous, so W, then H, are contiguous in mem
   read consecutive addresses: coalesced) and ROWS consecutive depth rows, kept as ROWS fp32
   accumulators per lane. For each (kh, kw) tap an input plane is loaded once and feeds every output
   row that uses it (up to k rows, through different kd), so a voxel costs ~k^2 (ROWS*s + (k-1)*dil)
-  / ROWS loads instead of k^3. All taps are unrolled; spatial sizes are compile-time constants, so
-  plane offsets are immediates.
+  / ROWS loads instead of k^3. All taps are unrolled; spatial sizes and channel counts are runtime
+  arguments and the tile (ROWS, BLOCK) is one per kernel (TILE, GRAD_WEIGHT_TILE), so one compiled binary
+  serves every layer: a fresh machine compiles a few dozen kernels, not one per layer shape.
 - Grad-input is the same gather on the transposed geometry. With stride 2 the input voxels split into
   8 parity classes (one launch each); inside a class only taps of matching parity contribute and the
   gather is dense again (a class with no matching tap is written with zeros).
@@ -33,13 +34,20 @@ from torch import nn
 try:
     import triton
     import triton.language as tl
-    _jit = triton.jit
 except ImportError:  # CPU-only installs: the module falls back to torch everywhere
     triton = None
     tl = None
+# Sizes, channel counts and tile counts are runtime arguments, not specialized on their values (Triton would
+# compile a binary per divisibility by 16 and per value 1): one binary per kernel, stride, dilation, dtype and
+# parity class serves every layer of every network.
+RUNTIME = {'_gather_kernel': ('C', 'SD', 'SH', 'SW', 'DD', 'DH', 'DW', 'AD', 'AH', 'AW'),
+           '_grad_weight_kernel': ('C', 'NTILES', 'SD', 'SH', 'SW', 'OD', 'OH', 'OW', 'SPLIT')}
 
-    def _jit(fn):
+
+def _jit(fn):
+    if triton is None:
         return fn  # never launched: every caller checks for triton first
+    return triton.jit(fn, do_not_specialize=RUNTIME[fn.__name__])
 
 FAST_KERNELS = True  # use the Triton kernels where supported; set_fast_kernels(False) compares with torch
 KERNEL_SIZES = (3, 5)
@@ -55,10 +63,7 @@ def set_fast_kernels(enabled: bool):
 
 
 @_jit
-def _gather_kernel(src, wt, dst, C,
-                   SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                   DD: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-                   AD: tl.constexpr, AH: tl.constexpr, AW: tl.constexpr,
+def _gather_kernel(src, wt, dst, C, SD, SH, SW, DD, DH, DW, AD, AH, AW,
                    K: tl.constexpr, SI: tl.constexpr, SO: tl.constexpr,
                    PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                    HTAPS: tl.constexpr, WTAPS: tl.constexpr, PLANES: tl.constexpr,
@@ -109,12 +114,10 @@ def _gather_kernel(src, wt, dst, C,
 
 
 @_jit
-def _grad_weight_kernel(x, gy, part, C, NTILES,
-                        SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-                        OD: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
+def _grad_weight_kernel(x, gy, part, C, NTILES, SD, SH, SW, OD, OH, OW, SPLIT,
                         K: tl.constexpr, STRIDE: tl.constexpr, DIL: tl.constexpr, PAD: tl.constexpr,
                         TAPS: tl.constexpr, PLANES: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """part[c, s, kd*K*K + kh*K + kw] = sum over tiles s, s+SPLIT, ... of gy[n, c, a] * x[n, c, a*STRIDE + off].
 
     Grid: (C*K, SPLIT), program (c*K + kh, s): one kernel row kh, so K*K fp32 sums per lane (all k^3
@@ -195,11 +198,18 @@ def _out_size(size, k, stride, dilation):
     return (size + 2 * (dilation * (k - 1) // 2) - dilation * (k - 1) - 1) // stride + 1
 
 
-@functools.lru_cache(maxsize=None)
-def _tile(rows, plane, max_rows=16, max_block=256):
-    """(ROWS, BLOCK, num_warps) for a grid of `rows` depth rows of `plane` voxels; 2 voxels per lane."""
-    block = min(max_block, max(16, triton.next_power_of_2(plane)))
-    return min(max_rows, rows), block, max(1, min(4, block // 64))
+TILE = (8, 128, 2)  # forward and grad-input: (ROWS depth rows, BLOCK voxels of a plane, num_warps), 2 voxels/lane
+GRAD_WEIGHT_TILE = (8, 128, 4)  # grad-weight: one voxel per lane (K*K sums + ROWS gy values in registers)
+COMPILE_NOTICE = ('compiling the Triton depthwise kernels (first use on this machine; about a minute, then cached '
+                  'by Triton) ...')
+_noticed = []
+
+
+def _notice():
+    """Say once per process that kernels are being compiled (a silent first step looks like a hang)."""
+    if not _noticed:
+        _noticed.append(True)
+        print(COMPILE_NOTICE, flush=True)
 
 
 _COMPILED = {}  # launch configuration -> (Triton's compiled kernel, compile-time constants in signature order)
@@ -222,6 +232,7 @@ def _launch(kernel, grid, args, warps, **consts):
                  (-2 ** 31 <= a < 2 ** 31, a == 1, a % 16 == 0) for a in args))
     hit = _COMPILED.get(key)
     if hit is None:
+        _notice()  # (Triton's own disk cache may make this fast; the line is printed once per process)
         compiled = kernel[grid](*args, **consts, num_warps=warps, enable_fp_fusion=True)  # compiles and runs
         if hasattr(compiled, 'function'):  # a compiled kernel (the launch API Triton 3.x has)
             _COMPILED[key] = (compiled, tuple(consts[name] for name in kernel.arg_names[len(args):]))
@@ -263,12 +274,11 @@ def dwconv3d_forward(x, w, stride=1, dilation=1):
     y = torch.empty((n, c, od, oh, ow), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    rows, block, warps = _tile(od, oh * ow)
+    rows, block, warps = TILE
     grid = (n * c, triton.cdiv(oh * ow, block), triton.cdiv(od, rows))
     htaps, wtaps, planes = _plan(k, stride, dilation, rows)
-    _launch(_gather_kernel, grid, (x.contiguous(), w.contiguous(), y, c), warps,
-            SD=d, SH=h, SW=wd, DD=od, DH=oh, DW=ow, AD=od, AH=oh, AW=ow, K=k, SI=stride, SO=1, PD=0, PH=0, PW=0,
-            HTAPS=htaps, WTAPS=wtaps, PLANES=planes, ROWS=rows, BLOCK=block)
+    _launch(_gather_kernel, grid, (x.contiguous(), w.contiguous(), y, c, d, h, wd, od, oh, ow, od, oh, ow), warps,
+            K=k, SI=stride, SO=1, PD=0, PH=0, PW=0, HTAPS=htaps, WTAPS=wtaps, PLANES=planes, ROWS=rows, BLOCK=block)
     return y
 
 
@@ -287,11 +297,10 @@ def dwconv3d_grad_input(gy, w, x_shape, stride=1, dilation=1):
         ad, ah, aw = ((s - p + stride - 1) // stride for s, p in zip((d, h, wd), (pd, ph, pw)))
         if n * c * ad * ah * aw == 0:
             continue
-        rows, block, warps = _tile(ad, ah * aw)
+        rows, block, warps = TILE
         grid = (n * c, triton.cdiv(ah * aw, block), triton.cdiv(ad, rows))
         htaps, wtaps, planes = _plan(k, stride, dilation, rows, transposed=True, parity=(pd, ph, pw))
-        _launch(_gather_kernel, grid, (gy, w, gx, c), warps,
-                SD=gy.shape[2], SH=gy.shape[3], SW=gy.shape[4], DD=d, DH=h, DW=wd, AD=ad, AH=ah, AW=aw, K=k, SI=1,
+        _launch(_gather_kernel, grid, (gy, w, gx, c, *gy.shape[2:], d, h, wd, ad, ah, aw), warps, K=k, SI=1,
                 SO=stride, PD=pd, PH=ph, PW=pw, HTAPS=htaps, WTAPS=wtaps, PLANES=planes, ROWS=rows, BLOCK=block)
     return gx
 
@@ -308,8 +317,7 @@ def dwconv3d_grad_weight(x, gy, kernel_size, stride=1, dilation=1, split=None):
     od, oh, ow = gy.shape[2:]
     if tuple(gy.shape) != (n, c) + tuple(_out_size(s, k, stride, dilation) for s in (d, h, wd)):
         raise ValueError(f'dwconv3d: grad {tuple(gy.shape)} does not match input {tuple(x.shape)}')
-    rows, block, warps = _tile(od, oh * ow, max_rows=8, max_block=128)
-    warps = max(1, min(4, block // 32))  # one voxel per lane: K*K sums + ROWS gy values in registers
+    rows, block, warps = GRAD_WEIGHT_TILE
     ntiles = n * triton.cdiv(od, rows) * triton.cdiv(oh * ow, block)
     if split is None:
         target = 8 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
@@ -320,9 +328,9 @@ def dwconv3d_grad_weight(x, gy, kernel_size, stride=1, dilation=1, split=None):
     if part.numel() == 0 or ntiles == 0:
         return torch.zeros((c, 1, k, k, k), dtype=torch.float32, device=x.device)
     _, wtaps, planes = _plan(k, stride, dilation, rows)
-    _launch(_grad_weight_kernel, (c * k, split, 1), (x.contiguous(), gy.contiguous(), part, c, ntiles), warps,
-            SD=d, SH=h, SW=wd, OD=od, OH=oh, OW=ow, K=k, STRIDE=stride, DIL=dilation, PAD=pad, TAPS=wtaps,
-            PLANES=planes, ROWS=rows, BLOCK=block, SPLIT=split)
+    _launch(_grad_weight_kernel, (c * k, split, 1),
+            (x.contiguous(), gy.contiguous(), part, c, ntiles, d, h, wd, od, oh, ow, split), warps,
+            K=k, STRIDE=stride, DIL=dilation, PAD=pad, TAPS=wtaps, PLANES=planes, ROWS=rows, BLOCK=block)
     return part.sum(1).view(c, 1, k, k, k)
 
 

@@ -7,10 +7,11 @@ from operations import FactorizedReduce, ReLUConvBN, cell_layout, make_op, recom
 
 def drop_path(x, drop_prob):
     """Zero whole samples with probability drop_prob and rescale the rest by 1/keep.
-    x: (N, C, D, H, W); one Bernoulli draw per sample."""
+    x: (N, C, D, H, W); one uniform draw per sample, kept where it is below keep. drop_prob: a float, or a 0-dim
+    tensor (graphs.py: a captured step reads it on the device; the same draws and values as the float)."""
     keep = 1.0 - drop_prob
-    mask = torch.empty(x.shape[0], 1, 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(keep)
-    return x * mask / keep
+    mask = torch.rand(x.shape[0], 1, 1, 1, 1, device=x.device) < keep
+    return x * mask.to(x.dtype) / keep
 
 
 class Cell(nn.Module):
@@ -42,7 +43,8 @@ class Cell(nn.Module):
             for e in (2 * i, 2 * i + 1):
                 op = self.ops[e]
                 h = op(states[self.indices[e]])
-                if self.training and drop_prob > 0 and not isinstance(op, nn.Identity):
+                # a tensor probability is always applied (its value is not read on the host; 0 keeps every sample)
+                if self.training and not isinstance(op, nn.Identity) and (torch.is_tensor(drop_prob) or drop_prob > 0):
                     h = drop_path(h, drop_prob)
                 node = node + h
             states.append(node)

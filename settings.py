@@ -316,7 +316,7 @@ def check_settings(overrides, defaults):
 
 
 # Settings a continued run may change, when given: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL')
+RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CUDA_GRAPHS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL')
 
 
 def read_run_config(run_path, defaults):

@@ -7,13 +7,13 @@ import copy
 import os
 import time
 
-import pandas as pd
 import torch
 
 import data
 import dwconv3d
 import engine
 import genotypes
+import graphs
 import parallel
 import settings
 import runfolder
@@ -43,6 +43,8 @@ DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = True  # Triton depthwise kernels on CUDA (dwconv3d.py): 1.8x faster retrain steps (BENCHMARKS.md)
 CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
+CUDA_GRAPHS = False  # capture the training step once as a CUDA graph and replay it (graphs.py; CUDA only;
+# off until a GPU measurement decides, BENCHMARKS.md)
 PARALLEL = 'off'  # 'ray': the test folds run at once as Ray tasks, one per GPU (README); 'off': one after the other
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
@@ -56,7 +58,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'EPOCHS': '>= 1', 'BATCH_SIZE': '>= 1', 'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1',
     'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0', 'C': '>= 1', 'LAYERS': '>= 1', 'DROP_PATH': '0 <= DROP_PATH < 1',
     'REPORT_BEST': None, 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None, 'CHECKPOINT_CELLS': None,
-    'AMP': None, 'PARALLEL': "in ('off', 'ray')", 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None, 'RESUME': None,
+    'AMP': None, 'CUDA_GRAPHS': "not CUDA_GRAPHS or DEVICE != 'cpu'",
+    'PARALLEL': "in ('off', 'ray')", 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None, 'RESUME': None,
 }
 
 
@@ -140,15 +143,16 @@ def train_fold(cfg, genotype, table, fold, run):
         run.log(f'fold {fold}: continuing after epoch {state["epoch"]} from {ckpt_path}')
     run.continue_metrics(start, metrics_name)
     n_params = sum(p.numel() for p in params) / 1e6
+    train_step = graphs.retrain_step(model, opt, params, cfg['GRAD_CLIP'], cfg['CUDA_GRAPHS'], log=run.log)
     ev = None
     for epoch in range(start, cfg['EPOCHS']):
         t0 = time.time()
-        model.drop_path_prob = cfg['DROP_PATH'] * epoch / cfg['EPOCHS']
-        lr = opt.param_groups[0]['lr']
+        graphs.set_value(model, 'drop_path_prob', cfg['DROP_PATH'] * epoch / cfg['EPOCHS'])
+        lr = float(opt.param_groups[0]['lr'])  # a device tensor with CUDA_GRAPHS
         model.train()
         steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
         train_loss, train_acc = engine.run_epoch(
-            lambda idx: engine.train_step(model, opt, *train.train_batch(idx, gen), params, cfg['GRAD_CLIP']),
+            lambda idx: train_step(*train.train_batch(idx, gen)),
             steps, len(train), f'fold {fold} epoch {epoch}', run.path, ckpt_name)
         sched.step()
         ev = engine.evaluate(model, test, cfg['BATCH_SIZE'], f'fold {fold} test evaluation of epoch {epoch}', run.path,
@@ -177,6 +181,7 @@ def save_fold_outputs(run, cfg, table, fold, train, train_folds, prob):
     final-epoch probabilities (ROC curves, confusion matrices)."""
     utils.save_json_atomic(run.file(f'norm_fold{fold}.json'), {
         'mean': train.mean, 'std': train.std, 'train_folds': train_folds, 'cube': cfg['CUBE']})
+    import pandas as pd  # here, not at the top: the speed benchmarks import this script where pandas is missing
     test = data.select_folds(table, [fold])  # the rows of the test CubeData, in its order
     with utils.atomic_path(run.file(f'probs_fold{fold}.csv')) as tmp:
         pd.DataFrame({'nodule_id': test['nodule_id'], 'label': test['label'], 'prob': prob}).to_csv(tmp, index=False)

@@ -13,6 +13,7 @@ import data
 import dwconv3d
 import engine
 import genotypes
+import graphs
 import operations
 import settings
 import runfolder
@@ -59,6 +60,8 @@ DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA; off: this step is host-bound, they slowed it (BENCHMARKS)
 CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping its activations: less memory, more time
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
+CUDA_GRAPHS = False  # capture each search step once as a CUDA graph and replay it (graphs.py; CUDA only;
+# off until a GPU measurement decides, BENCHMARKS.md)
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
@@ -74,7 +77,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'EDGE_WEIGHTS': None, 'ZERO_ONE': None, 'ZERO_ONE_WEIGHT': '>= 0', 'HYPERGRAD': None, 'HVP': None, 'HVP_R': '> 0',
     'TAU0': '> 0', 'TAU_FACTOR': '0 < TAU_FACTOR <= 1', 'TAU_EVERY': '>= 1', 'ZO_T': '>= 1', 'ZO_MU': '> 0',
     'ZO_ARCH_LR': '>= 0', 'PATIENCE': '>= 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
-    'CHECKPOINT_CELLS': None, 'AMP': None, 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None,
+    'CHECKPOINT_CELLS': None, 'AMP': None, 'CUDA_GRAPHS': "not CUDA_GRAPHS or DEVICE != 'cpu'",
+    'RUNS': "!= ''", 'TAG': None, 'FIGURES': None,
     'RESUME': None,
 }
 
@@ -128,23 +132,20 @@ class ValStream:
         self.queue = [idx.to(self.data.device) for idx in state['queue']]
 
 
-def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run):
-    """One epoch: (after warm-up) an architecture step then a weight step per training batch.
+def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run, train_step=None):
+    """One epoch: (after warm-up) an architecture step then a weight step per training batch (train_step: the
+    step of graphs.search_steps, built once per run; None: the eager one).
     Returns loss, accuracy and ROC AUC of the training batches' predictions made during the epoch."""
-    lr = w_opt.param_groups[0]['lr']
     arch_on = epoch >= cfg['WARMUP_EPOCHS']
     model.train()
     set_temperature(model, cfg, epoch)
 
     keep = []  # (P(malignant), label) of each training batch, as predicted in its weight step
 
+    train_step = train_step or graphs.search_steps(model, w_opt, updater, cfg['GRAD_CLIP'])
+
     def step(idx):
-        x, y = train.train_batch(idx, gen)
-        if isinstance(updater, zo.ZerothOrder):
-            return updater.weight_step(x, y, arch_on, val_stream, keep)
-        if arch_on:
-            updater.step(x, y, *val_stream.next(), lr)
-        return engine.train_step(model, w_opt, x, y, model.weight_parameters(), cfg['GRAD_CLIP'], keep)
+        return train_step(*train.train_batch(idx, gen), arch_on, val_stream, keep)
     steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
     loss, acc = engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path)
     return loss, acc, engine.kept_auc(keep)
@@ -211,11 +212,13 @@ def main(**overrides):
                 f'{cfg["PATIENCE"]} epochs')
     run.log(f'supernet: {sum(p.numel() for p in model.weight_parameters()) / 1e6:.3f} M weights, '
             f'candidate ops {model.primitives}')
+    train_step = graphs.search_steps(model, w_opt, updater, cfg['GRAD_CLIP'], cfg['CUDA_GRAPHS'], log=run.log)
     epoch = start - 1
     for epoch in range(start, cfg['EPOCHS'] if not stopped else start):
         t0 = time.time()
-        lr = w_opt.param_groups[0]['lr']
-        tr_loss, tr_acc, tr_auc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
+        lr = float(w_opt.param_groups[0]['lr'])  # a device tensor with CUDA_GRAPHS
+        tr_loss, tr_acc, tr_auc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run,
+                                               train_step)
         sched.step()
         ev = engine.evaluate(model, val, cfg['BATCH_SIZE'], f'search-val evaluation of epoch {epoch}', run.path)
         geno = model.genotype()

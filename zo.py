@@ -48,6 +48,10 @@ class ZerothOrder:
         self.params = [dict(model.named_parameters())[n] for n in self.w_names]
         self.count = 0  # weight steps taken in the current period
         self.twin = None  # dict: weights, buffers, optimizer, direction, mu
+        # persistent (graphs.py, CUDA_GRAPHS): one twin's tensors for all periods, refilled in place at each period's
+        # start, so that captured steps keep reading and writing the same memory
+        self.persistent = False
+        self.store = None
 
     def _start_period(self):
         dev = self.arch[0].device
@@ -56,6 +60,9 @@ class ZerothOrder:
         # value the Python float had (the fp32 norm times mu_rel in double); ops with fp32 tensors round it to fp32.
         norm = torch.sqrt(sum((p.detach() ** 2).sum() for p in self.arch))
         mu = (norm.double() * self.mu_rel).clamp_min(1e-8)
+        if self.persistent and self.store is not None:
+            self._refill(u, mu)
+            return
         weights = [p.detach().clone().requires_grad_() for p in self.params]
         opt = torch.optim.SGD(weights, lr=self.w_opt.param_groups[0]['lr'])
         # Same hyperparameters and momentum buffers. load_state_dict keeps the tensors it is given, so copy
@@ -63,6 +70,28 @@ class ZerothOrder:
         opt.load_state_dict(copy.deepcopy(self.w_opt.state_dict()))
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         self.twin = {'weights': weights, 'opt': opt, 'buffers': buffers, 'u': u, 'mu': mu}
+        self.count = 0
+        if self.persistent:
+            self.store = self.twin
+
+    @torch.no_grad()
+    def _refill(self, u, mu):
+        """A new period in the persistent twin: the same values _start_period would make, copied in place."""
+        t = self.store
+        torch._foreach_copy_(t['weights'], [p.detach() for p in self.params])
+        for p, w in zip(self.params, t['weights']):
+            src, state = self.w_opt.state.get(p, {}).get('momentum_buffer'), t['opt'].state[w]
+            if src is None:
+                state.pop('momentum_buffer', None)
+            elif 'momentum_buffer' in state:
+                state['momentum_buffer'].copy_(src)
+            else:
+                state['momentum_buffer'] = src.clone()
+        for n, b in self.model.named_buffers():
+            t['buffers'][n].copy_(b)
+        torch._foreach_copy_(t['u'], u)
+        t['mu'].copy_(mu)
+        self.twin = t
         self.count = 0
 
     def _twin_step(self, x, y):
@@ -80,8 +109,29 @@ class ZerothOrder:
     def weight_step(self, x, y, arch_on, val_stream, keep=None):
         """A weight step at alpha (and the twin's step at alpha + mu u); an architecture step every T.
         keep: as in engine.train_step, collects the batch's P(malignant) and labels."""
+        val = self.begin(arch_on, val_stream)
+        out = self.steps(x, y, val, keep)
+        self.end(val)
+        return out
+
+    def begin(self, arch_on, val_stream):
+        """The Python side of a weight step, before its tensor work (graphs.py replays that work): start a period
+        if due, count the step; returns the validation batch when this step ends the period with an architecture
+        step, else ()."""
         if arch_on and self.twin is None:
             self._start_period()
+        if self.twin is None:
+            return ()
+        self.count += 1
+        return tuple(val_stream.next()) if self.count >= self.T else ()
+
+    def end(self, val):
+        if val:
+            self.twin = None
+
+    def steps(self, x, y, val=(), keep=None):
+        """The tensor work of a weight step: the twin's step (in a period), the weight step, then the architecture
+        step on the validation batch `val` (when given). Returns (loss, number correct)."""
         if self.twin is not None:
             self._twin_step(x, y)
         self.w_opt.zero_grad(set_to_none=True)
@@ -94,11 +144,8 @@ class ZerothOrder:
         for p in self.arch:
             p.grad = None
         self.w_opt.step()
-        if self.twin is not None:
-            self.count += 1
-            if self.count >= self.T:
-                self.arch_step(*val_stream.next())
-                self.twin = None
+        if val:
+            self.arch_step(*val)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
     def arch_step(self, x_val, y_val):
@@ -138,3 +185,5 @@ class ZerothOrder:
         self.twin = {'weights': weights, 'opt': opt, 'buffers': {n: b.to(dev) for n, b in saved['buffers'].items()},
                      'u': [d.to(dev) for d in saved['u']],
                      'mu': torch.as_tensor(saved['mu'], dtype=torch.float64, device=dev)}
+        if self.persistent:
+            self.store = self.twin

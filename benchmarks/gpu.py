@@ -1,19 +1,20 @@
-"""BENCH='gpu': one command for a GPU session that measures every target of the speed issue (#15) within a time budget
-and writes a results JSON as it goes (python bench.py --BENCH=gpu; settings GPU_* and PROTOCOL_* in bench.py).
+"""BENCH='gpu': one command for a GPU session that measures every target of the speed issues (#15, #18) within a time
+budget and writes a results JSON as it goes (python bench.py --BENCH=gpu; settings GPU_* and PROTOCOL_* in bench.py).
 
-Parts, in order of importance while the budget (GPU_BUDGET_S) lasts, each under its own cap; a part still running at
-its cap is stopped (SIGALRM, between Python statements: a backward pass in progress finishes first) and noted, and
-whatever was measured before stays in the file, which is rewritten after every measurement:
-1. first use: a subprocess with an empty Triton cache runs the first retrain and search steps with the Triton kernels
-   (seconds of each first step; distinct kernel specializations compiled = binaries in the cache). The main process
-   then uses that cache.
-2. steps (CASES): ms/step (mean over the timed steps, after a first and two warm-up steps) and peak memory, for search
-   2nd / 1st / zeroth order at SEARCH_BATCH and the retrain at RETRAIN_BATCH, fp32 and bf16 autocast, Triton kernels
-   on and off, cells recomputed or not; host syncs in one step (torch.cuda.set_sync_debug_mode) and, for the cases in
-   PROFILED, the host share of a step (DEFINITIONS).
+Parts, in order of importance, each under its own cap; a part still running at its cap is stopped (SIGALRM, between
+Python statements: a backward pass in progress finishes first) and noted, and whatever was measured before stays in
+the file, which is rewritten after every measurement:
+1. first use, capped at GPU_COMPILE_S (60 s; outside GPU_BUDGET_S, so it takes no time from the steps): a subprocess
+   with an empty Triton cache runs the first retrain and search steps with the Triton kernels (seconds of each first
+   step, or "over 60 s"; distinct kernel binaries compiled). The main process then uses that cache.
+2. steps (CASES) while GPU_BUDGET_S lasts: the whole-step CUDA graphs first (graphs.py), then the check that a graphed
+   step equals the eager one after 5 steps (benchmarks/graph_check.py, 'graph_check'), then today's eager steps with
+   the Triton kernels on and off, bf16 autocast, recomputed cells: ms/step (mean over the timed steps, after the first
+   steps, and for graphed cases the capture) and peak memory; host syncs in one step (torch.cuda.set_sync_debug_mode)
+   and, for the cases in PROFILED, the host share of a step (DEFINITIONS) and the top kernels by GPU time.
 3. the largest batch in MEMORY_GB (step_times.largest_batch) of the retrain and the 2nd-order search.
 4. the full protocol's time estimated from the measured steps, beside the published code's.
-On a CPU it runs too (with small settings, for the tests): the CUDA-only numbers are null.
+On a CPU it runs too (with small settings, for the tests): the CUDA-only numbers are null, the graphed cases skipped.
 """
 import contextlib
 import gc
@@ -32,28 +33,42 @@ import torch
 from benchmarks import gpu_report as report
 from benchmarks import step_times
 import dwconv3d
+import graphs
 import utils
 
-# (step, dtype, Triton kernels, cells recomputed), in the order they are timed while the budget lasts: the scripts'
-# defaults first (train_3D_continuation: Triton kernels on; train_search: off), then bf16, recomputed cells, the other
-# kernel path. 'search warm-up' is the weight step alone of the search's warm-up epochs.
-CASES = (('retrain', 'fp32', True, False), ('search 2nd', 'fp32', False, False), ('search 1st', 'fp32', False, False),
-         ('search zeroth', 'fp32', False, False), ('search warm-up', 'fp32', False, False),
-         ('retrain', 'bf16', True, False), ('retrain', 'fp32', True, True), ('search 2nd', 'fp32', False, True),
-         ('search 2nd', 'bf16', False, False), ('search 2nd', 'fp32', True, False), ('retrain', 'fp32', False, False),
-         ('retrain', 'bf16', True, True), ('search 2nd', 'bf16', False, True), ('search 1st', 'bf16', False, False),
-         ('search 1st', 'fp32', True, False), ('search zeroth', 'bf16', False, False),
-         ('search zeroth', 'fp32', True, False))
-FIRST_CASES = 10  # CASES timed before the largest-batch fits, the rest after them
-PROFILED = ('retrain fp32 fast', 'search 2nd fp32 native', 'search 1st fp32 native', 'search 2nd fp32 fast')
+# (step, dtype, Triton kernels, cells recomputed, CUDA graphs), in the order they are timed while the budget lasts:
+# the whole-step CUDA graphs first (graphs.py, the scripts' CUDA_GRAPHS; Triton kernels on), then the eager steps as
+# the scripts run them today (train_3D_continuation: Triton kernels on; train_search: off) and the search with the
+# Triton kernels on, then bf16 autocast, then the graphed search on torch's kernels, recomputed cells, the rest.
+# 'search warm-up' is the weight step alone of the search's warm-up epochs.
+CASES = (('retrain', 'fp32', True, False, True), ('search 2nd', 'fp32', True, False, True),
+         ('search 1st', 'fp32', True, False, True), ('search zeroth', 'fp32', True, False, True),
+         ('search warm-up', 'fp32', True, False, True),
+         ('retrain', 'fp32', True, False, False), ('search 2nd', 'fp32', False, False, False),
+         ('search 2nd', 'fp32', True, False, False), ('search 1st', 'fp32', False, False, False),
+         ('search 1st', 'fp32', True, False, False), ('search zeroth', 'fp32', False, False, False),
+         ('search zeroth', 'fp32', True, False, False), ('search warm-up', 'fp32', False, False, False),
+         ('retrain', 'bf16', True, False, True), ('search 2nd', 'bf16', True, False, True),
+         ('retrain', 'bf16', True, False, False), ('search 2nd', 'bf16', False, False, False),
+         ('search 2nd', 'fp32', False, False, True), ('retrain', 'fp32', False, False, False),
+         ('retrain', 'fp32', True, True, False), ('search 2nd', 'fp32', False, True, False),
+         ('search 1st', 'bf16', True, False, True), ('search zeroth', 'bf16', False, False, False),
+         ('retrain', 'bf16', True, True, False), ('search 2nd', 'bf16', False, True, False))
+FIRST_CASES = 18  # CASES timed before the largest-batch fits, the rest after them
+PROFILED = ('retrain fp32 fast graphed', 'search 2nd fp32 fast graphed', 'search 1st fp32 fast graphed',
+            'retrain fp32 fast', 'search 2nd fp32 native', 'search 2nd fp32 fast', 'search 1st fp32 native')
 FITS = ('retrain fp32 fast', 'retrain fp32 fast ckpt', 'search 2nd fp32 native', 'search 2nd fp32 native ckpt')
-COMPILED = ('retrain fp32 fast', 'retrain bf16 fast', 'search 2nd fp32 fast')  # first steps in an empty Triton cache
+# first steps in an empty Triton cache: the default retrain and the search with the Triton kernels, fp32 (the 52
+# binaries of benchmarks.kernels.specializations; bf16 compiles its own when its cases first run)
+COMPILED = ('retrain fp32 fast', 'search 2nd fp32 fast')
+TOP_KERNELS = 12  # rows of the top-kernels table of a profiled case
 CAP_S = {'search 2nd': 75, 'fit search 2nd': 60, 'other': 40}  # seconds per part at most (first use: GPU_COMPILE_S)
 MIN_LEFT_S = 5  # a part is started only with this much of the budget left
 MAX_TIMED = 200  # timed steps per case at most
 ROW_KEYS = ('case', 'step', 'batch', 'dtype', 'fast_kernels', 'checkpoint_cells', 'build_s', 'first_s', 'peak_first_gb',
             'ms', 'ms_halves', 'samples_s', 'peak_gb', 'steps_timed', 'syncs_per_step', 'sync_sites', 'host_share',
-            'gpu_busy_ms', 'gpu_activities_per_step', 'profiled_ms')  # every row has them all (None: not measured)
+            'gpu_busy_ms', 'gpu_activities_per_step', 'profiled_ms', 'graphed', 'capture_s',
+            'top_kernels')  # every row has them all (None: not measured)
 
 
 class OverBudget(Exception):
@@ -78,8 +93,8 @@ def cap(seconds):
         signal.signal(signal.SIGALRM, old)
 
 
-def case_name(step, dtype, fast, ckpt):
-    return f'{step} {dtype} {"fast" if fast else "native"}{" ckpt" if ckpt else ""}'
+def case_name(step, dtype, fast, ckpt, graphed=False):
+    return f'{step} {dtype} {"fast" if fast else "native"}{" ckpt" if ckpt else ""}{" graphed" if graphed else ""}'
 
 
 def case_names():
@@ -92,15 +107,16 @@ def case_of(name):
 
 def make_step(name, batch, cfg):
     """The step function of a case (bench_steps' builders) at a batch; sets the kernel switch."""
-    step, dtype, fast, ckpt = case_of(name)
+    step, dtype, fast, ckpt, graphed = case_of(name)
     dwconv3d.set_fast_kernels(fast)
     torch.manual_seed(0)
     c = {**cfg, 'AMP': dtype == 'bf16'}
     if step == 'retrain':
-        return step_times.retrain_step(batch, c, ckpt)
+        return step_times.retrain_step(batch, c, ckpt, graphed)
     if step == 'search warm-up':
-        return step_times.search_step('first', batch, c, ckpt, arch=False)
-    return step_times.search_step({'search 2nd': 'second', 'search 1st': 'first'}.get(step, 'zeroth'), batch, c, ckpt)
+        return step_times.search_step('first', batch, c, ckpt, arch=False, graphed=graphed)
+    return step_times.search_step({'search 2nd': 'second', 'search 1st': 'first'}.get(step, 'zeroth'), batch, c, ckpt,
+                                  graphed=graphed)
 
 
 def batch_of(name, cfg):
@@ -131,6 +147,10 @@ def time_case(name, cfg, row, save, deadline):
     row['first_s'] = _timed(step, device)
     save()
     second = _timed(step, device)
+    if row['graphed']:  # the 3rd call is the last eager warm-up, the 4th captures (graphs.WARMUP): both untimed
+        for _ in range(graphs.WARMUP - 1):
+            _timed(step, device)
+        row['capture_s'] = _timed(step, device)
     row['peak_first_gb'] = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
     # timed steps: about GPU_TIMED_S of them (at least 2, at most MAX_TIMED), timed as two halves (their spread
     # shows the noise), one more warm-up step first; fewer when the part's cap is near
@@ -195,7 +215,17 @@ def host_share_of(step, device, step_ms):
     spans = activity_spans(prof, DeviceType.CUDA)
     busy = busy_ms(spans)
     return {'gpu_busy_ms': busy, 'gpu_activities_per_step': len(spans), 'profiled_ms': wall_ms,
-            'host_share': max(0.0, 1 - busy / step_ms)}
+            'host_share': max(0.0, 1 - busy / step_ms), 'top_kernels': top_kernels(prof)}
+
+
+def top_kernels(prof, n=TOP_KERNELS):
+    """[[kernel name, GPU ms in the traced step], ...]: the n kernels (by name) with the most GPU time."""
+    from torch.autograd import DeviceType
+    totals = {}
+    for e in prof.profiler.kineto_results.events():
+        if e.device_type() == DeviceType.CUDA:
+            totals[e.name()] = totals.get(e.name(), 0) + e.duration_ns() / 1e6
+    return [[name[:120], ms] for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])[:n]]
 
 
 def compile_probe(cfg_json):
@@ -248,6 +278,8 @@ def measure_compile(cfg, out, limit_s):
     complete = len(lines) == len(COMPILED)
     out['first_use_s'] = sum(r['first_s'] for r in lines) if complete else None
     out['first_use_at_least_s'] = None if complete else out['process_s']  # stopped or failed: more than this
+    out['first_use'] = (f'{out["first_use_s"]:.1f} s' if complete else
+                        f'over {limit_s:.0f} s' if 'stopped' in (out['note'] or '') else 'failed')
     binaries = kernel_binaries(cache) if dwconv3d.triton is not None and str(cfg['DEVICE']).startswith('cuda') else None
     out['kernel_binaries'] = sum(binaries.values()) if binaries is not None else None
     out['kernels'] = binaries
@@ -286,9 +318,10 @@ def parts(cfg, res, save):
     """(name, cap in s, fn(deadline)) of every part, in order of importance."""
     def step_part(name):
         def fn(deadline):
-            step, dtype, fast, ckpt = case_of(name)
+            step, dtype, fast, ckpt, graphed = case_of(name)
             row = res['steps'][name] = {**dict.fromkeys(ROW_KEYS), 'case': name, 'step': step, 'dtype': dtype,
-                                        'fast_kernels': fast, 'checkpoint_cells': ckpt, 'batch': batch_of(name, cfg)}
+                                        'fast_kernels': fast, 'checkpoint_cells': ckpt, 'graphed': graphed,
+                                        'batch': batch_of(name, cfg)}
             time_case(name, cfg, row, save, deadline)
         return name, CAP_S['search 2nd'] if name.startswith('search 2nd') else CAP_S['other'], fn
 
@@ -299,11 +332,26 @@ def parts(cfg, res, save):
             res['largest_batch'][name] = fit if isinstance(fit, int) else None
         return f'largest batch: {name}', CAP_S['fit search 2nd'] if 'search' in name else CAP_S['other'], fn
 
+    def check_part():
+        def fn(deadline):
+            from benchmarks import graph_check
+            for kind in ('retrain', 'first', 'second', 'exact'):
+                res['graph_check'][kind] = None
+                res['graph_check'][kind] = graph_check.compare(kind, cfg['DEVICE'])
+                save()
+        return 'graphed step == eager step (5 steps, benchmarks/graph_check.py)', CAP_S['other'], fn
+
     names = [case_name(*c) for c in CASES if not cfg['GPU_CASES'] or case_name(*c) in cfg['GPU_CASES']]
+    if not str(cfg['DEVICE']).startswith('cuda'):  # CUDA graphs need CUDA
+        res['skipped'] += [f'{n}: CUDA graphs need a CUDA device' for n in names if case_of(n)[4]]
+        names = [n for n in names if not case_of(n)[4]]
     first = [case_name(*c) for c in CASES[:FIRST_CASES]]
+    graphed = [n for n in names if n in first and case_of(n)[4] and case_of(n)[1] == 'fp32']
+    check = [check_part()] if any(case_of(n)[4] for n in names) else []
     return ([('first use (empty Triton cache)', cfg['GPU_COMPILE_S'] + 10,  # the subprocess stops 10 s before
               lambda deadline: measure_compile(cfg, res['compile'], max(1.0, deadline - time.monotonic() - 10)))]
-            + [step_part(n) for n in names if n in first]
+            + [step_part(n) for n in graphed] + check
+            + [step_part(n) for n in names if n in first and n not in graphed]
             + [fit_part(n) for n in FITS if not cfg['GPU_CASES'] or n in cfg['GPU_CASES']]
             + [step_part(n) for n in names if n not in first])
 
@@ -322,8 +370,8 @@ def run(cfg):
                     'cuda': torch.version.cuda, 'triton': getattr(dwconv3d.triton, '__version__', None),
                     'git': utils.git_commit(), 'command': 'python bench.py ' + ' '.join(sys.argv[1:]),
                     'started': stamp, 'settings': {k: v for k, v in cfg.items() if not k.startswith('METHODS')}},
-           'definitions': report.DEFINITIONS, 'compile': {}, 'steps': {}, 'largest_batch': {}, 'protocol': {},
-           'targets': {}, 'notes': [], 'skipped': [], 'finished': False, 'elapsed_s': 0.0}
+           'definitions': report.DEFINITIONS, 'compile': {}, 'graph_check': {}, 'steps': {}, 'largest_batch': {},
+           'protocol': {}, 'targets': {}, 'notes': [], 'skipped': [], 'finished': False, 'elapsed_s': 0.0}
 
     def save():
         report.summarize(res, cfg)
@@ -335,8 +383,12 @@ def run(cfg):
     torch.backends.cudnn.benchmark = True
     print(f'results: {", ".join(paths)} (rewritten after each measurement)', flush=True)
     try:
-        for name, limit, fn in parts(cfg, res, save):
-            run_part(name, limit, fn, res, save, started, cfg['GPU_BUDGET_S'])
+        (name, limit, fn), *rest = parts(cfg, res, save)
+        # the first use has its own cap (GPU_COMPILE_S), outside the steps' budget: it takes no time from them
+        run_part(name, limit, fn, res, save, time.monotonic(), limit + MIN_LEFT_S)
+        steps_started = time.monotonic()
+        for name, limit, fn in rest:
+            run_part(name, limit, fn, res, save, steps_started, cfg['GPU_BUDGET_S'])
         res['finished'] = True
     finally:  # also when interrupted: what was measured is on disk
         dwconv3d.set_fast_kernels(True)

@@ -25,6 +25,13 @@ DEFINITIONS = {
                    'at its cap (or failed) first_use_s is null and first_use_at_least_s its running time',
     'kernel_binaries': 'distinct kernel specializations compiled: compiled binaries (.cubin/.hsaco) in that cache; '
                        'kernel_binaries_after_all: in the same cache at the end of the run (every case measured)',
+    'first_use': 'first_use_s as text, or "over N s" when the subprocess ran past its cap of N s (GPU_COMPILE_S)',
+    'graphed': 'the step captured once as a CUDA graph and replayed (graphs.py, the scripts\' CUDA_GRAPHS); capture_s: '
+               'the call that captured it (after graphs.WARMUP eager calls), not in ms',
+    'top_kernels': '[kernel name, GPU ms] of the kernels with the most GPU time in one traced step of a profiled case',
+    'graph_check': 'per step kind, after 5 steps graphed and 5 eager from the same start: max_abs (largest difference '
+                   'of weights, alphas/betas, BatchNorm statistics, optimizer buffers), worst (its tensor), equal '
+                   '(all within 1e-4 + 1e-3 |eager|); benchmarks/graph_check.py',
     'largest_batch': 'benchmarks.step_times.largest_batch: linear fit of the peak memory of one step at the batch and '
                      'twice it',
     'targets': 'each bound of the issue against the smallest measured value over its cases (best, case; by_case: every '

@@ -1,5 +1,6 @@
 """Benchmark of the depthwise 3D convolution kernels (CUDA only): Triton (dwconv3d.py) against torch, at the
 shapes the search and retrain networks use, and the host time per launch. Run through bench.py --BENCH=kernels."""
+import contextlib
 import time
 
 import torch
@@ -123,3 +124,62 @@ def kernels_table(rows):
                      f'{fast["pct_peak"]:6.1f} {native["ms"]:9.4f} {native["gbps"]:7.0f} '
                      f'{native["ms"] / fast["ms"]:7.1f} {fast["rel_diff"]:9.1e}')
     return '\n'.join(lines)
+
+
+def conv_calls(model, cube, batch):
+    """(input shape, kernel, stride, dilation) of every depthwise convolution in one forward of `model` on a
+    (batch, 1, cube^3) input, traced on the meta device (no memory, no compute)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, inp, out: calls.append(
+        (tuple(inp[0].shape), m.kernel_size[0], m.stride[0], m.dilation[0])))
+        for m in model.modules() if isinstance(m, dwconv3d.DepthwiseConv3d)]
+    autocast = torch.autocast  # (the models' forward opens an autocast region, which has no meta device)
+    torch.autocast = lambda *args, **kwargs: contextlib.nullcontext()
+    try:
+        model(torch.empty(batch, 1, cube, cube, cube, device='meta'))
+    finally:
+        torch.autocast = autocast
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def default_conv_calls():
+    """{'search': calls, 'retrain': calls} of the search supernet and the retrain network at the scripts' defaults
+    (train_search: C=16, 8 cells, 'mrfc' ops, batch 7; train_3D_continuation: the paper genotype, C=36, 20 cells,
+    batch 4; cube 32)."""
+    import genotypes
+    from model import NetworkLUNA
+    from model_search import SearchNetwork
+    with torch.device('meta'):
+        search = SearchNetwork(16, 2, 8, genotypes.mrfc(), k=4)
+        retrain = NetworkLUNA(36, 2, 20, genotypes.NAS_HBO_PAPER)
+    return {'search': conv_calls(search, 32, 7), 'retrain': conv_calls(retrain, 32, 4)}
+
+
+def specializations(calls, dtypes=(torch.float32, torch.bfloat16), sms=132):
+    """The distinct Triton binaries the forward, grad-input and grad-weight launches of `calls` would compile, on a
+    GPU with `sms` multiprocessors (an H100/H200: 132): a sorted list of (kernel, num_warps, constants, argument
+    specialization), where the specialization is what Triton keys a binary on besides the constants: each tensor's
+    dtype, and each integer argument it specializes (not in its do_not_specialize) by value 1 and divisibility by
+    16. Nothing is launched (the launches are recorded on meta tensors)."""
+    found = set()
+
+    def record(kernel, grid, args, warps, **consts):
+        skip = {kernel.arg_names[i] if isinstance(i, int) else i for i in getattr(kernel, 'do_not_specialize', ())}
+        spec = tuple(str(a.dtype) if torch.is_tensor(a) else
+                     (None if name in skip else (a == 1, a % 16 == 0)) for name, a in zip(kernel.arg_names, args))
+        found.add((kernel.__name__, warps, tuple(sorted((k, str(v)) for k, v in consts.items())), spec))
+    saved = dwconv3d._launch, dwconv3d.interpreted
+    dwconv3d._launch, dwconv3d.interpreted = record, (lambda: True)
+    try:
+        for shape, k, stride, dil in dict.fromkeys(calls):
+            for dtype in dtypes:
+                x = torch.empty(shape, device='meta', dtype=dtype)
+                w = torch.empty((shape[1], 1, k, k, k), device='meta', dtype=dtype)
+                y = dwconv3d.dwconv3d_forward(x, w, stride, dil)
+                dwconv3d.dwconv3d_grad_input(y, w, shape, stride, dil)
+                dwconv3d.dwconv3d_grad_weight(x, y, k, stride, dil, split=-(-8 * sms // (shape[1] * k)))
+    finally:
+        dwconv3d._launch, dwconv3d.interpreted = saved
+    return sorted(found)

@@ -7,6 +7,7 @@ import torch
 
 import dwconv3d
 import engine
+import graphs
 import train_search
 from genotypes import NAS_HBO_PAPER
 from model import NetworkLUNA
@@ -28,9 +29,10 @@ def _random_batch(n, cube, device, seed):
     return x, torch.randint(0, 2, (n,), generator=g).to(device)
 
 
-def search_step(hypergrad, batch, cfg, checkpoint_cells=False, arch=True):
+def search_step(hypergrad, batch, cfg, checkpoint_cells=False, arch=True, graphed=False):
     """A function running one search step as train_search.py does: architecture step, then weight step.
-    arch False: the weight step alone (the warm-up epochs; 'first' or 'second' build the same model)."""
+    arch False: the weight step alone (the warm-up epochs; 'first' or 'second' build the same model).
+    graphed: the step of train_search with CUDA_GRAPHS (graphs.search_steps; captured on its 4th call)."""
     settings = {**train_search.DEFAULTS, 'HYPERGRAD': hypergrad, 'BATCH_SIZE': batch, 'DEVICE': cfg['DEVICE'],
                 'C': cfg['SEARCH_C'], 'LAYERS': cfg['SEARCH_LAYERS'], 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP'],
                 'CHECKPOINT_CELLS': checkpoint_cells}
@@ -39,6 +41,9 @@ def search_step(hypergrad, batch, cfg, checkpoint_cells=False, arch=True):
     val = _Batches(*_random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 1))
     params = model.weight_parameters()
     lr = w_opt.param_groups[0]['lr']
+    if graphed:
+        step = graphs.search_steps(model, w_opt, updater, settings['GRAD_CLIP'], True)
+        return lambda: step(x, y, arch, val, None)
     if hypergrad == 'zeroth':  # the twin's step every step, an architecture step every ZO_T steps
         return lambda: updater.weight_step(x, y, True, val)
 
@@ -49,8 +54,9 @@ def search_step(hypergrad, batch, cfg, checkpoint_cells=False, arch=True):
     return step
 
 
-def retrain_step(batch, cfg, checkpoint_cells=False):
-    """A function running one retrain step of the paper genotype (drop path on, as mid-training)."""
+def retrain_step(batch, cfg, checkpoint_cells=False, graphed=False):
+    """A function running one retrain step of the paper genotype (drop path on, as mid-training). graphed: the step
+    of train_3D_continuation with CUDA_GRAPHS (graphs.retrain_step; captured on its 4th call)."""
     model = NetworkLUNA(cfg['RETRAIN_C'], 2, cfg['RETRAIN_LAYERS'], NAS_HBO_PAPER).to(cfg['DEVICE'])
     model.drop_path_prob = 0.1
     model.amp = cfg['AMP']
@@ -58,6 +64,9 @@ def retrain_step(batch, cfg, checkpoint_cells=False):
     params = list(model.parameters())
     opt = torch.optim.SGD(params, 0.025, momentum=0.9, weight_decay=3e-4)
     x, y = _random_batch(batch, cfg['CUBE'], cfg['DEVICE'], 0)
+    if graphed:
+        step = graphs.retrain_step(model, opt, params, 5.0, True)
+        return lambda: step(x, y)
     return lambda: engine.train_step(model, opt, x, y, params, 5.0)
 
 

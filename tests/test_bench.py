@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -37,7 +39,7 @@ def test_kernel_benchmarks_need_cuda_and_bad_settings_are_rejected():
         bench.main(BENCH='kernels', DEVICE='cpu')
     with pytest.raises(UserError, match='BENCH must be kernels, steps, ops, all, methods, hypergrad or gpu'):
         bench.main(BENCH='everything', DEVICE='cpu')
-    with pytest.raises(UserError, match=r"GPU_CASES: unknown case\(s\) \['retrain fp64'\] \(known: retrain fp32 fast,"):
+    with pytest.raises(UserError, match=r"GPU_CASES: unknown case\(s\) \[.retrain fp64.\] \(known: retrain fp32 fast "):
         bench.main(BENCH='gpu', DEVICE='cpu', GPU_CASES=('retrain fp64',))
 
 
@@ -107,8 +109,8 @@ def test_gpu_bench_on_cpu_writes_every_key(tmp_path, monkeypatch):
     res = bench.main(BENCH='gpu', **GPU_TINY, GPU_CASES=cases, GPU_OUT=str(tmp_path / 'r.json'))['gpu']
     saved = json.load(open(tmp_path / 'r.json'))
     assert saved == json.load(open(tmp_path / 'out' / 'r.json')) and res['paths'][0] == str(tmp_path / 'r.json')
-    assert set(saved) == {'meta', 'definitions', 'compile', 'steps', 'largest_batch', 'protocol', 'targets', 'notes',
-                          'skipped', 'finished', 'elapsed_s'}
+    assert set(saved) == {'meta', 'definitions', 'compile', 'graph_check', 'steps', 'largest_batch', 'protocol',
+                          'targets', 'notes', 'skipped', 'finished', 'elapsed_s'}
     assert saved['finished'] and saved['notes'] == [] and saved['skipped'] == []
     assert list(saved['steps']) == list(cases)
     for row in saved['steps'].values():
@@ -209,3 +211,52 @@ def test_activity_spans_read_a_profiler_trace():
     spans = gpu.activity_spans(prof, DeviceType.CPU)
     assert len(spans) >= 2 and all(e >= s for s, e in spans)
     assert 0 < gpu.busy_ms(spans) <= wall / 1e6 and gpu.activity_spans(prof, DeviceType.CUDA) == []
+
+
+
+BLOCKED = ('pandas', 'scipy', 'SimpleITK', 'skimage', 'sklearn', 'pymoo', 'ray', 'matplotlib', 'tqdm')
+# A finder that answers for the blocked packages with a loader that fails: `import pandas` raises
+# ModuleNotFoundError as where it is not installed (importlib.util.find_spec, which torch's dynamo calls for
+# many names at import, still answers without loading).
+NO_EXTRAS = '''import importlib.abc, importlib.machinery, runpy, sys
+class Fail(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f'No module named {{spec.name!r}} (blocked by the test)', name=spec.name)
+    def exec_module(self, module):
+        pass
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition('.')[0] in {blocked!r}:
+            return importlib.machinery.ModuleSpec(name, Fail())
+sys.meta_path.insert(0, Missing())
+sys.argv = ['bench.py'] + sys.argv[1:]
+runpy.run_path('bench.py', run_name='__main__')
+'''
+
+
+def test_gpu_bench_runs_with_only_torch_numpy_and_triton(tmp_path):
+    """The GPU machine has no SimpleITK, pymoo, Ray (maybe no pandas, scipy, sklearn, matplotlib, tqdm): bench.py
+    --BENCH=gpu runs in a process where importing any of them fails, and measures and writes its results."""
+    out = tmp_path / 'r.json'
+    args = [f'--{k}={v!r}' if isinstance(v, str) else f'--{k}={v}' for k, v in GPU_TINY.items()]
+    done = subprocess.run([sys.executable, '-c', NO_EXTRAS.format(blocked=BLOCKED), '--BENCH=gpu', *args,
+                           "--GPU_CASES=('retrain fp32 fast',)", f'--GPU_OUT={out}', '--GPU_COMPILE_S=1',
+                           '--GPU_BUDGET_S=40'], env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                          cwd=bench.utils.REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    saved = json.load(open(out))
+    assert saved['finished'] and saved['steps']['retrain fp32 fast']['first_s'] > 0
+    assert not [n for n in saved['notes'] if 'Error' in n], saved['notes']  # (a slow CPU may hit a part's cap)
+
+
+def test_top_kernels_sums_gpu_time_by_kernel_name():
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def event(name, ms, device=DeviceType.CUDA):
+        return NS(name=lambda: name, duration_ns=lambda: int(ms * 1e6), device_type=lambda: device)
+    events = [event('dw_fwd', 2), event('bn', 1), event('dw_fwd', 3), event('aten::conv3d', 50, DeviceType.CPU),
+              event('copy', 0.5)]
+    prof = NS(profiler=NS(kineto_results=NS(events=lambda: events)))
+    assert gpu.top_kernels(prof, n=2) == [['dw_fwd', 5.0], ['bn', 1.0]]

@@ -328,3 +328,26 @@ def test_kernels_compile_for_sm90(monkeypatch, k, stride, dilation, dtype):
         compiled = dwconv3d.triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget('cuda', 90, 32),
                                   options={'num_warps': warps, 'enable_fp_fusion': True})
         assert compiled.asm['cubin']
+
+
+def test_default_networks_compile_few_kernel_binaries():
+    """The search supernet and the retrain network at the scripts' defaults (fp32) need at most 60 distinct Triton
+    binaries: sizes and channel counts are runtime arguments, one tile per kernel (was 201 with sizes as constants;
+    the parity classes of the stride-2 grad-input are most of what is left)."""
+    from benchmarks import kernels
+    calls = kernels.default_conv_calls()
+    assert len(set(calls['search'])) > 50 and len(set(calls['retrain'])) > 10  # many layer shapes ...
+    found = kernels.specializations(calls['search'] + calls['retrain'], (torch.float32,))
+    assert 20 <= len(found) <= 60, len(found)  # ... few binaries
+    assert {f[0] for f in found} == {'_gather_kernel', '_grad_weight_kernel'}
+
+
+def test_first_compile_is_announced_once(monkeypatch, capsys):
+    monkeypatch.setattr(dwconv3d, 'interpreted', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device: type('S', (), {'cuda_stream': 7}))
+    monkeypatch.setattr(dwconv3d, '_COMPILED', {})
+    monkeypatch.setattr(dwconv3d, '_noticed', [])
+    kernel, x = _FakeKernel(), torch.zeros(64)
+    for size in (32, 32, 33):
+        dwconv3d._launch(kernel, (2, 1, 1), (x, size), 4, B=(1, 2), A=3)
+    assert capsys.readouterr().out.count('compiling the Triton depthwise kernels (first use') == 1

@@ -1,0 +1,212 @@
+"""Whole-step CUDA graphs: a training step captured once per input shape and replayed, one launch for the step.
+
+A step's host work (Python, autograd, ~5k-46k kernel launches) is paid once at capture; each replay copies the batch
+into static input buffers and launches the recorded graph (PyTorch's "whole-network capture": forward, backward,
+clipping and optimizer steps inside one graph). For that the steps must be graph-ready:
+- no host syncs (tests/test_syncfree.py) and no Python state that differs between calls of one graph;
+- values that change between replays live in device tensors updated in place: the weight optimizer's learning
+  rate (graph_ready_sgd: a 0-dim tensor, the fused SGD kernel reads it on the device; the cosine schedule fills it
+  once per epoch) and the retrain's drop-path probability (set_value);
+- the architecture's Adam keeps its step counter on the device (capturable=True, CUDA only);
+- random draws inside a step (drop path) come from the default CUDA generator, which graphs replay with fresh
+  offsets; the augmentation runs before the copy into the static buffers, outside the graph, unchanged.
+On the CPU the graph-ready steps compute what the eager ones do (tests/test_graphs.py), and StepGraphs runs eagerly
+(enabled False), so nothing changes there.
+"""
+import contextlib
+
+import torch
+
+import engine
+from utils import UserError
+
+WARMUP = 3  # eager calls of a step (on a side stream) before its capture: lazy state (momentum, Adam moments,
+# cuDNN's choices, Triton's compilation) is created outside the graph
+
+
+def graph_ready_sgd(optimizer):
+    """Make an SGD optimizer replayable: its learning rate a 0-dim fp32 tensor on the parameters' device (updated in
+    place by the lr schedulers), the fused kernel (reads that tensor on the device: no host sync, no value baked into
+    a graph). Same updates as the foreach SGD up to fp32 rounding. Returns the optimizer."""
+    for group in optimizer.param_groups:
+        if not isinstance(group['lr'], torch.Tensor):
+            group['lr'] = torch.tensor(float(group['lr']), device=group['params'][0].device)
+        group['foreach'], group['fused'] = False, True
+    return optimizer
+
+
+def graph_ready_adam(optimizer):
+    """Adam with its step counters on the device (capturable) where the parameters are on CUDA; unchanged on the
+    CPU (torch's capturable Adam is CUDA-only, and a CPU step never waits)."""
+    for group in optimizer.param_groups:
+        if group['params'][0].is_cuda:
+            group['capturable'] = True
+            for p in group['params']:
+                state = optimizer.state.get(p, {})
+                if isinstance(state.get('step'), torch.Tensor):
+                    state['step'] = state['step'].to(device=p.device, dtype=torch.float32)
+    return optimizer
+
+
+def set_value(obj, name, value):
+    """obj.name = value, in place when it is a tensor (a captured graph reads that tensor's memory)."""
+    old = getattr(obj, name)
+    if isinstance(old, torch.Tensor):
+        with torch.no_grad():
+            old.fill_(float(value))
+    else:
+        setattr(obj, name, value)
+
+
+def graph_ready_drop_path(model):
+    """The retrain network's drop-path probability as a 0-dim tensor on the model's device (set_value updates it)."""
+    device = next(model.parameters()).device
+    model.drop_path_prob = torch.tensor(float(model.drop_path_prob), device=device)
+    return model
+
+
+def cuda_capture(fn, pool):
+    """Record fn() into a CUDA graph (memory from `pool`, shared by a StepGraphs' graphs); (replay, outputs)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = fn()
+    return graph.replay, outputs
+
+
+class StepGraphs:
+    """fn(*inputs) -> tuple of tensors, captured once per (tag, input shapes and dtypes) and replayed.
+
+    The first `warmup` calls of a key run eagerly (on a side stream on CUDA); the next one copies its inputs into
+    static buffers, captures fn on them and replays it (the capture itself computes nothing), and every later call
+    copies and replays. The last partial batch of an epoch has other shapes: it gets its own graph. Outputs are
+    returned as clones (the static outputs are overwritten by the next replay). enabled False: every call runs
+    fn eagerly, as without this class. capture(fn, pool) -> (replay, outputs) is cuda_capture unless injected
+    (tests); the CUDA one refuses non-CUDA inputs with one line. If a capture fails, that key runs eagerly from then
+    on and the reason is printed once.
+    """
+
+    def __init__(self, fn, enabled=True, warmup=WARMUP, capture=None, log=print):
+        self.fn, self.enabled, self.warmup, self.log = fn, enabled, warmup, log
+        self.capture = capture or cuda_capture
+        self.graphs = {}  # key -> (static inputs, replay, static outputs), or None: this key runs eagerly
+        self.calls = {}  # key -> eager calls so far
+        self.pool = None
+        self.side = None
+
+    def key(self, inputs, tag):
+        return (tag,) + tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
+
+    def __call__(self, *inputs, tag=''):
+        if not self.enabled:
+            return self.fn(*inputs)
+        key = self.key(inputs, tag)
+        if key in self.graphs:
+            entry = self.graphs[key]
+            return self.fn(*inputs) if entry is None else self._replay(entry, inputs)
+        if self.capture is cuda_capture and not all(t.is_cuda for t in inputs):
+            raise UserError('CUDA_GRAPHS needs the CUDA device: the step inputs are on '
+                            f'{inputs[0].device} (set CUDA_GRAPHS=False or DEVICE=cuda)')
+        n = self.calls.get(key, 0)
+        if n < self.warmup:
+            self.calls[key] = n + 1
+            with self._side_stream():
+                return self.fn(*inputs)
+        return self._capture(key, inputs)
+
+    @contextlib.contextmanager
+    def _side_stream(self):
+        if self.capture is not cuda_capture:
+            yield
+            return
+        if self.side is None:  # one side stream for all warm-ups (blocks freed on it are reused on it)
+            self.side = torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            yield
+        torch.cuda.current_stream().wait_stream(self.side)
+
+    def _capture(self, key, inputs):
+        static = [t.detach().clone() for t in inputs]
+        if self.pool is None and self.capture is cuda_capture:
+            self.pool = torch.cuda.graph_pool_handle()
+        try:
+            replay, outputs = self.capture(lambda: self.fn(*static), self.pool)
+        except RuntimeError as e:  # an op that cannot be captured (torch names it)
+            self.log(f'CUDA graphs: capturing the step {key[0] or ""}{[k[0] for k in key[1:]]} failed '
+                     f'({str(e).splitlines()[0][:200]}); it runs eagerly')
+            self.graphs[key] = None
+            return self.fn(*inputs)
+        self.graphs[key] = (static, replay, outputs)
+        return self._replay(self.graphs[key], inputs)
+
+    @staticmethod
+    def _replay(entry, inputs):
+        static, replay, outputs = entry
+        with torch.no_grad():
+            for s, t in zip(static, inputs):
+                s.copy_(t)
+        replay()
+        return tuple(o.clone() for o in outputs)
+
+
+def retrain_step(model, optimizer, params, grad_clip, cuda_graphs=False, **kw):
+    """step(x, y) -> (loss, number correct): engine.train_step, graphed with CUDA_GRAPHS (the optimizer and the
+    model's drop path made graph-ready here; call this after a checkpoint was loaded into them)."""
+    if not cuda_graphs:
+        return lambda x, y: engine.train_step(model, optimizer, x, y, params, grad_clip)
+    graph_ready_sgd(optimizer)
+    graph_ready_drop_path(model)
+    graphs = StepGraphs(lambda x, y: engine.train_step(model, optimizer, x, y, params, grad_clip), **kw)
+    return graphs
+
+
+def search_steps(model, w_opt, updater, grad_clip, cuda_graphs=False, **kw):
+    """step(x, y, arch_on, val_stream, keep) -> (loss, number correct) of train_search's epoch: the architecture step
+    (after warm-up) then the weight step; keep collects (P(malignant), labels) as engine.train_step does. With
+    CUDA_GRAPHS the steps are graphed, one graph per phase and batch shapes: first and second order (architecture +
+    weight step; the weight step alone in the warm-up), zeroth order (the weight step alone; twin + weight step;
+    twin + weight + architecture step at a period's end), whose period start and counting stay in Python (the twin's
+    tensors are then kept for the whole run and refilled in place)."""
+    zeroth = not hasattr(updater, 'second_order_grads')
+
+    def eager(x, y, arch_on, val_stream, keep):
+        if zeroth:
+            return updater.weight_step(x, y, arch_on, val_stream, keep)
+        if arch_on:
+            updater.step(x, y, *val_stream.next(), w_opt.param_groups[0]['lr'])
+        return engine.train_step(model, w_opt, x, y, model.weight_parameters(), grad_clip, keep)
+    if not cuda_graphs:
+        return eager
+    graph_ready_sgd(w_opt)
+    graph_ready_adam(updater.a_opt if zeroth else updater.a_optimizer)
+    if zeroth:
+        updater.persistent = True
+        if updater.twin is not None:  # a resumed period
+            updater.store = updater.twin
+            graph_ready_sgd(updater.twin['opt'])
+
+    def fn(x, y, *val):
+        kept = []
+        if zeroth:
+            loss, hits = updater.steps(x, y, val, kept)
+        else:
+            if val:
+                updater.step(x, y, *val, w_opt.param_groups[0]['lr'])
+            loss, hits = engine.train_step(model, w_opt, x, y, model.weight_parameters(), grad_clip, kept)
+        return loss, hits, kept[0][0]
+    graphs = StepGraphs(fn, **kw)
+
+    def step(x, y, arch_on, val_stream, keep):
+        if zeroth:
+            val = updater.begin(arch_on, val_stream)
+            tag = 'weights' if updater.twin is None else 'twin'
+        else:
+            val, tag = (val_stream.next() if arch_on else ()), ('arch' if arch_on else 'weights')
+        loss, hits, prob = graphs(x, y, *val, tag=tag)
+        if zeroth:
+            updater.end(val)
+        if keep is not None:
+            keep.append((prob, y))
+        return loss, hits
+    step.graphs = graphs
+    return step

@@ -1,0 +1,277 @@
+"""graphs.py: the graph-ready steps compute what the eager steps do; StepGraphs keys, copies, clones and falls back;
+CUDA_GRAPHS is refused off CUDA with one line; on a GPU a graphed step equals the eager one after 5 steps."""
+import pytest
+import torch
+
+import graphs
+import train_3D_continuation
+import train_search
+from genotypes import NAS_HBO_PAPER
+from model import NetworkLUNA
+from test_syncfree import SEARCH, Guard, step_counters
+from utils import UserError
+
+
+def fake_capture(log=None):
+    """A capture for the CPU: records nothing and replays by running the step on the static inputs (as a graph does);
+    the outputs are filled at each replay."""
+    def capture(fn, pool):
+        outputs = []
+        if log is not None:
+            log.append('capture')
+
+        def replay():  # the outputs stay the same tensors (a graph's static outputs), overwritten by each replay
+            new = fn()
+            if outputs:
+                for o, n in zip(outputs, new):
+                    o.copy_(n)
+            else:
+                outputs[:] = new
+        return replay, outputs
+    return capture
+
+
+def batches(n, b, cube, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 1, cube, cube, cube, generator=g), torch.randint(0, 2, (b,), generator=g))
+            for _ in range(n)]
+
+
+def state_of(model, *optimizers):
+    """Weights, alphas/betas, BatchNorm statistics and the optimizers' momentum / moment buffers, as one dict."""
+    out = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, opt in enumerate(optimizers):
+        for j, s in enumerate(opt.state.values()):
+            out.update({f'opt{i}.{j}.{k}': v.detach().clone() for k, v in s.items() if torch.is_tensor(v)})
+    return out
+
+
+def assert_close(a, b, atol=1e-5, rtol=1e-4):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=atol, rtol=rtol, msg=k)
+
+
+def run_retrain(graphed, device='cpu', capture=None, n=5, drop=0.2):
+    torch.manual_seed(0)
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER).to(device)
+    model.drop_path_prob = drop
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, 0.05, momentum=0.9, weight_decay=3e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n)
+    step = graphs.retrain_step(model, opt, params, 5.0, graphed, warmup=2, **({'capture': capture} if capture else {}))
+    losses = []
+    torch.manual_seed(1)  # the drop-path draws
+    for i, (x, y) in enumerate(batches(n, 3, 8)):
+        graphs.set_value(model, 'drop_path_prob', drop * (i + 1) / n)
+        loss, _ = step(x.to(device), y.to(device))
+        losses.append(float(loss))
+        sched.step()  # per step here (per epoch in the script): the in-place tensor update is exercised
+    return state_of(model, opt), losses
+
+
+def test_retrain_graph_ready_equals_eager():
+    """5 retrain steps (drop path rising, lr annealed): graph-ready (tensor lr, fused SGD, tensor drop path, through
+    StepGraphs with a CPU capture: 2 eager, then captured and replayed) equal today's eager steps."""
+    eager, l_eager = run_retrain(False)
+    ready, l_ready = run_retrain(True, capture=fake_capture())
+    assert_close(eager, ready)
+    assert l_eager == pytest.approx(l_ready, rel=1e-5)
+    assert any('running_mean' in k for k in eager)
+
+
+def run_search(hypergrad, graphed, hvp='fd', device='cpu', capture=None, n=5):
+    cfg = {**train_search.DEFAULTS, **SEARCH, 'HYPERGRAD': hypergrad, 'HVP': hvp, 'DEVICE': device, 'EPOCHS': n}
+    torch.manual_seed(0)
+    model, w_opt, sched, a_opt, updater = train_search.build(cfg)
+    step = graphs.search_steps(model, w_opt, updater, cfg['GRAD_CLIP'], graphed, warmup=2,
+                               **({'capture': capture} if capture else {}))
+    train = batches(n, 3, 8, seed=0)
+    val = iter(batches(n, 3, 8, seed=1))
+
+    class Val:
+        def next(self):
+            x, y = next(val)
+            return x.to(device), y.to(device)
+    keep, losses = [], []
+    torch.manual_seed(1)
+    for x, y in train:
+        loss, _ = step(x.to(device), y.to(device), True, Val(), keep)
+        losses.append(float(loss))
+        sched.step()
+    return state_of(model, w_opt, a_opt), losses, torch.cat([p for p, _ in keep])
+
+
+@pytest.mark.parametrize('hypergrad,hvp', [('first', 'fd'), ('second', 'fd'), ('second', 'exact')])
+def test_search_graph_ready_equals_eager(hypergrad, hvp):
+    """5 search steps (architecture then weight step): weights, alphas/betas, BatchNorm statistics, momentum and Adam
+    moments of the graph-ready steps equal the eager ones. (Zeroth order: test_zeroth_graph_ready_equals_eager_exactly;
+    with the fused SGD's rounding its steps are not comparable: the estimate divides w_twin - w by mu ~1e-4, and Adam
+    turns a flipped sign of the directional derivative into a full step the other way.)"""
+    eager, l_eager, p_eager = run_search(hypergrad, False, hvp)
+    ready, l_ready, p_ready = run_search(hypergrad, True, hvp, capture=fake_capture())
+    assert_close(eager, ready)
+    assert l_eager == pytest.approx(l_ready, rel=1e-5)
+    torch.testing.assert_close(p_eager, p_ready, atol=1e-5, rtol=1e-4)  # keep: the predictions for the epoch's AUC
+    assert any(k.startswith('alphas') for k in eager)
+
+
+def test_zeroth_graph_ready_equals_eager_exactly(monkeypatch):
+    """With the learning rate a float64 tensor read by the foreach SGD (the eager step's arithmetic), the graph-ready
+    zeroth-order steps (period start and counting in Python; the twin's tensors kept for the run and refilled in place
+    at each period's start; twin, weight and architecture steps through StepGraphs) equal the eager ones exactly:
+    2 periods of ZO_T = 2 steps and a third begun, the 5th step replayed."""
+    def float64_lr(opt):
+        for group in opt.param_groups:
+            group['lr'] = torch.tensor(float(group['lr']), dtype=torch.float64)
+        return opt
+    monkeypatch.setattr(graphs, 'graph_ready_sgd', float64_lr)
+    eager, l_eager, p_eager = run_search('zeroth', False)
+    ready, l_ready, p_ready = run_search('zeroth', True, capture=fake_capture())
+    assert_close(eager, ready, atol=0, rtol=0)
+    assert l_eager == l_ready and torch.equal(p_eager, p_ready)
+
+
+def test_graph_ready_steps_do_not_sync():
+    """The graph-ready steps (tensor lr read by the fused SGD, tensor eta in the virtual step, tensor drop path) never
+    read a value on the host: a capture would fail there (a float lr with foreach SGD reads it with .item())."""
+    torch.manual_seed(0)
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER)
+    model.drop_path_prob = 0.1
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, 0.05, momentum=0.9, weight_decay=3e-4)
+    step = graphs.retrain_step(model, opt, params, 5.0, True, warmup=0, capture=fake_capture())
+    x, y = batches(1, 3, 8)[0]
+    step(x, y)  # momentum buffers made
+    with Guard():
+        step(x, y)
+    cfg = {**train_search.DEFAULTS, **SEARCH, 'HYPERGRAD': 'second'}
+    model, w_opt, _, a_opt, updater = train_search.build(cfg)
+    step = graphs.search_steps(model, w_opt, updater, 5.0, True, warmup=0, capture=fake_capture())
+
+    class Val:
+        def next(self):
+            return x, y
+    step(x, y, True, Val(), None)
+    with Guard(step_counters(a_opt)):
+        step(x, y, True, Val(), [])
+    model, w_opt, _, a_opt, updater = train_search.build({**cfg, 'HYPERGRAD': 'zeroth'})  # ZO_T = 2
+    step = graphs.search_steps(model, w_opt, updater, 5.0, True, warmup=1, capture=fake_capture())
+    step(x, y, True, Val(), None)
+    step(x, y, True, Val(), None)  # the first period: its twin is made (then kept)
+    with Guard(step_counters(a_opt)):
+        for _ in range(4):  # refilled periods, twin steps, architecture steps, replays
+            step(x, y, True, Val(), [])
+
+
+def test_step_graphs_shapes_tags_copies_and_clones():
+    """One capture per (tag, input shapes): the last partial batch gets its own; each replay computes on the batch
+    copied in (not on the one captured), and returns clones (a later replay does not change earlier results)."""
+    log = []
+    g = graphs.StepGraphs(lambda x: (x * 2,), warmup=1, capture=fake_capture(log))
+    a, b, c = torch.ones(4), torch.full((4,), 3.0), torch.full((2,), 5.0)
+    assert g(a)[0].tolist() == [2.0] * 4 and log == []  # warm-up: eager
+    first = g(b)[0]
+    assert log == ['capture'] and first.tolist() == [6.0] * 4
+    second = g(a)[0]
+    assert second.tolist() == [2.0] * 4 and first.tolist() == [6.0] * 4 and log == ['capture']
+    assert g(c)[0].tolist() == [10.0] * 2 and log == ['capture']  # partial batch: its own warm-up first
+    assert g(c)[0].tolist() == [10.0] * 2 and log == ['capture'] * 2
+    assert g(a, tag='arch')[0].tolist() == [2.0] * 4 and len(g.calls) == 3
+    assert len([e for e in g.graphs.values() if e is not None]) == 2
+
+
+def test_step_graphs_fallback_and_off():
+    """enabled False: eager, nothing captured. A capture that fails: one line, then that key runs eagerly."""
+    calls, lines = [], []
+    g = graphs.StepGraphs(lambda x: (calls.append(1) or x + 1,), enabled=False, capture=fake_capture(lines))
+    for _ in range(5):
+        assert g(torch.zeros(2))[0].tolist() == [1.0, 1.0]
+    assert len(calls) == 5 and lines == [] and g.graphs == {}
+
+    def broken(fn, pool):
+        raise RuntimeError('operation not permitted when stream is capturing')
+    g = graphs.StepGraphs(lambda x: (x + 1,), warmup=1, capture=broken, log=lines.append)
+    for _ in range(4):
+        assert g(torch.zeros(2))[0].tolist() == [1.0, 1.0]
+    assert len(lines) == 1 and 'runs eagerly' in lines[0] and 'not permitted' in lines[0]
+
+
+def test_cuda_graphs_need_cuda():
+    """The real capture refuses CPU inputs with one line; the scripts refuse CUDA_GRAPHS=True with DEVICE=cpu."""
+    g = graphs.StepGraphs(lambda x: (x,))
+    with pytest.raises(UserError, match='CUDA_GRAPHS needs the CUDA device'):
+        g(torch.zeros(2))
+    for script in (train_search, train_3D_continuation):
+        with pytest.raises(UserError, match='CUDA_GRAPHS=True is not allowed.*DEVICE=.cpu'):
+            script.main(CUDA_GRAPHS=True, DEVICE='cpu')
+
+
+TINY = {'C': 4, 'LAYERS': 3, 'CUBE': 8, 'BATCH': 3}
+
+
+@pytest.mark.parametrize('kind', ['retrain', 'second'])
+def test_graph_check_of_bench_gpu(kind):
+    """bench_gpu's check (benchmarks/graph_check.compare) finds the graph-ready steps equal on the CPU, and a capture
+    whose replays do nothing (the steps after the capture lost) unequal."""
+    from benchmarks import graph_check
+    same = graph_check.compare(kind, 'cpu', size=TINY, warmup=2, capture=fake_capture())
+    assert same['equal'] and same['max_abs'] < 1e-4 and same['tensors'] > 20
+    lost = graph_check.compare(kind, 'cpu', size=TINY, warmup=2, capture=lambda fn, pool: ((lambda: None), fn()))
+    assert not lost['equal'] and lost['max_abs'] > 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
+@pytest.mark.parametrize('kind', ['retrain', 'first', 'second', 'exact'])
+def test_graphed_equals_eager_on_cuda(kind):
+    """On a GPU: 5 steps captured with torch.cuda.graph (3 eager, capture, replay) equal 5 eager steps."""
+    from benchmarks import graph_check
+    result = graph_check.compare(kind, 'cuda')
+    assert result['equal'], result
+
+
+def test_graphs_off_leaves_the_optimizer_alone():
+    """CUDA_GRAPHS off: the optimizer keeps its float learning rate and foreach path (today's numbers)."""
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER)
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    graphs.retrain_step(model, opt, list(model.parameters()), 5.0, False)
+    assert not torch.is_tensor(opt.param_groups[0]['lr']) and not opt.param_groups[0]['fused']
+    assert not torch.is_tensor(model.drop_path_prob)
+
+
+def metrics_of(run, name):
+    import csv
+    with open(f'{run}/{name}') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('script', ['search second', 'search zeroth', 'retrain'])
+def test_scripts_run_with_cuda_graphs(script, tmp_path, monkeypatch):
+    """The scripts' wiring with CUDA_GRAPHS (the rule off CUDA lifted, the CPU capture standing in): epochs with
+    partial last batches, warm-up then architecture steps, the lr schedule, evaluation, checkpoints and logs give the
+    eager run's numbers (fp32 rounding); the lr is logged as a number."""
+    from conftest import write_cube_set
+    cubes = write_cube_set(tmp_path / 'set', scans_per_fold=2, nodules_per_scan=1)
+    mod = train_search if script.startswith('search') else train_3D_continuation
+    monkeypatch.setitem(mod.RULES, 'CUDA_GRAPHS', None)
+    captures = []
+    monkeypatch.setattr(graphs.StepGraphs.__init__, '__defaults__', (True, 1, fake_capture(captures), print))
+    common = dict(DATA=cubes, C=4, LAYERS=3, CUBE=8, DEVICE='cpu', SEED=0, FIGURES=False, EPOCHS=3)
+    if mod is train_search:
+        common.update(BATCH_SIZE=3, SEARCH_FOLDS=(0, 1, 2, 3, 4), VAL_FRACTION=0.4, WARMUP_EPOCHS=1,
+                      PRIMITIVES=('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3'), HYPERGRAD=script.split()[1],
+                      ZO_T=2)
+        name = 'metrics.csv'
+    else:
+        # drop path 0: with a device probability the masks are drawn at 0 too (all ones), which moves the generator
+        # the later epochs' masks come from (same distribution; equal draws: test_retrain_graph_ready_equals_eager)
+        common.update(BATCH_SIZE=4, FOLD=5, DROP_PATH=0.0)
+        name = 'metrics_fold5.csv'
+    runs = [mod.main(RUNS=str(tmp_path / f'runs{g}'), CUDA_GRAPHS=g, **common)['run'] for g in (False, True)]
+    eager, graphed = (metrics_of(r, name) for r in runs)
+    assert len(eager) == len(graphed) == 3 and len(captures) >= 2  # (full and partial batches at least)
+    for a, b in zip(eager, graphed):
+        assert float(a['lr']) == pytest.approx(float(b['lr']), rel=1e-6)  # a number, not a tensor's text
+        loss = 'train_loss'
+        tol = 0.05 if script == 'search zeroth' else 1e-4  # (zeroth order: see test_search_graph_ready_equals_eager)
+        assert float(a[loss]) == pytest.approx(float(b[loss]), rel=tol, abs=tol)
