@@ -6,6 +6,7 @@ import torch
 import graphs
 import train_3D_continuation
 import train_search
+from benchmarks.graph_check import state_of
 from genotypes import NAS_HBO_PAPER
 from model import NetworkLUNA
 from test_syncfree import SEARCH, Guard, step_counters
@@ -35,15 +36,6 @@ def batches(n, b, cube, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(b, 1, cube, cube, cube, generator=g), torch.randint(0, 2, (b,), generator=g))
             for _ in range(n)]
-
-
-def state_of(model, *optimizers):
-    """Weights, alphas/betas, BatchNorm statistics and the optimizers' momentum / moment buffers, as one dict."""
-    out = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for i, opt in enumerate(optimizers):
-        for j, s in enumerate(opt.state.values()):
-            out.update({f'opt{i}.{j}.{k}': v.detach().clone() for k, v in s.items() if torch.is_tensor(v)})
-    return out
 
 
 def assert_close(a, b, atol=1e-5, rtol=1e-4):
