@@ -3,12 +3,13 @@
 python draw.py runs/<run folder>                       every figure the run folder supports, written into it
 python draw.py --GENOTYPE=NAS_HBO_PAPER --OUT=cells.png  the normal and reduction cells of a genotype
 """
+import settings  # first: --help answers from the source, before the heavy imports below
+settings.help_if_asked(__file__, __name__)
 import os
 import sys
 
 from figures import diagrams
 from figures import runs
-import settings
 import utils
 
 RUN = ''  # a run folder of train_search.py or train_3D_continuation.py: its figures are (re)drawn into it

@@ -1,6 +1,7 @@
 """The loops shared by the scripts: one training step, evaluation, checkpoints, and the NaN guard."""
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -38,13 +39,15 @@ def train_step(model, optimizer, x, y, params, grad_clip, keep=None):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def run_epoch(step, batches_idx, n, desc, run_path, checkpoint='last.pt'):
+def run_epoch(step, batches_idx, n, desc, run_path, checkpoint='last.pt', on_first_step=None):
     """Call step(idx) -> (loss, number correct) on each batch of indices; stop on a NaN/inf loss. Returns (mean loss,
-    accuracy in percent) over n samples.
+    accuracy in percent) over n samples. on_first_step(seconds, steps): told the first step's time (read after its
+    loss, so the device has finished it) and the epoch's number of steps, e.g. to print the run's estimate.
 
     The steps' work stays on the device: the losses are read (one host sync, stop_if_non_finite) at the first step,
     every CHECK_EVERY steps and at the end, and the sums once at the end (epoch_means); nothing in between waits."""
     total, correct, losses, first = 0.0, 0, [], 0
+    start = time.perf_counter()
     for i, idx in enumerate(progress(batches_idx, desc=desc)):
         loss, hits = step(idx)
         losses.append(loss)
@@ -53,8 +56,29 @@ def run_epoch(step, batches_idx, n, desc, run_path, checkpoint='last.pt'):
         if i % CHECK_EVERY == 0:
             stop_if_non_finite(losses, first, desc, run_path, checkpoint)
             losses, first = [], i + 1
+            if i == 0 and on_first_step is not None:
+                on_first_step(time.perf_counter() - start, len(batches_idx))
     stop_if_non_finite(losses, first, desc, run_path, checkpoint)
     return epoch_means(total, correct, n, desc, run_path, checkpoint)
+
+
+def duration(seconds):
+    """'45 s', '12 min', '3.4 h', '2.1 days' for the console."""
+    if seconds < 90:
+        return f'{seconds:.0f} s'
+    if seconds < 90 * 60:
+        return f'{seconds / 60:.0f} min'
+    if seconds < 48 * 3600:
+        return f'{seconds / 3600:.1f} h'
+    return f'{seconds / 86400:.1f} days'
+
+
+def estimate_line(what, seconds, steps, epochs):
+    """The line printed after a phase's first step: its time and the phase's estimated total (epochs x steps x that
+    time; the first step also does one-time work such as cuDNN's autotuning, so the estimate errs long)."""
+    return (f'{what}: first step {seconds:.2f} s; {epochs} epoch{"s" if epochs != 1 else ""} x {steps} '
+            f'step{"s" if steps != 1 else ""} x {seconds:.2f} s = about {duration(epochs * steps * seconds)} '
+            '(without evaluation; the first step includes one-time work)')
 
 
 def stop_if_non_finite(losses, first, desc, run_path, checkpoint):

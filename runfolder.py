@@ -9,6 +9,7 @@ import random
 import numpy as np
 import torch
 
+import settings
 from utils import UserError, atomic_path, git_commit, save_json_atomic
 
 
@@ -21,6 +22,7 @@ class Run:
             path = os.path.join(root, f'{script}-{stamp}' + (f'-{tag}' if tag else ''))
         self.path = path
         os.makedirs(path, exist_ok=True)
+        settings.note_run_folder(path)  # named by the resume command when the run is interrupted
         self.quiet = False
         save_json_atomic(self.file('config.json'), cfg, default=str)  # a kill mid-write keeps the previous one
 

@@ -3,6 +3,8 @@
 python train_3D_continuation.py [config.py] [--NAME=value ...]
 Each test fold f is evaluated by training on all other folds and reporting the final epoch on f.
 """
+import settings  # first: --help answers from the source, before the heavy imports below
+settings.help_if_asked(__file__, __name__)
 import copy
 import os
 import time
@@ -15,7 +17,6 @@ import dwconv3d
 import engine
 import genotypes
 import parallel
-import settings
 import runfolder
 import utils
 from model import NetworkLUNA
@@ -133,7 +134,9 @@ def train_fold(cfg, genotype, table, fold, run):
         steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
         train_loss, train_acc = engine.run_epoch(
             lambda idx: engine.train_step(model, opt, *train.train_batch(idx, gen), params, cfg['GRAD_CLIP']),
-            steps, len(train), f'fold {fold} epoch {epoch}', run.path, ckpt_name)
+            steps, len(train), f'fold {fold} epoch {epoch}', run.path, ckpt_name,
+            on_first_step=None if epoch != start else lambda seconds, n_steps: run.log(engine.estimate_line(
+                f'fold {fold}', seconds, n_steps, cfg['EPOCHS'] - start) + ' for this fold'))
         sched.step()
         ev = engine.evaluate(model, test, cfg['BATCH_SIZE'], f'fold {fold} test evaluation of epoch {epoch}', run.path,
                              ckpt_name)
@@ -235,5 +238,5 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    settings.run_cli(main, DEFAULTS, 'finished folds and the last epoch checkpoint are kept; rerun with '
-                  '--RESUME=<run folder> to continue')
+    settings.run_cli(main, DEFAULTS, 'finished folds and the last epoch checkpoint are kept',
+                     kept=('last_fold*.pt', 'result_fold*.json'))

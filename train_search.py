@@ -2,6 +2,8 @@
 
 python train_search.py [config.py] [--NAME=value ...]
 """
+import settings  # first: --help answers from the source, before the heavy imports below
+settings.help_if_asked(__file__, __name__)
 
 import os
 import time
@@ -14,7 +16,6 @@ import dwconv3d
 import engine
 import genotypes
 import operations
-import settings
 import runfolder
 import utils
 import zo
@@ -128,7 +129,7 @@ class ValStream:
         self.queue = [idx.to(self.data.device) for idx in state['queue']]
 
 
-def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run):
+def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run, first=0):
     """One epoch: (after warm-up) an architecture step then a weight step per training batch.
     Returns loss, accuracy and ROC AUC of the training batches' predictions made during the epoch."""
     lr = w_opt.param_groups[0]['lr']
@@ -146,8 +147,24 @@ def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
             updater.step(x, y, *val_stream.next(), lr)
         return engine.train_step(model, w_opt, x, y, model.weight_parameters(), cfg['GRAD_CLIP'], keep)
     steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
-    loss, acc = engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path)
+    loss, acc = engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path,
+                                 on_first_step=phase_estimate(cfg, epoch, run, first))
     return loss, acc, engine.kept_auc(keep)
+
+
+def phase_estimate(cfg, epoch, run, first):
+    """At the first step of each phase this process runs (warm-up: weight steps only; search: architecture and
+    weight steps), log its time and the phase's estimated total; None on other epochs. first: the first epoch run."""
+    warmup = cfg['WARMUP_EPOCHS']
+    if epoch != first and epoch != warmup:
+        return None
+    if epoch < warmup:
+        what, epochs, n = 'warm-up (weight steps only)', min(warmup, cfg['EPOCHS']) - epoch, cfg['EPOCHS'] - warmup
+        after = f'; then {n} search epoch{"s, timed at their" if n != 1 else ", timed at its"} first step' if n > 0 \
+            else ''
+    else:
+        what, epochs, after = 'search (architecture and weight steps)', cfg['EPOCHS'] - epoch, ''
+    return lambda seconds, steps: run.log(engine.estimate_line(what, seconds, steps, epochs) + after)
 
 
 def set_temperature(model, cfg, epoch):
@@ -210,7 +227,7 @@ def main(**overrides):
     for epoch in range(start, cfg['EPOCHS'] if not stopped else start):
         t0 = time.time()
         lr = w_opt.param_groups[0]['lr']
-        tr_loss, tr_acc, tr_auc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run)
+        tr_loss, tr_acc, tr_auc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run, start)
         sched.step()
         ev = engine.evaluate(model, val, cfg['BATCH_SIZE'], f'search-val evaluation of epoch {epoch}', run.path)
         geno = model.genotype()
@@ -254,4 +271,4 @@ def finish(run, model, best, epoch, figures=True):
 
 
 if __name__ == '__main__':
-    settings.run_cli(main, DEFAULTS, 'the last epoch checkpoint is kept; rerun with --RESUME=<run folder> to continue')
+    settings.run_cli(main, DEFAULTS, 'the last epoch checkpoint is kept', kept=('last.pt',))
