@@ -152,7 +152,9 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg):
         evaluation.plot_cam(cubes[i], volume, os.path.join(out_dir, f'{nid}.png'),
                             f'nodule {nid}: P(malignant) = {probs[i]:.3f} (mean of {len(models)} fold models), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
-                            f'LayerCAM of class {"malignant" if target else "benign"}, {which}; {cfg["RUN"]}')
+                            f'LayerCAM of class {"malignant" if target else "benign"}, {which}; '
+                            f'{os.path.basename(os.path.normpath(cfg["RUN"]))}',
+                            diameter_mm=table['diameter_mm'][i] if 'diameter_mm' in table.columns else None)
 
 
 def main(**overrides):
