@@ -329,7 +329,7 @@ def script_help(script):
         rule = rules.get(n)
         if rule is not None and (rule.lstrip()[0] in '<>=!' or rule.lstrip().startswith(('in ', 'not in '))):
             rule = f'{n} {rule.strip()}'
-        lines.append(f'  {f"--{n}={default}":<{width}}{text}' + (f'  [{rule}]' if rule else ''))
+        lines.append(f'  {f"--{n}={default}":<{width - 2}}  {text}' + (f'  [{rule}]' if rule else ''))
     return '\n'.join(lines)
 
 
