@@ -135,8 +135,8 @@ def train_fold(cfg, genotype, table, fold, run):
         train_loss, train_acc = engine.run_epoch(
             lambda idx: engine.train_step(model, opt, *train.train_batch(idx, gen), params, cfg['GRAD_CLIP']),
             steps, len(train), f'fold {fold} epoch {epoch}', run.path, ckpt_name,
-            on_first_step=None if epoch != start else lambda seconds, n_steps: run.log(engine.estimate_line(
-                f'fold {fold}', seconds, n_steps, cfg['EPOCHS'] - start) + ' for this fold'))
+            on_step_time=None if epoch != start else engine.step_time_logger(run.log, f'fold {fold}',
+                                                                            cfg['EPOCHS'] - start))
         sched.step()
         ev = engine.evaluate(model, test, cfg['BATCH_SIZE'], f'fold {fold} test evaluation of epoch {epoch}', run.path,
                              ckpt_name)

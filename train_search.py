@@ -148,13 +148,13 @@ def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run,
         return engine.train_step(model, w_opt, x, y, model.weight_parameters(), cfg['GRAD_CLIP'], keep)
     steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
     loss, acc = engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path,
-                                 on_first_step=phase_estimate(cfg, epoch, run, first))
+                                 on_step_time=phase_estimate(cfg, epoch, run, first))
     return loss, acc, engine.kept_auc(keep)
 
 
 def phase_estimate(cfg, epoch, run, first):
-    """At the first step of each phase this process runs (warm-up: weight steps only; search: architecture and
-    weight steps), log its time and the phase's estimated total; None on other epochs. first: the first epoch run."""
+    """At the first two steps of each phase this process runs (warm-up: weight steps only; search: architecture and
+    weight steps), log their time and the phase's estimated total; None on other epochs. first: the first epoch run."""
     warmup = cfg['WARMUP_EPOCHS']
     if epoch != first and epoch != warmup:
         return None
@@ -164,7 +164,7 @@ def phase_estimate(cfg, epoch, run, first):
             else ''
     else:
         what, epochs, after = 'search (architecture and weight steps)', cfg['EPOCHS'] - epoch, ''
-    return lambda seconds, steps: run.log(engine.estimate_line(what, seconds, steps, epochs) + after)
+    return engine.step_time_logger(lambda line: run.log(line + (after if ' x ' in line else '')), what, epochs)
 
 
 def set_temperature(model, cfg, epoch):

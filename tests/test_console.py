@@ -92,11 +92,25 @@ def test_help_is_read_without_running_the_source(tmp_path):
 
 def test_estimate_line_multiplies_epochs_steps_and_step_time():
     assert engine.estimate_line('fold 5', 2.0, 38, 50) == (
-        'fold 5: first step 2.00 s; 50 epochs x 38 steps x 2.00 s = about 63 min (without evaluation; the first '
-        'step includes one-time work)')
-    assert 'x 1 epoch x 1 step x' not in engine.estimate_line('x', 1.0, 1, 1)
-    assert '1 epoch x 1 step x 1.00 s = about 1 s' in engine.estimate_line('x', 1.0, 1, 1)
+        'fold 5: 50 epochs x 38 steps x 2.00 s = about 63 min (without evaluation)')
+    assert engine.estimate_line('x', 1.0, 1, 1) == 'x: 1 epoch x 1 step x 1.00 s = about 1 s (without evaluation)'
     assert [engine.duration(s) for s in (45, 700, 3 * 3600, 3 * 86400)] == ['45 s', '12 min', '3.0 h', '3.0 days']
+
+
+def test_run_epoch_times_its_first_two_steps_and_the_estimate_uses_the_second():
+    """The first step carries one-time setup (35 s against 1 s for the next on a busy CPU): the estimate is the
+    second step's time x steps x epochs."""
+    import torch
+    lines, clock = [], iter([0.0, 30.0, 30.0, 32.0])  # perf_counter: start, after step 0, mark, after step 1
+    engine_time = engine.time.perf_counter
+    engine.time.perf_counter = lambda: next(clock, 99.0)
+    try:
+        engine.run_epoch(lambda idx: (torch.tensor(1.0), torch.tensor(0)), [torch.arange(2)] * 5, 10, 'e', None,
+                         on_step_time=engine.step_time_logger(lines.append, 'warm-up', 3))
+    finally:
+        engine.time.perf_counter = engine_time
+    assert lines == ['warm-up: first step 30.00 s (with one-time setup); timing the next one for the estimate',
+                     'warm-up: 3 epochs x 5 steps x 2.00 s = about 30 s (without evaluation)']
 
 
 @pytest.fixture(scope='module')
@@ -138,14 +152,15 @@ def run_cli_search(monkeypatch, capsys, cubes, runs, interrupt_at=None):
 def test_search_logs_first_step_time_and_estimate_of_each_phase(monkeypatch, capsys, cubes, tmp_path):
     code, out = run_cli_search(monkeypatch, capsys, cubes, tmp_path / 'runs')
     assert code is None
-    lines = [line for line in out.out.splitlines() if 'first step' in line]
-    assert len(lines) == 2, out.out  # one per phase
-    assert lines[0].startswith('warm-up (weight steps only): first step ') and ' 1 epoch x 3 steps x ' in lines[0]
-    assert lines[0].endswith('; then 1 search epoch, timed at its first step')
-    assert lines[1].startswith('search (architecture and weight steps): first step ')
-    assert ' 1 epoch x 3 steps x ' in lines[1]
+    lines = [line for line in out.out.splitlines() if 'first step' in line or ' x 3 steps x ' in line]
+    assert len(lines) == 4, out.out  # two per phase
+    assert lines[0].startswith('warm-up (weight steps only): first step ')
+    assert lines[1].startswith('warm-up (weight steps only): 1 epoch x 3 steps x ')
+    assert lines[1].endswith('; then 1 search epoch, timed at its first step')
+    assert lines[2].startswith('search (architecture and weight steps): first step ')
+    assert lines[3].startswith('search (architecture and weight steps): 1 epoch x 3 steps x ')
     log = open(os.path.join(tmp_path / 'runs', os.listdir(tmp_path / 'runs')[0], 'log.txt')).read()
-    assert lines[0] in log and lines[1] in log
+    assert all(line in log for line in lines)
 
 
 # ---------------------------------------------------------------- Ctrl-C
