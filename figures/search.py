@@ -18,7 +18,7 @@ COLUMNS = ('epoch', 'cell', 'edge', 'op', 'weight')
 CELLS = ('normal', 'reduce')
 MAX_COLS = 7  # subplots per row: 14 edges of a 4-node cell fill two rows
 LEGEND_COLS = 5  # ops per legend row
-PANEL_W, PANEL_H = 2.0, 1.6  # size of one subplot with its title and ticks, inches
+PANEL_W, PANEL_H = 2.3, 1.6  # size of one subplot with its title and ticks, inches
 
 
 def _parse_row(row, csv_path, line):
@@ -94,7 +94,7 @@ def _figure(nrows, ncols, n_ops, title):
     FigureCanvasAgg(fig)
     # Fixed margins instead of constrained layout: same look, half the time for a 28-panel grid.
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
-                        top=1 - top / height, wspace=0.12, hspace=0.32)
+                        top=1 - top / height, wspace=0.4, hspace=0.32)  # room for each panel's own y ticks
     axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False)  # y: each panel its own scale
     if title:
         fig.text(0.5, 1 - 0.08 / height, title, ha='center', va='top', fontsize=10)
