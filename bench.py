@@ -18,8 +18,8 @@ BENCH='gpu' (separately, benchmarks/gpu.py): one command for a short GPU session
 issue within GPU_BUDGET_S and writes a results JSON as it goes (README, BENCHMARKS.md "To be run").
 The steps and the counts also run on a CPU (BENCH='steps', 'ops' or 'gpu', small settings); the kernels need CUDA.
 """
-import settings  # first: --help answers from the source, before the heavy imports below
-settings.help_if_asked(__file__, __name__)
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import datetime
 import sys
 
@@ -31,6 +31,7 @@ from benchmarks import kernels
 from benchmarks import methods
 from benchmarks import step_times
 import dwconv3d
+import settings
 import utils
 
 DTYPE = 'float32'  # 'float32' or 'bfloat16'

@@ -13,8 +13,8 @@
    thousands of features (seconds per fold instead of minutes) while being the same kind of model.
 Run folder runs/nodclsgbt-<time>/: config.json, log.txt, metrics.csv (a row per fold), predictions.csv.
 """
-import settings  # first: --help answers from the source, before the heavy imports below
-settings.help_if_asked(__file__, __name__)
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import json
 import os
 import time
@@ -25,6 +25,7 @@ import pandas as pd
 import data
 from scans import luna
 from scans import lungmask
+import settings
 import runfolder
 import utils
 

@@ -5,8 +5,8 @@ python predict.py --RUN=runs/<train_3D_continuation run> [--DATA=<cube set>] [--
 Writes <RUN>/predict-<timestamp>[-TAG]/: config.json, log.txt, predictions.csv, and with CAM cam/<id>.npy (the map,
 S^3 float32 in [0, 1]) and cam/<id>.png (three mid-planes through the nodule, map over the CT).
 """
-import settings  # first: --help answers from the source, before the heavy imports below
-settings.help_if_asked(__file__, __name__)
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import os
 
 import numpy as np
@@ -18,6 +18,7 @@ import data
 import dwconv3d
 import genotypes
 from figures import evaluation
+import settings
 import train_3D_continuation
 import runfolder
 import utils

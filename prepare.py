@@ -16,8 +16,8 @@ matched to annotations.csv by scan and nearest world centre, or from your own LA
 LIDC database needed). The annotated nodules (a sphere of radius + PROTECT_MM each) are never filled by
 the masking (scans/lungmask.py). A log goes to runs/prepare-<time>/.
 """
-import settings  # first: --help answers from the source, before the heavy imports below
-settings.help_if_asked(__file__, __name__)
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import json
 import os
 import time
@@ -28,6 +28,7 @@ import pandas as pd
 from scans import luna
 from scans import lungmask
 from scans import pool
+import settings
 import runfolder
 import utils
 from scans.luna import world_to_voxel  # noqa: F401 - part of this script's interface (prepare.world_to_voxel)

@@ -3,8 +3,8 @@
 python train_3D_continuation.py [config.py] [--NAME=value ...]
 Each test fold f is evaluated by training on all other folds and reporting the final epoch on f.
 """
-import settings  # first: --help answers from the source, before the heavy imports below
-settings.help_if_asked(__file__, __name__)
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import copy
 import os
 import time
@@ -17,6 +17,7 @@ import dwconv3d
 import engine
 import genotypes
 import parallel
+import settings
 import runfolder
 import utils
 from model import NetworkLUNA

@@ -6,8 +6,8 @@ Phases: 0 Latin-hypercube initialization; 1..LEARNING_GENERATIONS learning (MOEA
 decaying mutation; every child trained); then exploitation (subproblems and gene values drawn by their learned
 selection probabilities, a random-forest surrogate decides which children are trained). README: train_evolve.py.
 """
-import settings  # first: --help answers from the source, before the heavy imports below
-settings.help_if_asked(__file__, __name__)
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import os
 import shutil
 
@@ -18,6 +18,7 @@ from evolution import genes as eg
 from evolution import samea as sm
 import operations
 import parallel
+import settings
 import runfolder
 import utils
 from evolution.candidate import gene_space, primitives_of, train_candidate, worst_f1

@@ -2,8 +2,8 @@
 
 python train_search.py [config.py] [--NAME=value ...]
 """
-import settings  # first: --help answers from the source, before the heavy imports below
-settings.help_if_asked(__file__, __name__)
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 
 import os
 import time
@@ -16,6 +16,7 @@ import dwconv3d
 import engine
 import genotypes
 import operations
+import settings
 import runfolder
 import utils
 import zo

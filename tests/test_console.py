@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import console
 import engine
 import settings
 import train_search
@@ -83,7 +84,7 @@ def test_help_is_read_without_running_the_source(tmp_path):
     script = tmp_path / 'tool.py'
     script.write_text('"""A tool."""\nimport settings\nX = 1 / 0  # a number\n# more about X\nY = "#"  # a hash\n'
                       'DEFAULTS = {}\nRULES = {"X": "> 0", "Y": None}\n')
-    text = settings.script_help(str(script))
+    text = console.script_help(str(script))
     assert '--X=1 / 0' in text and 'a number more about X  [X > 0]' in text
     assert '--Y="#"' in text and text.rstrip().endswith('a hash')
 
@@ -229,13 +230,13 @@ def test_ctrl_c_during_a_long_c_call_acts_within_seconds(tmp_path):
     t0 = time.time()
     proc.send_signal(signal.SIGINT)
     try:
-        _, err = proc.communicate(timeout=settings.INTERRUPT_GRACE_S + 20)
+        _, err = proc.communicate(timeout=console.INTERRUPT_GRACE_S + 20)
     except subprocess.TimeoutExpired:
         proc.kill()
         pytest.fail('Ctrl-C did not stop a long C call')
     assert proc.returncode == 130
-    assert time.time() - t0 < settings.INTERRUPT_GRACE_S + 10
-    assert err.strip().splitlines()[-3:] == [f'(the step was still running {settings.INTERRUPT_GRACE_S:.0f} s after '
+    assert time.time() - t0 < console.INTERRUPT_GRACE_S + 10
+    assert err.strip().splitlines()[-3:] == [f'(the step was still running {console.INTERRUPT_GRACE_S:.0f} s after '
                                              'Ctrl-C: stopped it)',
                                              'interrupted: the last epoch checkpoint is kept; continue with:',
                                              f'  python {script} --RESUME={run} --DEVICE=cpu']
