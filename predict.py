@@ -65,7 +65,7 @@ def read_nodules(root):
     else:
         ids = sorted(f[:-4] for f in os.listdir(os.path.join(root, 'cubes')) if f.endswith('.npy'))
         table = pd.DataFrame({'nodule_id': ids})
-    keep = [c for c in ('nodule_id', 'fold', 'label') if c in table.columns]
+    keep = [c for c in ('nodule_id', 'fold', 'label', 'diameter_mm') if c in table.columns]  # diameter: CAM outline
     return table[keep].reset_index(drop=True)
 
 
@@ -176,7 +176,7 @@ def main(**overrides):
     out = runfolder.Run('predict', cfg, cfg['RUN'], cfg['TAG'])
     out.header(cfg, cfg['DEVICE'])
     models = load_models(cfg['RUN'], run_cfg, folds, cfg['DEVICE'], out.log)
-    result = table.copy()
+    result = table.drop(columns=['diameter_mm'], errors='ignore')  # the diameter only outlines the LayerCAM figures
     for fold, (model, mean, std) in models.items():
         result[f'prob_fold{fold}'] = fold_probs(model, cubes, mean, std, cfg['BATCH_SIZE'], cfg['DEVICE'])
     result['prob_mean'] = result[[f'prob_fold{f}' for f in models]].mean(axis=1)

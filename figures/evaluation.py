@@ -189,15 +189,16 @@ def plot_cam(cube, cam, png_path, title, alpha=CAM_ALPHA, diameter_mm=None):
                     ax.contour(cut(cam), levels=levels, cmap=CAM_COLOURS, vmin=0, vmax=1, linewidths=1.2)
             if diameter_mm:
                 ax.add_patch(Circle((c, c), diameter_mm / 2, fill=False, ls='--', lw=1, color='#4fc3f7'))
+            ax.set_xlim(-0.5, cube.shape[0] - 0.5)  # the cube's extent (a circle or contour would widen it)
+            ax.set_ylim(cube.shape[0] - 0.5, -0.5)
             ax.set_title(('CT ' if not row else 'LayerCAM over CT, ') + name % c, fontsize=9)
             ax.set_xlabel(xl, fontsize=8)
             ax.set_ylabel(yl, fontsize=8)
             ax.tick_params(labelsize=7)
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), CAM_COLOURS), ax=axes[1].tolist(), shrink=0.8,
-                       label='LayerCAM (scaled to 0..1); lines at ' + ', '.join(f'{v:g}' for v in levels))
+                       label='LayerCAM (0..1); lines at ' + ', '.join(f'{v:g}' for v in levels))
     for v in levels:
         bar.ax.axhline(v, color='w', lw=1)
-    if diameter_mm:
-        fig.text(0.01, 0.01, f'dashed circle: annotated nodule diameter ({diameter_mm:.1f} mm)', fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    outline = f'\ndashed circle: the annotated nodule diameter ({diameter_mm:.1f} mm)' if diameter_mm else ''
+    fig.suptitle(title + outline, fontsize=10)
     return save(fig, png_path)
