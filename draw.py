@@ -1,8 +1,10 @@
 """Redraw the figures of a run folder, or draw the cells of any genotype.
 
 python draw.py runs/<run folder>                       every figure the run folder supports, written into it
-python draw.py --GENOTYPE=NAS_HBO_PAPER --OUT=cells.png  the normal and reduction cells of a genotype
+python draw.py --GENOTYPE=NAS_HBO_PAPER                  the normal and reduction cells of a genotype (runs/cells_*.png)
 """
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import os
 import sys
 
@@ -13,7 +15,7 @@ import utils
 
 RUN = ''  # a run folder of train_search.py or train_3D_continuation.py: its figures are (re)drawn into it
 GENOTYPE = ''  # a registered genotype name or a genotype.json: its cell diagram is drawn to OUT
-OUT = ''  # with GENOTYPE: its PNG ('' = cells_<name>.png here); with RUN: the figures' folder ('' = the run folder)
+OUT = ''  # with GENOTYPE: its PNG ('' = runs/cells_<name>.png); with RUN: the figures' folder ('' = the run folder)
 PALETTE = False  # write 256-colour PNGs (about 3x smaller: the README's pictures under docs/)
 PNGS = ()  # PNG files made elsewhere (e.g. predict.py's LayerCAM figures) to rewrite in place with the palette
 DEFAULTS = settings.settings_of(globals())
@@ -38,8 +40,8 @@ def main(**overrides):
         written += runs.draw_run(cfg['RUN'], out_dir=cfg['OUT'] or None)
     if cfg['GENOTYPE']:
         name = os.path.splitext(os.path.basename(cfg['GENOTYPE']))[0]
-        out = cfg['OUT'] or f'cells_{name}.png'
-        written.append(diagrams.plot_genotype(cfg['GENOTYPE'], out, title=cfg['GENOTYPE']))
+        out = cfg['OUT'] or os.path.join('runs', f'cells_{name}.png')  # never into the repository's own files
+        written.append(diagrams.plot_genotype(cfg['GENOTYPE'], out, title=runs.genotype_title(cfg['GENOTYPE'])))
     for path in written + list(cfg['PNGS']):
         if cfg['PALETTE']:
             runs.to_palette(path)

@@ -1,6 +1,7 @@
 """The loops shared by the scripts: one training step, evaluation, checkpoints, and the NaN guard."""
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -38,23 +39,60 @@ def train_step(model, optimizer, x, y, params, grad_clip, keep=None):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def run_epoch(step, batches_idx, n, desc, run_path, checkpoint='last.pt'):
+def run_epoch(step, batches_idx, n, desc, run_path, checkpoint='last.pt', on_step_time=None):
     """Call step(idx) -> (loss, number correct) on each batch of indices; stop on a NaN/inf loss. Returns (mean loss,
-    accuracy in percent) over n samples.
+    accuracy in percent) over n samples. on_step_time(k, seconds, steps): told the time of step k = 0 and 1 (read
+    after its loss, so the device has finished it; the first includes one-time setup) and the epoch's number of
+    steps, e.g. to print the run's estimate.
 
     The steps' work stays on the device: the losses are read (one host sync, stop_if_non_finite) at the first step,
     every CHECK_EVERY steps and at the end, and the sums once at the end (epoch_means); nothing in between waits."""
     total, correct, losses, first = 0.0, 0, [], 0
+    mark = time.perf_counter()
     for i, idx in enumerate(progress(batches_idx, desc=desc)):
         loss, hits = step(idx)
         losses.append(loss)
         total = total + loss * len(idx)
         correct = correct + hits
-        if i % CHECK_EVERY == 0:
-            stop_if_non_finite(losses, first, desc, run_path, checkpoint)
+        timed = on_step_time is not None and i <= 1
+        if i % CHECK_EVERY == 0 or timed:
+            stop_if_non_finite(losses, first, desc, run_path, checkpoint)  # a timed step: read when it is done
             losses, first = [], i + 1
+        if timed:
+            now = time.perf_counter()
+            on_step_time(i, now - mark, len(batches_idx))
+            mark = time.perf_counter()  # the callback's own time (a log line) is not the next step's
     stop_if_non_finite(losses, first, desc, run_path, checkpoint)
     return epoch_means(total, correct, n, desc, run_path, checkpoint)
+
+
+def duration(seconds):
+    """'45 s', '12 min', '3.4 h', '2.1 days' for the console."""
+    if seconds < 90:
+        return f'{seconds:.0f} s'
+    if seconds < 90 * 60:
+        return f'{seconds / 60:.0f} min'
+    if seconds < 48 * 3600:
+        return f'{seconds / 3600:.1f} h'
+    return f'{seconds / 86400:.1f} days'
+
+
+def estimate_line(what, seconds, steps, epochs):
+    """The phase's estimated total from one step's time (epochs x steps x seconds), for the console."""
+    return (f'{what}: {epochs} epoch{"s" if epochs != 1 else ""} x {steps} step{"s" if steps != 1 else ""} x '
+            f'{seconds:.2f} s = about {duration(epochs * steps * seconds)} (without evaluation)')
+
+
+def step_time_logger(log, what, epochs):
+    """An on_step_time for run_epoch: logs the first step's time (with one-time setup: memory, oneDNN or cuDNN
+    kernels), then the phase's estimate from the second step (from the first when an epoch has one step)."""
+    def on_step_time(k, seconds, steps):
+        if k == 0:
+            log(f'{what}: first step {seconds:.2f} s (with one-time setup)'
+                + ('; timing the next one for the estimate' if steps > 1 else ''))
+        if k == 1 or steps == 1:
+            log(estimate_line(what, seconds, steps, epochs))
+    return on_step_time
 
 
 def stop_if_non_finite(losses, first, desc, run_path, checkpoint):

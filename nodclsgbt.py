@@ -13,6 +13,8 @@
    thousands of features (seconds per fold instead of minutes) while being the same kind of model.
 Run folder runs/nodclsgbt-<time>/: config.json, log.txt, metrics.csv (a row per fold), predictions.csv.
 """
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import json
 import os
 import time

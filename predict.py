@@ -9,6 +9,8 @@ folder <RUN>/predict-<timestamp>[-TAG]/ is made: config.json, log.txt, predictio
 (nodules.csv, cubes/<id>.npy), with CAM cam/<id>.npy (the map, S^3 float32 in [0, 1]) and cam/<id>.png (three
 mid-planes through the nodule, map over the CT). The file INCOMPLETE marks a folder whose writing was interrupted.
 """
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import os
 import pickle
 import sys
@@ -89,7 +91,7 @@ def read_nodules(root):
     else:
         ids = sorted(f[:-4] for f in os.listdir(os.path.join(root, 'cubes')) if f.endswith('.npy'))
         table = pd.DataFrame({'nodule_id': ids})
-    keep = [c for c in ('nodule_id', 'fold', 'label') if c in table.columns]
+    keep = [c for c in ('nodule_id', 'fold', 'label', 'diameter_mm') if c in table.columns]  # diameter: CAM outline
     return table[keep].reset_index(drop=True)
 
 
@@ -196,7 +198,9 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg, log):
         evaluation.plot_cam(cubes[i], volume, part,
                             f'nodule {nid}: P(malignant) = {probs[i]:.3f} (mean of {len(models)} fold models), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
-                            f'LayerCAM of class {"malignant" if target else "benign"}, {which}; {cfg["RUN"]}')
+                            f'LayerCAM of class {"malignant" if target else "benign"}, {which}; '
+                            f'{os.path.basename(os.path.normpath(cfg["RUN"]))}',
+                            diameter_mm=table['diameter_mm'].iloc[i] if 'diameter_mm' in table.columns else None)
         os.replace(part, png)
     log(f'LayerCAM: {len(table)} maps in {time.time() - t0:.0f} s: {out_dir}')
 

@@ -17,6 +17,8 @@ LIDC database needed; its nodules are checked against their scan's header, rows 
 cropping only). The annotated nodules (a sphere of radius + PROTECT_MM each) are never filled by
 the masking (scans/lungmask.py). A log goes to runs/prepare-<time>/.
 """
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import json
 import os
 import time

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+import settings
 from utils import UserError, atomic_path, git_commit, save_json_atomic
 
 
@@ -26,6 +27,7 @@ class Run:
             path = os.path.join(root, f'{script}-{stamp}' + (f'-{tag}' if tag else ''))
         self.path = path
         os.makedirs(path, exist_ok=True)
+        settings.note_run_folder(path)  # named by the resume command when the run is interrupted
         self.quiet = False
         self.previous = self._previous_config()  # settings of a continued run before this start; None: a new run
         save_json_atomic(self.file('config.json'), cfg, default=str)  # a kill mid-write keeps the previous one

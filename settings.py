@@ -16,11 +16,14 @@ then checks its other inputs (files, folds, genotypes) before it creates or touc
 one line (a UserError, printed by run_cli without a traceback) naming the setting, its value and the rule.
 """
 import ast
+import glob
 import json
 import operator
 import os
+import shlex
 import sys
 
+import console
 from utils import UserError
 
 
@@ -281,19 +284,34 @@ def settings_of(module_globals):
     return {k: v for k, v in module_globals.items() if k.isupper() and not k.startswith('_') and isinstance(v, plain)}
 
 
-RESUME_HINT = 'the last checkpoint is kept; rerun with --RESUME=<run folder> to continue'
+RESUME_HINT = 'the last checkpoint is kept'
+_RUN_FOLDER = []  # the run folder this process opened (runfolder.Run notes it), named when a run is interrupted
 
 
-def run_cli(main, defaults, on_interrupt=RESUME_HINT):
-    """Entry point of a script: parse sys.argv, run main(**overrides), print user errors as one line.
-    on_interrupt: what Ctrl-C prints after 'interrupted: ', i.e. how this script continues (or that it restarts)."""
+def note_run_folder(path):
+    """Called by runfolder.Run: the folder an interrupted run names in its resume command."""
+    _RUN_FOLDER[:] = [path]
+
+
+def run_cli(main, defaults, on_interrupt=RESUME_HINT, kept=None):
+    """Entry point of a script: answer --help, parse sys.argv, run main(**overrides), print user errors as one line.
+    on_interrupt: what Ctrl-C prints after 'interrupted: ' (what is kept, or how the script continues).
+    kept: for a resumable script, the file patterns in its run folder from which --RESUME continues (checkpoints,
+    finished folds); Ctrl-C then prints the exact resume command, or that there is nothing to resume yet."""
+    script = sys.modules[main.__module__].__file__
+    console.help_if_asked(script)
+    _RUN_FOLDER.clear()
+    overrides = {}
+    watch = console.InterruptWatch(lambda: interrupt_message(script, on_interrupt, kept, overrides))
     try:
-        main(**parse_overrides(defaults, sys.argv[1:]))
+        overrides.update(parse_overrides(defaults, sys.argv[1:]))
+        main(**overrides)
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f'interrupted: {on_interrupt}', file=sys.stderr)
+        watch.handled.set()
+        print(interrupt_message(script, on_interrupt, kept, overrides), file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001 - only torch's out-of-GPU-memory error is answered here
         torch = sys.modules.get('torch')  # imported by the script when it ran a network; never imported here
@@ -305,6 +323,26 @@ def run_cli(main, defaults, on_interrupt=RESUME_HINT):
         first = str(e).partition('\n')[0]
         print(f'error: out of GPU memory ({first}); {advice}', file=sys.stderr)
         sys.exit(3)
+    finally:
+        watch.close()
+
+
+def interrupt_message(script, on_interrupt, kept, overrides):
+    """What Ctrl-C prints: for a resumable script (kept: its checkpoint patterns) the exact command that continues the
+    run folder, or that nothing can be resumed yet; otherwise 'interrupted: ' + on_interrupt."""
+    if kept is None:
+        return f'interrupted: {on_interrupt}'
+    if not _RUN_FOLDER:
+        return 'interrupted before the run folder was made: nothing to resume; rerun the same command to start again'
+    path = _RUN_FOLDER[0]
+    if not any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in kept):
+        return (f'interrupted before the first checkpoint: nothing to resume in {path}; rerun the same command to '
+                'start again')
+    args = [f'--RESUME={path}'] + [f'--{k}={v if isinstance(v, str) else repr(v)}' for k, v in overrides.items()
+                                   if k in RESUMABLE_CHANGES and k != 'RESUME']  # this machine's, not in config.json
+    shown = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(script) else os.path.relpath(script)
+    command = shlex.join(['python', shown, *args])
+    return f'interrupted: {on_interrupt}; continue with:\n  {command}'
 
 
 def check_settings(overrides, defaults):

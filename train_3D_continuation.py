@@ -3,6 +3,8 @@
 python train_3D_continuation.py [config.py] [--NAME=value ...]
 Each test fold f is evaluated by training on all other folds and reporting the final epoch on f.
 """
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import copy
 import os
 import time
@@ -153,7 +155,9 @@ def train_fold(cfg, genotype, table, fold, run):
         steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
         train_loss, train_acc = engine.run_epoch(
             lambda idx: train_step(*train.train_batch(idx, gen)),
-            steps, len(train), f'fold {fold} epoch {epoch}', run.path, ckpt_name)
+            steps, len(train), f'fold {fold} epoch {epoch}', run.path, ckpt_name,
+            on_step_time=None if epoch != start else engine.step_time_logger(run.log, f'fold {fold}',
+                                                                            cfg['EPOCHS'] - start))
         sched.step()
         ev = engine.evaluate(model, test, cfg['BATCH_SIZE'], f'fold {fold} test evaluation of epoch {epoch}', run.path,
                              ckpt_name)
@@ -256,5 +260,5 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    settings.run_cli(main, DEFAULTS, 'finished folds and the last epoch checkpoint are kept; rerun with '
-                  '--RESUME=<run folder> to continue')
+    settings.run_cli(main, DEFAULTS, 'finished folds and the last epoch checkpoint are kept',
+                     kept=('last_fold*.pt', 'result_fold*.json'))

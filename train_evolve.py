@@ -6,6 +6,8 @@ Phases: 0 Latin-hypercube initialization; 1..LEARNING_GENERATIONS learning (MOEA
 decaying mutation; every child trained); then exploitation (subproblems and gene values drawn by their learned
 selection probabilities, a random-forest surrogate decides which children are trained). README: train_evolve.py.
 """
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 import json
 import os
 import shutil
@@ -285,4 +287,4 @@ def main(**overrides):
 
 
 if __name__ == '__main__':
-    settings.run_cli(main, DEFAULTS, 'the finished candidates are kept; rerun with --RESUME=<run folder> to continue')
+    settings.run_cli(main, DEFAULTS, 'the finished candidates are kept', kept=('candidates/*.json',))

@@ -2,6 +2,8 @@
 
 python train_search.py [config.py] [--NAME=value ...]
 """
+import console  # first: --help answers from the source, before the heavy imports below
+console.help_if_asked(__file__, __name__)
 
 import os
 import time
@@ -132,9 +134,9 @@ class ValStream:
         self.queue = [idx.to(self.data.device) for idx in state['queue']]
 
 
-def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run, train_step=None):
-    """One epoch: (after warm-up) an architecture step then a weight step per training batch (train_step: the
-    step of graphs.search_steps, built once per run; None: the eager one).
+def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run, first=0, train_step=None):
+    """One epoch: (after warm-up) an architecture step then a weight step per training batch (first: the first
+    epoch this process runs; train_step: the step of graphs.search_steps, built once per run; None: the eager one).
     Returns loss, accuracy and ROC AUC of the training batches' predictions made during the epoch."""
     arch_on = epoch >= cfg['WARMUP_EPOCHS']
     model.train()
@@ -147,8 +149,24 @@ def search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run,
     def step(idx):
         return train_step(*train.train_batch(idx, gen), arch_on, val_stream, keep)
     steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
-    loss, acc = engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path)
+    loss, acc = engine.run_epoch(step, steps, len(train), f'search epoch {epoch}', run.path,
+                                 on_step_time=phase_estimate(cfg, epoch, run, first))
     return loss, acc, engine.kept_auc(keep)
+
+
+def phase_estimate(cfg, epoch, run, first):
+    """At the first two steps of each phase this process runs (warm-up: weight steps only; search: architecture and
+    weight steps), log their time and the phase's estimated total; None on other epochs. first: the first epoch run."""
+    warmup = cfg['WARMUP_EPOCHS']
+    if epoch != first and epoch != warmup:
+        return None
+    if epoch < warmup:
+        what, epochs, n = 'warm-up (weight steps only)', min(warmup, cfg['EPOCHS']) - epoch, cfg['EPOCHS'] - warmup
+        after = f'; then {n} search epoch{"s, timed at their" if n != 1 else ", timed at its"} first step' if n > 0 \
+            else ''
+    else:
+        what, epochs, after = 'search (architecture and weight steps)', cfg['EPOCHS'] - epoch, ''
+    return engine.step_time_logger(lambda line: run.log(line + (after if ' x ' in line else '')), what, epochs)
 
 
 def set_temperature(model, cfg, epoch):
@@ -218,7 +236,7 @@ def main(**overrides):
         t0 = time.time()
         lr = float(w_opt.param_groups[0]['lr'])  # a device tensor with CUDA_GRAPHS
         tr_loss, tr_acc, tr_auc = search_epoch(epoch, cfg, model, w_opt, updater, train, val_stream, gen, run,
-                                               train_step)
+                                               start, train_step)
         sched.step()
         ev = engine.evaluate(model, val, cfg['BATCH_SIZE'], f'search-val evaluation of epoch {epoch}', run.path)
         geno = model.genotype()
@@ -262,4 +280,4 @@ def finish(run, model, best, epoch, figures=True):
 
 
 if __name__ == '__main__':
-    settings.run_cli(main, DEFAULTS, 'the last epoch checkpoint is kept; rerun with --RESUME=<run folder> to continue')
+    settings.run_cli(main, DEFAULTS, 'the last epoch checkpoint is kept', kept=('last.pt',))

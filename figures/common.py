@@ -19,6 +19,29 @@ def new_figure(width, height, nrows=1, ncols=1, **kw):
     return fig, axes
 
 
+def run_name(run_path):
+    """A run folder as figures name it: its own name (runs/<script>-<timestamp>[-tag]), never the machine's path."""
+    return os.path.basename(os.path.normpath(run_path))
+
+
+def plural(n, word):
+    """'1 fold', '5 folds'."""
+    return f'{n} {word}' if n == 1 else f'{n} {word}s'
+
+
+def epoch_axis(ax, epochs):
+    """An x axis of epochs with whole-number ticks only: each epoch of a short run (one epoch: a 1-wide range around
+    it, where matplotlib would tick 0.00, 0.02, ...), at most ~6 whole numbers of a long one."""
+    from matplotlib.ticker import MaxNLocator
+    ax.set_xlabel('epoch')
+    epochs = sorted({int(e) for e in epochs})
+    if len(epochs) <= 6:
+        ax.set_xticks(epochs)
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+
+
 def save(fig, path, dpi=100):
     os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -34,8 +34,8 @@ def cell_layout(edges, concat):
     edges: [(op, input_state)] two per node."""
     n_nodes = len(edges) // 2
     rank = {0: 0, 1: 0}
-    for i in range(n_nodes):
-        rank[i + 2] = 1 + max(rank[j] for _, j in edges[2 * i:2 * i + 2])
+    for i in range(n_nodes):  # one column right of its inputs, and never left of the node before it (index order)
+        rank[i + 2] = max(1 + max(rank[j] for _, j in edges[2 * i:2 * i + 2]), rank.get(i + 1, 0) if i else 0)
     rank['out'] = 1 + max(rank[s] for s in concat)
     columns = {}
     for state, r in rank.items():

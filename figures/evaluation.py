@@ -8,9 +8,8 @@ import os
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.ticker import MaxNLocator
 
-from figures.common import fold_files, new_figure, read_rows, save
+from figures.common import epoch_axis, fold_files, new_figure, plural, read_rows, run_name, save
 from utils import METRIC_NAMES, UserError, read_json
 
 METRIC_TITLES = {'acc': 'accuracy', 'sens': 'sensitivity', 'spec': 'specificity', 'f1': 'F1', 'auc': 'ROC AUC'}
@@ -26,9 +25,11 @@ def plot_retrain_curves(run_path, png_path=None):
     if not files:
         raise UserError(f'{run_path}: no metrics_fold*.csv (not a train_3D_continuation run folder?)')
     fig, axes = new_figure(11, 4, 1, 2)
+    all_epochs = []
     for i, (fold, path) in enumerate(files.items()):
         rows = read_rows(path)
         epochs = [r['epoch'] for r in rows]
+        all_epochs += epochs
         marker = 'o' if len(epochs) <= 12 else None
         for ax, key in zip(axes[0], ('loss', 'acc')):
             ax.plot(epochs, [r[f'train_{key}'] for r in rows], '--', color=fold_colour(i), marker=marker, ms=3,
@@ -37,12 +38,11 @@ def plot_retrain_curves(run_path, png_path=None):
                     label=f'fold {fold} test')
     for ax, (title, ylabel) in zip(axes[0], (('loss', 'cross-entropy loss'), ('accuracy', 'accuracy (%)'))):
         ax.set_title(title)
-        ax.set_xlabel('epoch')
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, all_epochs)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=7, ncol=2 if len(files) > 3 else 1, loc='best')
-    fig.suptitle(f'retraining per test fold: {run_path}\ntrain: running values over augmented batches with '
+    fig.suptitle(f'retraining per test fold: {run_name(run_path)}\ntrain: running values over augmented batches with '
                  'drop path; test: the held-out fold after each epoch', fontsize=9)
     return save(fig, png_path or os.path.join(run_path, 'retrain_curves.png'))
 
@@ -99,8 +99,9 @@ def plot_roc(run_path, png_path=None):
         curves.append((fpr, tpr))
         ax.plot(fpr, tpr, color=fold_colour(i), lw=1.2, alpha=0.8, label=f'fold {fold} (AUC {auc:.3f}, n={len(y)})')
     if curves:
+        spread = f' ± {np.std(aucs):.3f}' if len(aucs) > 1 else ''  # no spread of a single fold
         ax.plot(grid, mean_roc(curves, grid), color='k', lw=2.2,
-                label=f'mean of {len(curves)} folds (AUC {np.mean(aucs):.3f} ± {np.std(aucs):.3f})')
+                label=f'mean of {plural(len(curves), "fold")} (AUC {np.mean(aucs):.3f}{spread})')
     ax.plot([0, 1], [0, 1], ':', color='0.5', lw=1, label='chance')
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
@@ -109,7 +110,7 @@ def plot_roc(run_path, png_path=None):
     ax.set_ylabel('true positive rate (sensitivity)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='lower right')
-    ax.set_title(f'ROC of the test folds, final epoch\n{run_path}', fontsize=9)
+    ax.set_title(f'ROC of the test folds, final epoch\n{run_name(run_path)}', fontsize=9)
     return save(fig, png_path or os.path.join(run_path, 'roc.png'))
 
 
@@ -130,7 +131,7 @@ def plot_confusion(run_path, png_path=None):
     panels = [(f'fold {f}', confusion(y, p)) for f, (y, p) in probs.items()]
     if len(panels) > 1:
         panels.append(('all folds', sum(m for _, m in panels)))
-    fig, axes = new_figure(2.6 * len(panels) + 0.6, 3.9, 1, len(panels))
+    fig, axes = new_figure(max(2.6 * len(panels) + 0.6, 4.4), 4.1, 1, len(panels))
     for ax, (name, m) in zip(axes[0], panels):
         share = m / np.maximum(m.sum(1, keepdims=True), 1)
         ax.imshow(share, cmap='Blues', vmin=0, vmax=1)
@@ -143,7 +144,7 @@ def plot_confusion(run_path, png_path=None):
         ax.set_xlabel('predicted', fontsize=8)
         ax.set_ylabel('true', fontsize=8)
         ax.set_title(f'{name} (n={m.sum()})', fontsize=9)
-    fig.suptitle(f'confusion matrices, final epoch, threshold P(malignant) = 0.5\n{run_path}', fontsize=9)
+    fig.suptitle(f'confusion matrices, final epoch,\nthreshold P(malignant) = 0.5\n{run_name(run_path)}', fontsize=9)
     return save(fig, png_path or os.path.join(run_path, 'confusion.png'))
 
 
@@ -157,8 +158,9 @@ def plot_kfold_table(run_path, png_path=None):
     header = ['test fold'] + [f'{METRIC_TITLES[k]} (%)' for k in METRIC_NAMES]
     cells = [[str(r['fold'])] + [f'{r[k]:.2f}' for k in METRIC_NAMES] for r in results]
     values = np.array([[r[k] for k in METRIC_NAMES] for r in results], dtype=float)
-    cells.append(['mean ± std'] + [f'{m:.2f} ± {s:.2f}' for m, s in zip(np.nanmean(values, 0),
-                                                                          np.nanstd(values, 0))])
+    if len(results) > 1:  # one fold: its row is the table (a mean of one, a std of 0, would say nothing)
+        cells.append(['mean ± std'] + [f'{m:.2f} ± {s:.2f}' for m, s in zip(np.nanmean(values, 0),
+                                                                              np.nanstd(values, 0))])
     fig, axes = new_figure(9, 0.9 + 0.32 * (len(cells) + 1))
     ax = axes[0][0]
     ax.axis('off')
@@ -168,37 +170,57 @@ def plot_kfold_table(run_path, png_path=None):
     table.scale(1, 1.3)
     for col in range(len(header)):
         table[0, col].set_facecolor('#dde6f2')
-        table[len(cells), col].set_facecolor('#f2f2f2')
+        if len(results) > 1:
+            table[len(cells), col].set_facecolor('#f2f2f2')
     params = results[0].get('params_M')
     ax.set_title('k-fold results, final epoch on each test fold (malignant positive)'
-                 + (f'; {params:.3f} M parameters' if params is not None else '') + f'\n{run_path}', fontsize=9)
+                 + (f'; {params:.3f} M parameters' if params is not None else '') + f'\n{run_name(run_path)}',
+                 fontsize=9)
     return save(fig, png_path or os.path.join(run_path, 'kfold_table.png'))
 
 
 # ---------------------------------------------------------------- LayerCAM
 
-def plot_cam(cube, cam, png_path, title, alpha=0.45):
+CAM_COLOURS = 'magma'  # perceptually uniform: brighter = more relevant, readable in grey too (jet is neither)
+CAM_ALPHA = 0.3  # the map's opacity over the CT: the CT stays readable under it
+CAM_LEVELS = (0.5, 0.8)  # contour levels of the map (scaled to 0..1), drawn over the CT
+
+
+def plot_cam(cube, cam, png_path, title, alpha=CAM_ALPHA, diameter_mm=None):
     """Three orthogonal planes through the cube centre (where the nodule is): the CT cube (uint8 0..255, windowed
-    HU) alone above, with the map (0..1) over it below. cube, cam: (S, S, S) arrays in z, y, x order."""
+    HU) alone above; below, the map (0..1) over it at low opacity with its CAM_LEVELS contours, so the CT stays
+    visible. diameter_mm: the nodule's annotated diameter, outlined (dashed circle, 1 mm voxels) in every panel.
+    cube, cam: (S, S, S) arrays in z, y, x order."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Circle
     cube, cam = np.asarray(cube, dtype=float), np.asarray(cam, dtype=float)
     c = cube.shape[0] // 2
     planes = [('axial (z = %d)', lambda v: v[c], ('x (voxel, 1 mm)', 'y (voxel, 1 mm)')),
               ('coronal (y = %d)', lambda v: v[:, c], ('x (voxel, 1 mm)', 'z (voxel, 1 mm)')),
               ('sagittal (x = %d)', lambda v: v[:, :, c], ('y (voxel, 1 mm)', 'z (voxel, 1 mm)'))]
     fig, axes = new_figure(9.6, 6.8, 2, 3)
+    levels = [v for v in CAM_LEVELS if 0 < v < 1]
     for col, (name, cut, (xl, yl)) in enumerate(planes):
         for row in (0, 1):
             ax = axes[row][col]
             ax.imshow(cut(cube), cmap='gray', vmin=0, vmax=255, origin='upper')
             if row:
-                ax.imshow(cut(cam), cmap='jet', vmin=0, vmax=1, alpha=alpha, origin='upper')
+                ax.imshow(cut(cam), cmap=CAM_COLOURS, vmin=0, vmax=1, alpha=alpha, origin='upper')
+                if np.ptp(cut(cam)) > 0:
+                    ax.contour(cut(cam), levels=levels, cmap=CAM_COLOURS, vmin=0, vmax=1, linewidths=1.2)
+            if diameter_mm:
+                ax.add_patch(Circle((c, c), diameter_mm / 2, fill=False, ls='--', lw=1, color='#4fc3f7'))
+            ax.set_xlim(-0.5, cube.shape[0] - 0.5)  # the cube's extent (a circle or contour would widen it)
+            ax.set_ylim(cube.shape[0] - 0.5, -0.5)
             ax.set_title(('CT ' if not row else 'LayerCAM over CT, ') + name % c, fontsize=9)
             ax.set_xlabel(xl, fontsize=8)
             ax.set_ylabel(yl, fontsize=8)
             ax.tick_params(labelsize=7)
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    fig.colorbar(ScalarMappable(Normalize(0, 1), 'jet'), ax=axes[1].tolist(), shrink=0.8,
-                 label='LayerCAM (scaled to 0..1)')
-    fig.suptitle(title, fontsize=10)
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), CAM_COLOURS), ax=axes[1].tolist(), shrink=0.8,
+                       label='LayerCAM (0..1); lines at ' + ', '.join(f'{v:g}' for v in levels))
+    for v in levels:
+        bar.ax.axhline(v, color='w', lw=1)
+    outline = f'\ndashed circle: the annotated nodule diameter ({diameter_mm:.1f} mm)' if diameter_mm else ''
+    fig.suptitle(title + outline, fontsize=10)
     return save(fig, png_path)

@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 import genotypes
 from figures import diagrams, evaluation, search
-from figures.common import fold_files, new_figure, read_config, read_rows, save
+from figures.common import epoch_axis, fold_files, new_figure, read_config, read_rows, run_name, save
 from utils import UserError
 
 FOLD_COLOURS = 'tab10'  # one colour per test fold
@@ -37,16 +37,15 @@ def plot_search_curves(run_path, png_path=None):
                 ax.plot(epochs, values, style, marker='o' if len(epochs) <= 12 else None, ms=3, label=name)
         if warmup and 0 < warmup <= max(epochs):
             ax.axvline(warmup - 0.5, color='0.5', lw=0.8, ls=':', label='architecture steps start')
-        ax.set_xlabel('epoch')
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epoch_axis(ax, epochs)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_title('loss')
     axes[0][1].set_title('accuracy')
     axes[0][2].set_title('ROC AUC (malignant positive)')
-    fig.suptitle(f'search curves: {run_path}\nsearch-train: running values over the epoch\'s augmented batches '
-                 '(weights still changing); search-val: end of epoch, no augmentation', fontsize=9)
+    fig.suptitle(f'search curves: {run_name(run_path)}\nsearch-train: running values over the epoch\'s augmented '
+                 'batches (weights still changing); search-val: end of epoch, no augmentation', fontsize=9)
     return save(fig, png_path or os.path.join(run_path, 'search_curves.png'))
 
 
@@ -124,7 +123,7 @@ def plot_genotype_evolution(run_path, png_path=None):
     handles = [Patch(color=colours[op], label=op) for op in used]
     handles.append(Patch(fc=NOT_KEPT, ec='0.6', label='not kept'))
     fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 4), fontsize=8)
-    fig.suptitle(f'genotype per epoch (recomputed from weights.csv): {run_path}\n'
+    fig.suptitle(f'genotype per epoch (recomputed from weights.csv): {run_name(run_path)}\n'
                  'black bar: the edge\'s last change; dotted line: architecture steps start', fontsize=9)
     return save(fig, png_path or os.path.join(run_path, 'genotype_evolution.png'))
 
@@ -147,7 +146,7 @@ def draw_run(run_path, log=print, out_dir=None):
     jobs = []
     if has['weights.csv']:
         jobs += [(search.plot_op_weights, (os.path.join(run_path, 'weights.csv'), out('weights.png'),
-                                           f'op weights per edge and epoch: {run_path}')),
+                                           f'op weights per edge and epoch: {run_name(run_path)}')),
                  (plot_genotype_evolution, (run_path, out('genotype_evolution.png')))]
     if has['metrics.csv'] and has['weights.csv']:
         jobs.append((plot_search_curves, (run_path, out('search_curves.png'))))
@@ -163,12 +162,19 @@ def draw_run(run_path, log=print, out_dir=None):
         jobs.append((evaluation.plot_kfold_table, (run_path, out('kfold_table.png'))))
     genotype = os.path.join(run_path, 'genotype.json') if has['genotype.json'] else cfg.get('GENOTYPE')
     if genotype and (genotype in genotypes.GENOTYPES or os.path.isfile(genotype)):
-        jobs.append((diagrams.plot_genotype, (genotype, out('cells.png'), genotype)))
+        jobs.append((diagrams.plot_genotype, (genotype, out('cells.png'), genotype_title(genotype))))
     elif genotype:
         log(f'{run_path}: genotype {genotype} not found from here: no cell diagram')
     if not jobs:
         raise UserError(f'{run_path}: nothing to draw (no metrics.csv, weights.csv, metrics_fold*.csv or genotype)')
     return [fn(*args) for fn, args in jobs]
+
+
+def genotype_title(genotype):
+    """A registered name as it is; a genotype file by its name in its run folder (no machine path)."""
+    if genotype in genotypes.GENOTYPES:
+        return genotype
+    return f'{run_name(os.path.dirname(os.path.abspath(genotype)))}/{os.path.basename(genotype)}'
 
 
 def to_palette(png_path):

@@ -18,7 +18,7 @@ COLUMNS = ('epoch', 'cell', 'edge', 'op', 'weight')
 CELLS = ('normal', 'reduce')
 MAX_COLS = 7  # subplots per row: 14 edges of a 4-node cell fill two rows
 LEGEND_COLS = 5  # ops per legend row
-PANEL_W, PANEL_H = 2.0, 1.6  # size of one subplot with its title and ticks, inches
+PANEL_W, PANEL_H = 2.3, 1.6  # size of one subplot with its title and ticks, inches
 
 
 def _parse_row(row, csv_path, line):
@@ -62,13 +62,19 @@ def read_op_weights(csv_path):
     return series, ops
 
 
+def state_name(state):
+    """The names of cells.png (figures.diagrams): c_{k-2}, c_{k-1} for the cell inputs (states 0, 1), then the
+    intermediate nodes 0, 1, ... (states 2, 3, ...)."""
+    return {0: 'c$_{k-2}$', 1: 'c$_{k-1}$'}.get(state, str(state - 2))
+
+
 def edge_label(edge):
-    """'edge e: j->i' with DARTS state indices (0, 1 = cell inputs, 2.. = nodes); node n has 2 + n inputs."""
+    """'c_{k-2}→node 0' for an edge in DARTS order (node n has 2 + n inputs), named as in cells.png."""
     node, first = 0, 0
     while edge >= first + 2 + node:
         first += 2 + node
         node += 1
-    return f'edge {edge}: {edge - first}\u2192{node + 2}'
+    return f'{state_name(edge - first)}→node {node}'
 
 
 def _colours(ops):
@@ -88,8 +94,8 @@ def _figure(nrows, ncols, n_ops, title):
     FigureCanvasAgg(fig)
     # Fixed margins instead of constrained layout: same look, half the time for a 28-panel grid.
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
-                        top=1 - top / height, wspace=0.12, hspace=0.32)
-    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+                        top=1 - top / height, wspace=0.4, hspace=0.32)  # room for each panel's own y ticks
+    axes = fig.subplots(nrows, ncols, sharex=True, squeeze=False)  # y: each panel its own scale
     if title:
         fig.text(0.5, 1 - 0.08 / height, title, ha='center', va='top', fontsize=10)
     fig.text(0.5, 0.06 / height, 'epoch', ha='center', va='bottom', fontsize=8)
@@ -97,11 +103,25 @@ def _figure(nrows, ncols, n_ops, title):
     return fig, axes, 1 - (0.1 + (0.3 if title else 0)) / height
 
 
+MIN_SPAN = 0.01  # smallest y range of a weights panel: ops that differ by less than this look alike anyway
+
+
+def set_weight_scale(ax, weights):
+    """A weights panel's y range: its own data with a margin (after warm-up every sigmoid weight sits near 0.5, and
+    a shared 0..1 axis drew them as one line), at least MIN_SPAN wide; returns (low, high)."""
+    lo, hi = min(weights), max(weights)
+    mid, half = (lo + hi) / 2, max(hi - lo, MIN_SPAN) / 2 * 1.1
+    ax.set_ylim(mid - half, mid + half)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=4))
+    return mid - half, mid + half
+
+
 def plot_op_weights(csv_path, png_path, title=None):
     """Save a PNG with one small panel per (cell, edge) showing every op's weight against the epoch.
 
     csv_path: rows epoch, cell ('normal'/'reduce'), edge, op, weight. Rows of a cell are laid out
-    MAX_COLS panels wide; all panels share axes and one legend. Returns png_path.
+    MAX_COLS panels wide; panels share the epoch axis and one legend, each scales its weights to its own data.
+    Returns png_path.
     """
     series, ops = read_op_weights(csv_path)
     cells = [c for c in CELLS if any(key[0] == c for key in series)]
@@ -109,7 +129,6 @@ def plot_op_weights(csv_path, png_path, title=None):
     ncols = min(MAX_COLS, max(len(v) for v in edges.values()))
     rows_per_cell = {c: math.ceil(len(edges[c]) / ncols) for c in cells}
     epochs = sorted({e for per_op in series.values() for pts in per_op.values() for e, _ in pts})
-    weights = [w for per_op in series.values() for pts in per_op.values() for _, w in pts]
     colour = _colours(ops)
     fig, axes, legend_top = _figure(sum(rows_per_cell.values()), ncols, len(ops), title)
     # Markers only when there are few epochs: a single epoch would otherwise draw nothing.
@@ -123,15 +142,13 @@ def plot_op_weights(csv_path, png_path, title=None):
                 if pts:
                     ax.plot([e for e, _ in pts], [w for _, w in pts], color=colour[op], lw=1.2,
                             marker=marker, ms=2.5)
-            ax.set_title(f'{cell} {edge_label(edge)}', fontsize=7, pad=3)
+            set_weight_scale(ax, [w for pts in series[(cell, edge)].values() for _, w in pts])
+            ax.set_title(f'{cell}: {edge_label(edge)}', fontsize=7, pad=3)
             ax.tick_params(labelsize=6)
             ax.grid(alpha=0.3, lw=0.5)
         for j in range(len(edges[cell]), rows_per_cell[cell] * ncols):
             axes[row0 + j // ncols][j % ncols].set_visible(False)
         row0 += rows_per_cell[cell]
-    # Weights from sigmoid or sparsemax live in [0, 1]; widen only if the data go outside.
-    lo, hi = min(0.0, min(weights)), max(1.0, max(weights))
-    axes[0][0].set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
     axes[0][0].xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
     if len(epochs) == 1:
         axes[0][0].set_xlim(epochs[0] - 1, epochs[0] + 1)
@@ -141,6 +158,15 @@ def plot_op_weights(csv_path, png_path, title=None):
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=110)
     return png_path
+
+
+def generation_colours(gen):
+    """A discrete colour scale of the generations: one band per generation, ticks at its whole numbers (at most 10
+    ticks): (BoundaryNorm, ticks)."""
+    from matplotlib.colors import BoundaryNorm
+    lo, hi = int(min(gen)), int(max(gen))
+    step = max(1, -(-(hi - lo + 1) // 10))
+    return BoundaryNorm([g - 0.5 for g in range(lo, hi + 2)], 256), list(range(lo, hi + 1, step))
 
 
 def plot_pareto(csv_path, png_path, paper_params=None, title=None):
@@ -166,9 +192,10 @@ def plot_pareto(csv_path, png_path, paper_params=None, title=None):
     fig = Figure(figsize=(6.4, 4.4))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    dots = ax.scatter(params / 1e6, f1, c=gen, cmap='viridis', s=16, alpha=0.8, label='evaluated candidates')
-    bar = fig.colorbar(dots, ax=ax, label='generation')
-    bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    norm, ticks = generation_colours(gen)
+    dots = ax.scatter(params / 1e6, f1, c=gen, cmap='viridis', norm=norm, s=16, alpha=0.8,
+                      label='evaluated candidates')
+    fig.colorbar(dots, ax=ax, label='generation', ticks=ticks)
     ax.step(params[members] / 1e6, f1[members], where='post', color='tab:red', lw=1.2)
     ax.scatter(params[members] / 1e6, f1[members], facecolors='none', edgecolors='tab:red', s=60, lw=1.4,
                label=f'non-dominated front ({len(members)})')

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from figures.search import edge_label, plot_op_weights, read_op_weights
+from figures import diagrams
+from figures.search import edge_label, plot_op_weights, read_op_weights, state_name
 from utils import UserError
 
 OPS = ['max_pool_3x3x3', 'avg_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3', 'dil_conv_5x5x5']
@@ -61,10 +62,12 @@ def test_read_keeps_op_order_and_all_points(tmp_path):
     assert [e for e, _ in series[('reduce', 13)]['skip_connect']] == [0, 1, 2]
 
 
-def test_edge_labels_follow_darts_state_indices():
-    # Node n (state n + 2) has inputs 0 .. n + 1; edges 0-1 feed node 0, 2-4 node 1, 5-8 node 2, 9-13 node 3.
-    assert [edge_label(e)[-3:] for e in (0, 1, 2, 4, 5, 8, 9, 13)] == [
-        '0\u21922', '1\u21922', '0\u21923', '2\u21923', '0\u21924', '3\u21924', '0\u21925', '4\u21925']
+def test_edge_labels_name_states_as_the_cell_diagram_does():
+    # Node n has inputs c_{k-2}, c_{k-1}, nodes 0 .. n-1; edges 0-1 feed node 0, 2-4 node 1, 5-8 node 2, 9-13 node 3.
+    assert [edge_label(e) for e in (0, 1, 2, 4, 5, 8, 9, 13)] == [
+        'c$_{k-2}$\u2192node 0', 'c$_{k-1}$\u2192node 0', 'c$_{k-2}$\u2192node 1', '0\u2192node 1',
+        'c$_{k-2}$\u2192node 2', '1\u2192node 2', 'c$_{k-2}$\u2192node 3', '2\u2192node 3']
+    assert [state_name(s) for s in (0, 1, 2, 5)] == [diagrams._name(s) for s in (0, 1, 2, 5)]  # as in cells.png
 
 
 def test_missing_column_is_user_error(tmp_path):
@@ -94,3 +97,134 @@ def test_empty_and_unreadable_files(tmp_path):
         plot_op_weights(path, tmp_path / 'e.png')
     with pytest.raises(UserError, match='nope.csv: cannot read'):
         plot_op_weights(tmp_path / 'nope.csv', tmp_path / 'e.png')
+
+
+# ---------------------------------------------------------------- what a figure shows, read from the figure
+
+import json  # noqa: E402 - the figure-reading tests below
+import os  # noqa: E402
+
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Circle  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+
+import draw  # noqa: E402
+from figures import evaluation, runs, search  # noqa: E402
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The Figures saved while the test runs (savefig still writes them)."""
+    figs = []
+    real = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        figs.append(self)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(Figure, 'savefig', savefig)
+    return figs
+
+
+def texts(fig):
+    """Every text of a figure, its tables' cells included."""
+    cells = [c.get_text() for ax in fig.axes for table in ax.tables for c in table.get_celld().values()]
+    return [t.get_text() for t in fig.findobj(Text) + cells if t.get_text()]
+
+
+def one_fold_run(root):
+    """A retrain run folder with one test fold (5) and one epoch, as train_3D_continuation writes it."""
+    run = root / 'runs' / 'train_3D_continuation-20260101-000000-000000'
+    run.mkdir(parents=True)
+    (run / 'metrics_fold5.csv').write_text('epoch,lr,train_loss,train_acc,test_loss,test_acc\n0,0.1,0.7,50,0.69,55\n')
+    (run / 'probs_fold5.csv').write_text('nodule_id,label,prob\n' + ''.join(
+        f'n{i},{i % 2},{0.2 + 0.6 * (i % 2) + 0.01 * i}\n' for i in range(8)))
+    (run / 'result_fold5.json').write_text(json.dumps(
+        {'fold': 5, 'acc': 75.0, 'sens': 70.0, 'spec': 80.0, 'f1': 72.0, 'auc': 81.0, 'params_M': 0.1}))
+    return str(run)
+
+
+def test_one_fold_one_epoch_run_reads_in_singular_with_integer_ticks_and_no_machine_path(tmp_path, drawn):
+    run = one_fold_run(tmp_path)
+    runs.draw_run(run, log=lambda line: None)
+    assert len(drawn) == 4  # retrain curves, ROC, confusion, k-fold table
+    for fig in drawn:
+        assert not any(str(tmp_path) in t or 'runs/' in t for t in texts(fig)), texts(fig)
+        assert any('train_3D_continuation-20260101-000000-000000' in t for t in texts(fig))
+    curves, roc, _, table = drawn
+    for ax in curves.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+    legend = [t for t in texts(roc) if t.startswith('mean of')]
+    assert legend == ['mean of 1 fold (AUC 1.000)']  # no '1 folds', no '± 0.000'
+    assert not any('mean' in t for t in texts(table)) and '75.00' in texts(table)
+
+
+def test_roc_mean_of_several_folds_keeps_the_plural_and_spread(tmp_path, drawn):
+    run = one_fold_run(tmp_path)
+    import shutil
+    shutil.copy(os.path.join(run, 'probs_fold5.csv'), os.path.join(run, 'probs_fold6.csv'))
+    evaluation.plot_roc(run, str(tmp_path / 'roc.png'))
+    assert [t for t in texts(drawn[0]) if t.startswith('mean of')] == ['mean of 2 folds (AUC 1.000 ± 0.000)']
+
+
+def test_weights_panels_scale_to_their_data():
+    # After warm-up sigmoid weights sit at 0.5 +/- 0.002: a 0..1 axis drew one line; each panel now spans its data.
+    fig = Figure()
+    ax = fig.add_subplot()
+    lo, hi = search.set_weight_scale(ax, [0.499, 0.5, 0.501])
+    assert lo < 0.499 and hi > 0.501 and hi - lo < 0.02
+    lo, hi = search.set_weight_scale(ax, [0.5, 0.5])  # a flat panel keeps MIN_SPAN
+    assert hi - lo == pytest.approx(search.MIN_SPAN * 1.1) and lo < 0.5 < hi
+    assert search.set_weight_scale(ax, [0.1, 0.9]) == pytest.approx((0.06, 0.94))
+
+
+def test_weights_png_gives_each_panel_its_own_range(tmp_path, drawn):
+    path = tmp_path / 'w.csv'
+    path.write_text('epoch,cell,edge,op,weight\n0,normal,0,a,0.5\n0,normal,0,b,0.502\n1,normal,0,a,0.499\n'
+                    '1,normal,0,b,0.503\n0,normal,1,a,0.1\n0,normal,1,b,0.9\n1,normal,1,a,0.2\n1,normal,1,b,0.8\n')
+    plot_op_weights(path, tmp_path / 'w.png')
+    first, second = [ax for ax in drawn[0].axes if ax.get_visible()][:2]
+    assert np.diff(first.get_ylim())[0] < 0.02 and np.diff(second.get_ylim())[0] > 0.8
+
+
+def test_pareto_generations_are_whole_numbers(tmp_path, drawn):
+    norm, ticks = search.generation_colours(np.array([0, 0, 1, 2, 2]))
+    assert ticks == [0, 1, 2] and list(norm.boundaries) == [-0.5, 0.5, 1.5, 2.5]
+    assert search.generation_colours(np.arange(30))[1] == list(range(0, 30, 3))  # at most 10 ticks
+    csv_path = tmp_path / 'evaluations.csv'
+    csv_path.write_text('params,f1,generation\n' + ''.join(f'{1e5 * (1 + i)},{0.5 - 0.02 * i},{i // 2}\n'
+                                                            for i in range(6)))
+    search.plot_pareto(csv_path, tmp_path / 'p.png')
+    bar = drawn[0].axes[1]
+    assert [t.get_text() for t in bar.get_yticklabels()] == ['0', '1', '2']
+
+
+def test_cell_nodes_are_laid_out_in_index_order():
+    # node 3 reads only the cell inputs (depth 1) while nodes 0-2 form a chain (depths 1-3): by depth alone node 3
+    # was drawn left of node 2.
+    edges = [('skip_connect', 0), ('skip_connect', 1), ('skip_connect', 2), ('skip_connect', 0),
+             ('skip_connect', 3), ('skip_connect', 1), ('skip_connect', 0), ('skip_connect', 1)]
+    pos = diagrams.cell_layout(edges, [2, 3, 4, 5])
+    xs = [pos[s][0] for s in (2, 3, 4, 5)]
+    assert xs == sorted(xs) and pos['out'][0] > xs[-1]
+
+
+def test_draw_genotype_without_out_writes_into_runs_and_says_where(tmp_path, monkeypatch, capsys, drawn):
+    monkeypatch.chdir(tmp_path)
+    assert draw.main(GENOTYPE='NAS_HBO_PAPER') == [os.path.join('runs', 'cells_NAS_HBO_PAPER.png')]
+    assert os.path.isfile(tmp_path / 'runs' / 'cells_NAS_HBO_PAPER.png')
+    assert capsys.readouterr().out == f'written {os.path.join("runs", "cells_NAS_HBO_PAPER.png")}\n'
+    assert runs.genotype_title(str(tmp_path / 'runs' / 'x-1' / 'genotype.json')) == 'x-1/genotype.json'
+
+
+def test_cam_overlay_keeps_the_ct_visible_and_outlines_the_nodule(tmp_path, drawn):
+    cube = np.full((16, 16, 16), 100, np.uint8)
+    zz, yy, xx = np.mgrid[:16, :16, :16] - 8
+    cam = np.exp(-(zz ** 2 + yy ** 2 + xx ** 2) / 10.0)
+    evaluation.plot_cam(cube, cam, str(tmp_path / 'c.png'), 'nodule', diameter_mm=6.0)
+    fig = drawn[0]
+    overlays = [im for ax in fig.axes for im in ax.get_images() if im.get_cmap().name != 'gray']
+    assert len(overlays) == 3 and all(im.get_cmap().name == 'magma' and im.get_alpha() <= 0.35 for im in overlays)
+    circles = [p for ax in fig.axes for p in ax.patches if isinstance(p, Circle)]
+    assert len(circles) == 6 and all(c.get_radius() == 3.0 and c.center == (8, 8) for c in circles)
+    assert all(ax.collections for ax in fig.axes[3:6])  # the map's contours over the CT

@@ -174,12 +174,12 @@ def test_bad_setting_on_the_command_line_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize('script, says, never', [
-    ('train_search.py', 'rerun with --RESUME=<run folder> to continue', None),
-    ('train_3D_continuation.py', 'rerun with --RESUME=<run folder> to continue', None),
+    ('train_search.py', 'before the run folder was made: nothing to resume', '--RESUME'),
+    ('train_3D_continuation.py', 'before the run folder was made: nothing to resume', '--RESUME'),
     ('prepare.py', 'finished scans are kept; rerun the same command to continue', '--RESUME'),
     ('nodclsgbt.py', 'rerun the same command to start again', '--RESUME'),
     ('bench.py', 'rerun the same command to benchmark again', '--RESUME'),
-    ('train_evolve.py', 'the finished candidates are kept; rerun with --RESUME=<run folder> to continue', 'checkpoint'),
+    ('train_evolve.py', 'before the run folder was made: nothing to resume', '--RESUME'),
     ('predict.py', 'rerun the same command', '--RESUME'),
     ('draw.py', 'rerun the same command', '--RESUME'),
 ])
@@ -191,5 +191,5 @@ def test_interrupt_message_names_how_the_script_continues(script, says, never, m
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(os.path.join(REPO, script), run_name='__main__')
     err = capsys.readouterr().err
-    assert stop.value.code == 130 and err.startswith('interrupted: ') and says in err and err.count('\n') == 1
+    assert stop.value.code == 130 and err.startswith('interrupted') and says in err and err.count('\n') == 1
     assert never is None or never not in err

@@ -1,0 +1,242 @@
+"""What a user sees on the console: --help of every script (fast, before torch), the first step's time and the run's
+estimate, and Ctrl-C (between steps, during a long C call, with the exact resume command or 'nothing to resume')."""
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import console
+import engine
+import settings
+import train_search
+from conftest import write_cube_set
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = ('prepare', 'nodclsgbt', 'train_search', 'train_evolve', 'train_3D_continuation', 'predict', 'draw', 'bench')
+SEARCH = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34,
+              PRIMITIVES=('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3'), EPOCHS=2, WARMUP_EPOCHS=1, SEED=3,
+              HYPERGRAD='first', FIGURES=False)
+
+
+# ---------------------------------------------------------------- --help
+
+HELP_ALL = textwrap.dedent('''
+    import io, runpy, sys, time, contextlib
+    for name in sys.argv[1:]:
+        out, t0 = io.StringIO(), time.perf_counter()
+        sys.argv = [name + '.py', '--help']
+        with contextlib.redirect_stdout(out):
+            try:
+                runpy.run_path(name + '.py', run_name='__main__')
+                code = 'no exit'
+            except SystemExit as e:
+                code = e.code
+        print(f'=== {name} {code} {time.perf_counter() - t0:.2f}')
+        print(out.getvalue())
+    print('torch imported:', 'torch' in sys.modules)
+''')
+
+
+@pytest.fixture(scope='module')
+def helps():
+    """{script: (exit code, --help text)} of every script, all run in one fresh interpreter that must not have
+    imported torch afterwards."""
+    out = subprocess.run([sys.executable, '-c', HELP_ALL, *SCRIPTS], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith('torch imported: False')
+    texts = {}
+    for part in out.stdout.split('=== ')[1:]:
+        head, _, text = part.partition('\n')
+        name, code, _ = head.split()
+        texts[name] = (code, text)
+    return texts
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_lists_every_setting_with_default_comment_and_rule(helps, script):
+    code, text = helps[script]
+    assert code == '0'
+    module = importlib.import_module(script)
+    lines = {line.split()[0].split('=')[0]: line for line in text.splitlines() if line.startswith('  --')}
+    assert sorted(lines) == sorted(f'--{k}' for k in module.DEFAULTS)  # every setting, nothing else
+    for name, rule in module.RULES.items():
+        if rule is not None:
+            assert rule.strip() in lines[f'--{name}'], name
+
+
+def test_help_shows_default_as_written_comment_continuation_and_rule(helps):
+    text = helps['train_search'][1]
+    assert '  --EPOCHS=50 ' in text and 'search epochs  [EPOCHS >= 1]' in text
+    assert '--C=16 ' in text and '[C >= 1 and C % PC_K == 0]' in text
+    assert text.startswith('train_search.py: Architecture search (NAS-HBO)')
+    retrain = [line for line in helps['train_3D_continuation'][1].splitlines() if line.startswith('  --GENOTYPE=')]
+    assert retrain and retrain[0].endswith("which become this run's defaults unless given explicitly)")  # next line
+
+
+def test_help_is_read_without_running_the_source(tmp_path):
+    """The settings are read with ast: a script whose constants would raise if executed still answers."""
+    script = tmp_path / 'tool.py'
+    script.write_text('"""A tool."""\nimport settings\nX = 1 / 0  # a number\n# more about X\nY = "#"  # a hash\n'
+                      'DEFAULTS = {}\nRULES = {"X": "> 0", "Y": None}\n')
+    text = console.script_help(str(script))
+    assert '--X=1 / 0' in text and 'a number more about X  [X > 0]' in text
+    assert '--Y="#"' in text and text.rstrip().endswith('a hash')
+
+
+# ---------------------------------------------------------------- first step: its time and the run's estimate
+
+def test_estimate_line_multiplies_epochs_steps_and_step_time():
+    assert engine.estimate_line('fold 5', 2.0, 38, 50) == (
+        'fold 5: 50 epochs x 38 steps x 2.00 s = about 63 min (without evaluation)')
+    assert engine.estimate_line('x', 1.0, 1, 1) == 'x: 1 epoch x 1 step x 1.00 s = about 1 s (without evaluation)'
+    assert [engine.duration(s) for s in (45, 700, 3 * 3600, 3 * 86400)] == ['45 s', '12 min', '3.0 h', '3.0 days']
+
+
+def test_run_epoch_times_its_first_two_steps_and_the_estimate_uses_the_second():
+    """The first step carries one-time setup (35 s against 1 s for the next on a busy CPU): the estimate is the
+    second step's time x steps x epochs."""
+    import torch
+    lines, clock = [], iter([0.0, 30.0, 30.0, 32.0])  # perf_counter: start, after step 0, mark, after step 1
+    engine_time = engine.time.perf_counter
+    engine.time.perf_counter = lambda: next(clock, 99.0)
+    try:
+        engine.run_epoch(lambda idx: (torch.tensor(1.0), torch.tensor(0)), [torch.arange(2)] * 5, 10, 'e', None,
+                         on_step_time=engine.step_time_logger(lines.append, 'warm-up', 3))
+    finally:
+        engine.time.perf_counter = engine_time
+    assert lines == ['warm-up: first step 30.00 s (with one-time setup); timing the next one for the estimate',
+                     'warm-up: 3 epochs x 5 steps x 2.00 s = about 30 s (without evaluation)']
+
+
+@pytest.fixture(scope='module')
+def cubes(tmp_path_factory):
+    return write_cube_set(tmp_path_factory.mktemp('set'), scans_per_fold=2, nodules_per_scan=2)
+
+
+def run_cli_search(monkeypatch, capsys, cubes, runs, interrupt_at=None):
+    """train_search through run_cli as from the command line; interrupt_at=epoch: Ctrl-C at its first step (the
+    KeyboardInterrupt Python raises between two steps). Returns (exit code or None, captured output)."""
+    real = engine.train_step
+    if interrupt_at is not None:
+        epoch_of = {}
+        real_epoch = train_search.search_epoch
+
+        def search_epoch(epoch, *args, **kwargs):
+            epoch_of['now'] = epoch
+            return real_epoch(epoch, *args, **kwargs)
+
+        def step(*args, **kwargs):
+            if epoch_of['now'] == interrupt_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        monkeypatch.setattr(train_search, 'search_epoch', search_epoch)
+        monkeypatch.setattr(engine, 'train_step', step)
+    argv = ['train_search.py', *(f'--{k}={v!r}' if not isinstance(v, str) else f'--{k}={v}'
+                                 for k, v in {**SEARCH, 'DATA': cubes, 'RUNS': str(runs)}.items())]
+    monkeypatch.setattr(sys, 'argv', argv)
+    capsys.readouterr()
+    try:
+        settings.run_cli(train_search.main, train_search.DEFAULTS, 'the last epoch checkpoint is kept',
+                         kept=('last.pt',))
+        code = None
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr()
+
+
+def test_search_logs_first_step_time_and_estimate_of_each_phase(monkeypatch, capsys, cubes, tmp_path):
+    code, out = run_cli_search(monkeypatch, capsys, cubes, tmp_path / 'runs')
+    assert code is None
+    lines = [line for line in out.out.splitlines() if 'first step' in line or ' x 3 steps x ' in line]
+    assert len(lines) == 4, out.out  # two per phase
+    assert lines[0].startswith('warm-up (weight steps only): first step ')
+    assert lines[1].startswith('warm-up (weight steps only): 1 epoch x 3 steps x ')
+    assert lines[1].endswith('; then 1 search epoch, timed at its first step')
+    assert lines[2].startswith('search (architecture and weight steps): first step ')
+    assert lines[3].startswith('search (architecture and weight steps): 1 epoch x 3 steps x ')
+    log = open(os.path.join(tmp_path / 'runs', os.listdir(tmp_path / 'runs')[0], 'log.txt')).read()
+    assert all(line in log for line in lines)
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+def test_interrupt_before_the_first_checkpoint_says_nothing_to_resume(monkeypatch, capsys, cubes, tmp_path):
+    code, out = run_cli_search(monkeypatch, capsys, cubes, tmp_path / 'runs', interrupt_at=0)
+    assert code == 130
+    (folder,) = os.listdir(tmp_path / 'runs')
+    assert out.err.strip() == (f'interrupted before the first checkpoint: nothing to resume in '
+                               f'{os.path.join(tmp_path / "runs", folder)}; rerun the same command to start again')
+
+
+def test_interrupt_prints_the_exact_resume_command_and_it_continues(monkeypatch, capsys, cubes, tmp_path):
+    code, out = run_cli_search(monkeypatch, capsys, cubes, tmp_path / 'runs', interrupt_at=1)
+    assert code == 130
+    (folder,) = os.listdir(tmp_path / 'runs')
+    path = os.path.join(tmp_path / 'runs', folder)
+    head, command = out.err.strip().split('\n')
+    assert head == 'interrupted: the last epoch checkpoint is kept; continue with:'
+    assert command == f'  python train_search.py --RESUME={path} --DEVICE=cpu --FIGURES=False'
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, 'argv', command.split()[1:])  # run the printed command
+    settings.run_cli(train_search.main, train_search.DEFAULTS, kept=('last.pt',))  # returns: no exit
+    assert 'resumed from ' in capsys.readouterr().out
+    metrics = open(os.path.join(path, 'metrics.csv')).read().splitlines()
+    assert [row.split(',')[0] for row in metrics[1:]] == ['0', '1']
+
+
+def test_interrupt_before_the_run_folder_says_nothing_to_resume(monkeypatch):
+    monkeypatch.setattr(settings, '_RUN_FOLDER', [])  # no run folder made yet
+    assert settings.interrupt_message('train_search.py', 'kept', ('last.pt',), {}) == (
+        'interrupted before the run folder was made: nothing to resume; rerun the same command to start again')
+    assert settings.interrupt_message('predict.py', 'rerun the same command', None, {}) == (
+        'interrupted: rerun the same command')
+
+
+LONG_C_CALL = textwrap.dedent('''
+    import ctypes, os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import settings
+
+    def main(**overrides):
+        run = {run!r}
+        os.makedirs(run, exist_ok=True)
+        open(os.path.join(run, 'last.pt'), 'w').close()
+        settings.note_run_folder(run)
+        # One long C call with the GIL released, like a supernet's backward on a CPU. SIGINT is blocked in this
+        # thread so that sleep() is not cut short: it reaches the process through another thread, as it would
+        # while autograd's threads run.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGINT}})
+        print('ready', flush=True)
+        ctypes.CDLL(None).sleep(60)
+
+    settings.run_cli(main, {{'RESUME': '', 'DEVICE': 'cpu'}}, 'the last epoch checkpoint is kept', kept=('last.pt',))
+''')
+
+
+def test_ctrl_c_during_a_long_c_call_acts_within_seconds(tmp_path):
+    script = tmp_path / 'long_step.py'
+    run = str(tmp_path / 'runs' / 'long_step-1')
+    script.write_text(LONG_C_CALL.format(repo=REPO, run=run))
+    proc = subprocess.Popen([sys.executable, str(script), '--DEVICE=cpu'], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert proc.stdout.readline() == 'ready\n'
+    time.sleep(0.3)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=console.INTERRUPT_GRACE_S + 20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail('Ctrl-C did not stop a long C call')
+    assert proc.returncode == 130
+    assert time.time() - t0 < console.INTERRUPT_GRACE_S + 10
+    assert err.strip().splitlines()[-3:] == [f'(the step was still running {console.INTERRUPT_GRACE_S:.0f} s after '
+                                             'Ctrl-C: stopped it)',
+                                             'interrupted: the last epoch checkpoint is kept; continue with:',
+                                             f'  python {script} --RESUME={run} --DEVICE=cpu']
