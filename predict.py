@@ -257,7 +257,8 @@ def main(**overrides):
         check_cube_size(root, table, run_cfg['CUBE'])
         cubes = data.load_cubes(root, table, run_cfg['CUBE'])
     dwconv3d.set_fast_kernels(cfg['FAST_KERNELS'])
-    result = table.copy()
+    # a cube set's diameter only outlines the LayerCAM figures; a scan's table is echoed as given
+    result = table.copy() if cfg['SCAN'] else table.drop(columns=['diameter_mm'], errors='ignore')
     for fold, (model, mean, std) in models.items():
         result[f'prob_fold{fold}'] = fold_probs(model, cubes, mean, std, cfg['BATCH_SIZE'], cfg['DEVICE'])
     probs = result[[f'prob_fold{f}' for f in models]]

@@ -154,11 +154,11 @@ def test_damaged_probs_file_is_one_line_before_any_figure(finished, tmp_path):
 def test_interrupted_prediction_is_marked_incomplete(finished, monkeypatch, capsys):
     calls = []
 
-    def interrupt(*args):
+    def interrupt(*args, **kw):
         calls.append(args)
         if len(calls) == 2:  # Ctrl-C while the second map is drawn
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kw)
     real = evaluation.plot_cam
     monkeypatch.setattr(evaluation, 'plot_cam', interrupt)
     with pytest.raises(KeyboardInterrupt):
