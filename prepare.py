@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from scans import labels
 from scans import luna
 from scans import lungmask
 from scans import pool
@@ -151,7 +152,7 @@ def load_nodules(scans, cfg):
     A LABEL_TABLE nodule outside its scan, or within its radius of the scan's edge, is refused (UserError naming
     the lines) before anything is written. Returns (nodules, notes for the log)."""
     if cfg['LABEL_TABLE']:
-        rows, notes = luna.read_label_table(cfg['LABEL_TABLE'], scans,
+        rows, notes = labels.read_label_table(cfg['LABEL_TABLE'], scans,
                                             reserved=('fold', 'match_mm') + MASKED_COLUMNS)
         headers = {}
         for uid in sorted({r['seriesuid'] for r in rows}):
@@ -159,7 +160,7 @@ def load_nodules(scans, cfg):
                 headers[uid] = luna.read_header(scans[uid][1])
             except luna.ScanError:
                 pass  # the scan fails with its reason when it is processed
-        outside = luna.nodules_outside(rows, headers)
+        outside = labels.nodules_outside(rows, headers)
         if outside:
             raise utils.UserError(f'label table {cfg["LABEL_TABLE"]}: {len(outside)} of {len(rows)} nodules refused, '
                                   f'outside their scan or within their radius of its edge: ' + '; '.join(outside[:5])
@@ -174,7 +175,7 @@ def load_nodules(scans, cfg):
     path = os.path.join(cfg['LUNA16_DIR'], 'annotations.csv')
     if not (cfg['LABELS'] or os.path.isfile(path)):
         return [], [f'no {path}: no nodule is protected from the masking']
-    return [a for a in luna.read_annotations(path) if a['seriesuid'] in scans], []
+    return [a for a in labels.read_annotations(path) if a['seriesuid'] in scans], []
 
 
 def load_clusters(nodule_table, lidc_db):
@@ -207,7 +208,7 @@ def label_rows(scans, annotations, clusters, tolerance_mm):
           for c in clusters if c['seriesuid'] in headers]
     ann = [dict(a, nodule_id=f'luna{j:04d}', world=(a['coordX'], a['coordY'], a['coordZ']))
            for j, a in enumerate(annotations) if a['seriesuid'] in scans]
-    pairs = {j: (i, d) for i, j, d in luna.match_nodules(cl, ann, tolerance_mm)}
+    pairs = {j: (i, d) for i, j, d in labels.match_nodules(cl, ann, tolerance_mm)}
     rows = []
     for j, a in enumerate(ann):
         row = {k: a[k] for k in ('nodule_id', 'seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm')}
@@ -251,13 +252,13 @@ def build_labels(scans, cfg, run, table=None):
     if cfg['LABEL_TABLE']:
         rows, counts = own_label_rows(scans, table)
     else:
-        annotations = luna.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
+        annotations = labels.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
         clusters = load_clusters(cfg['NODULE_TABLE'], cfg['LIDC_DB'])
         rows, counts = label_rows(scans, annotations, clusters, cfg['MATCH_MM'])
-    labels = np.array([r['label'] for r in rows], dtype=float)  # nan: unlabelled (own table)
+    values = np.array([r['label'] for r in rows], dtype=float)  # nan: unlabelled (own table)
     matched = np.array([r.get('match_mm', 0.0) == r.get('match_mm', 0.0) for r in rows], dtype=bool)  # nan != nan
-    counts.update(benign=int((labels == 0).sum()), malignant=int((labels == 1).sum()),
-                  excluded=int(((labels == -1) & matched).sum()), unmatched=int((~matched).sum()))
+    counts.update(benign=int((values == 0).sum()), malignant=int((values == 1).sum()),
+                  excluded=int(((values == -1) & matched).sum()), unmatched=int((~matched).sum()))
     known, over, over_unprotected = add_masking(rows, cfg['OUT_DIR'])
     counts.update(masked_known=known, masked_over=over, masked_over_unprotected=over_unprotected)
     for r in rows:  # an unlabelled row of LABEL_TABLE keeps an empty label
@@ -269,7 +270,7 @@ def build_labels(scans, cfg, run, table=None):
         run.log(f'  no labels for scan {b}')
     if cfg['LABEL_TABLE']:
         run.log(f'labels: {counts["annotations"]} nodules from {cfg["LABEL_TABLE"]} in {len(scans)} scans: '
-                f'{counts["benign"]} benign, {counts["malignant"]} malignant, {int(np.isnan(labels).sum())} unlabelled '
+                f'{counts["benign"]} benign, {counts["malignant"]} malignant, {int(np.isnan(values).sum())} unlabelled '
                 '(cropped, kept out of training and evaluation)')
     else:
         run.log(f'labels: {counts["clusters"]} reader clusters in {len(scans)} scans, {counts["annotations"]} '

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from scans import luna, lungmask
+from scans import labels, luna, lungmask
 from utils import UserError
 
 SCAN_SUFFIXES = ('.mhd', '.nii.gz', '.nii')
@@ -51,13 +51,13 @@ def find_scans(path):
 
 
 def read_table(path, scans):
-    """The nodules to score: rows of luna.read_label_table (label optional, seriesuid or file optional with
+    """The nodules to score: rows of labels.read_label_table (label optional, seriesuid or file optional with
     one scan; a file column's value may carry the scan's suffix)."""
     if not path:
         raise UserError('SCAN needs AT=<table.csv> with the nodules\' world centres (coordX, coordY, coordZ in mm, '
                         'diameter_mm; nodule_id optional; seriesuid or file when SCAN holds several scans)')
     by_name = dict(scans, **{os.path.basename(os.path.normpath(p)): p for p in scans.values()})
-    rows, notes = luna.read_label_table(path, by_name, labelled=False)
+    rows, notes = labels.read_label_table(path, by_name, labelled=False)
     for r in rows:
         r['seriesuid'] = scan_name(by_name[r['seriesuid']])
     return rows, notes
@@ -73,7 +73,7 @@ def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.
     except luna.ScanError as e:
         raise UserError(f'SCAN {path}: {e}') from None
     header = dict(header, size=list(hu.shape))
-    outside = luna.nodules_outside(rows, {rows[0]['seriesuid']: header})
+    outside = labels.nodules_outside(rows, {rows[0]['seriesuid']: header})
     if outside:
         spacing = ' x '.join(f'{s:g}' for s in header['spacing'][::-1])
         span = ', '.join(f'{a} {o:g}..{o + (n - 1) * s:g}' for a, o, n, s in

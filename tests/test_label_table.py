@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from scans import labels
 from scans import luna
 import nodclsgbt
 import prepare
@@ -87,12 +88,12 @@ def test_nodules_outside_their_scan_are_refused(own_tree, tmp_path):
     # within its radius of the edge: the plain scan is 140 mm wide in x from -70 mm (voxel faces at -70.7, 69.3)
     edge = [dict(rows[0], coordX=66.0)]
     scans = luna.find_scans(root)
-    table, _ = luna.read_label_table(bad_table(tmp_path, edge, 'edge.csv'), scans)
+    table, _ = labels.read_label_table(bad_table(tmp_path, edge, 'edge.csv'), scans)
     headers = {'plain': luna.read_header(scans['plain'][1])}
-    assert len(luna.nodules_outside(table, headers)) == 1 and 'within its radius of the edge' in \
-        luna.nodules_outside(table, headers)[0]
+    assert len(labels.nodules_outside(table, headers)) == 1 and 'within its radius of the edge' in \
+        labels.nodules_outside(table, headers)[0]
     table[0]['coordX'] = 64.0  # 5.3 mm from the edge, radius 4: kept
-    assert luna.nodules_outside(table, headers) == []
+    assert labels.nodules_outside(table, headers) == []
 
 
 def test_duplicates_merged_conflicts_refused_and_file_lines_counted(own_tree, tmp_path):
@@ -100,14 +101,14 @@ def test_duplicates_merged_conflicts_refused_and_file_lines_counted(own_tree, tm
     scans = luna.find_scans(root)
     good = [dict(r) for r in rows]
     twice = good + [dict(good[1]), dict(good[3], coordX=good[3]['coordX'] + 0.5)]  # exact, and 0.5 mm apart
-    table, notes = luna.read_label_table(bad_table(tmp_path, twice), scans)
+    table, notes = labels.read_label_table(bad_table(tmp_path, twice), scans)
     assert len(table) == len(good)
     assert notes == ['line 7 merged into line 3: exact duplicate',
                      'line 8 merged into line 5: the same nodule (0.5 mm apart, same label)']
     conflict = good + [dict(good[0], coordZ=good[0]['coordZ'] + 0.5, label=1 - good[0]['label'])]
     with pytest.raises(UserError, match=r'lines 2 and 7 \(scan plain, 0.5 mm apart\): the same nodule with '
                                         r'conflicting labels 0 and 1'):
-        luna.read_label_table(bad_table(tmp_path, conflict), scans)
+        labels.read_label_table(bad_table(tmp_path, conflict), scans)
     path = str(tmp_path / 'blank.csv')  # blank lines count: the bad row is line 6 of the file
     write_csv(path, good[:2])
     with open(path) as f:
@@ -116,7 +117,7 @@ def test_duplicates_merged_conflicts_refused_and_file_lines_counted(own_tree, tm
     with open(path, 'w') as f:
         f.write('\n'.join([header, body[0], '', '', body[1], ','.join(str(bad[k]) for k in good[0])]) + '\n')
     with pytest.raises(UserError, match=r"1 bad row.s.: line 6: not a number in coordY='twelve'"):
-        luna.read_label_table(path, scans)
+        labels.read_label_table(path, scans)
 
 
 def test_directory_given_as_raw_is_named(own_tree, tmp_path):
@@ -140,7 +141,7 @@ def test_bad_label_table_named(own_tree, tmp_path):
     good = [dict(r) for r in rows]
     path = bad_table(tmp_path, [{k: v for k, v in r.items() if k != 'diameter_mm'} for r in good])
     with pytest.raises(UserError, match=f'label table {path} lacks column.s. diameter_mm'):
-        luna.read_label_table(path, scans)
+        labels.read_label_table(path, scans)
     cases = [(2, 'coordY', 'twelve', r"line 4: not a number in coordY='twelve'"),
              (1, 'label', '2', r"line 3: label '2' is not 0 \(benign\), 1 \(malignant\) or empty"),
              (0, 'label', 'x', r"line 2: not a number in label='x'"),
@@ -151,10 +152,10 @@ def test_bad_label_table_named(own_tree, tmp_path):
         table[i][key] = value
         path = bad_table(tmp_path, table)
         with pytest.raises(UserError, match=f'label table {path}: 1 bad row.s.: {message}'):
-            luna.read_label_table(path, scans)
+            labels.read_label_table(path, scans)
     path = bad_table(tmp_path, [dict(r, nodule_id='n1' if i < 2 else f'n{i}') for i, r in enumerate(good)])
     with pytest.raises(UserError, match='nodule_id.s. used twice: n1'):
-        luna.read_label_table(path, scans)
+        labels.read_label_table(path, scans)
     path = bad_table(tmp_path, [dict(r, fold=1) for r in good])
     with pytest.raises(UserError, match='column.s. fold are written by prepare.py'):  # through the script
         prepare.main(LUNA16_DIR=root, OUT_DIR=str(tmp_path / 'out'), LABEL_TABLE=path, RUNS=str(tmp_path / 'runs'))
