@@ -19,6 +19,7 @@ issue within GPU_BUDGET_S and writes a results JSON as it goes (README, BENCHMAR
 The steps and the counts also run on a CPU (BENCH='steps', 'ops' or 'gpu', small settings); the kernels need CUDA.
 """
 import console  # first: --help answers from the source, before the heavy imports below
+
 console.help_if_asked(__file__, __name__)
 import datetime
 import sys

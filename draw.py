@@ -4,14 +4,14 @@ python draw.py runs/<run folder>                       every figure the run fold
 python draw.py --GENOTYPE=NAS_HBO_PAPER                  the normal and reduction cells of a genotype (runs/cells_*.png)
 """
 import console  # first: --help answers from the source, before the heavy imports below
+
 console.help_if_asked(__file__, __name__)
 import os
 import sys
 
-from figures import diagrams
-from figures import runs
 import settings
 import utils
+from figures import diagrams, runs
 
 RUN = ''  # a run folder of train_search.py or train_3D_continuation.py: its figures are (re)drawn into it
 GENOTYPE = ''  # a registered genotype name or a genotype.json: its cell diagram is drawn to OUT

@@ -25,6 +25,7 @@ Kernel design. Tensors are NCDHW contiguous, so W, then H, are contiguous in mem
 Loads are converted to fp32 and accumulated in fp32; outputs are written in the input's dtype.
 """
 from __future__ import annotations
+
 import functools
 import itertools
 

@@ -14,6 +14,7 @@
 Run folder runs/nodclsgbt-<time>/: config.json, log.txt, metrics.csv (a row per fold), predictions.csv.
 """
 import console  # first: --help answers from the source, before the heavy imports below
+
 console.help_if_asked(__file__, __name__)
 import json
 import os
@@ -23,11 +24,10 @@ import numpy as np
 import pandas as pd
 
 import data
-from scans import luna
-from scans import lungmask
-import settings
 import runfolder
+import settings
 import utils
+from scans import luna, lungmask
 
 PREPARED_DIR = os.path.join('data', 'luna16', 'prepared')  # prepare.py's OUT_DIR (volumes/, labels.csv)
 CUBE_SET = os.path.join('data', 'luna16', 'cubes')  # cube set folder written by CROP (or read when CROP=False)

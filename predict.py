@@ -10,6 +10,7 @@ folder <RUN>/predict-<timestamp>[-TAG]/ is made: config.json, log.txt, predictio
 mid-planes through the nodule, map over the CT). The file INCOMPLETE marks a folder whose writing was interrupted.
 """
 import console  # first: --help answers from the source, before the heavy imports below
+
 console.help_if_asked(__file__, __name__)
 import os
 import pickle
@@ -20,17 +21,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from figures import cam as cam_mod
 import data
 import dwconv3d
 import genotypes
-from figures import evaluation
+import runfolder
 import settings
 import train_3D_continuation
-import runfolder
 import utils
+from figures import cam as cam_mod
+from figures import evaluation
+from figures.common import fold_files, plural
 from model import NetworkLUNA
-from figures.common import fold_files
 from scans import cubes as scan_cubes
 from scans import luna, lungmask
 
@@ -196,7 +197,8 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg, log):
         png = os.path.join(out_dir, f'{nid}.png')
         part = os.path.join(out_dir, f'.{nid}.part.png')  # matplotlib takes the format from the suffix
         evaluation.plot_cam(cubes[i], volume, part,
-                            f'nodule {nid}: P(malignant) = {probs[i]:.3f} (mean of {len(models)} fold models), '
+                            f'nodule {nid}: P(malignant) = {probs[i]:.3f} '
+                            f'(mean of {plural(len(models), "fold model")}), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
                             f'LayerCAM of class {"malignant" if target else "benign"}, {which}; '
                             f'{os.path.basename(os.path.normpath(cfg["RUN"]))}',

@@ -18,6 +18,7 @@ cropping only). The annotated nodules (a sphere of radius + PROTECT_MM each) are
 the masking (scans/lungmask.py). A log goes to runs/prepare-<time>/.
 """
 import console  # first: --help answers from the source, before the heavy imports below
+
 console.help_if_asked(__file__, __name__)
 import json
 import os
@@ -25,13 +26,10 @@ import time
 
 import numpy as np
 
-from scans import labels
-from scans import luna
-from scans import lungmask
-from scans import pool
-import settings
 import runfolder
+import settings
 import utils
+from scans import labels, luna, lungmask, pool
 from scans.luna import world_to_voxel  # noqa: F401 - part of this script's interface (prepare.world_to_voxel)
 
 LUNA16_DIR = os.path.join('data', 'luna16')  # LUNA16 root: subset0..subset9 folders, annotations.csv

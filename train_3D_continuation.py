@@ -4,6 +4,7 @@ python train_3D_continuation.py [config.py] [--NAME=value ...]
 Each test fold f is evaluated by training on all other folds and reporting the final epoch on f.
 """
 import console  # first: --help answers from the source, before the heavy imports below
+
 console.help_if_asked(__file__, __name__)
 import copy
 import os
@@ -17,8 +18,8 @@ import engine
 import genotypes
 import graphs
 import parallel
-import settings
 import runfolder
+import settings
 import utils
 from model import NetworkLUNA
 

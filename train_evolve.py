@@ -7,6 +7,7 @@ decaying mutation; every child trained); then exploitation (subproblems and gene
 selection probabilities, a random-forest surrogate decides which children are trained). README: train_evolve.py.
 """
 import console  # first: --help answers from the source, before the heavy imports below
+
 console.help_if_asked(__file__, __name__)
 import json
 import os
@@ -15,13 +16,13 @@ import shutil
 import numpy as np
 
 import data
-from evolution import genes as eg
-from evolution import samea as sm
 import operations
 import parallel
-import settings
 import runfolder
+import settings
 import utils
+from evolution import genes as eg
+from evolution import samea as sm
 from evolution.candidate import RESULT_NAME, check_candidates, gene_space, primitives_of, train_candidate, worst_f1
 from evolution.records import Outputs
 

@@ -3,6 +3,7 @@
 python train_search.py [config.py] [--NAME=value ...]
 """
 import console  # first: --help answers from the source, before the heavy imports below
+
 console.help_if_asked(__file__, __name__)
 
 import os
@@ -17,8 +18,8 @@ import engine
 import genotypes
 import graphs
 import operations
-import settings
 import runfolder
+import settings
 import utils
 import zo
 from model_search import SearchNetwork, zero_one_loss

@@ -30,11 +30,11 @@ import warnings
 
 import torch
 
-from benchmarks import gpu_report as report
-from benchmarks import step_times
 import dwconv3d
 import graphs
 import utils
+from benchmarks import gpu_report as report
+from benchmarks import step_times
 
 # (step, dtype, Triton kernels, cells recomputed, CUDA graphs), in the order they are timed while the budget lasts:
 # the whole-step CUDA graphs first (graphs.py, the scripts' CUDA_GRAPHS; Triton kernels on), then the eager steps as

@@ -5,9 +5,9 @@ import csv
 import math
 import os
 
-from evolution import samea as sm
 import genotypes
 import utils
+from evolution import samea as sm
 
 PAPER_PARAMS = 12.79e6  # parameters of genotypes.NAS_HBO_PAPER at C=36, 20 cells (the reference in pareto.png)
 COLUMNS = ('index', 'generation', 'phase', 'subproblem', 'screening', 'genome', 'genotype', 'C', 'cells', 'lr',

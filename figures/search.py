@@ -175,7 +175,6 @@ def plot_pareto(csv_path, png_path, paper_params=None, title=None):
 
     csv_path: evaluations.csv of train_evolve.py (columns params, f1, generation). Returns png_path."""
     import numpy as np
-
     from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
     try:
         with open(csv_path, newline='') as f:

@@ -9,7 +9,6 @@ import numpy as np
 from scans.luna import edge_margin, world_to_raw
 from utils import UserError
 
-
 ANNOTATION_COLUMNS = ('seriesuid', 'coordX', 'coordY', 'coordZ', 'diameter_mm')
 
 

@@ -22,8 +22,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
-from scans.luna import (ScanError, check_data_file, check_header, itk_message, read_header, save_npy_atomic,
-                        world_to_raw)
+from scans.luna import ScanError, check_data_file, check_header, itk_message, read_header, save_npy_atomic, world_to_raw
 from utils import save_json_atomic
 
 HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)

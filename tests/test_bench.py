@@ -8,13 +8,10 @@ import time
 
 import pytest
 import torch
+from conftest import write_cube_set
 
 import bench
-from benchmarks import gpu
-from benchmarks import gpu_report
-from benchmarks import methods
-from benchmarks import step_times
-from conftest import write_cube_set
+from benchmarks import gpu, gpu_report, methods, step_times
 from utils import UserError
 
 TINY = dict(DEVICE='cpu', SEARCH_C=4, SEARCH_LAYERS=3, RETRAIN_C=4, RETRAIN_LAYERS=3, CUBE=12, STEPS=1,

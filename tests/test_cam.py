@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from figures import cam
 import genotypes
+from figures import cam
 from model import NetworkLUNA
 
 # Cheap cells: a conv and a skip per node, pooling in the reduction cell.

@@ -9,12 +9,12 @@ import textwrap
 import time
 
 import pytest
+from conftest import write_cube_set
 
 import console
 import engine
 import settings
 import train_search
-from conftest import write_cube_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ('prepare', 'nodclsgbt', 'train_search', 'train_evolve', 'train_3D_continuation', 'predict', 'draw', 'bench')

@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import write_cube_set
+from test_resume import EVOLVE, RETRAIN, SEARCH, Killed, fake_candidate, only_folder
 
 import train_3D_continuation as retrain
 import train_evolve
 import train_search
-from conftest import write_cube_set
-from test_resume import EVOLVE, RETRAIN, SEARCH, Killed, fake_candidate, only_folder
 from utils import UserError
 
 BINARY = np.random.default_rng(0).bytes(3000)  # e.g. a file overwritten by a disk error

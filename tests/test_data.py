@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_cube_set
 
 import data
 import train_3D_continuation as retrain
-from conftest import write_cube_set
 from utils import REPO, UserError
 
 

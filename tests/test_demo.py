@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scans import demo
-from scans import lidc
+from scans import demo, lidc
 from utils import UserError
 
 needs_pylidc = pytest.mark.skipif(importlib.util.find_spec('pylidc') is None,

@@ -8,17 +8,17 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import write_cube_set
 
 import engine
-from evolution import candidate
-from evolution import genes as eg
 import genotypes
-from evolution import samea as sm
 import parallel
-from figures import search
 import train_3D_continuation
 import train_evolve
-from conftest import write_cube_set
+from evolution import candidate
+from evolution import genes as eg
+from evolution import samea as sm
+from figures import search
 from model import NetworkLUNA
 from utils import UserError
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_cube_set
 from matplotlib.figure import Figure
 from PIL import Image
 from test_plots import assert_real_image
@@ -16,12 +17,9 @@ import data
 import draw
 import engine
 import genotypes
-from figures import diagrams
-from figures import evaluation
-from figures import runs
 import train_3D_continuation as retrain
 import train_search
-from conftest import write_cube_set
+from figures import diagrams, evaluation, runs
 from utils import UserError, binary_metrics
 
 PRIMS = ('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3')

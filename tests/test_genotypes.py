@@ -4,9 +4,20 @@ import json
 import numpy as np
 import pytest
 
-from genotypes import (DARTS_BASE_PRIMITIVES, GENOTYPES, NAS_HBO_PAPER, PRIMITIVES, Genotype,
-                       derive_cell, genotype_from_dict, genotype_to_dict, get_genotype, mrfc,
-                       receptive_field, save_genotype)
+from genotypes import (
+    DARTS_BASE_PRIMITIVES,
+    GENOTYPES,
+    NAS_HBO_PAPER,
+    PRIMITIVES,
+    Genotype,
+    derive_cell,
+    genotype_from_dict,
+    genotype_to_dict,
+    get_genotype,
+    mrfc,
+    receptive_field,
+    save_genotype,
+)
 from utils import UserError
 
 

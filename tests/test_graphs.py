@@ -2,6 +2,7 @@
 CUDA_GRAPHS is refused off CUDA with one line; on a GPU a graphed step equals the eager one after 5 steps."""
 import pytest
 import torch
+from test_syncfree import SEARCH, Guard, step_counters
 
 import graphs
 import train_3D_continuation
@@ -9,7 +10,6 @@ import train_search
 from benchmarks.graph_check import state_of
 from genotypes import NAS_HBO_PAPER
 from model import NetworkLUNA
-from test_syncfree import SEARCH, Guard, step_counters
 from utils import UserError
 
 

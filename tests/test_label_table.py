@@ -4,12 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from test_prepare import SMALL_LUNGS, make_scan, write_csv
 
-from scans import labels
-from scans import luna
 import nodclsgbt
 import prepare
-from test_prepare import SMALL_LUNGS, make_scan, write_csv
+from scans import labels, luna
 from utils import UserError
 
 

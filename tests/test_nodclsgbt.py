@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from scans import luna
 import nodclsgbt
+from scans import luna
 from utils import UserError
 
 TINY = dict(CUBE_SIZE=16, DOWNSAMPLE=2, MAX_ITER=30, MAX_LEAF_NODES=7, LEARNING_RATE=0.2, MIN_SAMPLES_LEAF=3,

@@ -15,12 +15,12 @@ import types
 import pytest
 import ray
 import torch
+from conftest import write_cube_set
 from ray import cloudpickle
 
 import engine
 import parallel
 import train_3D_continuation as retrain
-from conftest import write_cube_set
 from utils import UserError
 
 TINY = dict(C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, DEVICE='cpu', SEED=0, FOLD='all', TEST_FOLDS=(8, 9), EPOCHS=2)

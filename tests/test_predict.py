@@ -6,13 +6,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_cube_set
 from test_plots import assert_real_image
 
 import predict
 import train_3D_continuation as retrain
-from conftest import write_cube_set
 import utils
-from figures import evaluation, runs as run_figures
+from figures import evaluation
+from figures import runs as run_figures
 from utils import UserError
 
 RETRAIN = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, TEST_FOLDS=(8, 9), EPOCHS=1, SEED=0, FIGURES=False)

@@ -8,14 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_cube_set
 
 import data
 import engine
+import runfolder
 import train_3D_continuation as retrain
 import train_search
-import runfolder
 import utils
-from conftest import write_cube_set
 from utils import UserError
 
 SEARCH = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0, 1, 2), VAL_FRACTION=0.34,

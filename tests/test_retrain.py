@@ -6,14 +6,14 @@ import os
 
 import pytest
 import torch
+from conftest import write_cube_set
 
 import dwconv3d
 import engine
 import genotypes
-import train_3D_continuation as retrain
 import runfolder
+import train_3D_continuation as retrain
 import utils
-from conftest import write_cube_set
 from utils import UserError
 
 TINY = dict(C=4, LAYERS=3, CUBE=8, BATCH_SIZE=4, DEVICE='cpu', SEED=0, FIGURES=False)  # figures: test_figures

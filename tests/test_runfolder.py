@@ -7,7 +7,6 @@ import torch
 import runfolder
 from utils import UserError
 
-
 # ---------------------------------------------------------------- checkpoints
 
 def test_save_atomic_replaces_and_leaves_no_temp_file(tmp_path):

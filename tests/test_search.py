@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_cube_set
 from torch.func import functional_call
 
 import data
@@ -13,7 +14,6 @@ import engine
 import genotypes
 import train_search
 from architect import Architect
-from conftest import write_cube_set
 from model_search import EdgeGroup, SearchCell, SearchNetwork, channel_shuffle, edge_index, zero_one_loss
 from operations import make_op
 from utils import UserError

@@ -3,6 +3,7 @@ batches, gradient clipping of the weights only, and the published constants (DES
 import numpy as np
 import pytest
 import torch
+from conftest import write_cube_set
 
 import architect
 import data
@@ -10,7 +11,6 @@ import genotypes
 import train_3D_continuation
 import train_search
 import zo
-from conftest import write_cube_set
 from operations import cell_layout
 
 PRIMS = ('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3')

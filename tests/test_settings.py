@@ -8,17 +8,17 @@ import sys
 
 import pytest
 import torch
+from conftest import write_cube_set
 
 import bench
 import draw
 import nodclsgbt
 import predict
 import prepare
+import settings
 import train_3D_continuation as retrain
 import train_evolve
 import train_search
-import settings
-from conftest import write_cube_set
 from utils import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

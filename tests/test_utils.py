@@ -7,7 +7,6 @@ import pytest
 
 import utils
 
-
 # ---------------------------------------------------------------- metrics
 
 def test_binary_metrics_worked_example():

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_cube_set
 from torch import nn
 from torch.func import functional_call
 
@@ -13,7 +14,6 @@ import engine
 import genotypes
 import train_search
 import zo
-from conftest import write_cube_set
 from model_search import SearchNetwork
 
 PRIMS = ['max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3']
