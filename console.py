@@ -83,7 +83,14 @@ class InterruptWatch:
         self.reader, self.writer = socket.socketpair()
         self.writer.setblocking(False)
         self.old_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        self.old_handler = signal.signal(signal.SIGINT, self._interrupt)
         threading.Thread(target=self._watch, daemon=True, name='interrupt-watch').start()
+
+    def _interrupt(self, signum, frame):
+        """Python's own SIGINT handler, with a note that Python got control: the script's clean-up (a Ray shutdown,
+        the message) may then take longer than the grace without being cut short."""
+        self.handled.set()
+        raise KeyboardInterrupt
 
     def _watch(self):
         try:
@@ -109,6 +116,7 @@ class InterruptWatch:
         if self.old_fd is None:
             return
         signal.set_wakeup_fd(self.old_fd)
+        signal.signal(signal.SIGINT, self.old_handler)
         self.old_fd = None
         self.reader.shutdown(socket.SHUT_RDWR)
         self.reader.close()

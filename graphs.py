@@ -29,10 +29,27 @@ def graph_ready_sgd(optimizer):
     place by the lr schedulers), the fused kernel (reads that tensor on the device: no host sync, no value baked into
     a graph). Same updates as the foreach SGD up to fp32 rounding. Returns the optimizer."""
     for group in optimizer.param_groups:
-        if not isinstance(group['lr'], torch.Tensor):
-            group['lr'] = torch.tensor(float(group['lr']), device=group['params'][0].device)
+        device = group['params'][0].device
+        # a tensor on another device (a checkpoint is loaded onto the CPU) would be read once by the fused kernel
+        # and baked into the graph: the schedule's later values would never reach it
+        if not isinstance(group['lr'], torch.Tensor) or group['lr'].device != device:
+            group['lr'] = torch.tensor(float(group['lr']), device=device)
         group['foreach'], group['fused'] = False, True
     return optimizer
+
+
+def eager_ready(*optimizers):
+    """Undo what graph_ready_sgd / graph_ready_adam left in optimizers restored from a checkpoint of a graphed run
+    (a resume with CUDA_GRAPHS=False, or on the CPU): a plain float learning rate, torch's default kernel choice,
+    Adam not capturable (which the CPU refuses). Returns nothing."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if isinstance(group['lr'], torch.Tensor):
+                group['lr'] = float(group['lr'])
+            if group.get('fused'):
+                group['foreach'], group['fused'] = None, None
+            if group.get('capturable'):
+                group['capturable'] = False
 
 
 def graph_ready_adam(optimizer):
@@ -153,6 +170,7 @@ def retrain_step(model, optimizer, params, grad_clip, cuda_graphs=False, **kw):
     """step(x, y) -> (loss, number correct): engine.train_step, graphed with CUDA_GRAPHS (the optimizer and the
     model's drop path made graph-ready here; call this after a checkpoint was loaded into them)."""
     if not cuda_graphs:
+        eager_ready(optimizer)
         return lambda x, y: engine.train_step(model, optimizer, x, y, params, grad_clip)
     graph_ready_sgd(optimizer)
     graph_ready_drop_path(model)
@@ -176,6 +194,8 @@ def search_steps(model, w_opt, updater, grad_clip, cuda_graphs=False, **kw):
             updater.step(x, y, *val_stream.next(), w_opt.param_groups[0]['lr'])
         return engine.train_step(model, w_opt, x, y, model.weight_parameters(), grad_clip, keep)
     if not cuda_graphs:
+        eager_ready(w_opt, updater.a_opt if zeroth else updater.a_optimizer,
+                    *([updater.twin['opt']] if zeroth and updater.twin is not None else []))
         return eager
     graph_ready_sgd(w_opt)
     graph_ready_adam(updater.a_opt if zeroth else updater.a_optimizer)

@@ -92,6 +92,8 @@ def read_nodules(root):
     else:
         ids = sorted(f[:-4] for f in os.listdir(os.path.join(root, 'cubes')) if f.endswith('.npy'))
         table = pd.DataFrame({'nodule_id': ids})
+    if table.empty:
+        raise utils.UserError(f'DATA={root}: no nodules (its tables have no rows, or cubes/ holds no .npy files)')
     keep = [c for c in ('nodule_id', 'fold', 'label', 'diameter_mm') if c in table.columns]  # diameter: CAM outline
     return table[keep].reset_index(drop=True)
 

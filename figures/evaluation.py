@@ -196,6 +196,8 @@ def plot_cam(cube, cam, png_path, title, alpha=CAM_ALPHA, diameter_mm=None):
     from matplotlib.patches import Circle
     cube, cam = np.asarray(cube, dtype=float), np.asarray(cam, dtype=float)
     c = cube.shape[0] // 2
+    if diameter_mm is not None and not (np.isfinite(diameter_mm) and diameter_mm > 0):
+        diameter_mm = None  # an empty or bad cell of the table: no outline
     planes = [('axial (z = %d)', lambda v: v[c], ('x (voxel, 1 mm)', 'y (voxel, 1 mm)')),
               ('coronal (y = %d)', lambda v: v[:, c], ('x (voxel, 1 mm)', 'z (voxel, 1 mm)')),
               ('sagittal (x = %d)', lambda v: v[:, :, c], ('y (voxel, 1 mm)', 'z (voxel, 1 mm)'))]

@@ -240,3 +240,35 @@ def test_ctrl_c_during_a_long_c_call_acts_within_seconds(tmp_path):
                                              'Ctrl-C: stopped it)',
                                              'interrupted: the last epoch checkpoint is kept; continue with:',
                                              f'  python {script} --RESUME={run} --DEVICE=cpu']
+
+
+SLOW_CLEAN_UP = textwrap.dedent('''
+    import os, sys, time
+    sys.path.insert(0, {repo!r})
+    import console
+    import settings
+
+    def main(**overrides):
+        try:
+            print('ready', flush=True)
+            while True:  # Python code: Ctrl-C reaches it at once
+                time.sleep(0.05)
+        finally:  # a clean-up longer than the watcher's grace (e.g. a Ray shutdown)
+            time.sleep(console.INTERRUPT_GRACE_S + 1)
+            open({done!r}, 'w').close()
+
+    settings.run_cli(main, {{'DEVICE': 'cpu'}}, 'nothing is kept')
+''')
+
+
+def test_ctrl_c_handled_by_python_lets_a_slow_clean_up_finish(tmp_path):
+    done = str(tmp_path / 'cleaned')
+    script = tmp_path / 'slow_clean_up.py'
+    script.write_text(SLOW_CLEAN_UP.format(repo=REPO, done=done))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    assert proc.stdout.readline() == 'ready\n'
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=console.INTERRUPT_GRACE_S + 30)
+    assert proc.returncode == 130 and os.path.exists(done)  # the watcher did not cut the clean-up short
+    assert err.strip().splitlines()[-1] == 'interrupted: nothing is kept'

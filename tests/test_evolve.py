@@ -18,7 +18,7 @@ import train_evolve
 from evolution import candidate
 from evolution import genes as eg
 from evolution import samea as sm
-from figures import search
+from figures import search as search_figures
 from model import NetworkLUNA
 from utils import UserError
 
@@ -397,7 +397,7 @@ def test_each_candidates_training_seed_depends_on_its_index(tmp_path, monkeypatc
 def test_parallel_equals_sequential_and_screening_follows_the_surrogate(tmp_path, monkeypatch):
     monkeypatch.setattr(train_evolve, 'train_candidate', fake_candidate)
     monkeypatch.setattr(parallel, 'map_jobs', reversed_map_jobs)
-    monkeypatch.setattr(search, 'plot_pareto', lambda *a, **k: None)  # drawn in the end-to-end test; slow here
+    monkeypatch.setattr(search_figures, 'plot_pareto', lambda *a, **k: None)  # drawn in the end-to-end test; slow here
     cubes = write_cube_set(tmp_path / 'cubes', n_folds=5, size=8)  # checked before the run; never trained on here
     settings = dict(TINY, DATA=cubes, POPULATION=4, GENERATIONS=4, LEARNING_GENERATIONS=1)
     seq = train_evolve.main(**settings, RUNS=str(tmp_path / 'a'), PARALLEL='off')
@@ -488,11 +488,11 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, monkeypatch)
 def test_pareto_plot_reads_evaluations_and_rejects_a_bad_file(tmp_path):
     path = tmp_path / 'evaluations.csv'
     path.write_text('index,generation,params,f1\n0,0,1000,0.5\n1,1,2000,0.3\n2,1,3000,0.4\n')
-    png = search.plot_pareto(str(path), str(tmp_path / 'p.png'), 12.79e6, title='t')
+    png = search_figures.plot_pareto(str(path), str(tmp_path / 'p.png'), 12.79e6, title='t')
     assert os.path.getsize(png) > 0
     path.write_text('index,generation,f1\n0,0,0.5\n')
     with pytest.raises(UserError, match='params'):
-        search.plot_pareto(str(path), str(tmp_path / 'q.png'))
+        search_figures.plot_pareto(str(path), str(tmp_path / 'q.png'))
 
 
 def test_budget_estimate_is_anchored_on_the_measured_paper_step():

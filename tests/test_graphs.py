@@ -1,5 +1,7 @@
 """graphs.py: the graph-ready steps compute what the eager steps do; StepGraphs keys, copies, clones and falls back;
 CUDA_GRAPHS is refused off CUDA with one line; on a GPU a graphed step equals the eager one after 5 steps."""
+import types
+
 import pytest
 import torch
 from test_syncfree import SEARCH, Guard, step_counters
@@ -229,6 +231,39 @@ def test_graphs_off_leaves_the_optimizer_alone():
     graphs.retrain_step(model, opt, list(model.parameters()), 5.0, False)
     assert not torch.is_tensor(opt.param_groups[0]['lr']) and not opt.param_groups[0]['fused']
     assert not torch.is_tensor(model.drop_path_prob)
+
+
+def test_resume_of_a_graphed_run_without_graphs_restores_the_eager_optimizers():
+    """A checkpoint of a graphed run holds a tensor lr, fused=True and a capturable Adam: resumed with CUDA_GRAPHS off
+    (or on the CPU) the steps get a float lr, torch's default kernels and a non-capturable Adam (the CPU refuses a
+    capturable one: AssertionError on the first architecture step), and compute what the eager steps compute."""
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER)
+    saved = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+    graphs.graph_ready_sgd(saved)
+    opt = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
+    opt.load_state_dict(saved.state_dict())
+    assert torch.is_tensor(opt.param_groups[0]['lr']) and opt.param_groups[0]['fused']
+    graphs.retrain_step(model, opt, list(model.parameters()), 5.0, False)
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.1) and not torch.is_tensor(opt.param_groups[0]['lr'])
+    assert not opt.param_groups[0]['fused']
+    w = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([w], 0.1)
+    adam.param_groups[0]['capturable'] = True  # as restored from a CUDA checkpoint
+    architect = types.SimpleNamespace(second_order_grads=None, a_optimizer=adam)  # what search_steps reads of it
+    graphs.search_steps(model, opt, architect, 5.0, False)
+    w.sum().backward()
+    adam.step()  # a capturable Adam raises here on the CPU
+    assert torch.allclose(w.detach(), torch.full((3,), 0.9))
+
+
+def test_graph_ready_sgd_moves_a_learning_rate_of_another_device():
+    """A checkpoint is loaded onto the CPU: a tensor lr there, with the parameters elsewhere, would be read once by
+    the fused kernel and baked into the graph; graph_ready_sgd puts it on the parameters' device."""
+    p = torch.nn.Parameter(torch.ones(2, device='meta'))
+    opt = torch.optim.SGD([p], 0.1)
+    opt.param_groups[0]['lr'] = torch.tensor(0.05)  # on the CPU, as torch.load(map_location='cpu') gives it
+    graphs.graph_ready_sgd(opt)
+    assert opt.param_groups[0]['lr'].device.type == 'meta'
 
 
 def metrics_of(run, name):

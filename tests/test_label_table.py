@@ -49,12 +49,12 @@ def test_own_labels_prepare_and_crop(own_tree, tmp_path):
         log = f.read()
     assert '1 nodules of' in log and 'have no label: preprocessed and cropped' in log
     assert '2 benign, 2 malignant, 1 unlabelled' in log
-    labels = read_csv(os.path.join(out, 'labels.csv'))
-    assert [(r['nodule_id'], r['seriesuid'], int(r['fold']), r['label'], r['reader']) for r in labels] == \
+    written = read_csv(os.path.join(out, 'labels.csv'))
+    assert [(r['nodule_id'], r['seriesuid'], int(r['fold']), r['label'], r['reader']) for r in written] == \
         [(f'own{i:05d}', r['seriesuid'], 0 if r['seriesuid'] == 'plain' else 3, str(r['label']), r['reader'])
          for i, r in enumerate(rows)]
-    assert '_line' not in labels[0]
-    assert all(float(r['masked_frac']) == 0.0 for r in labels)
+    assert '_line' not in written[0]
+    assert all(float(r['masked_frac']) == 0.0 for r in written)
     # nodclsgbt crops each nodule at the centre of its cube, flipped or not (400 HU spheres -> 227); the unlabelled
     # one goes to unlabelled.csv, never into nodules.csv (training and evaluation)
     n, missing = nodclsgbt.crop_cube_set(out, str(tmp_path / 'set'), 16, print)
@@ -62,7 +62,7 @@ def test_own_labels_prepare_and_crop(own_tree, tmp_path):
     unlabelled = read_csv(str(tmp_path / 'set' / 'unlabelled.csv'))
     assert [r['nodule_id'] for r in unlabelled] == ['own00002'] and unlabelled[0]['label'] == ''
     assert 'own00002' not in {r['nodule_id'] for r in read_csv(str(tmp_path / 'set' / 'nodules.csv'))}
-    for r in labels:
+    for r in written:
         cube = np.load(str(tmp_path / 'set' / 'cubes' / f'{r["nodule_id"]}.npy'))
         bright = np.argwhere(cube > 215)
         assert len(bright) > 50 and np.abs(bright.mean(0) - 8).max() < 1.0, r['seriesuid']

@@ -228,3 +228,13 @@ def test_cam_overlay_keeps_the_ct_visible_and_outlines_the_nodule(tmp_path, draw
     circles = [p for ax in fig.axes for p in ax.patches if isinstance(p, Circle)]
     assert len(circles) == 6 and all(c.get_radius() == 3.0 and c.center == (8, 8) for c in circles)
     assert all(ax.collections for ax in fig.axes[3:6])  # the map's contours over the CT
+
+
+def test_cam_without_a_usable_diameter_draws_no_outline(tmp_path, drawn):
+    # an empty diameter_mm cell of a cube set's table reads as NaN: no NaN circle, no '(nan mm)' in the title
+    cube, cam = np.full((8, 8, 8), 100, np.uint8), np.random.default_rng(0).random((8, 8, 8))
+    for i, diameter in enumerate((float('nan'), 0.0, None)):
+        evaluation.plot_cam(cube, cam, str(tmp_path / f'c{i}.png'), 'nodule', diameter_mm=diameter)
+        fig = drawn[-1]
+        assert not [p for ax in fig.axes for p in ax.patches if isinstance(p, Circle)]
+        assert 'nan' not in fig._suptitle.get_text() and 'dashed circle' not in fig._suptitle.get_text()

@@ -96,6 +96,9 @@ def test_clear_refusals(finished, cubes, tmp_path):
     small = write_cube_set(tmp_path / 'small', n_folds=1, scans_per_fold=1, size=6)
     with pytest.raises(UserError, match=r"its cubes are 6x6x6 voxels; the run's models take 8\^3 cubes"):
         predict.main(RUN=finished, DATA=small, DEVICE='cpu')
+    (tmp_path / 'empty' / 'cubes').mkdir(parents=True)                # no tables, no cubes
+    with pytest.raises(UserError, match=r'DATA=.*empty: no nodules'):
+        predict.main(RUN=finished, DATA=str(tmp_path / 'empty'), DEVICE='cpu')
     unfinished = tmp_path / 'unfinished'
     unfinished.mkdir()
     shutil.copy(os.path.join(finished, 'config.json'), unfinished)
