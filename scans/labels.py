@@ -91,7 +91,8 @@ def read_label_table(path, scans, reserved=(), labelled=True):
             label = int(values['label']) if 'label' in given else float('nan')
             rows.append({**r, **values, 'seriesuid': r['seriesuid'].strip(), 'label': label,
                          'nodule_id': str(r['nodule_id']).strip()})
-    rows, notes = merge_duplicates(rows, problems, ('_line', 'nodule_id') if generated else ('_line',))
+    rows, notes = merge_duplicates(rows, problems, ('_line', 'nodule_id') if generated else ('_line',),
+                                   scan_of=scans.__getitem__)  # a scan named two ways is one scan
     dup = sorted(n for n, k in collections.Counter(r['nodule_id'] for r in rows).items() if k > 1)
     if dup:
         problems.append(f'nodule_id(s) used twice: {", ".join(dup[:5])}')
@@ -104,14 +105,16 @@ def read_label_table(path, scans, reserved=(), labelled=True):
 DUPLICATE_MM = 2.0  # two rows of one scan whose centres are closer than this (mm) are the same nodule
 
 
-def merge_duplicates(rows, problems, ignore=('_line',)):
+def merge_duplicates(rows, problems, ignore=('_line',), scan_of=None):
     """(rows with each nodule once, notes): a row within DUPLICATE_MM of an earlier one of the same scan is
     merged into it when their labels agree (a note names both lines, 'exact duplicate' when every value is
-    equal but those of `ignore`), else a problem naming both lines is appended to `problems`."""
+    equal but those of `ignore`), else a problem naming both lines is appended to `problems`. scan_of: the scan
+    of a row's seriesuid (default: the seriesuid itself), so that one scan named two ways is one scan."""
+    scan_of = scan_of or (lambda name: name)
     kept, notes = [], []
     for r in rows:
         w = np.array([r['coordX'], r['coordY'], r['coordZ']])
-        same = [k for k in kept if k['seriesuid'] == r['seriesuid']
+        same = [k for k in kept if scan_of(k['seriesuid']) == scan_of(r['seriesuid'])
                 and np.linalg.norm(w - [k['coordX'], k['coordY'], k['coordZ']]) < DUPLICATE_MM]
         if not same:
             kept.append(r)

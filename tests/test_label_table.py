@@ -160,3 +160,19 @@ def test_bad_label_table_named(own_tree, tmp_path):
         prepare.main(LUNA16_DIR=root, OUT_DIR=str(tmp_path / 'out'), LABEL_TABLE=path, RUNS=str(tmp_path / 'runs'))
     with pytest.raises(UserError, match=r"LABEL_TABLE='.*nowhere.csv' is not allowed: it must satisfy .*isfile"):
         prepare.main(LUNA16_DIR=root, LABEL_TABLE=str(tmp_path / 'nowhere.csv'), RUNS=str(tmp_path / 'runs'))
+
+
+def test_one_scan_named_two_ways_is_one_scan_for_duplicates(tmp_path):
+    # predict.py's table may name a scan by its file name with or without the suffix: the same nodule in both
+    # spellings is merged (it was scored twice), conflicting labels are refused
+    from scans import cubes
+    scans = {'demo': str(tmp_path / 'demo.nii.gz')}
+    row = {'coordX': 10.0, 'coordY': 20.0, 'coordZ': 30.0, 'diameter_mm': 6.0}
+    path = str(tmp_path / 'at.csv')
+    write_csv(path, [dict(row, nodule_id='a', file='demo.nii.gz'), dict(row, nodule_id='b', file='demo', coordX=10.5)])
+    rows, notes = cubes.read_table(path, scans)
+    assert [r['nodule_id'] for r in rows] == ['a'] and notes == [
+        'line 3 merged into line 2: the same nodule (0.5 mm apart, same label)']
+    write_csv(path, [dict(row, file='demo.nii.gz', label=1), dict(row, file='demo', label=0)])
+    with pytest.raises(UserError, match='conflicting labels 1 and 0'):
+        labels.read_label_table(path, {'demo.nii.gz': scans['demo'], 'demo': scans['demo']}, labelled=False)
