@@ -29,20 +29,19 @@ def script_help(script):
     tree = ast.parse(source, filename=script)
     comments = _comments(source)
     body = [n for n in tree.body if not isinstance(n, (ast.Import, ast.ImportFrom))]
-    rules, rows = {}, []
+    rows = []
     for node, after in zip(body, body[1:] + [None]):
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue
         name = node.targets[0].id
-        if name == 'RULES':
-            rules = ast.literal_eval(node.value)
-        elif name == 'DEFAULTS':
+        if name == 'DEFAULTS':
             break
-        elif name.isupper() and not name.startswith('_'):
+        if name.isupper() and not name.startswith('_'):
             last = after.lineno if after is not None else len(source.splitlines()) + 1
             text = ' '.join(c for line, c in comments.items() if node.lineno <= line < last)
             rows.append((name, ast.get_source_segment(source, node.value), text))
-    for node in body:  # RULES follows DEFAULTS
+    rules = {}  # the RULES dict, which follows DEFAULTS
+    for node in body:
         if isinstance(node, ast.Assign) and [getattr(t, 'id', None) for t in node.targets] == ['RULES']:
             rules = ast.literal_eval(node.value)
     name = os.path.basename(script)
@@ -51,11 +50,17 @@ def script_help(script):
              'settings (--NAME=default  meaning  [allowed values]):']
     width = min(36, max(len(f'--{n}={d}') for n, d, _ in rows) + 2) if rows else 0
     for n, default, text in rows:
-        rule = rules.get(n)
-        if rule is not None and (rule.lstrip()[0] in '<>=!' or rule.lstrip().startswith(('in ', 'not in '))):
-            rule = f'{n} {rule.strip()}'
+        rule = full_rule(n, rules.get(n))
         lines.append(f'  {f"--{n}={default}":<{width - 2}}  {text}' + (f'  [{rule}]' if rule else ''))
     return '\n'.join(lines)
+
+
+def full_rule(name, rule):
+    """A setting's rule as an expression: one that starts with a comparison compares the setting itself ('>= 1' of
+    EPOCHS is 'EPOCHS >= 1', "in ('a', 'b')" is "NAME in ('a', 'b')"); None stays None (settings.check_rules)."""
+    if rule is not None and (rule.lstrip()[0] in '<>=!' or rule.lstrip().startswith(('in ', 'not in '))):
+        return f'{name} {rule.strip()}'
+    return rule
 
 
 def _comments(source):

@@ -157,8 +157,7 @@ def _parse_rule(name, rule, cfg):
         raise ValueError(f'rule for unknown setting {name}')
     if rule is None:
         return None
-    if rule.lstrip()[0] in '<>=!' or rule.lstrip().startswith(('in ', 'not in ')):  # '>= 1', "in ('a', 'b')"
-        rule = f'{name} {rule.strip()}'
+    rule = console.full_rule(name, rule)  # '>= 1' of EPOCHS: 'EPOCHS >= 1'
     tree = ast.parse(rule, mode='eval')
     _check_rule(tree, rule)
     names = _setting_names(tree)
