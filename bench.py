@@ -144,7 +144,7 @@ def main(**overrides):
         from benchmarks import kernels
         dtype = getattr(torch, cfg['DTYPE'])
         out['kernels'] = kernels.bench_kernels(device, dtype, warmup_ms=cfg['WARMUP_MS'],
-                                                     rep_ms=cfg['REP_MS'], peak_gbps=cfg['PEAK_GBPS'])
+                                               rep_ms=cfg['REP_MS'], peak_gbps=cfg['PEAK_GBPS'])
         print(f'depthwise conv3d, {cfg["DTYPE"]}')
         print(kernels.kernels_table(out['kernels']))
         print('launch overhead (fp32 forward)')

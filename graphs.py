@@ -200,9 +200,8 @@ def search_steps(model, w_opt, updater, grad_clip, cuda_graphs=False, **kw):
     graph_ready_sgd(w_opt)
     graph_ready_adam(updater.a_opt if zeroth else updater.a_optimizer)
     if zeroth:
-        updater.persistent = True
+        updater.make_persistent()
         if updater.twin is not None:  # a resumed period
-            updater.store = updater.twin
             graph_ready_sgd(updater.twin['opt'])
 
     def fn(x, y, *val):

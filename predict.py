@@ -30,7 +30,7 @@ import train_3D_continuation
 import utils
 from figures import cam as cam_mod
 from figures import evaluation
-from figures.common import fold_files, plural
+from figures.common import fold_files, plural, run_name
 from model import NetworkLUNA
 from scans import cubes as scan_cubes
 from scans import luna, lungmask
@@ -203,7 +203,7 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg, log):
                             f'(mean of {plural(len(models), "fold model")}), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
                             f'LayerCAM of class {"malignant" if target else "benign"}, {which}; '
-                            f'{os.path.basename(os.path.normpath(cfg["RUN"]))}',
+                            f'{run_name(cfg["RUN"])}',
                             diameter_mm=table['diameter_mm'].iloc[i] if 'diameter_mm' in table.columns else None)
         os.replace(part, png)
     log(f'LayerCAM: {len(table)} maps in {time.time() - t0:.0f} s: {out_dir}')

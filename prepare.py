@@ -126,8 +126,7 @@ def prepare_volumes(scans, nodules, cfg, run):
                 f'(made before the protection, with another table or another PROTECT_MM)')
     processed, failed = [], []
     t0 = time.time()
-    results = pool.run_isolated(lungmask.process_scan, jobs, cfg['WORKERS'], cfg['SCAN_TIMEOUT'],
-                                    cfg['START_METHOD'])
+    results = pool.run_isolated(lungmask.process_scan, jobs, cfg['WORKERS'], cfg['SCAN_TIMEOUT'], cfg['START_METHOD'])
     for job, ok, res in utils.progress(results, total=len(jobs), desc='scans'):
         uid = job['seriesuid']
         if ok:
@@ -151,7 +150,7 @@ def load_nodules(scans, cfg):
     the lines) before anything is written. Returns (nodules, notes for the log)."""
     if cfg['LABEL_TABLE']:
         rows, notes = labels.read_label_table(cfg['LABEL_TABLE'], scans,
-                                            reserved=('fold', 'match_mm') + MASKED_COLUMNS)
+                                              reserved=('fold', 'match_mm') + MASKED_COLUMNS)
         headers = {}
         for uid in sorted({r['seriesuid'] for r in rows}):
             try:

@@ -53,6 +53,12 @@ class ZerothOrder:
         self.persistent = False
         self.store = None
 
+    def make_persistent(self):
+        """Keep one twin's tensors for the rest of the run, refilled in place at each period's start (CUDA_GRAPHS:
+        a captured step reads and writes the same memory); a twin of a resumed period becomes that store."""
+        self.persistent = True
+        self.store = self.twin
+
     def _start_period(self):
         dev = self.arch[0].device
         u, _ = random_direction([p.shape for p in self.arch], device=dev, dtype=self.arch[0].dtype)

@@ -62,8 +62,9 @@ class Outputs:
         members.sort(key=lambda i: archive[i]['f2'])
         self.write_front(archive, members)
         from figures import search
+        from figures.common import run_name
         search.plot_pareto(self.run.file('evaluations.csv'), self.run.file('pareto.png'), PAPER_PARAMS,
-                          title=f'{self.run.path}: {len(archive)} candidates, front of {len(members)}')
+                           title=f'{run_name(self.run.path)}: {len(archive)} candidates, front of {len(members)}')
 
     def write_front(self, archive, members):
         os.makedirs(self.run.file('front'), exist_ok=True)

@@ -326,7 +326,7 @@ def test_kernels_compile_for_sm90(monkeypatch, k, stride, dilation, dtype):
         signature = {name: types[a.dtype] if torch.is_tensor(a) else 'i32' for name, a in zip(kernel.arg_names, args)}
         signature.update({name: 'constexpr' for name in consts})
         compiled = dwconv3d.triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget('cuda', 90, 32),
-                                  options={'num_warps': warps, 'enable_fp_fusion': True})
+                                           options={'num_warps': warps, 'enable_fp_fusion': True})
         assert compiled.asm['cubin']
 
 

@@ -29,7 +29,7 @@ SCRIPTS = [train_search, retrain, train_evolve, prepare, nodclsgbt, bench, predi
 def test_every_setting_has_a_rule_and_the_defaults_keep_them(script):
     assert list(script.RULES) == list(script.DEFAULTS)   # one per setting, in the order of the constants
     settings.check_rules({**script.DEFAULTS, 'DEVICE': 'cpu'} if 'DEVICE' in script.DEFAULTS else script.DEFAULTS,
-                      script.RULES)
+                         script.RULES)
 
 
 def test_check_rules_worked_examples(tmp_path):
