@@ -15,7 +15,7 @@ BENCH='methods' (separately): 2nd / 1st / zeroth-order and evolutionary searches
 budget, each genotype retrained and tested on one fold, beside the paper genotype, random genotypes of the same cell
 space and the gradient-boosting baseline: search time and test metrics per method.
 BENCH='gpu' (separately, benchmarks/gpu.py): one command for a short GPU session that measures every target of the speed
-issue within GPU_BUDGET_S and writes a results JSON as it goes (README, BENCHMARKS.md "To be run").
+issue within GPU_BUDGET_S and writes a results JSON as it goes (docs/gpu.md, BENCHMARKS.md "To be run").
 The steps and the counts also run on a CPU (BENCH='steps', 'ops' or 'gpu', small settings); the kernels need CUDA.
 """
 import console  # first: --help answers from the source, before the heavy imports below

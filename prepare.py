@@ -45,7 +45,7 @@ START_METHOD = 'spawn'    # how workers start: 'spawn' is safe with threaded lib
 LUNG_ML = lungmask.LUNG_ML  # volume range (ml) of a 3-D air component inside the body that counts as lung
 RUNS = 'runs'             # folder of run folders (log, config)
 TAG = ''                  # suffix of the run folder name
-LABEL_TABLE = ''          # CSV of your own labels instead of LIDC's (world mm; README): no LIDC_DB, annotations.csv
+LABEL_TABLE = ''          # your own label CSV (world mm, docs/data.md), instead of LIDC_DB and annotations.csv
 PROTECT_MM = lungmask.PROTECT_MM  # margin (mm) beyond each annotated nodule's radius that masking never fills
 
 DEFAULTS = settings.settings_of(globals())

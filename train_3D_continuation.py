@@ -48,7 +48,7 @@ CHECKPOINT_CELLS = False  # recompute each cell in backward instead of keeping i
 AMP = False  # bf16 autocast of the forward passes (losses, optimizer state and the search's HVP stay fp32)
 CUDA_GRAPHS = False  # capture the training step once as a CUDA graph and replay it (graphs.py; CUDA only;
 # off until a GPU measurement decides, BENCHMARKS.md)
-PARALLEL = 'off'  # 'ray': the test folds run at once as Ray tasks, one per GPU (README); 'off': one after the other
+PARALLEL = 'off'  # 'ray': the test folds run at once as Ray tasks, one per GPU (docs/retrain.md); 'off': in turn
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)

@@ -4,7 +4,7 @@ networks that are accurate (f1) and small (f2 = ln parameters).
 python train_evolve.py [config.py] [--NAME=value ...]
 Phases: 0 Latin-hypercube initialization; 1..LEARNING_GENERATIONS learning (MOEA/D with PBI, uniform crossover,
 decaying mutation; every child trained); then exploitation (subproblems and gene values drawn by their learned
-selection probabilities, a random-forest surrogate decides which children are trained). README: train_evolve.py.
+selection probabilities, a random-forest surrogate decides which children are trained). docs/evolve.md.
 """
 import console  # first: --help answers from the source, before the heavy imports below
 
@@ -29,8 +29,8 @@ from evolution.records import Outputs
 DATA = data.DEMO_DIR  # cube set folder (nodules.csv + cubes/); the demo set is built there on first use
 SEARCH_FOLDS = (0, 1, 2, 3, 4)  # the only folds the search reads (the test folds are never touched)
 VAL_FRACTION = 0.5  # share of the search folds' scans used as search-val
-CUBE = 24  # candidate input edge in voxels, centre crop (retrain: 32); fidelity chosen for the budget (README)
-EPOCHS = 5  # maximum epochs per candidate, E of f1 (EMONAS: 120; fidelity chosen for the budget, README)
+CUBE = 24  # candidate input edge in voxels, centre crop (retrain: 32); fidelity chosen for the budget (docs/evolve.md)
+EPOCHS = 5  # maximum epochs per candidate, E of f1 (EMONAS: 120; fidelity chosen for the budget, docs/evolve.md)
 PATIENCE = 2  # stop a candidate when search-val loss has not improved for this many epochs (EMONAS: 20; 0: off)
 LAST_EPOCHS = 2  # f1 averages the metrics over the last this many epochs run (EMONAS: 5)
 BATCH_SIZE = 4  # cubes per step (the retrain's batch)
