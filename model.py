@@ -18,11 +18,11 @@ class Cell(nn.Module):
     """One discrete cell. Inputs s0 (N, C_prev_prev, ...) and s1 (N, C_prev, ...) from the two
     previous cells; output (N, len(concat) * C, D', H', W'), D' = D/2 in a reduction cell."""
 
-    def __init__(self, genotype, C_prev_prev, C_prev, C, reduction, reduction_prev):
+    def __init__(self, genotype, C_prev_prev, C_prev, C, reduction, reduction_prev, reduce_shift=False):
         super().__init__()
         # s0 comes from two cells back: if the previous cell reduced, it is twice as large.
         if reduction_prev:
-            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=True)
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=True, shift=reduce_shift)
         else:
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=True)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=True)
@@ -33,7 +33,8 @@ class Cell(nn.Module):
         self.steps = len(edges) // 2
         # Only edges from the cell inputs (states 0, 1) change the resolution.
         self.ops = nn.ModuleList(
-            make_op(name, C, 2 if reduction and j < 2 else 1, affine=True) for name, j in edges)
+            make_op(name, C, 2 if reduction and j < 2 else 1, affine=True, reduce_shift=reduce_shift)
+            for name, j in edges)
         self.indices = [j for _, j in edges]
 
     def forward(self, s0, s1, drop_prob):
@@ -56,9 +57,10 @@ class NetworkLUNA(nn.Module):
     (N, 1, D, H, W) -> (N, num_classes) logits; D, H, W divisible by 4 keep every shape exact.
     Set `model.drop_path_prob` per epoch; it acts only in training mode. With `model.checkpoint_cells` a
     training forward keeps only each cell's inputs for backward and recomputes the cell there (same values:
-    same drop-path draws, BatchNorm statistics tracked once): less memory for about one more forward."""
+    same drop-path draws, BatchNorm statistics tracked once): less memory for about one more forward.
+    reduce_shift: the FactorizedReduce form (operations.FactorizedReduce; False: the published NAS-HBO one)."""
 
-    def __init__(self, C, num_classes, layers, genotype, drop_path_prob=0.0, stem_multiplier=3):
+    def __init__(self, C, num_classes, layers, genotype, drop_path_prob=0.0, stem_multiplier=3, reduce_shift=False):
         super().__init__()
         self.drop_path_prob = drop_path_prob
         self.amp = False  # bf16 autocast in forward (logits returned in fp32)
@@ -66,7 +68,7 @@ class NetworkLUNA(nn.Module):
         self.stem = stem(stem_multiplier * C)
         plan, C_out = cell_layout(C, layers, (len(genotype.normal_concat), len(genotype.reduce_concat)),
                                   stem_multiplier)
-        self.cells = nn.ModuleList(Cell(genotype, *channels) for channels in plan)
+        self.cells = nn.ModuleList(Cell(genotype, *channels, reduce_shift) for channels in plan)
         self.global_pooling = nn.AdaptiveAvgPool3d(1)
         self.classifier = nn.Linear(C_out, num_classes)
 

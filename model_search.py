@@ -19,13 +19,14 @@ def channel_shuffle(x, groups):
 
 # How a batched op reads the state: 'x' the active channels, 'relu' their ReLU, 'rep' their ReLU repeated once
 # per edge (edge-major channels). Ops whose first layer is that ReLU share it instead of each computing it.
-def _batched_op(name, part, stride, edges):
+def _batched_op(name, part, stride, edges, reduce_shift, mbconv_affine):
     """(module, input kind) of candidate `name` for `edges` edges at once: (N, part, ...) -> (N, edges * part, ...),
-    edge e in channels [e*part, (e+1)*part), each edge with its own weights."""
+    edge e in channels [e*part, (e+1)*part), each edge with its own weights. reduce_shift, mbconv_affine: see
+    SearchNetwork."""
     if name == 'skip_connect':  # stride 2 only: stride 1 is the identity, a shared op
-        return FactorizedReduce(part, part, affine=False, edges=edges, relu=False), 'relu'
+        return FactorizedReduce(part, part, affine=False, edges=edges, relu=False, shift=reduce_shift), 'relu'
     if parse_mbconv(name) is not None:
-        return make_op(name, part, stride, False, edges=edges), 'x'
+        return make_op(name, part, stride, mbconv_affine, edges=edges), 'x'
     # sep_conv / dil_conv (ReLU, depthwise, pointwise, BN): the edges' copies as groups, on the shared ReLU
     return make_op(name, edges * part, stride, False, groups=edges, relu=False), 'rep'
 
@@ -39,7 +40,7 @@ class EdgeGroup(nn.Module):
     'none' adds nothing and is not run.
     """
 
-    def __init__(self, C, stride, primitives, k, edges):
+    def __init__(self, C, stride, primitives, k, edges, reduce_shift=False, mbconv_affine=True):
         super().__init__()
         self.part, self.stride, self.edges = C // k, stride, edges
         self.batched, self.shared = nn.ModuleList(), nn.ModuleList()
@@ -55,7 +56,7 @@ class EdgeGroup(nn.Module):
                 self.shared.append(nn.Identity())
                 self.shared_cols.append(col)
             else:
-                op, kind = _batched_op(name, self.part, stride, edges)
+                op, kind = _batched_op(name, self.part, stride, edges, reduce_shift, mbconv_affine)
                 self.batched.append(op)
                 self.batched_cols.append(col)
                 self.kinds.append(kind)
@@ -100,20 +101,22 @@ def edge_index(i, j):
 
 
 class SearchCell(nn.Module):
-    def __init__(self, steps, multiplier, C_pp, C_p, C, reduction, reduction_prev, primitives, k):
+    def __init__(self, steps, multiplier, C_pp, C_p, C, reduction, reduction_prev, primitives, k, reduce_shift=False,
+                 mbconv_affine=True):
         super().__init__()
         self.reduction = reduction
         self.steps = steps
         self.multiplier = multiplier
         self.k = k
         if reduction_prev:
-            self.preprocess0 = FactorizedReduce(C_pp, C, affine=False)
+            self.preprocess0 = FactorizedReduce(C_pp, C, affine=False, shift=reduce_shift)
         else:
             self.preprocess0 = ReLUConvBN(C_pp, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0, affine=False)
         # State i feeds nodes max(0, i-1) .. steps-1; the last node feeds nothing.
         self.groups = nn.ModuleList(
-            EdgeGroup(C, 2 if reduction and i < 2 else 1, primitives, k, steps - max(0, i - 1))
+            EdgeGroup(C, 2 if reduction and i < 2 else 1, primitives, k, steps - max(0, i - 1), reduce_shift,
+                      mbconv_affine)
             for i in range(steps + 1))
         # One gather takes every group's (edges, n_batched) and (edges, n_shared) op weights from the flat
         # (n_edges * n_ops) weights.
@@ -151,10 +154,13 @@ class SearchNetwork(nn.Module):
 
     Architecture parameters (nn.Parameters, so they live in state_dict and checkpoints):
     alphas_normal/alphas_reduce (n_edges, n_ops) op weights, betas_normal/betas_reduce (n_edges,) edge weights.
+    The published NAS-HBO forms by default: reduce_shift=False (FactorizedReduce's two convs read the same
+    voxels; True: DARTS' shifted second conv) and mbconv_affine=True (the MBConv candidates' BatchNorms learn a
+    scale and shift, unlike the other candidates'; False: none learns one, as in DARTS).
     """
 
     def __init__(self, C, num_classes, layers, primitives, steps=4, multiplier=4, stem_multiplier=3, k=4,
-                 weighting='sigmoid', edge_weights=True):
+                 weighting='sigmoid', edge_weights=True, reduce_shift=False, mbconv_affine=True):
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise UserError(f'unknown op weighting {weighting!r} (known: {", ".join(WEIGHTINGS)})')
@@ -171,7 +177,8 @@ class SearchNetwork(nn.Module):
         self.checkpoint_cells = False  # training forwards keep only the cells' inputs, recompute cells in backward
         self.stem = stem(stem_multiplier * C)
         plan, C_out = cell_layout(C, layers, multiplier, stem_multiplier)
-        self.cells = nn.ModuleList(SearchCell(steps, multiplier, *channels, self.primitives, k) for channels in plan)
+        self.cells = nn.ModuleList(SearchCell(steps, multiplier, *channels, self.primitives, k, reduce_shift,
+                                              mbconv_affine) for channels in plan)
         self.classifier = nn.Linear(C_out, num_classes)
         n_edges, n_ops = sum(2 + i for i in range(steps)), len(self.primitives)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(n_edges, n_ops))

@@ -96,19 +96,21 @@ class Zero(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-    """Halve D, H, W with two 1x1x1 stride-2 convs, the second on x shifted by one voxel on every
-    spatial axis, so together they see every voxel; outputs concatenated on channels, then BN.
+    """Halve D, H, W with two 1x1x1 stride-2 convs whose outputs are concatenated on channels, then BN.
     (N, C_in, D, H, W) -> (N, edges * C_out, ceil(D/2), ceil(H/2), ceil(W/2)).
 
+    shift=False (the published NAS-HBO form): both convs read the same voxels, those at even (d, h, w).
+    shift=True (DARTS): the second conv reads x shifted by one voxel on every spatial axis (the voxels at odd
+    (d, h, w), the far end zero-padded), so together the two see every voxel.
     edges > 1 runs `edges` independent copies on the same input (copy e in output channels
     [e*C_out, (e+1)*C_out)); relu=False leaves out the leading ReLU for an already rectified input.
     """
 
-    def __init__(self, C_in, C_out, affine=True, edges=1, relu=True):
+    def __init__(self, C_in, C_out, affine=True, edges=1, relu=True, shift=False):
         super().__init__()
         # Odd C_out (e.g. PC-DARTS partial channels) gives the first conv the extra channel.
         c_second = C_out // 2
-        self.edges = edges
+        self.edges, self.shift = edges, shift
         self.relu = nn.ReLU(inplace=False) if relu else nn.Identity()
         self.conv_1 = nn.Conv3d(C_in, edges * (C_out - c_second), 1, stride=2, bias=False)
         self.conv_2 = nn.Conv3d(C_in, edges * c_second, 1, stride=2, bias=False) if c_second else None
@@ -118,8 +120,8 @@ class FactorizedReduce(nn.Module):
         x = self.relu(x)
         out = self.conv_1(x)
         if self.conv_2 is not None:
-            # Shift by one voxel and pad the far end so odd sizes give the same output size.
-            second = self.conv_2(nn.functional.pad(x[:, :, 1:, 1:, 1:], (0, 1, 0, 1, 0, 1)))
+            # shift: one voxel on, the far end padded so odd sizes give the same output size
+            second = self.conv_2(nn.functional.pad(x[:, :, 1:, 1:, 1:], (0, 1, 0, 1, 0, 1)) if self.shift else x)
             if self.edges == 1:
                 out = torch.cat([out, second], dim=1)
             else:  # per copy: its conv_1 channels, then its conv_2 channels
@@ -185,8 +187,8 @@ def cell_layout(C, layers, multiplier, stem_multiplier=3):
     return plan, C_p
 
 
-def _skip(C, stride, affine):
-    return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine)
+def _skip(C, stride, affine, reduce_shift=False):
+    return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine, shift=reduce_shift)
 
 
 # Fixed-name candidate ops: name -> constructor(C, stride, affine).
@@ -232,10 +234,13 @@ def check_op_name(name):
         raise UserError(f"unknown op {name!r}; known ops: {', '.join(known_op_names())}")
 
 
-def make_op(name, C, stride, affine, **options):
-    """Build candidate op `name` for C channels: (N, C, D, H, W) -> (N, C, D/stride, ...). options: the sep/dil
-    convs' groups and relu, MBConv's edges (the search supernet's batched forms)."""
+def make_op(name, C, stride, affine, reduce_shift=False, **options):
+    """Build candidate op `name` for C channels: (N, C, D, H, W) -> (N, C, D/stride, ...). reduce_shift: the
+    FactorizedReduce form of skip_connect at stride 2 (see FactorizedReduce). options: the sep/dil convs' groups
+    and relu, MBConv's edges (the search supernet's batched forms)."""
     check_op_name(name)
+    if name == 'skip_connect':
+        return _skip(C, stride, affine, reduce_shift)
     if name in OPS:
         return OPS[name](C, stride, affine, **options)
     k, e = parse_mbconv(name)

@@ -105,18 +105,35 @@ def test_avg_pool_excludes_padding():
     assert torch.allclose(out, torch.full_like(out, 3.0))
 
 
-def test_factorized_reduce_sees_odd_voxels():
-    # A voxel at (1, 1, 1) is skipped by the unshifted stride-2 conv; the shifted one must see it.
-    fr = FactorizedReduce(2, 4, affine=False).eval()
-    x = torch.zeros(1, 2, 4, 4, 4)
-    x[0, :, 1, 1, 1] = 1.0
+def _reduce_worked_example(shift):
+    """FactorizedReduce(1, 2) with both 1x1x1 weights 1, BN at its initial running statistics (eval), on a 4^3
+    cube holding its own voxel index 16 d + 4 h + w: each output channel shows the voxels its conv read."""
+    fr = FactorizedReduce(1, 2, affine=False, shift=shift).eval()
     with torch.no_grad():
         nn.init.constant_(fr.conv_1.weight, 1.0)
         nn.init.constant_(fr.conv_2.weight, 1.0)
-        out = fr(x)
-    assert out.shape == (1, 4, 2, 2, 2)
-    assert not out[:, :2].any()
-    assert out[0, 2:, 0, 0, 0].gt(0).all() and out[:, 2:].count_nonzero() == 2
+        out = fr(torch.arange(64.0).view(1, 1, 4, 4, 4))
+    return out * math.sqrt(1 + fr.bn.eps)  # undo BN's division by sqrt(running var 1 + eps)
+
+
+def test_factorized_reduce_published_form_reads_the_same_voxels_twice():
+    # the voxels at even (d, h, w): indices 0, 2, 8, 10, 32, 34, 40, 42, in both branches (the published form)
+    even = torch.tensor([[[0., 2.], [8., 10.]], [[32., 34.], [40., 42.]]])
+    out = _reduce_worked_example(shift=False)
+    assert out.shape == (1, 2, 2, 2, 2)
+    assert torch.allclose(out[0, 0], even) and torch.allclose(out[0, 1], even)
+
+
+def test_factorized_reduce_shifted_form_reads_the_odd_voxels():
+    # DARTS' form: the second branch reads the voxels at odd (d, h, w), each index + 21 = 16 + 4 + 1
+    out = _reduce_worked_example(shift=True)
+    assert torch.allclose(out[0, 0], out[0, 1] - 21)
+    assert out[0, 1, 0, 0, 0] == 21 and out[0, 1, 1, 1, 1] == 63
+
+
+def test_factorized_reduce_default_and_skip_connect_are_the_published_form():
+    assert not FactorizedReduce(2, 4).shift and not make_op('skip_connect', 4, 2, affine=True).shift
+    assert make_op('skip_connect', 4, 2, affine=True, reduce_shift=True).shift
 
 
 @pytest.mark.parametrize('c_out', [1, 3, 6])
