@@ -4,7 +4,7 @@ import torch
 
 from genotypes import NAS_HBO_PAPER, Genotype
 from model import Cell, NetworkLUNA, drop_path
-from operations import recomputed
+from operations import FactorizedReduce, recomputed
 
 
 def tiny(drop_path_prob=0.0):
@@ -113,6 +113,34 @@ def paper_model():
 
 
 def test_paper_parameter_count(paper_model):
-    n = sum(p.numel() for p in paper_model.parameters())
-    assert abs(n / 1e6 - 12.79) <= 0.01
+    # the published code's network of this genotype counts exactly this (the same in both FactorizedReduce forms)
+    assert sum(p.numel() for p in paper_model.parameters()) == 12_791_702
     assert [i for i, c in enumerate(paper_model.cells) if c.reduction] == [6, 13]
+
+
+def _reduce_inputs(model, x):
+    """(conv_1 input, conv_2 input) of every FactorizedReduce the forward of x runs."""
+    seen = []
+    for m in model.modules():
+        if isinstance(m, FactorizedReduce):
+            pair = []
+            seen.append(pair)
+            m.conv_1.register_forward_hook(lambda mod, inp, out, pair=pair: pair.append(inp[0]))
+            m.conv_2.register_forward_hook(lambda mod, inp, out, pair=pair: pair.append(inp[0]))
+    model(x)
+    return seen
+
+
+@pytest.mark.parametrize('reduce_shift', [False, True])
+def test_paper_network_reduces_in_the_form_asked(reduce_shift):
+    # default (published): both branches of every FactorizedReduce (the cell after a reduction, the reduction
+    # cells' skip_connect) read the same tensor; reduce_shift=True: the second reads it shifted by one voxel
+    torch.manual_seed(0)
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER, reduce_shift=reduce_shift) if reduce_shift else tiny()
+    pairs = _reduce_inputs(model.eval(), torch.randn(1, 1, 16, 16, 16))
+    assert len(pairs) == 5  # cell 2's preprocess0, two skip_connect edges in each of the reduction cells 1 and 2
+    for first, second in pairs:
+        if reduce_shift:
+            assert torch.equal(second[:, :, :-1, :-1, :-1], first[:, :, 1:, 1:, 1:])
+        else:
+            assert torch.equal(first, second)

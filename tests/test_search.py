@@ -15,7 +15,7 @@ import genotypes
 import train_search
 from architect import Architect
 from model_search import EdgeGroup, SearchCell, SearchNetwork, channel_shuffle, edge_index, zero_one_loss
-from operations import make_op
+from operations import make_op, parse_mbconv
 from utils import UserError
 
 PRIMS = ['max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3']  # cheap set: a pool (+BN), skip/FactorizedReduce, a conv
@@ -46,17 +46,21 @@ def load_edge(batched, ref, e):
                 t.copy_(state[name][e * len(t):(e + 1) * len(t)])
 
 
+@pytest.mark.parametrize('form', [(False, True), (True, False)], ids=['published', 'darts_form'])
 @pytest.mark.parametrize('stride', [1, 2])
 @pytest.mark.parametrize('prims', [genotypes.PRIMITIVES, genotypes.DARTS_BASE_PRIMITIVES], ids=['paper', 'darts'])
-def test_edge_group_equals_separate_ops_per_edge(prims, stride):
+def test_edge_group_equals_separate_ops_per_edge(prims, stride, form):
     """Edge e of a group = sum_o w[e, o] * make_op(o, C/k, stride) holding edge e's weights: outputs, BN
-    statistics, and gradients w.r.t. the input, the op weights and every conv weight."""
+    statistics, and gradients w.r.t. the input, the op weights and every conv and BN weight. form: (reduce_shift,
+    mbconv_affine), the published one (MBConv BatchNorms affine, the others not) or DARTS'."""
     torch.manual_seed(0)
     C, k, m, part = 8, 4, 3, 2
-    group = EdgeGroup(C, stride, prims, k, m)
+    reduce_shift, mbconv_affine = form
+    group = EdgeGroup(C, stride, prims, k, m, reduce_shift, mbconv_affine)
     refs = []  # per edge: the per-edge ops (None for ops the group shares between edges)
     for e in range(m):
-        ops = [make_op(name, part, stride, affine=False) if i not in group.shared_cols else None
+        ops = [make_op(name, part, stride, affine=mbconv_affine and parse_mbconv(name) is not None,
+                       reduce_shift=reduce_shift) if i not in group.shared_cols else None
                for i, name in enumerate(prims)]
         for i, op in zip(group.batched_cols, group.batched):
             load_edge(op, ops[i], e)
@@ -169,6 +173,16 @@ def test_logits_shape_and_arch_parameters_in_state_dict(full_net):
     other = tiny_net(genotypes.PRIMITIVES, seed=1, C=8)
     other.load_state_dict(sd)
     assert torch.equal(other.alphas_reduce, full_net.alphas_reduce)
+
+
+def test_supernet_weight_parameter_count_at_the_published_defaults():
+    # C=16, 8 cells, the paper's 9 candidates: the published code's count, whose MBConv BatchNorms are affine
+    # (44,800 scales and shifts more than the DARTS form)
+    def count(**form):
+        with torch.device('meta'):
+            return sum(p.numel() for p in SearchNetwork(16, 2, 8, genotypes.mrfc(), k=4, **form).weight_parameters())
+    assert count() == 2_248_786
+    assert count(reduce_shift=True, mbconv_affine=False) == 2_203_986
 
 
 def test_checkpoint_of_another_layout_is_a_user_error(tmp_path):
