@@ -151,7 +151,9 @@ def load_models(run_path, run_cfg, folds, device, log):
     genotype = genotypes.get_genotype(geno_path if os.path.exists(geno_path) else run_cfg['GENOTYPE'])
     models = {}
     for fold, path in folds.items():
-        model = NetworkLUNA(run_cfg['C'], 2, run_cfg['LAYERS'], genotype)
+        # the FactorizedReduce form the run was trained with (a run folder older than the setting: the former one)
+        model = NetworkLUNA(run_cfg['C'], 2, run_cfg['LAYERS'], genotype,
+                            reduce_shift=settings.trained_with(run_cfg, 'REDUCE_SHIFT'))
         try:
             state = torch.load(path, map_location=device, weights_only=True)
         except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as e:

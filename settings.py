@@ -356,9 +356,25 @@ def check_settings(overrides, defaults):
 RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CUDA_GRAPHS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL')
 
 
+# Settings that change what a run computes and were added after run folders had been written: a config.json
+# without one was trained with the value here (the form the code had before the setting existed), so such a run
+# resumes, and predict.py loads its models, in that form. A setting added later must be listed here.
+FORMER_VALUES = {
+    'REDUCE_SHIFT': True,  # FactorizedReduce's second conv read x shifted by one voxel (DARTS)
+    'MBCONV_AFFINE': False,  # the supernet's MBConv BatchNorms had no scale and shift
+}
+
+
+def trained_with(run_cfg, name):
+    """The value of setting `name` a run was trained with: its config.json's, or FORMER_VALUES' for a run folder
+    written before the setting existed."""
+    return run_cfg.get(name, FORMER_VALUES[name])
+
+
 def read_run_config(run_path, defaults):
     """config.json of a run folder to continue, checked to belong to the script of `defaults`: it must parse, hold
-    every setting of the script (those in RESUMABLE_CHANGES may be missing) and no other, each of its type."""
+    every setting of the script (those in RESUMABLE_CHANGES may be missing) and no other, each of its type. Settings
+    of FORMER_VALUES it lacks (an older run folder) get their former value."""
     path = os.path.join(run_path, 'config.json')
     if not os.path.exists(path):
         raise UserError(f'RESUME={run_path}: {path} is missing (not a run folder of this script?)')
@@ -374,7 +390,7 @@ def read_run_config(run_path, defaults):
     if unknown:
         raise UserError(f'RESUME={run_path}: not a run folder of this script: its config.json has setting(s) '
                         f'{", ".join(unknown)}, which this script does not have')
-    missing = sorted(set(defaults) - set(saved) - set(RESUMABLE_CHANGES))
+    missing = sorted(set(defaults) - set(saved) - set(RESUMABLE_CHANGES) - set(FORMER_VALUES))
     if missing:
         raise UserError(f'RESUME={run_path}: {path} lacks setting(s) {", ".join(missing)} (damaged, or written by '
                         'another version of this script); the run cannot be continued')
@@ -383,7 +399,7 @@ def read_run_config(run_path, defaults):
             _coerce(k, v, defaults[k])
         except UserError:
             raise UserError(f'RESUME={run_path}: {path}: {k}={v!r} is not a {type(defaults[k]).__name__}') from None
-    return saved
+    return {**{k: v for k, v in FORMER_VALUES.items() if k in defaults}, **saved}  # an older run: its former form
 
 
 def resumed_settings(run_path, overrides, defaults):

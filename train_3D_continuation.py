@@ -39,6 +39,8 @@ WEIGHT_DECAY = 3e-4  # SGD weight decay
 GRAD_CLIP = 5.0  # max gradient norm
 C = 36  # initial channels
 LAYERS = 20  # cells (reductions at LAYERS//3 and 2*LAYERS//3)
+REDUCE_SHIFT = False  # FactorizedReduce's 2nd 1x1x1 stride-2 conv reads x one voxel on (DARTS); False: both read the
+# same voxels (the published NAS-HBO code)
 DROP_PATH = 0.2  # drop-path probability, rising linearly from 0 to this over the epochs
 REPORT_BEST = True  # also print the best epoch on the test fold (the published, optimistic protocol)
 SEED = 0  # seed of initialization and augmentation
@@ -59,7 +61,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'DATA': None, 'GENOTYPE': None, 'FOLD': None, 'TEST_FOLDS': 'folds(TEST_FOLDS)',
     'TRAIN_FOLDS': 'TRAIN_FOLDS == () or folds(TRAIN_FOLDS)', 'CUBE': 'CUBE >= 8 and CUBE % 4 == 0',
     'EPOCHS': '>= 1', 'BATCH_SIZE': '>= 1', 'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1',
-    'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0', 'C': '>= 1', 'LAYERS': '>= 1', 'DROP_PATH': '0 <= DROP_PATH < 1',
+    'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0', 'C': '>= 1', 'LAYERS': '>= 1', 'REDUCE_SHIFT': None,
+    'DROP_PATH': '0 <= DROP_PATH < 1',
     'REPORT_BEST': None, 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None, 'CHECKPOINT_CELLS': None,
     'AMP': None, 'CUDA_GRAPHS': "not CUDA_GRAPHS or DEVICE != 'cpu'",
     'PARALLEL': "in ('off', 'ray')", 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None, 'RESUME': None,
@@ -104,7 +107,7 @@ def check_resumed_fold(cfg, genotype, fold):
         read_result(path(f'result_fold{fold}.json'), fold)
     elif os.path.exists(path(f'last_fold{fold}.pt')):
         with torch.device('meta'):  # names and shapes only
-            model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype)
+            model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype, reduce_shift=cfg['REDUCE_SHIFT'])
         keys = ('model', 'opt', 'sched', 'epoch', 'rng', 'gen', 'best')
         runfolder.check_checkpoint(path(f'last_fold{fold}.pt'), keys, model,
                                    f'delete it to train fold {fold} again from its first epoch')
@@ -129,7 +132,7 @@ def train_fold(cfg, genotype, table, fold, run):
     run.log(f'fold {fold}: train folds {train_folds} {engine.class_balance(train.labels.cpu())}, '
             f'test {engine.class_balance(test.labels.cpu())} nodules (benign/malignant)')
     runfolder.seed_everything(cfg['SEED'] + fold)
-    model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype).to(cfg['DEVICE'])
+    model = NetworkLUNA(cfg['C'], 2, cfg['LAYERS'], genotype, reduce_shift=cfg['REDUCE_SHIFT']).to(cfg['DEVICE'])
     model.amp = cfg['AMP']
     model.checkpoint_cells = cfg['CHECKPOINT_CELLS']
     params = list(model.parameters())

@@ -40,6 +40,8 @@ GRAD_CLIP = 5.0  # max gradient norm
 PRIMITIVES = 'mrfc'  # candidate ops of the cells: 'mrfc' (the paper's 9) or a tuple of op names
 FILTERS = (8, 16, 32)  # initial channels C (EMONAS: 8, 16, 32)
 CELLS = (5, 7, 9)  # numbers of cells (EMONAS: 5, 7, 9)
+REDUCE_SHIFT = False  # FactorizedReduce's 2nd 1x1x1 stride-2 conv reads x one voxel on (DARTS); False: both read the
+# same voxels (the published NAS-HBO code)
 LRS = tuple(round(m * 10.0 ** e, 6) for e in (-3, -2) for m in range(1, 10)) + (0.1,)  # EMONAS' 19 Adam rates x100, SGD
 POPULATION = 10  # subproblems = population (EMONAS: 10)
 GENERATIONS = 40  # generations, 0 = initialization (EMONAS: 40)
@@ -64,7 +66,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'CUBE': 'CUBE >= 8 and CUBE % 4 == 0', 'EPOCHS': '>= 1', 'PATIENCE': '>= 0', 'LAST_EPOCHS': '>= 1',
     'BATCH_SIZE': '>= 1', 'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0',
     'PRIMITIVES': None, 'FILTERS': 'len(FILTERS) >= 1 and ints(FILTERS) and min(FILTERS) >= 1',
-    'CELLS': 'len(CELLS) >= 1 and ints(CELLS) and min(CELLS) >= 1', 'LRS': 'len(LRS) >= 1 and min(LRS) > 0',
+    'CELLS': 'len(CELLS) >= 1 and ints(CELLS) and min(CELLS) >= 1', 'REDUCE_SHIFT': None,
+    'LRS': 'len(LRS) >= 1 and min(LRS) > 0',
     'POPULATION': '>= 2', 'GENERATIONS': '>= 2', 'LEARNING_GENERATIONS': '0 <= LEARNING_GENERATIONS < GENERATIONS',
     'NEIGHBOURS': '2 <= NEIGHBOURS <= POPULATION', 'THETA': '>= 0', 'ALPHA': '>= 0', 'BETA': '>= 0',
     'METRIC': "in ('acc', 'auc')", 'EXPLORE': '>= 0',

@@ -43,6 +43,10 @@ ARCH_WEIGHT_DECAY = 1e-3  # Adam weight decay of alphas/betas
 C = 16  # initial channels of the supernet
 LAYERS = 8  # cells (reductions at LAYERS//3 and 2*LAYERS//3)
 PC_K = 4  # partial channels: 1/PC_K of the channels go through the candidate ops
+REDUCE_SHIFT = False  # FactorizedReduce's 2nd 1x1x1 stride-2 conv reads x one voxel on (DARTS); False: both read the
+# same voxels (the published NAS-HBO code)
+MBCONV_AFFINE = True  # the MBConv candidates' BatchNorms learn a scale and shift (the published code); False: no
+# candidate's does (DARTS)
 PRIMITIVES = 'mrfc'  # candidate ops: 'mrfc' (receptive-field criterion, the paper's 9) or a tuple of op names
 WEIGHTS = 'sigmoid'  # op weighting: 'sigmoid' (Fair-DARTS, paper), 'softmax', or 'sparsemax' (ZO-DARTS+)
 EDGE_WEIGHTS = True  # multiply each edge by sigmoid(beta)
@@ -76,7 +80,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'CUBE': 'CUBE >= 8 and CUBE % 4 == 0', 'EPOCHS': '>= 1', 'WARMUP_EPOCHS': '>= 0', 'BATCH_SIZE': '>= 1',
     'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0',
     'ARCH_LR': '>= 0', 'ARCH_BETA1': '0 <= ARCH_BETA1 < 1', 'ARCH_WEIGHT_DECAY': '>= 0',
-    'C': 'C >= 1 and C % PC_K == 0', 'LAYERS': '>= 3', 'PC_K': '>= 1', 'PRIMITIVES': None, 'WEIGHTS': None,
+    'C': 'C >= 1 and C % PC_K == 0', 'LAYERS': '>= 3', 'PC_K': '>= 1', 'REDUCE_SHIFT': None, 'MBCONV_AFFINE': None,
+    'PRIMITIVES': None, 'WEIGHTS': None,
     'EDGE_WEIGHTS': None, 'ZERO_ONE': None, 'ZERO_ONE_WEIGHT': '>= 0', 'HYPERGRAD': None, 'HVP': None, 'HVP_R': '> 0',
     'TAU0': '> 0', 'TAU_FACTOR': '0 < TAU_FACTOR <= 1', 'TAU_EVERY': '>= 1', 'ZO_T': '>= 1', 'ZO_MU': '> 0',
     'ZO_ARCH_LR': '>= 0', 'PATIENCE': '>= 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
@@ -94,7 +99,8 @@ def build(cfg):
     data.check_cube_size(cfg['CUBE'], prims)
     zero_one = cfg['ZERO_ONE'] if cfg['ZERO_ONE'] != 'auto' else ('l2' if cfg['WEIGHTS'] == 'sigmoid' else 'off')
     model = SearchNetwork(cfg['C'], 2, cfg['LAYERS'], prims, k=cfg['PC_K'], weighting=cfg['WEIGHTS'],
-                          edge_weights=cfg['EDGE_WEIGHTS']).to(cfg['DEVICE'])
+                          edge_weights=cfg['EDGE_WEIGHTS'], reduce_shift=cfg['REDUCE_SHIFT'],
+                          mbconv_affine=cfg['MBCONV_AFFINE']).to(cfg['DEVICE'])
     model.amp = cfg['AMP']
     model.checkpoint_cells = cfg['CHECKPOINT_CELLS']
     zero_one_loss(model, zero_one)  # an unknown ZERO_ONE fails now, not at the first architecture step

@@ -143,7 +143,7 @@ def train_candidate(cfg, idx, genome, path):
     geno, C, cells, lr = gene_space(cfg).decode(genome)
     seed = candidate_seed(cfg['SEED'], idx)
     runfolder.seed_everything(seed)
-    model = NetworkLUNA(C, 2, cells, geno).to(cfg['DEVICE'])
+    model = NetworkLUNA(C, 2, cells, geno, reduce_shift=cfg['REDUCE_SHIFT']).to(cfg['DEVICE'])
     hist, diverged = fit(cfg, model, lr, seed, f'candidate {idx}', os.path.dirname(path))
     if diverged or not hist['val_loss']:
         f1, e_best = worst_f1(cfg['ALPHA'], cfg['BETA']), 0
