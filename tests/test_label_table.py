@@ -176,3 +176,35 @@ def test_one_scan_named_two_ways_is_one_scan_for_duplicates(tmp_path):
     write_csv(path, [dict(row, file='demo.nii.gz', label=1), dict(row, file='demo', label=0)])
     with pytest.raises(UserError, match='conflicting labels 1 and 0'):
         labels.read_label_table(path, {'demo.nii.gz': scans['demo'], 'demo': scans['demo']}, labelled=False)
+
+
+def test_the_published_table_reads_as_a_label_table(own_tree, tmp_path):
+    """A table in the published NAS-HBO format (seriesuid '<uid>-<n>-<n>-...', voxel coordinates of its own
+    preprocessing, diameter_mm, malignant): each row is the LUNA16 annotation of its scan with its diameter, so the
+    nodules land at the annotations' world centres with the published labels."""
+    root, _, rows = own_tree
+    scans = luna.find_scans(root)
+    diameters = [8.0, 6.5, 9.25, 7.0, 5.5]  # one per nodule of own_tree, in its order
+    annotations = [{**{k: r[k] for k in ('seriesuid', 'coordX', 'coordY', 'coordZ')}, 'diameter_mm': d}
+                   for r, d in zip(rows, diameters)]
+    csv_path = str(tmp_path / 'annotations.csv')
+    write_csv(csv_path, annotations)
+    chosen = [(3, 1), (0, 0), (2, 1)]  # (nodule of own_tree, malignant): 3 of its 5 nodules, out of order
+    published = [{'seriesuid': f'{rows[i]["seriesuid"]}' + f'-{n}' * 12, 'coordX': 140.5 + n, 'coordY': 101.8,
+                  'coordZ': 43.3, 'diameter_mm': diameters[i], 'malignant': m} for n, (i, m) in enumerate(chosen)]
+    path = bad_table(tmp_path, published, 'published.csv')
+    got, notes = labels.read_label_table(path, scans, annotations_csv=csv_path)
+    assert notes == []
+    assert [(r['nodule_id'], r['seriesuid'], r['label'], r['diameter_mm']) for r in got] == \
+        [(f'published{n}', rows[i]['seriesuid'], m, diameters[i]) for n, (i, m) in enumerate(chosen)]
+    for r, (i, _) in zip(got, chosen):
+        assert [r['coordX'], r['coordY'], r['coordZ']] == [rows[i][k] for k in ('coordX', 'coordY', 'coordZ')]
+    assert [float(r['published_coordX']) for r in got] == [140.5, 141.5, 142.5]
+    with pytest.raises(UserError, match='published NAS-HBO format .* needs LUNA16.s annotations.csv'):
+        labels.read_label_table(path, scans)
+    published[1]['diameter_mm'] = 8.5  # no annotation of that scan has it
+    path = bad_table(tmp_path, published, 'published_bad.csv')
+    with pytest.raises(UserError, match=r'1 row.s. not found: label table .*published_bad.csv \(the published '
+                                        r'NAS-HBO format\): line 3: no LUNA16 annotation.s. of scan plain with '
+                                        r'diameter_mm 8.5'):
+        labels.read_label_table(path, scans, annotations_csv=csv_path)

