@@ -5,7 +5,10 @@ functionally (torch.func.functional_call): no model is copied or rebuilt. The He
 d^2 L_train / (d alpha d w) . v is either DARTS' central finite difference at w +/- eps v, eps = r / ||v||
 (hvp='fd', r = 0.01), or exact (hvp='exact'): double backward, d/d alpha of <grad_w L_train, v> with the
 first gradient's graph kept. Both evaluate L_train at the same weights w with the same batch, in fp32, and
-with BatchNorm in train mode (batch statistics) without tracking running statistics.
+with BatchNorm in train mode (batch statistics) without tracking running statistics, unless track_bn (the
+published code): then the forwards on the training batch at w and w +/- eps v, and first order's validation
+forward at w, move the running statistics as a weight step's forward does (the one at w' never does: the
+published code runs it on a copy of the network).
 """
 import contextlib
 
@@ -54,7 +57,7 @@ def full_precision(model):
 
 class Architect:
     def __init__(self, model, w_optimizer, a_optimizer, order='second', zero_one='l2', zero_one_weight=10.0,
-                 hvp_r=1e-2, hvp='fd'):
+                 hvp_r=1e-2, hvp='fd', track_bn=False):
         if hvp not in HVPS:
             raise UserError(f'unknown HVP {hvp!r} (known: {", ".join(HVPS)})')
         self.model = model
@@ -65,6 +68,7 @@ class Architect:
         self.order = order
         self.zero_one = zero_one
         self.zero_one_weight = zero_one_weight
+        self.track_bn = track_bn  # the step's forwards at the network's weights move its BN running statistics
         self.arch = model.arch_parameters()
         arch_ids = {id(p) for p in self.arch}
         self.w_names = [n for n, p in model.named_parameters() if id(p) not in arch_ids]
@@ -86,7 +90,7 @@ class Architect:
     def step(self, x_train, y_train, x_val, y_val, eta):
         """One architecture update; eta is the current weight learning rate. Returns the validation loss."""
         self.a_optimizer.zero_grad(set_to_none=True)
-        with keep_buffers(self.model):
+        with contextlib.nullcontext() if self.track_bn else keep_buffers(self.model):
             if self.order == 'first':
                 loss = self.arch_loss(self.model(x_val), y_val)
                 grads = torch.autograd.grad(loss, self.arch)
@@ -118,7 +122,8 @@ class Architect:
 
     def second_order_grads(self, x_train, y_train, x_val, y_val, eta):
         w_virtual = {n: t.requires_grad_() for n, t in self.virtual_weights(x_train, y_train, eta).items()}
-        loss = self.arch_loss(self._call(w_virtual, x_val), y_val)
+        with keep_buffers(self.model):  # w' are not the network's weights (nested: a no-op)
+            loss = self.arch_loss(self._call(w_virtual, x_val), y_val)
         names = list(w_virtual)
         grads = torch.autograd.grad(loss, self.arch + [w_virtual[n] for n in names])
         d_arch, v = grads[:len(self.arch)], dict(zip(names, grads[len(self.arch):]))

@@ -112,6 +112,8 @@ class CubeData:
     """Cubes and labels held on the training device, with seeded batched augmentation.
 
     cubes: uint8 (N, S, S, S); mean/std: normalization statistics (from training cubes only).
+    one_sided_shift (set by the scripts): the random crop moves the content 0..+SHIFT voxels per axis before the
+    flip (the published code pads the low side only) instead of -SHIFT..+SHIFT.
     """
 
     def __init__(self, cubes, labels, mean, std, device):
@@ -121,6 +123,7 @@ class CubeData:
         self.mean, self.std = float(mean), float(std)
         self.device = torch.device(device)
         self.size = self.cubes.shape[-1]
+        self.one_sided_shift = False
 
     def __len__(self):
         return len(self.labels)
@@ -134,7 +137,8 @@ class CubeData:
         """Random shift (pad 170), flips on each axis, a zeroed 4^3 block; then normalization."""
         s, b, dev = self.size, len(idx), self.device
         padded = torch.nn.functional.pad(self.cubes[idx], (SHIFT,) * 6, value=PAD_VALUE)  # (B, S+4, S+4, S+4)
-        offset = torch.randint(0, 2 * SHIFT + 1, (b, 3), generator=gen, device=dev)
+        # content voxel = padded index - SHIFT: an offset of 0..2 SHIFT moves it -SHIFT..+SHIFT, 0..SHIFT 0..+SHIFT
+        offset = torch.randint(0, (1 if self.one_sided_shift else 2) * SHIFT + 1, (b, 3), generator=gen, device=dev)
         flip = torch.rand(b, 3, generator=gen, device=dev) < 0.5
         ar = torch.arange(s, device=dev)
         # per-sample index along each axis: (B, S), flipped where drawn, then shifted

@@ -362,6 +362,8 @@ RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CUDA_GRAPHS', 'CHECKPO
 FORMER_VALUES = {
     'REDUCE_SHIFT': True,  # FactorizedReduce's second conv read x shifted by one voxel (DARTS)
     'MBCONV_AFFINE': False,  # the supernet's MBConv BatchNorms had no scale and shift
+    'ONE_SIDED_SHIFT': False,  # the random crop moved the content -2..+2 voxels
+    'ARCH_BN_STATS': False,  # architecture steps left the BatchNorm running statistics
 }
 
 

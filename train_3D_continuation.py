@@ -32,6 +32,8 @@ TRAIN_FOLDS = ()  # training folds; () = every fold of the cube set except the t
 CUBE = 32  # network input edge in voxels
 EPOCHS = 600  # training epochs per fold
 BATCH_SIZE = 4  # cubes per step
+ONE_SIDED_SHIFT = False  # random crop: content moves 0..+2 voxels per axis before the flip (the published code pads the
+# low side only); False: -2..+2
 LR = 0.025  # SGD learning rate, cosine-annealed to LR_MIN over EPOCHS
 LR_MIN = 0.0  # final learning rate
 MOMENTUM = 0.9  # SGD momentum
@@ -60,7 +62,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     # None: any value of the setting's type; GENOTYPE and FOLD are checked by main() before the run folder is made)
     'DATA': None, 'GENOTYPE': None, 'FOLD': None, 'TEST_FOLDS': 'folds(TEST_FOLDS)',
     'TRAIN_FOLDS': 'TRAIN_FOLDS == () or folds(TRAIN_FOLDS)', 'CUBE': 'CUBE >= 8 and CUBE % 4 == 0',
-    'EPOCHS': '>= 1', 'BATCH_SIZE': '>= 1', 'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1',
+    'EPOCHS': '>= 1', 'BATCH_SIZE': '>= 1', 'ONE_SIDED_SHIFT': None,
+    'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1',
     'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0', 'C': '>= 1', 'LAYERS': '>= 1', 'REDUCE_SHIFT': None,
     'DROP_PATH': '0 <= DROP_PATH < 1',
     'REPORT_BEST': None, 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None, 'CHECKPOINT_CELLS': None,
@@ -119,6 +122,7 @@ def fold_data(cfg, table, fold):
     train, _ = data.load_split(cfg['DATA'], table, train_folds, cfg['CUBE'], cfg['DEVICE'], what='TRAIN_FOLDS')
     test, _ = data.load_split(cfg['DATA'], table, [fold], cfg['CUBE'], cfg['DEVICE'], (train.mean, train.std),
                               what='test folds')
+    train.one_sided_shift = cfg['ONE_SIDED_SHIFT']
     return train, test, train_folds
 
 

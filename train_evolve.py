@@ -34,6 +34,8 @@ EPOCHS = 5  # maximum epochs per candidate, E of f1 (EMONAS: 120; fidelity chose
 PATIENCE = 2  # stop a candidate when search-val loss has not improved for this many epochs (EMONAS: 20; 0: off)
 LAST_EPOCHS = 2  # f1 averages the metrics over the last this many epochs run (EMONAS: 5)
 BATCH_SIZE = 4  # cubes per step (the retrain's batch)
+ONE_SIDED_SHIFT = False  # random crop: content moves 0..+2 voxels per axis before the flip (the published code pads the
+# low side only); False: -2..+2
 MOMENTUM = 0.9  # SGD momentum (the retrain's optimizer, so a member's learning rate carries over)
 WEIGHT_DECAY = 3e-4  # SGD weight decay
 GRAD_CLIP = 5.0  # max gradient norm
@@ -64,7 +66,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     # None: any value of the setting's type; PRIMITIVES and the cube set are checked by check_inputs())
     'DATA': None, 'SEARCH_FOLDS': 'folds(SEARCH_FOLDS)', 'VAL_FRACTION': '0 < VAL_FRACTION < 1',
     'CUBE': 'CUBE >= 8 and CUBE % 4 == 0', 'EPOCHS': '>= 1', 'PATIENCE': '>= 0', 'LAST_EPOCHS': '>= 1',
-    'BATCH_SIZE': '>= 1', 'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0',
+    'BATCH_SIZE': '>= 1', 'ONE_SIDED_SHIFT': None,
+    'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0',
     'PRIMITIVES': None, 'FILTERS': 'len(FILTERS) >= 1 and ints(FILTERS) and min(FILTERS) >= 1',
     'CELLS': 'len(CELLS) >= 1 and ints(CELLS) and min(CELLS) >= 1', 'REDUCE_SHIFT': None,
     'LRS': 'len(LRS) >= 1 and min(LRS) > 0',

@@ -32,6 +32,8 @@ CUBE = 32  # network input edge in voxels (larger cubes are centre-cropped)
 EPOCHS = 50  # search epochs
 WARMUP_EPOCHS = 23  # weight-only epochs before architecture updates start ("pretrain W")
 BATCH_SIZE = 7  # cubes per step, for weights and architecture
+ONE_SIDED_SHIFT = False  # random crop: content moves 0..+2 voxels per axis before the flip (the published code pads the
+# low side only); False: -2..+2
 LR = 0.1  # weight SGD learning rate, cosine-annealed to LR_MIN over EPOCHS
 LR_MIN = 0.0  # final weight learning rate
 MOMENTUM = 0.9  # weight SGD momentum
@@ -55,6 +57,8 @@ ZERO_ONE_WEIGHT = 10.0  # weight of the zero-one loss in the architecture loss
 HYPERGRAD = 'second'  # 'second' (DARTS 2nd order, paper), 'first', or 'zeroth' (ZO-DARTS+)
 HVP = 'fd'  # second order: Hessian-vector product 'fd' (finite difference, paper/DARTS) or 'exact' (double backward)
 HVP_R = 0.01  # second order: finite-difference radius of the Hessian-vector product is HVP_R / ||v|| (DARTS: 0.01)
+ARCH_BN_STATS = False  # architecture steps' forwards at the network's weights move the BatchNorm running statistics
+# too (the published code: the virtual step's and both finite-difference forwards); False: only weight steps do
 TAU0 = 1.5  # sparsemax: initial temperature
 TAU_FACTOR = 0.75  # sparsemax: temperature multiplied by this ...
 TAU_EVERY = 5  # ... every this many epochs
@@ -78,11 +82,11 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     # None: any value of the setting's type; names of ops, weightings, hypergradients are checked by build())
     'DATA': None, 'SEARCH_FOLDS': 'folds(SEARCH_FOLDS)', 'VAL_FRACTION': '0 < VAL_FRACTION < 1',
     'CUBE': 'CUBE >= 8 and CUBE % 4 == 0', 'EPOCHS': '>= 1', 'WARMUP_EPOCHS': '>= 0', 'BATCH_SIZE': '>= 1',
-    'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0', 'GRAD_CLIP': '> 0',
-    'ARCH_LR': '>= 0', 'ARCH_BETA1': '0 <= ARCH_BETA1 < 1', 'ARCH_WEIGHT_DECAY': '>= 0',
+    'ONE_SIDED_SHIFT': None, 'LR': '>= 0', 'LR_MIN': '>= 0', 'MOMENTUM': '0 <= MOMENTUM < 1', 'WEIGHT_DECAY': '>= 0',
+    'GRAD_CLIP': '> 0', 'ARCH_LR': '>= 0', 'ARCH_BETA1': '0 <= ARCH_BETA1 < 1', 'ARCH_WEIGHT_DECAY': '>= 0',
     'C': 'C >= 1 and C % PC_K == 0', 'LAYERS': '>= 3', 'PC_K': '>= 1', 'REDUCE_SHIFT': None, 'MBCONV_AFFINE': None,
-    'PRIMITIVES': None, 'WEIGHTS': None,
-    'EDGE_WEIGHTS': None, 'ZERO_ONE': None, 'ZERO_ONE_WEIGHT': '>= 0', 'HYPERGRAD': None, 'HVP': None, 'HVP_R': '> 0',
+    'PRIMITIVES': None, 'WEIGHTS': None, 'EDGE_WEIGHTS': None, 'ZERO_ONE': None, 'ZERO_ONE_WEIGHT': '>= 0',
+    'HYPERGRAD': None, 'HVP': None, 'HVP_R': '> 0', 'ARCH_BN_STATS': None,
     'TAU0': '> 0', 'TAU_FACTOR': '0 < TAU_FACTOR <= 1', 'TAU_EVERY': '>= 1', 'ZO_T': '>= 1', 'ZO_MU': '> 0',
     'ZO_ARCH_LR': '>= 0', 'PATIENCE': '>= 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
     'CHECKPOINT_CELLS': None, 'AMP': None, 'CUDA_GRAPHS': "not CUDA_GRAPHS or DEVICE != 'cpu'",
@@ -117,7 +121,7 @@ def build(cfg):
                                  zero_one, cfg['ZERO_ONE_WEIGHT'])
     else:
         updater = arch_mod.Architect(model, w_opt, a_opt, cfg['HYPERGRAD'], zero_one, cfg['ZERO_ONE_WEIGHT'],
-                                     cfg['HVP_R'], cfg['HVP'])
+                                     cfg['HVP_R'], cfg['HVP'], cfg['ARCH_BN_STATS'])
     return model, w_opt, sched, a_opt, updater
 
 
@@ -206,6 +210,7 @@ def main(**overrides):
     # Everything that can fail on the input (cube set, folds, ops, checkpoint) runs before the run folder is touched.
     train, val = data.search_split(cfg['DATA'], cfg['SEARCH_FOLDS'], cfg['VAL_FRACTION'], cfg['SEED'], cfg['CUBE'],
                                    cfg['DEVICE'])  # normalization from search-train cubes only
+    train.one_sided_shift = cfg['ONE_SIDED_SHIFT']
     model, w_opt, sched, a_opt, updater = build(cfg)
     gen = data.make_generator(cfg['DEVICE'], cfg['SEED'])
     val_stream = ValStream(val, cfg['BATCH_SIZE'], gen)

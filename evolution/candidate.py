@@ -43,6 +43,7 @@ def search_data(cfg):
         _DATA.clear()
         _DATA[key] = data.search_split(cfg['DATA'], cfg['SEARCH_FOLDS'], cfg['VAL_FRACTION'], cfg['SEED'], cfg['CUBE'],
                                        cfg['DEVICE'])
+        _DATA[key][0].one_sided_shift = cfg['ONE_SIDED_SHIFT']
     return _DATA[key]
 
 

@@ -325,3 +325,21 @@ def test_search_rejects_a_cube_too_small_for_its_pools(cube_set, tmp_path):
     import train_search
     with pytest.raises(UserError, match='CUBE=8'):
         train_search.main(DATA=cube_set, RUNS=str(tmp_path), DEVICE='cpu', C=4, LAYERS=3, CUBE=8, EPOCHS=1)
+
+
+@pytest.mark.parametrize('one_sided, expected', [(False, [0.1, 0.2, 0.2, 0.2, 0.2, 0.1]), (True, [1 / 6] * 6)])
+def test_where_the_random_crop_puts_the_cube_centre(one_sided, expected):
+    """A marked voxel at the centre (8, 8, 8) of a 16^3 cube lands at 5..10 on each axis. Shift -2..+2 then the
+    flip (ours): 0.1 / 0.2 x 4 / 0.1; the published low-side padding, content moved 0..+2 then the flip: 1/6 each."""
+    cube = np.full((1, 16, 16, 16), 100, dtype=np.uint8)
+    cube[0, 8, 8, 8] = 255
+    d = make_data(cube)
+    d.one_sided_shift = one_sided
+    n = 6000
+    x = d.train_batch(torch.zeros(n, dtype=torch.long), data.make_generator('cpu', 0))[0][:, 0]
+    found = x.flatten(1).max(1).values == 255  # the cutout erased the mark in the others
+    where = np.array(np.unravel_index(x.flatten(1).argmax(1).numpy(), (16, 16, 16))).T[found.numpy()]
+    for a in range(3):
+        p = np.bincount(where[:, a], minlength=16) / len(where)
+        assert p[[0, 1, 2, 3, 4, 11, 12, 13, 14, 15]].sum() == 0
+        np.testing.assert_allclose(p[5:11], expected, atol=0.025)  # ~5600 draws: sd <= 0.006

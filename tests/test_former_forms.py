@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import write_cube_set
 
+import architect
+import data
 import engine
 import predict
 import settings
@@ -54,12 +56,33 @@ def shifts(model):
     return {m.shift for m in model.modules() if isinstance(m, FactorizedReduce)}
 
 
-def test_former_values_fill_an_older_config_only():
-    defaults = {'C': 16, 'REDUCE_SHIFT': False, 'MBCONV_AFFINE': True}
+def test_former_values_are_what_main_computed_before_the_settings():
     assert settings.trained_with({'C': 16}, 'REDUCE_SHIFT') is True
     assert settings.trained_with({'REDUCE_SHIFT': False}, 'REDUCE_SHIFT') is False
-    assert set(FORMER) == set(settings.FORMER_VALUES)
-    assert {k: v != defaults[k] for k, v in settings.FORMER_VALUES.items()} == {k: True for k in FORMER}
+    assert settings.FORMER_VALUES == {**FORMER, 'ONE_SIDED_SHIFT': False, 'ARCH_BN_STATS': False}
+    # the published forms are the defaults now; the published crop and BatchNorm tracking are settings
+    assert {k: train_search.DEFAULTS[k] for k in FORMER} == {k: not v for k, v in FORMER.items()}
+    assert (train_search.DEFAULTS['ONE_SIDED_SHIFT'], train_search.DEFAULTS['ARCH_BN_STATS']) == (False, False)
+
+
+def test_scripts_pass_the_published_crop_and_batchnorm_settings(cubes, tmp_path, monkeypatch):
+    seen, real_batch, real_step = [], data.CubeData.train_batch, architect.Architect.step
+
+    def train_batch(self, idx, gen):
+        seen.append(('shift', self.one_sided_shift))
+        return real_batch(self, idx, gen)
+
+    def step(self, *args, **kwargs):
+        seen.append(('track', self.track_bn))
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(data.CubeData, 'train_batch', train_batch)
+    monkeypatch.setattr(architect.Architect, 'step', step)
+    train_search.main(**{**SEARCH, 'EPOCHS': 1}, DATA=cubes, RUNS=str(tmp_path / 's'), ONE_SIDED_SHIFT=True,
+                      ARCH_BN_STATS=True)
+    assert seen and set(seen) == {('shift', True), ('track', True)}
+    seen.clear()
+    retrain.main(**{**RETRAIN, 'EPOCHS': 1}, DATA=cubes, RUNS=str(tmp_path / 'r'), ONE_SIDED_SHIFT=True)
+    assert seen and set(seen) == {('shift', True)}
 
 
 def test_retrain_folder_older_than_reduce_shift_resumes_and_predicts_in_its_form(cubes, tmp_path, monkeypatch):
@@ -112,7 +135,7 @@ def test_search_folder_older_than_the_form_settings_resumes_in_its_form(cubes, t
         with pytest.raises(Killed):
             train_search.main(**SEARCH, **FORMER, DATA=cubes, RUNS=str(tmp_path))
     folder = only_folder(tmp_path)
-    as_written_before(folder, list(FORMER))
+    as_written_before(folder, list(settings.FORMER_VALUES))  # main wrote none of them
     train_search.main(RESUME=folder)
     assert forms == [({True}, {False})] * 2
     state = torch.load(os.path.join(folder, 'last.pt'), weights_only=False)

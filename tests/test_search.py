@@ -402,6 +402,24 @@ def test_architecture_step_changes_only_alphas_and_betas(order):
     assert all(not torch.equal(t, before[n]) for n, t in net.state_dict().items() if 'running_mean' in n)
 
 
+@pytest.mark.parametrize('order, hvp, forwards', [('first', 'fd', 1), ('second', 'fd', 3), ('second', 'exact', 2)])
+def test_architecture_step_tracking_batchnorm_statistics_as_published(order, hvp, forwards):
+    """track_bn (ARCH_BN_STATS): every forward of the step at the network's own weights moves each BatchNorm's
+    running statistics: first order the validation forward; second order the virtual step's forward and the two at
+    w +/- eps v (exact: one at w), never the validation forward at w' (the published code runs it on a copy)."""
+    net, w_opt, _ = make_architect(order)
+    a_opt = torch.optim.Adam(net.arch_parameters(), 1e-2)
+    arch = Architect(net, w_opt, a_opt, order, 'l2', 10.0, hvp=hvp, track_bn=True)
+    engine.train_step(net, w_opt, *batch(3, 8, seed=5), net.weight_parameters(), 5.0)
+    before = copy.deepcopy(net.state_dict())
+    arch.step(*batch(3, 8, seed=1), *batch(3, 8, seed=2), eta=0.1)
+    after = net.state_dict()
+    counts = [n for n in after if n.endswith('num_batches_tracked')]
+    assert counts and all(after[n] - before[n] == forwards for n in counts)
+    assert all(not torch.equal(after[n], before[n]) for n in after if n.endswith('running_mean'))
+    assert all(m.track_running_stats for m in net.modules() if isinstance(m, torch.nn.BatchNorm3d))
+
+
 @pytest.mark.parametrize('order', ['first', 'second'])
 def test_recomputed_cells_give_the_same_search_steps(order):
     """checkpoint_cells, also under functional_call (the second-order step's virtual weights w' and w +/- eps v,
