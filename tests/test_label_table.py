@@ -1,6 +1,7 @@
 """Own labels in world coordinates (LABEL_TABLE): prepare.py and nodclsgbt.py without the LIDC database."""
 import csv
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -200,6 +201,16 @@ def test_the_published_table_reads_as_a_label_table(own_tree, tmp_path):
     for r, (i, _) in zip(got, chosen):
         assert [r['coordX'], r['coordY'], r['coordZ']] == [rows[i][k] for k in ('coordX', 'coordY', 'coordZ')]
     assert [float(r['published_coordX']) for r in got] == [140.5, 141.5, 142.5]
+    # prepare.py finds annotations.csv in LUNA16_DIR
+    tree = str(tmp_path / 'luna')
+    shutil.copytree(root, tree)
+    shutil.copy(csv_path, os.path.join(tree, 'annotations.csv'))
+    summary = prepare.main(LUNA16_DIR=tree, OUT_DIR=str(tmp_path / 'out'), LABEL_TABLE=path, VOLUMES=False,
+                           RUNS=str(tmp_path / 'runs'))
+    assert (summary['labels']['benign'], summary['labels']['malignant']) == (1, 2)
+    written = read_csv(str(tmp_path / 'out' / 'labels.csv'))
+    assert [(r['nodule_id'], float(r['coordZ'])) for r in written] == [(f'published{n}', rows[i]['coordZ'])
+                                                                        for n, (i, _) in enumerate(chosen)]
     with pytest.raises(UserError, match='published NAS-HBO format .* needs LUNA16.s annotations.csv'):
         labels.read_label_table(path, scans)
     published[1]['diameter_mm'] = 8.5  # no annotation of that scan has it
