@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import prepare
 from scans import lidc, published
 from utils import UserError
 
@@ -195,3 +196,16 @@ def test_published_labelling_counts():
     assert ((t.label == 0).sum(), (t.label == 1).sum(), len(t)) == (554, 450, 1185)
     with pytest.raises(UserError, match="LIDC labelling 'paper'"):
         lidc.nodule_clusters(labelling='paper')
+
+
+def test_prepare_reads_the_lidc_labelling_it_is_given(tmp_path):
+    db = make_db(tmp_path / 'db.sqlite', [(100, 100, 2, 10, [2, 2, 5], 6)])  # annotations 1-3
+    con = sqlite3.connect(db)
+    con.execute('ALTER TABLE annotations ADD COLUMN _nodule_id VARCHAR')
+    con.executemany('UPDATE annotations SET _nodule_id = ? WHERE id = ?', [('IL057_1', 1), ('Nodule 001', 2),
+                                                                           ('0796', 3)])
+    con.commit()
+    con.close()
+    # all readings: mean 3, excluded; the published rule does not count '0796': mean 2, benign
+    assert [c['label'] for c in prepare.load_clusters('', db)] == [-1]
+    assert [c['label'] for c in prepare.load_clusters('', db, 'published')] == [0]
