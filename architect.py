@@ -122,10 +122,12 @@ class Architect:
 
     def second_order_grads(self, x_train, y_train, x_val, y_val, eta):
         w_virtual = {n: t.requires_grad_() for n, t in self.virtual_weights(x_train, y_train, eta).items()}
-        with keep_buffers(self.model):  # w' are not the network's weights (nested: a no-op)
-            loss = self.arch_loss(self._call(w_virtual, x_val), y_val)
         names = list(w_virtual)
-        grads = torch.autograd.grad(loss, self.arch + [w_virtual[n] for n in names])
+        # w' are not the network's weights (nested in step's keep_buffers: a no-op); backward inside too, where
+        # checkpointed cells are recomputed as they ran
+        with keep_buffers(self.model):
+            loss = self.arch_loss(self._call(w_virtual, x_val), y_val)
+            grads = torch.autograd.grad(loss, self.arch + [w_virtual[n] for n in names])
         d_arch, v = grads[:len(self.arch)], dict(zip(names, grads[len(self.arch):]))
         if self.hvp == 'exact':
             implicit = self.exact_hessian_vector_product(v, x_train, y_train)

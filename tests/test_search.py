@@ -402,12 +402,15 @@ def test_architecture_step_changes_only_alphas_and_betas(order):
     assert all(not torch.equal(t, before[n]) for n, t in net.state_dict().items() if 'running_mean' in n)
 
 
+@pytest.mark.parametrize('recompute', [False, True], ids=['', 'checkpoint_cells'])
 @pytest.mark.parametrize('order, hvp, forwards', [('first', 'fd', 1), ('second', 'fd', 3), ('second', 'exact', 2)])
-def test_architecture_step_tracking_batchnorm_statistics_as_published(order, hvp, forwards):
+def test_architecture_step_tracking_batchnorm_statistics_as_published(order, hvp, forwards, recompute):
     """track_bn (ARCH_BN_STATS): every forward of the step at the network's own weights moves each BatchNorm's
     running statistics: first order the validation forward; second order the virtual step's forward and the two at
-    w +/- eps v (exact: one at w), never the validation forward at w' (the published code runs it on a copy)."""
+    w +/- eps v (exact: one at w), never the validation forward at w' (the published code runs it on a copy). With
+    checkpointed cells too (recomputed in backward, statistics moved once)."""
     net, w_opt, _ = make_architect(order)
+    net.checkpoint_cells = recompute
     a_opt = torch.optim.Adam(net.arch_parameters(), 1e-2)
     arch = Architect(net, w_opt, a_opt, order, 'l2', 10.0, hvp=hvp, track_bn=True)
     engine.train_step(net, w_opt, *batch(3, 8, seed=5), net.weight_parameters(), 5.0)
