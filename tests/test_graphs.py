@@ -292,7 +292,10 @@ def test_scripts_run_with_cuda_graphs(script, tmp_path, monkeypatch):
     else:
         # drop path 0: with a device probability the masks are drawn at 0 too (all ones), which moves the generator
         # the later epochs' masks come from (same distribution; equal draws: test_retrain_graph_ready_equals_eager)
-        common.update(BATCH_SIZE=4, FOLD=5, DROP_PATH=0.0)
+        # REDUCE_SHIFT=True: with the published FactorizedReduce the two runs agree at epoch 0 (loss to 2e-7) but drift
+        # apart (0.5 % at epoch 1 on this 8^3 set, measured); DARTS' form stays within 2e-7 for 3 epochs. The steps
+        # themselves agree in either form (test_retrain_graph_ready_equals_eager, the published form)
+        common.update(BATCH_SIZE=4, FOLD=5, DROP_PATH=0.0, REDUCE_SHIFT=True)
         name = 'metrics_fold5.csv'
     runs = [mod.main(RUNS=str(tmp_path / f'runs{g}'), CUDA_GRAPHS=g, **common)['run'] for g in (False, True)]
     eager, graphed = (metrics_of(r, name) for r in runs)
