@@ -22,10 +22,10 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
+from scans.hu import HU_WINDOW, sphere, window  # noqa: F401 - HU_WINDOW: part of this module's interface
 from scans.luna import ScanError, check_data_file, check_header, itk_message, read_header, save_npy_atomic, world_to_raw
 from utils import save_json_atomic
 
-HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)
 LUNG_HU = -600.0              # a smoothed voxel below this is air or lung
 SMOOTH_SIGMA = 1.0            # Gaussian sigma (pixels) of the per-slice smoothing
 MIN_SLICE_AREA_MM2 = 30.0     # per-slice air regions smaller than this are noise or vessels' gaps
@@ -266,13 +266,6 @@ def slice_hull(mask):
     return hull
 
 
-def window(hu):
-    """HU -> uint8 0..255 over HU_WINDOW (computed in float32, clipped: no wrap-around)."""
-    lo, hi = HU_WINDOW
-    scaled = (hu.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
 def lung_box(lungs, spacing, shape):
     """Start and stop (z, y, x) in the RESOLUTION grid of the lung bounding box plus BOX_MARGIN_MM."""
     box = bounding_box(lungs, 0, shape)
@@ -295,20 +288,6 @@ def resample_box(image, spacing, start, stop):
     out = ndimage.affine_transform(sub, step, offset=start * step - first, output_shape=tuple(stop - start),
                                    order=1, mode='nearest')
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def sphere(centre, radius_mm, spacing, shape):
-    """(box slices, bool mask of the box): the voxels of `shape` whose centres lie within radius_mm of the
-    float (z, y, x) index `centre`; None when the sphere misses the array."""
-    reach = radius_mm / spacing
-    lo = np.maximum(np.ceil(centre - reach).astype(int), 0)
-    hi = np.minimum(np.floor(centre + reach).astype(int) + 1, shape)
-    if np.any(hi <= lo):
-        return None
-    grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing))
-    inside = d2 <= radius_mm ** 2
-    return (tuple(slice(a, b) for a, b in zip(lo, hi)), inside) if inside.any() else None
 
 
 def changed_share(fill, image, ball):
