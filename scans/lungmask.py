@@ -22,8 +22,9 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
-from scans.hu import HU_WINDOW, sphere, window  # noqa: F401 - HU_WINDOW: part of this module's interface
+from scans.hu import HU_WINDOW, non_finite, not_hounsfield, sphere, window  # noqa: F401 - HU_WINDOW: its interface
 from scans.luna import ScanError, check_data_file, check_header, itk_message, read_header, save_npy_atomic, world_to_raw
+from scans.series import check_series, nifti_non_finite
 from utils import save_json_atomic
 
 LUNG_HU = -600.0              # a smoothed voxel below this is air or lung
@@ -46,7 +47,8 @@ PROTECT_MM = 4.0              # margin (mm) beyond each annotated nodule's radiu
 
 def dicom_files(folder, series=''):
     """The files of one DICOM series in `folder`, in slice order (GDCM sorts them by position); ScanError when
-    the folder holds none, or several and `series` does not choose one (the message lists them)."""
+    the folder holds none, or several and `series` does not choose one (the message lists them), or when the
+    series is not a CT volume of evenly spaced slices (series.check_series)."""
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not ids:
         raise ScanError(f'{folder} holds no DICOM series (a scan is a .mhd, a .nii / .nii.gz or a DICOM folder)')
@@ -55,8 +57,10 @@ def dicom_files(folder, series=''):
     if len(ids) > 1 and not series:
         listed = ', '.join(f'{i} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, i))} files)'
                            for i in ids)
-        raise ScanError(f'{folder} holds {len(ids)} DICOM series: {listed}; choose one with SERIES=<id>')
-    return sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series or ids[0])
+        raise ScanError(f'{folder} holds {len(ids)} DICOM series: {listed}; choose one with --SERIES=<id>')
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series or ids[0])
+    check_series(files, folder, series or ids[0])
+    return files
 
 
 def read_image(path, series=''):
@@ -66,12 +70,19 @@ def read_image(path, series=''):
         if os.path.isdir(path):
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(dicom_files(path, series))
-            image = reader.Execute()
+            shown = reader.GetGlobalWarningDisplay()
+            reader.SetGlobalWarningDisplay(False)  # its spacing warning (uneven slices) is checked by dicom_files
+            try:
+                image = reader.Execute()
+            finally:
+                reader.SetGlobalWarningDisplay(shown)
             return image, check_header(image, path)
         if not os.path.isfile(path):
             raise ScanError(f'no scan at {path}')
         if path.lower().endswith('.mhd'):
             check_data_file(path)
+        if path.lower().endswith(('.nii', '.nii.gz')) and nifti_non_finite(path):  # ITK would read them as 0
+            raise ScanError(f'{path}: {nifti_non_finite(path)}')
         reader = sitk.ImageFileReader()
         reader.SetFileName(path)
         header = read_header(path, reader)
@@ -99,13 +110,18 @@ def to_lps(image, header, path):
 
 def read_scan(path, series=''):
     """(hu, header): int16 HU array (z, y, x) with its axes along +z, +y, +x (to_lps), and its geometry
-    (spacing, origin, size in that order, direction identity)."""
+    (spacing, origin, size in that order, direction identity). ScanError for NaN or infinite voxels, and for
+    values that are not the HU of a CT (scans/hu.py)."""
     image, header = to_lps(*read_image(path, series), path)
     hu = sitk.GetArrayFromImage(image)
     if not np.issubdtype(hu.dtype, np.number) or hu.ndim != 3:
         raise ScanError(f'bad pixel data: {hu.dtype} array of shape {hu.shape}')
+    if non_finite(hu):
+        raise ScanError(f'{path}: {non_finite(hu)}')
     if np.issubdtype(hu.dtype, np.floating):  # DICOM with a fractional slope: round, not truncate
         hu = np.rint(hu)
+    if not_hounsfield(hu):
+        raise ScanError(f'{path}: {not_hounsfield(hu)}')
     return np.clip(hu, -32768, 32767).astype(np.int16, copy=False), header
 
 

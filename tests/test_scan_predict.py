@@ -24,24 +24,24 @@ NODULES = ((34.0, 3.0, 8.0), (-30.0, -10.0, -12.0), (50.0, -3.0, 0.0))
 SERIES_UID = '1.2.826.0.1.3680043.2.1125.1.7'
 
 
-def write_dicom_series(image, folder, series_uid=SERIES_UID):
-    """One 2-D DICOM file per slice of a 3-D image of HU: Image Position / Orientation (Patient), Pixel Spacing,
-    Slice Thickness, and the HU stored as unsigned 16 bit with Rescale Intercept -2048 and Slope 1."""
+def write_dicom_series(image, folder, series_uid=SERIES_UID, modality='CT'):
+    """One 2-D DICOM file per slice of a 3-D image of HU: Modality, Image Position / Orientation (Patient), Pixel
+    Spacing, Slice Thickness, and the HU stored as unsigned 16 bit with Rescale Intercept -2048 and Slope 1."""
     saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the process in the C locale (ASCII files)
     try:
-        _write_slices(image, folder, series_uid)
+        _write_slices(image, folder, series_uid, modality)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _write_slices(image, folder, series_uid):
+def _write_slices(image, folder, series_uid, modality):
     os.makedirs(folder, exist_ok=True)
     d, (sx, sy, sz) = image.GetDirection(), image.GetSpacing()
     hu = sitk.Cast(image, sitk.sitkFloat32)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetSize()[2]):
-        tags = {'0008|0060': 'CT', '0020|000d': series_uid + '.0', '0020|000e': series_uid,
+        tags = {'0008|0060': modality, '0020|000d': series_uid + '.0', '0020|000e': series_uid,
                 '0008|0018': f'{series_uid}.{k + 1}', '0020|0013': str(k + 1),
                 '0020|0032': '\\'.join(f'{v:.4f}' for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
                 '0020|0037': '\\'.join(f'{v:.6f}' for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
@@ -162,7 +162,7 @@ def test_bad_input_is_one_line_and_writes_nothing(finished, demo, tmp_path):  # 
         os.rename(two / 'other' / f, two / f'other{f}')
     table = os.path.join(folder, 'nodules.csv')
     refused(finished, str(two), table, rf'holds 2 DICOM series: {SERIES_UID} \(40 files\), {SERIES_UID}.2 \(5 files\); '
-            'choose one with SERIES=<id>', tmp_path)
+            'choose one with --SERIES=<id>', tmp_path)
     pred = score(finished, str(two), table, SERIES=SERIES_UID)['predictions']  # the series chosen: scored
     assert len(pred) == 3
     garbage = tmp_path / 'garbage.nii.gz'
