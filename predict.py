@@ -203,10 +203,16 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg, log):
                             f'(mean of {plural(len(models), "fold model")}), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
                             f'LayerCAM of class {"malignant" if target else "benign"}, {which}; '
-                            f'{run_name(cfg["RUN"])}',
+                            f'{run_name(cfg["RUN"])}' + scan_warning(table, i),
                             diameter_mm=table['diameter_mm'].iloc[i] if 'diameter_mm' in table.columns else None)
         os.replace(part, png)
     log(f'LayerCAM: {len(table)} maps in {time.time() - t0:.0f} s: {out_dir}')
+
+
+def scan_warning(table, i):
+    """A figure title's last lines: the warning of the nodule's scan (lung mask of an unusual volume), if any."""
+    warning = table['scan_warning'].iloc[i] if 'scan_warning' in table.columns else ''
+    return '\nWARNING: ' + warning.replace('; ', ';\n') if isinstance(warning, str) and warning else ''
 
 
 def scan_input(cfg, size):
@@ -226,11 +232,15 @@ def scan_input(cfg, size):
         c, centres, geometries[name] = scan_cubes.scan_cubes(scans[name], mine, size, tuple(cfg['LUNG_ML']),
                                                              cfg['PROTECT_MM'], cfg['SERIES'])
         cubes.append(c)
+        warning = scan_cubes.lung_warning(geometries[name], cfg['LUNG_ML'])
+        if warning:
+            notes.append(f'WARNING: scan {scans[name]}: {warning} (column scan_warning of predictions.csv)')
         for r, centre in zip(mine, centres):
             parts.append({'nodule_id': r['nodule_id'], 'seriesuid': name, 'scan': scans[name],
                           **{k: r[k] for k in ('coordX', 'coordY', 'coordZ', 'diameter_mm')},
                           **({'label': r['label']} if r['label'] == r['label'] else {}),
-                          **{f'voxel_{a}': round(float(v), 2) for a, v in zip('zyx', centre)}})
+                          **{f'voxel_{a}': round(float(v), 2) for a, v in zip('zyx', centre)},
+                          'scan_warning': warning})
     table = pd.DataFrame(parts)
     if 'label' not in table.columns:
         table = table.assign(label=np.nan)

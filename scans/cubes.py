@@ -63,6 +63,18 @@ def read_table(path, scans):
     return rows, notes
 
 
+def lung_warning(geometry, volume_ml):
+    """'' or the warning for a scan whose lung mask holds an air region of a volume outside the default LUNG_ML
+    (found only because LUNG_ML was widened: sinus air of a head CT, a bowel loop, a child's lung...)."""
+    lo, hi = lungmask.LUNG_ML
+    odd = [v for v in geometry.get('lung_ml', []) if not lo <= v <= hi]
+    if not odd:
+        return ''
+    return (f'lung mask found only with LUNG_ML={tuple(volume_ml)}: air region(s) of '
+            f'{", ".join(f"{v:g}" for v in odd)} ml, outside the default {lo:g}..{hi:g} ml of a lung; not a CT of '
+            'the chest? check the scan before trusting its probabilities')
+
+
 def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.5):
     """(cubes uint8 (N, size, size, size), voxel centres (N, 3), geometry) of the rows' nodules in one scan.
 

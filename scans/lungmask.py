@@ -193,11 +193,12 @@ def bounding_box(mask, margin, shape):
 
 
 def select_lungs(air, spacing, volume_ml):
-    """3-D components of the per-slice air mask that may be lung: not touching the in-plane border (that is
-    the air around the body) and with a volume within volume_ml = (min, max) millilitres; holes filled."""
+    """(mask, ml): 3-D components of the per-slice air mask that may be lung: not touching the in-plane border
+    (that is the air around the body) and with a volume within volume_ml = (min, max) millilitres, holes filled;
+    ml: the volume of each component kept, largest first (millilitres)."""
     labels, n = ndimage.label(air)
     if n == 0:
-        return np.zeros(air.shape, dtype=bool)
+        return np.zeros(air.shape, dtype=bool), []
     border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
                                        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
     ml = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing)) / 1000.0
@@ -205,8 +206,9 @@ def select_lungs(air, spacing, volume_ml):
     ok[0] = False
     ok[border] = False
     lungs = ok[labels]
+    kept = sorted((round(float(v), 1) for v in ml[ok]), reverse=True)
     # nodules and vessels inside the lung are bright holes of the air mask: fill them in 3-D
-    return fill_holes(lungs) if lungs.any() else lungs
+    return (fill_holes(lungs) if lungs.any() else lungs), kept
 
 
 def split_lungs(lungs, spacing):
@@ -331,10 +333,10 @@ def protect_nodules(fill, image, spacing, nodules, protect_mm):
 
 
 def preprocess(hu, spacing, volume_ml, nodules=(), protect_mm=0.0):
-    """(volume uint8 (z, y, x) at RESOLUTION mm, box_start, per-nodule masking shares) of a HU array;
-    ScanError if no lung is found. nodules, protect_mm: see protect_nodules."""
+    """(volume uint8 (z, y, x) at RESOLUTION mm, box_start, per-nodule masking shares, ml of each air component
+    taken as lung) of a HU array; ScanError if no lung is found. nodules, protect_mm: see protect_nodules."""
     spacing = np.asarray(spacing, dtype=float)
-    lungs = select_lungs(binarize_slices(hu, spacing), spacing, volume_ml)
+    lungs, lung_ml = select_lungs(binarize_slices(hu, spacing), spacing, volume_ml)
     if not lungs.any():
         raise ScanError('empty lung mask (no air region inside the body of lung size)')
     # mask work happens in the lung bounding box, grown by the dilation reach
@@ -350,23 +352,24 @@ def preprocess(hu, spacing, volume_ml, nodules=(), protect_mm=0.0):
     shares = protect_nodules(fill, image, spacing, nodules, protect_mm)
     image[fill] = PAD_VALUE
     start, stop = lung_box(lungs, spacing, hu.shape)
-    return resample_box(image, spacing, start, stop), start, shares
+    return resample_box(image, spacing, start, stop), start, shares, lung_ml
 
 
 def scan_volume(hu, header, nodules, volume_ml, protect_mm, uid=''):
     """(volume, geometry) of a scan read by read_scan: the preprocessed volume and the geometry that maps a
     world point into it (luna.world_to_voxel). nodules: list of dict(world (x, y, z) mm, diameter_mm), the
     annotations to protect; the geometry lists them with the share of each nodule's sphere that masking
-    changed (masked_frac) and would have changed unprotected (masked_frac_unprotected)."""
+    changed (masked_frac) and would have changed unprotected (masked_frac_unprotected), and the volume (ml) of each
+    air component taken as lung (lung_ml)."""
     centres = raw_centres(nodules, dict(header, size=list(hu.shape)))
-    volume, start, shares = preprocess(hu, header['spacing'], volume_ml,
-                                       [(c, n['diameter_mm']) for c, n in zip(centres, nodules)], protect_mm)
+    volume, start, shares, lung_ml = preprocess(hu, header['spacing'], volume_ml,
+                                                [(c, n['diameter_mm']) for c, n in zip(centres, nodules)], protect_mm)
     protected = [{'world': list(n['world']), 'diameter_mm': n['diameter_mm'], **s} for n, s in zip(nodules, shares)]
     geometry = {'seriesuid': uid, 'spacing': header['spacing'], 'origin': header['origin'],
                 'direction': header['direction'], 'flip': header['flip'], 'raw_shape': list(hu.shape),
                 'file_direction': header.get('file_direction', header['direction']),
                 'resolution': RESOLUTION, 'box_start': start.tolist(), 'shape': list(volume.shape),
-                'protect_mm': protect_mm, 'nodules': protected}
+                'protect_mm': protect_mm, 'nodules': protected, 'lung_ml': lung_ml}
     return volume, geometry
 
 

@@ -4,6 +4,7 @@ probabilities of predict.py on the cube set that prepare.py + nodclsgbt.py build
 and writes nothing."""
 import locale
 import os
+import re
 import shutil
 
 import numpy as np
@@ -183,3 +184,39 @@ def test_scan_modules_import_no_torch():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == 'False', out.stderr
+
+
+def test_a_lung_mask_found_only_with_a_widened_lung_ml_is_flagged(finished, tmp_path, monkeypatch):  # noqa: F811
+    """Lungs cut to 14 mm either side of the centre plane (~55 ml each, less than the default LUNG_ML's 100 ml):
+    refused at the default; with LUNG_ML=(20, 8200) scored, and the warning is in the log, in predictions.csv and
+    in the LayerCAM figure's title."""
+    path = str(tmp_path / 'small.mhd')
+    world, _ = make_scan(path, nodules=NODULES[:1])
+    image = sitk.ReadImage(path)
+    hu = sitk.GetArrayFromImage(image)
+    z = (np.arange(hu.shape[0]) - (hu.shape[0] - 1) / 2) * image.GetSpacing()[2]
+    hu[(np.abs(z) > 14)[:, None, None] & (hu < -500) & (hu > -950)] = 30  # lung beyond 14 mm: soft tissue
+    small = sitk.GetImageFromArray(hu)
+    small.CopyInformation(image)
+    sitk.WriteImage(small, path)
+    table = str(tmp_path / 'at.csv')
+    write_csv(table, [{'coordX': world[0][0], 'coordY': world[0][1], 'coordZ': world[0][2], 'diameter_mm': 8}])
+    with pytest.raises(UserError, match='empty lung mask'):
+        predict.main(RUN=finished, SCAN=path, AT=table, DEVICE='cpu')
+    titles = []
+
+    def plot_cam(cube, cam, png, title, **kw):
+        titles.append(title)
+        open(png, 'wb').close()
+    monkeypatch.setattr(predict.evaluation, 'plot_cam', plot_cam)
+    out = score(finished, path, table, CAM=True)
+    warning = out['predictions']['scan_warning'][0]
+    assert re.fullmatch(r'lung mask found only with LUNG_ML=\(20.0, 8200.0\): air region\(s\) of \d+(\.\d)?, '
+                        r'\d+(\.\d)? ml, outside the default 100..8200 ml of a lung; not a CT of the chest\? check '
+                        r'the scan before trusting its probabilities', warning), warning
+    assert f'WARNING: scan {path}: {warning}' in open(os.path.join(out['run'], 'log.txt')).read()
+    assert pd.read_csv(os.path.join(out['run'], 'predictions.csv'))['scan_warning'][0] == warning
+    assert titles[0].endswith('\nWARNING: ' + warning.replace('; ', ';\n'))
+    make_scan(str(tmp_path / 'normal.mhd'), nodules=NODULES[:1])
+    normal = score(finished, str(tmp_path / 'normal.mhd'), table)['predictions']
+    assert normal['scan_warning'].fillna('').tolist() == ['']  # whole lungs: no warning
