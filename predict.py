@@ -5,7 +5,7 @@ python predict.py --RUN=runs/<train_3D_continuation run> [--DATA=<cube set>] [--
 python predict.py --RUN=<run> --SCAN=<.mhd | .nii(.gz) | DICOM folder | folder of scans> --AT=<nodules.csv> [--CAM=True]
 With SCAN, each scan goes through the preprocessing of training (scans/cubes.py: lung mask with the nodules
 protected, 1 mm resampling, window, cube crop), no label needed. Everything is read and checked before the output
-folder <RUN>/predict-<timestamp>[-TAG]/ is made: config.json, log.txt, predictions.csv, with SCAN the cube set
+folder <RUN or OUT>/predict-<timestamp>[-TAG]/ is made: config.json, log.txt, predictions.csv, with SCAN the cube set
 (nodules.csv, cubes/<id>.npy), with CAM cam/<id>.npy (the map, S^3 float32 in [0, 1]) and cam/<id>.png (three
 mid-planes through the nodule, map over the CT). The file INCOMPLETE marks a folder whose writing was interrupted.
 """
@@ -49,6 +49,7 @@ BATCH_SIZE = 16  # cubes per forward pass
 DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA (compiling them takes longer than a prediction)
 TAG = ''  # suffix of the output folder name
+OUT = ''  # folder in which the output folder is made ('' = RUN; another one when RUN is read-only)
 DEFAULTS = settings.settings_of(globals())
 INCOMPLETE = 'INCOMPLETE'  # file in an output folder whose writing has not finished
 CAM_EVERY_S = 10.0  # seconds between progress lines of the LayerCAM maps (when the console is not a terminal)
@@ -57,7 +58,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'AT': "AT == '' or isfile(AT)", 'SERIES': None, 'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]',
     'PROTECT_MM': '>= 0', 'NODULES': None, 'CAM': None,
     'CAM_CELLS': 'ints(CAM_CELLS)', 'BATCH_SIZE': '>= 1', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
-    'TAG': None,
+    'TAG': None, 'OUT': None,
 }
 
 
@@ -144,11 +145,23 @@ def fold_norm(run_path, run_cfg, fold, log):
     return data.cube_stats(cubes)
 
 
+def run_genotype(run_path, run_cfg):
+    """The run's genotype.json, or its GENOTYPE setting when the file is missing (older runs); a damaged file is
+    one line saying what to do."""
+    path = os.path.join(run_path, 'genotype.json')
+    if not os.path.exists(path):
+        return genotypes.get_genotype(run_cfg['GENOTYPE'])
+    try:
+        return genotypes.get_genotype(path)
+    except utils.UserError as e:
+        raise utils.UserError(f'{e}: copy the genotype.json of the search that gave this run over it, or delete it to '
+                              f'use the GENOTYPE={run_cfg["GENOTYPE"]!r} of {run_path}/config.json') from None
+
+
 def load_models(run_path, run_cfg, folds, device, log):
     """{fold: (model in eval mode, mean, std)}; a model file that is not a state dict of the run's network (cut
     short, random bytes, another network) is one UserError naming it."""
-    geno_path = os.path.join(run_path, 'genotype.json')
-    genotype = genotypes.get_genotype(geno_path if os.path.exists(geno_path) else run_cfg['GENOTYPE'])
+    genotype = run_genotype(run_path, run_cfg)
     models = {}
     for fold, path in folds.items():
         model = NetworkLUNA(run_cfg['C'], 2, run_cfg['LAYERS'], genotype)
@@ -281,12 +294,23 @@ def main(**overrides):
     if own and 'fold' in result.columns:  # the model of a nodule's own fold never trained on it
         result['prob_heldout'] = [row[f'prob_fold{int(row["fold"])}'] if int(row['fold']) in models else np.nan
                                   for _, row in result.iterrows()]
-    out = runfolder.Run('predict', cfg, cfg['RUN'], cfg['TAG'])
+    out = output_folder(cfg)
     try:
         return write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries)
     except KeyboardInterrupt:
         print(f'{out.path} is incomplete: it holds the file {INCOMPLETE}', file=sys.stderr, flush=True)
         raise
+
+
+def output_folder(cfg):
+    """The new output folder in OUT (default: RUN); one line naming it and the remedy when it cannot be made."""
+    parent = cfg['OUT'] or cfg['RUN']
+    try:
+        return runfolder.Run('predict', cfg, parent, cfg['TAG'])
+    except OSError as e:
+        where = e.filename or parent
+        raise utils.UserError(f'cannot write the output folder {where} ({e.strerror or e}): give --OUT=<a writable '
+                              f'folder> to write it there instead of in {parent}') from None
 
 
 def write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries):
