@@ -42,6 +42,7 @@ AT = ''  # with SCAN: CSV of nodules, coordX, coordY, coordZ (world mm), diamete
 SERIES = ''  # with SCAN: the DICOM series to read from a folder holding several ('' = its only series)
 LUNG_ML = lungmask.LUNG_ML  # with SCAN: lung volume range (ml), as prepare.py's LUNG_ML
 PROTECT_MM = lungmask.PROTECT_MM  # with SCAN: margin (mm) beyond each nodule's radius never masked, as prepare.py's
+CENTRE_CHECK = 'refuse'  # with SCAN: a centre of AT with nothing denser than lung around it: 'refuse' or 'warn'
 NODULES = ()  # nodule ids to predict (() = every nodule of the cube set)
 CAM = False  # also write each nodule's LayerCAM volume (.npy) and figure (.png), averaged over the fold models
 CAM_CELLS = ()  # cells whose LayerCAM maps are fused (() = the last cell; negative indices count from the end)
@@ -56,7 +57,7 @@ CAM_EVERY_S = 10.0  # seconds between progress lines of the LayerCAM maps (when 
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules; None: any value of the type)
     'RUN': None, 'DATA': "DATA == '' or isdir(DATA)", 'SCAN': "SCAN == '' or DATA == ''",
     'AT': "AT == '' or isfile(AT)", 'SERIES': None, 'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]',
-    'PROTECT_MM': '>= 0', 'NODULES': None, 'CAM': None,
+    'PROTECT_MM': '>= 0', 'CENTRE_CHECK': "in ('refuse', 'warn')", 'NODULES': None, 'CAM': None,
     'CAM_CELLS': 'ints(CAM_CELLS)', 'BATCH_SIZE': '>= 1', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
     'TAG': None, 'OUT': None,
 }
@@ -243,7 +244,10 @@ def scan_input(cfg, size):
         mine = [r for r in rows if r['seriesuid'] == name]
         print(f'scan {scans[name]}: {len(mine)} nodules, preprocessing', flush=True)
         c, centres, geometries[name] = scan_cubes.scan_cubes(scans[name], mine, size, tuple(cfg['LUNG_ML']),
-                                                             cfg['PROTECT_MM'], cfg['SERIES'])
+                                                             cfg['PROTECT_MM'], cfg['SERIES'],
+                                                             centre_check=cfg['CENTRE_CHECK'])
+        notes += [f'WARNING: scan {scans[name]}, {text}: scored (CENTRE_CHECK=warn)'
+                  for text in geometries[name].pop('empty_centres')]
         cubes.append(c)
         warning = scan_cubes.lung_warning(geometries[name], cfg['LUNG_ML'])
         if warning:

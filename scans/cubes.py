@@ -75,11 +75,12 @@ def lung_warning(geometry, volume_ml):
             'the chest? check the scan before trusting its probabilities')
 
 
-def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.5):
+def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.5, centre_check='refuse'):
     """(cubes uint8 (N, size, size, size), voxel centres (N, 3), geometry) of the rows' nodules in one scan.
 
     UserError, before anything is written, for an unreadable scan, a nodule outside it or within its radius of
-    its edge, or a cube mostly (> max_padded) outside the preprocessed volume."""
+    its edge, a cube mostly (> max_padded) outside the preprocessed volume, or (centre_check 'refuse') a centre
+    with nothing denser than lung around it (labels.empty_centres; with 'warn' listed in geometry['empty_centres'])."""
     try:
         hu, header = lungmask.read_scan(path, series)
     except luna.ScanError as e:
@@ -95,11 +96,18 @@ def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.
                         f'{len(outside)} of {len(rows)} nodules outside the scan or within their radius of its edge: '
                         + '; '.join(outside[:3]) + ('; ...' if len(outside) > 3 else '')
                         + ' (world mm in LPS, as LUNA16: x grows to the patient\'s left, y to the back)')
-    nodules = [{'world': [r['coordX'], r['coordY'], r['coordZ']], 'diameter_mm': r['diameter_mm']} for r in rows]
+    nodules = [{'world': [r['coordX'], r['coordY'], r['coordZ']], 'diameter_mm': r['diameter_mm'],
+                'line': r['_line'], 'nodule_id': r['nodule_id']} for r in rows]
+    empty = labels.empty_centres(nodules, hu, header)
+    if empty and centre_check == 'refuse':
+        raise UserError(f'SCAN {path}: {len(empty)} of {len(rows)} nodules of the table have nothing denser than lung '
+                        'at their centre: ' + '; '.join(empty[:3]) + ('; ...' if len(empty) > 3 else '')
+                        + f': {labels.CENTRE_REMEDY} (--CENTRE_CHECK=warn scores them anyway)')
     try:
         volume, geometry = lungmask.scan_volume(hu, header, nodules, volume_ml, protect_mm, rows[0]['seriesuid'])
     except luna.ScanError as e:
         raise UserError(f'SCAN {path}: {e}') from None
+    geometry['empty_centres'] = empty
     world = np.array([n['world'] for n in nodules], dtype=float)
     cubes, centres, padded = luna.crop_nodules(volume, geometry, world, size, lungmask.PAD_VALUE)
     bad = [f'{r["nodule_id"]} (line {r["_line"]}, {p:.0%})' for r, p in zip(rows, padded) if p > max_padded]

@@ -6,7 +6,10 @@ import numpy as np
 HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)
 AIR_HU = -900.0               # a voxel at or below this is air or aerated lung
 MIN_AIR_SHARE = 0.01          # a CT of the chest has at least this share of its voxels at or below AIR_HU
-CENTRE_HU = -500.0            # a labelled nodule has a voxel above this within its radius (lung: -900..-700 HU)
+# a labelled nodule has a voxel above this within its radius: the faintest of the demo set's 1010 nodules reaches
+# -614 HU there, the faintest the demo generator draws (3 mm of pure ground glass with the poorest margin, 150 draws)
+# -748 HU, a test phantom's nodule 400 HU; the demo set's empty lung reaches -790 HU (median), a phantom's -800 HU
+CENTRE_HU = -760.0
 CENTRE_MIN_RADIUS_MM = 2.0    # the sphere searched around a labelled centre has at least this radius
 
 

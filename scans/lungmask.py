@@ -23,6 +23,7 @@ from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
 from scans.hu import HU_WINDOW, non_finite, not_hounsfield, sphere, window  # noqa: F401 - HU_WINDOW: its interface
+from scans.labels import CENTRE_REMEDY, empty_centres
 from scans.luna import ScanError, check_data_file, check_header, itk_message, read_header, save_npy_atomic, world_to_raw
 from scans.series import check_series, nifti_non_finite
 from utils import save_json_atomic
@@ -376,14 +377,21 @@ def scan_volume(hu, header, nodules, volume_ml, protect_mm, uid=''):
 def process_scan(job):
     """Worker: preprocess job['path'] into job['out_dir']/<seriesuid>.npy and .json (geometry, written last).
 
-    job: dict(seriesuid, path, out_dir, volume_ml, nodules, protect_mm), see scan_volume.
-    Returns dict(seriesuid, shape, seconds, nodules)."""
+    job: dict(seriesuid, path, out_dir, volume_ml, nodules, protect_mm, centre_check), see scan_volume;
+    centre_check 'refuse' / 'warn' / '': a nodule with nothing denser than lung at its centre (labels.empty_centres)
+    fails the scan / is listed in the result's empty_centres / is not looked for.
+    Returns dict(seriesuid, shape, seconds, nodules, empty_centres)."""
     t0 = time.time()
     hu, header = read_scan(job['path'])
+    empty = empty_centres(job.get('nodules', []), hu, header) if job.get('centre_check') else []
+    if empty and job['centre_check'] == 'refuse':
+        raise ScanError(f'{len(empty)} of its {len(job["nodules"])} nodules of the label table have nothing denser '
+                        f'than lung at their centre ({CENTRE_REMEDY} CENTRE_CHECK=warn keeps them): '
+                        + '; '.join(empty[:3]) + ('; ...' if len(empty) > 3 else ''))
     volume, geometry = scan_volume(hu, header, job.get('nodules', []), job['volume_ml'], job.get('protect_mm', 0.0),
                                    job['seriesuid'])
     base = os.path.join(job['out_dir'], job['seriesuid'])
     save_npy_atomic(base + '.npy', volume)
     save_json_atomic(base + '.json', geometry)
     return {'seriesuid': job['seriesuid'], 'shape': list(volume.shape), 'seconds': round(time.time() - t0, 2),
-            'nodules': geometry['nodules']}
+            'nodules': geometry['nodules'], 'empty_centres': empty}

@@ -220,3 +220,24 @@ def test_a_lung_mask_found_only_with_a_widened_lung_ml_is_flagged(finished, tmp_
     make_scan(str(tmp_path / 'normal.mhd'), nodules=NODULES[:1])
     normal = score(finished, str(tmp_path / 'normal.mhd'), table)['predictions']
     assert normal['scan_warning'].fillna('').tolist() == ['']  # whole lungs: no warning
+
+
+def test_a_table_in_ras_is_refused_or_scored_with_a_warning(finished, demo, tmp_path):  # noqa: F811
+    folder, _ = demo
+    rows = pd.read_csv(os.path.join(folder, 'nodules.csv')).to_dict('records')
+    nii = os.path.join(folder, 'demo.nii.gz')
+    image = sitk.ReadImage(nii)
+    cx, cy, _ = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    ras = str(tmp_path / 'ras.csv')  # x and y mirrored about the scan's centre: each point lands in the other lung
+    write_csv(ras, [dict(r, coordX=round(2 * cx - r['coordX'], 3), coordY=round(2 * cy - r['coordY'], 3))
+                    for r in rows[:2]])
+    x, y, z = round(2 * cx - rows[0]['coordX'], 3), round(2 * cy - rows[0]['coordY'], 3), rows[0]['coordZ']
+    refused(finished, nii, ras, rf'^SCAN {nii}: 2 of 2 nodules of the table have nothing denser than lung at their '
+            rf'centre: line 2, nodule_id n0: no nodule at \({x:g}, {y:g}, {z:g}\) mm, nothing denser than -760 HU '
+            r'within 4 mm \(densest -\d+ HU\); line 3, .*: are the coordinates LPS world mm, as LUNA16\'s \(x growing '
+            r'to the patient\'s left, y to the back\), and of this scan\? \(--CENTRE_CHECK=warn scores them anyway\)$',
+            tmp_path)
+    out = score(finished, nii, ras, CENTRE_CHECK='warn')
+    assert len(out['predictions']) == 2
+    log = open(os.path.join(out['run'], 'log.txt')).read()
+    assert log.count(f'WARNING: scan {nii}, line ') == 2 and 'scored (CENTRE_CHECK=warn)' in log
