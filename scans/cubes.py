@@ -83,8 +83,8 @@ def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.
     with nothing denser than lung around it (labels.empty_centres; with 'warn' listed in geometry['empty_centres'])."""
     try:
         hu, header = lungmask.read_scan(path, series)
-    except luna.ScanError as e:
-        raise UserError(f'SCAN {path}: {e}') from None
+    except luna.ScanError as e:  # most reasons begin with the scan's path
+        raise UserError(f'SCAN {e}' if str(e).startswith(path) else f'SCAN {path}: {e}') from None
     header = dict(header, size=list(hu.shape))
     outside = labels.nodules_outside(rows, {rows[0]['seriesuid']: header})
     if outside:

@@ -37,7 +37,7 @@ def check_series(files, folder, series):
     """ScanError when the DICOM files of a series are not a CT (Modality tag) or not a volume of evenly spaced
     slices: a single slice, slices at one position, missing or unevenly spaced slices (each named by position)."""
     infos = [slice_info(f) for f in files]
-    where = f'DICOM series {series} in {folder}'
+    where = f'{folder}: DICOM series {series}'
     modalities = sorted({m for m, _ in infos if m})
     if modalities and modalities != ['CT']:
         raise ScanError(f'{where} is not a CT (Modality {", ".join(modalities)}): the models read the Hounsfield '
