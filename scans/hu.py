@@ -43,7 +43,7 @@ def not_hounsfield(hu):
         return ''
     lo, hi = (float(v) for v in np.percentile(hu, (1, 99)))
     return (f'its values are not the Hounsfield units of a CT: {air:.1%} of its voxels are at or below {AIR_HU:g} HU '
-            f'(air and lung; a chest CT has at least {MIN_AIR_SHARE:.0%}), 98 % of them lie in {lo:g}..{hi:g} '
+            f'(air and lung; a chest CT has at least {MIN_AIR_SHARE:.0%}), 98% of them lie in {lo:g}..{hi:g} '
             '(an MR, or a CT stored without its rescale slope and intercept?); give a CT of the chest in HU')
 
 

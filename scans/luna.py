@@ -66,8 +66,7 @@ def check_header(image, path):
         what = (f'a {image.GetDimension()}-D image of {" x ".join(map(str, size))} pixels' if len(size) != 3 else
                 f'a single 2-D slice of {size[0]} x {size[1]} pixels' if size[2] == 1 else
                 f'{size[2]} slices of {size[0]} x {size[1]} pixels')
-        raise ScanError(f'{path} is {what}: a 3-D CT volume with at least 2 voxels along each axis (many slices) is '
-                        'needed')
+        raise ScanError(f'{path} is {what}: a 3-D CT volume (a series of slices) is needed')
     spacing = np.array(image.GetSpacing()[::-1], dtype=float)
     size = np.array(image.GetSize()[::-1], dtype=int)
     if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0) and np.all(spacing < 50)):

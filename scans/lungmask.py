@@ -339,7 +339,8 @@ def preprocess(hu, spacing, volume_ml, nodules=(), protect_mm=0.0):
     spacing = np.asarray(spacing, dtype=float)
     lungs, lung_ml = select_lungs(binarize_slices(hu, spacing), spacing, volume_ml)
     if not lungs.any():
-        raise ScanError('empty lung mask (no air region inside the body of lung size)')
+        raise ScanError(f'empty lung mask (no air region inside the body of lung size, LUNG_ML {volume_ml[0]:g}..'
+                        f'{volume_ml[1]:g} ml)')
     # mask work happens in the lung bounding box, grown by the dilation reach
     box = bounding_box(lungs, DILATION + 1, lungs.shape)
     hull = np.zeros(lungs[box].shape, dtype=bool)
