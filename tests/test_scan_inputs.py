@@ -2,6 +2,7 @@
 2-D slice, a DICOM series with a missing or unevenly spaced slice (without ITK's own warning), a series that is not
 a CT, values that are not Hounsfield units, NaN or infinite voxels (also where ITK's NIfTI reader would turn them
 into 0). Scans built with SimpleITK and numpy in tmp_path."""
+import locale
 import os
 
 import numpy as np
@@ -68,7 +69,11 @@ def move_slice(path, position):
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     writer.SetFileName(str(path))
-    writer.Execute(moved)
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the process in the C locale (ASCII files)
+    try:
+        writer.Execute(moved)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def test_a_series_that_is_not_ct_is_refused(tmp_path):
