@@ -229,41 +229,6 @@ def scan_warning(table, i):
     return '\nWARNING: ' + warning.replace('; ', ';\n') if isinstance(warning, str) and warning else ''
 
 
-def scan_input(cfg, size):
-    """(table, cubes, geometries) of the nodules of AT in the scans of SCAN, preprocessed as for training."""
-    scans = scan_cubes.find_scans(cfg['SCAN'])
-    rows, notes = scan_cubes.read_table(cfg['AT'], scans)
-    ids = [str(i) for i in cfg['NODULES']]
-    if ids:
-        unknown = sorted(set(ids) - {r['nodule_id'] for r in rows})
-        if unknown:
-            raise utils.UserError(f'AT={cfg["AT"]}: no nodule {", ".join(unknown[:5])}')
-        rows = [r for r in rows if r['nodule_id'] in ids]
-    parts, cubes, geometries = [], [], {}
-    for name in sorted({r['seriesuid'] for r in rows}):
-        mine = [r for r in rows if r['seriesuid'] == name]
-        print(f'scan {scans[name]}: {len(mine)} nodules, preprocessing', flush=True)
-        c, centres, geometries[name] = scan_cubes.scan_cubes(scans[name], mine, size, tuple(cfg['LUNG_ML']),
-                                                             cfg['PROTECT_MM'], cfg['SERIES'],
-                                                             centre_check=cfg['CENTRE_CHECK'])
-        notes += [f'WARNING: scan {scans[name]}, {text}: scored (CENTRE_CHECK=warn)'
-                  for text in geometries[name].pop('empty_centres')]
-        cubes.append(c)
-        warning = scan_cubes.lung_warning(geometries[name], cfg['LUNG_ML'])
-        if warning:
-            notes.append(f'WARNING: scan {scans[name]}: {warning} (column scan_warning of predictions.csv)')
-        for r, centre in zip(mine, centres):
-            parts.append({'nodule_id': r['nodule_id'], 'seriesuid': name, 'scan': scans[name],
-                          **{k: r[k] for k in ('coordX', 'coordY', 'coordZ', 'diameter_mm')},
-                          **({'label': r['label']} if r['label'] == r['label'] else {}),
-                          **{f'voxel_{a}': round(float(v), 2) for a, v in zip('zyx', centre)},
-                          'scan_warning': warning})
-    table = pd.DataFrame(parts)
-    if 'label' not in table.columns:
-        table = table.assign(label=np.nan)
-    return table, np.concatenate(cubes), geometries, notes
-
-
 def main(**overrides):
     cfg = settings.resolve(overrides, DEFAULTS, RULES)
     if not cfg['RUN'] or not os.path.isfile(os.path.join(cfg['RUN'], 'config.json')):  # the rule of RUN
@@ -280,7 +245,9 @@ def main(**overrides):
     models = load_models(cfg['RUN'], run_cfg, folds, cfg['DEVICE'], notes.append)  # checked before any output
     if cfg['SCAN']:
         root = cfg['SCAN']
-        table, cubes, geometries, more = scan_input(cfg, run_cfg['CUBE'])
+        table, cubes, geometries, more = scan_cubes.nodule_cubes(
+            cfg['SCAN'], cfg['AT'], cfg['NODULES'], run_cfg['CUBE'], tuple(cfg['LUNG_ML']), cfg['PROTECT_MM'],
+            cfg['SERIES'], cfg['CENTRE_CHECK'])
         notes += more
     else:
         root, geometries = cfg['DATA'] or run_cfg['DATA'], None

@@ -115,3 +115,40 @@ def scan_cubes(path, rows, size, volume_ml, protect_mm, series='', max_padded=0.
         raise UserError(f'SCAN {path}: the cube of {len(bad)} nodules lies mostly outside the lungs\' box of the '
                         f'preprocessed scan: {", ".join(bad[:5])} (a nodule outside the lungs, or a wrong centre)')
     return cubes, centres, geometry
+
+
+def nodule_cubes(scan, at, nodules, size, volume_ml, protect_mm, series='', centre_check='refuse'):
+    """(table, cubes (N, size, size, size) uint8, {scan name: geometry}, notes for the log) of the nodules of the
+    table `at` (those named in `nodules`; () = all) in the scans of `scan`, preprocessed as for training. The table
+    has each nodule's scan, centre, voxel and scan_warning (lung_warning)."""
+    import pandas as pd
+    scans = find_scans(scan)
+    rows, notes = read_table(at, scans)
+    ids = [str(i) for i in nodules]
+    if ids:
+        unknown = sorted(set(ids) - {r['nodule_id'] for r in rows})
+        if unknown:
+            raise UserError(f'AT={at}: no nodule {", ".join(unknown[:5])}')
+        rows = [r for r in rows if r['nodule_id'] in ids]
+    parts, cubes, geometries = [], [], {}
+    for name in sorted({r['seriesuid'] for r in rows}):
+        mine = [r for r in rows if r['seriesuid'] == name]
+        print(f'scan {scans[name]}: {len(mine)} nodules, preprocessing', flush=True)
+        c, centres, geometries[name] = scan_cubes(scans[name], mine, size, volume_ml, protect_mm, series,
+                                                  centre_check=centre_check)
+        notes += [f'WARNING: scan {scans[name]}, {text}: scored (CENTRE_CHECK=warn)'
+                  for text in geometries[name].pop('empty_centres')]
+        cubes.append(c)
+        warning = lung_warning(geometries[name], volume_ml)
+        if warning:
+            notes.append(f'WARNING: scan {scans[name]}: {warning} (column scan_warning of predictions.csv)')
+        for r, centre in zip(mine, centres):
+            parts.append({'nodule_id': r['nodule_id'], 'seriesuid': name, 'scan': scans[name],
+                          **{k: r[k] for k in ('coordX', 'coordY', 'coordZ', 'diameter_mm')},
+                          **({'label': r['label']} if r['label'] == r['label'] else {}),
+                          **{f'voxel_{a}': round(float(v), 2) for a, v in zip('zyx', centre)},
+                          'scan_warning': warning})
+    table = pd.DataFrame(parts)
+    if 'label' not in table.columns:
+        table = table.assign(label=np.nan)
+    return table, np.concatenate(cubes), geometries, notes
