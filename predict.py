@@ -5,7 +5,7 @@ python predict.py --RUN=runs/<train_3D_continuation run> [--DATA=<cube set>] [--
 python predict.py --RUN=<run> --SCAN=<.mhd | .nii(.gz) | DICOM folder | folder of scans> --AT=<nodules.csv> [--CAM=True]
 With SCAN, each scan goes through the preprocessing of training (scans/cubes.py: lung mask with the nodules
 protected, 1 mm resampling, window, cube crop), no label needed. Everything is read and checked before the output
-folder <RUN>/predict-<timestamp>[-TAG]/ is made: config.json, log.txt, predictions.csv, with SCAN the cube set
+folder <RUN or OUT>/predict-<timestamp>[-TAG]/ is made: config.json, log.txt, predictions.csv, with SCAN the cube set
 (nodules.csv, cubes/<id>.npy), with CAM cam/<id>.npy (the map, S^3 float32 in [0, 1]) and cam/<id>.png (three
 mid-planes through the nodule, map over the CT). The file INCOMPLETE marks a folder whose writing was interrupted.
 """
@@ -42,6 +42,7 @@ AT = ''  # with SCAN: CSV of nodules, coordX, coordY, coordZ (world mm), diamete
 SERIES = ''  # with SCAN: the DICOM series to read from a folder holding several ('' = its only series)
 LUNG_ML = lungmask.LUNG_ML  # with SCAN: lung volume range (ml), as prepare.py's LUNG_ML
 PROTECT_MM = lungmask.PROTECT_MM  # with SCAN: margin (mm) beyond each nodule's radius never masked, as prepare.py's
+CENTRE_CHECK = 'refuse'  # with SCAN: a centre of AT with nothing denser than lung around it: 'refuse' or 'warn'
 NODULES = ()  # nodule ids to predict (() = every nodule of the cube set)
 CAM = False  # also write each nodule's LayerCAM volume (.npy) and figure (.png), averaged over the fold models
 CAM_CELLS = ()  # cells whose LayerCAM maps are fused (() = the last cell; negative indices count from the end)
@@ -49,15 +50,16 @@ BATCH_SIZE = 16  # cubes per forward pass
 DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 FAST_KERNELS = False  # Triton depthwise kernels on CUDA (compiling them takes longer than a prediction)
 TAG = ''  # suffix of the output folder name
+OUT = ''  # folder in which the output folder is made ('' = RUN; another one when RUN is read-only)
 DEFAULTS = settings.settings_of(globals())
 INCOMPLETE = 'INCOMPLETE'  # file in an output folder whose writing has not finished
 CAM_EVERY_S = 10.0  # seconds between progress lines of the LayerCAM maps (when the console is not a terminal)
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules; None: any value of the type)
     'RUN': None, 'DATA': "DATA == '' or isdir(DATA)", 'SCAN': "SCAN == '' or DATA == ''",
     'AT': "AT == '' or isfile(AT)", 'SERIES': None, 'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]',
-    'PROTECT_MM': '>= 0', 'NODULES': None, 'CAM': None,
+    'PROTECT_MM': '>= 0', 'CENTRE_CHECK': "in ('refuse', 'warn')", 'NODULES': None, 'CAM': None,
     'CAM_CELLS': 'ints(CAM_CELLS)', 'BATCH_SIZE': '>= 1', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
-    'TAG': None,
+    'TAG': None, 'OUT': None,
 }
 
 
@@ -144,11 +146,23 @@ def fold_norm(run_path, run_cfg, fold, log):
     return data.cube_stats(cubes)
 
 
+def run_genotype(run_path, run_cfg):
+    """The run's genotype.json, or its GENOTYPE setting when the file is missing (older runs); a damaged file is
+    one line saying what to do."""
+    path = os.path.join(run_path, 'genotype.json')
+    if not os.path.exists(path):
+        return genotypes.get_genotype(run_cfg['GENOTYPE'])
+    try:
+        return genotypes.get_genotype(path)
+    except utils.UserError as e:
+        raise utils.UserError(f'{e}: copy the genotype.json of the search that gave this run over it, or delete it to '
+                              f'use the GENOTYPE={run_cfg["GENOTYPE"]!r} of {run_path}/config.json') from None
+
+
 def load_models(run_path, run_cfg, folds, device, log):
     """{fold: (model in eval mode, mean, std)}; a model file that is not a state dict of the run's network (cut
     short, random bytes, another network) is one UserError naming it."""
-    geno_path = os.path.join(run_path, 'genotype.json')
-    genotype = genotypes.get_genotype(geno_path if os.path.exists(geno_path) else run_cfg['GENOTYPE'])
+    genotype = run_genotype(run_path, run_cfg)
     models = {}
     for fold, path in folds.items():
         # the FactorizedReduce form the run was trained with (a run folder older than the setting: the former one)
@@ -205,38 +219,16 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg, log):
                             f'(mean of {plural(len(models), "fold model")}), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
                             f'LayerCAM of class {"malignant" if target else "benign"}, {which}; '
-                            f'{run_name(cfg["RUN"])}',
+                            f'{run_name(cfg["RUN"])}' + scan_warning(table, i),
                             diameter_mm=table['diameter_mm'].iloc[i] if 'diameter_mm' in table.columns else None)
         os.replace(part, png)
     log(f'LayerCAM: {len(table)} maps in {time.time() - t0:.0f} s: {out_dir}')
 
 
-def scan_input(cfg, size):
-    """(table, cubes, geometries) of the nodules of AT in the scans of SCAN, preprocessed as for training."""
-    scans = scan_cubes.find_scans(cfg['SCAN'])
-    rows, notes = scan_cubes.read_table(cfg['AT'], scans)
-    ids = [str(i) for i in cfg['NODULES']]
-    if ids:
-        unknown = sorted(set(ids) - {r['nodule_id'] for r in rows})
-        if unknown:
-            raise utils.UserError(f'AT={cfg["AT"]}: no nodule {", ".join(unknown[:5])}')
-        rows = [r for r in rows if r['nodule_id'] in ids]
-    parts, cubes, geometries = [], [], {}
-    for name in sorted({r['seriesuid'] for r in rows}):
-        mine = [r for r in rows if r['seriesuid'] == name]
-        print(f'scan {scans[name]}: {len(mine)} nodules, preprocessing', flush=True)
-        c, centres, geometries[name] = scan_cubes.scan_cubes(scans[name], mine, size, tuple(cfg['LUNG_ML']),
-                                                             cfg['PROTECT_MM'], cfg['SERIES'])
-        cubes.append(c)
-        for r, centre in zip(mine, centres):
-            parts.append({'nodule_id': r['nodule_id'], 'seriesuid': name, 'scan': scans[name],
-                          **{k: r[k] for k in ('coordX', 'coordY', 'coordZ', 'diameter_mm')},
-                          **({'label': r['label']} if r['label'] == r['label'] else {}),
-                          **{f'voxel_{a}': round(float(v), 2) for a, v in zip('zyx', centre)}})
-    table = pd.DataFrame(parts)
-    if 'label' not in table.columns:
-        table = table.assign(label=np.nan)
-    return table, np.concatenate(cubes), geometries, notes
+def scan_warning(table, i):
+    """A figure title's last lines: the warning of the nodule's scan (lung mask of an unusual volume), if any."""
+    warning = table['scan_warning'].iloc[i] if 'scan_warning' in table.columns else ''
+    return '\nWARNING: ' + warning.replace('; ', ';\n') if isinstance(warning, str) and warning else ''
 
 
 def main(**overrides):
@@ -255,7 +247,9 @@ def main(**overrides):
     models = load_models(cfg['RUN'], run_cfg, folds, cfg['DEVICE'], notes.append)  # checked before any output
     if cfg['SCAN']:
         root = cfg['SCAN']
-        table, cubes, geometries, more = scan_input(cfg, run_cfg['CUBE'])
+        table, cubes, geometries, more = scan_cubes.nodule_cubes(
+            cfg['SCAN'], cfg['AT'], cfg['NODULES'], run_cfg['CUBE'], tuple(cfg['LUNG_ML']), cfg['PROTECT_MM'],
+            cfg['SERIES'], cfg['CENTRE_CHECK'])
         notes += more
     else:
         root, geometries = cfg['DATA'] or run_cfg['DATA'], None
@@ -273,12 +267,23 @@ def main(**overrides):
     if own and 'fold' in result.columns:  # the model of a nodule's own fold never trained on it
         result['prob_heldout'] = [row[f'prob_fold{int(row["fold"])}'] if int(row['fold']) in models else np.nan
                                   for _, row in result.iterrows()]
-    out = runfolder.Run('predict', cfg, cfg['RUN'], cfg['TAG'])
+    out = output_folder(cfg)
     try:
         return write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries)
     except KeyboardInterrupt:
         print(f'{out.path} is incomplete: it holds the file {INCOMPLETE}', file=sys.stderr, flush=True)
         raise
+
+
+def output_folder(cfg):
+    """The new output folder in OUT (default: RUN); one line naming it and the remedy when it cannot be made."""
+    parent = cfg['OUT'] or cfg['RUN']
+    try:
+        return runfolder.Run('predict', cfg, parent, cfg['TAG'])
+    except OSError as e:
+        where = e.filename or parent
+        raise utils.UserError(f'cannot write the output folder {where} ({e.strerror or e}): give --OUT=<a writable '
+                              f'folder> to write it there instead of in {parent}') from None
 
 
 def write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries):

@@ -49,6 +49,7 @@ RUNS = 'runs'             # folder of run folders (log, config)
 TAG = ''                  # suffix of the run folder name
 LABEL_TABLE = ''          # your own label CSV (world mm, docs/data.md), instead of LIDC_DB and annotations.csv
 PROTECT_MM = lungmask.PROTECT_MM  # margin (mm) beyond each annotated nodule's radius that masking never fills
+CENTRE_CHECK = 'refuse'   # a LABEL_TABLE centre with nothing denser than lung around it: 'refuse' (scan fails), 'warn'
 
 DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '> 0' reads 'MATCH_MM > 0';
@@ -60,6 +61,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'MATCH_MM': '> 0', 'WORKERS': '>= 1', 'SCAN_TIMEOUT': '> 0', 'START_METHOD': "in ('spawn', 'fork', 'forkserver')",
     'LUNG_ML': 'len(LUNG_ML) == 2 and 0 <= LUNG_ML[0] < LUNG_ML[1]', 'RUNS': "!= ''", 'TAG': None,
     'LABEL_TABLE': "LABEL_TABLE == '' or isfile(LABEL_TABLE)", 'PROTECT_MM': '>= 0',
+    'CENTRE_CHECK': "in ('refuse', 'warn')",
 }
 CLUSTER_COLUMNS = ('seriesuid', 'row', 'col', 'z', 'label', 'diameter_mm')  # needed from the cluster table
 FAILURE_COLUMNS = ('seriesuid', 'fold', 'path', 'reason')
@@ -105,7 +107,9 @@ def nodules_by_scan(nodules):
     out = {}
     for a in nodules:
         out.setdefault(a['seriesuid'], []).append({'world': [a['coordX'], a['coordY'], a['coordZ']],
-                                                   'diameter_mm': a['diameter_mm']})
+                                                   'diameter_mm': a['diameter_mm'],
+                                                   **({'line': a['_line']} if '_line' in a else {}),
+                                                   **({'nodule_id': a['nodule_id']} if 'nodule_id' in a else {})})
     return out
 
 
@@ -120,7 +124,8 @@ def prepare_volumes(scans, nodules, cfg, run):
     stale = [u for u in scans if geometries[u] is not None and u not in skipped]
     done = set(skipped)
     jobs = [{'seriesuid': u, 'path': path, 'out_dir': os.path.join(cfg['OUT_DIR'], 'volumes'),
-             'volume_ml': tuple(cfg['LUNG_ML']), 'nodules': by_scan.get(u, []), 'protect_mm': cfg['PROTECT_MM']}
+             'volume_ml': tuple(cfg['LUNG_ML']), 'nodules': by_scan.get(u, []), 'protect_mm': cfg['PROTECT_MM'],
+             'centre_check': cfg['CENTRE_CHECK'] if cfg['LABEL_TABLE'] else ''}
             for u, (_, path) in scans.items() if u not in done]
     run.log(f'{len(scans)} scans: {len(skipped)} already done, {len(jobs)} to process with {cfg["WORKERS"]} workers; '
             f'{len(nodules)} annotated nodules protected from the masking (radius + {cfg["PROTECT_MM"]:g} mm)')
@@ -135,6 +140,8 @@ def prepare_volumes(scans, nodules, cfg, run):
         if ok:
             processed.append(uid)
             run.log(f'ok      {uid}  subset{scans[uid][0]}  volume {res["shape"]}  {res["seconds"]:.1f} s')
+            for text in res.get('empty_centres', []):
+                run.log(f'WARNING {uid}: {text}: kept (CENTRE_CHECK=warn); {labels.CENTRE_REMEDY}')
         else:
             failed.append({'seriesuid': uid, 'fold': scans[uid][0], 'path': job['path'], 'reason': res})
             run.log(f'FAILED  {uid}  subset{scans[uid][0]}  {res}')

@@ -16,6 +16,7 @@ then checks its other inputs (files, folds, genotypes) before it creates or touc
 one line (a UserError, printed by run_cli without a traceback) naming the setting, its value and the rule.
 """
 import ast
+import contextlib
 import glob
 import json
 import operator
@@ -385,9 +386,9 @@ def read_run_config(run_path, defaults):
             saved = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         what = 'is empty' if os.path.getsize(path) == 0 else f'cannot be read ({e})'
-        raise UserError(f'RESUME={run_path}: {path} {what}; the run cannot be continued') from None
+        raise UserError(f'RESUME={run_path}: {path} {what}; {new_run_hint(run_path, defaults)}') from None
     if not isinstance(saved, dict):
-        raise UserError(f'RESUME={run_path}: {path} holds no settings; the run cannot be continued')
+        raise UserError(f'RESUME={run_path}: {path} holds no settings; {new_run_hint(run_path, defaults)}')
     unknown = sorted(set(saved) - set(defaults))
     if unknown:
         raise UserError(f'RESUME={run_path}: not a run folder of this script: its config.json has setting(s) '
@@ -395,13 +396,36 @@ def read_run_config(run_path, defaults):
     missing = sorted(set(defaults) - set(saved) - set(RESUMABLE_CHANGES) - set(FORMER_VALUES))
     if missing:
         raise UserError(f'RESUME={run_path}: {path} lacks setting(s) {", ".join(missing)} (damaged, or written by '
-                        'another version of this script); the run cannot be continued')
+                        f'another version of this script); {new_run_hint(run_path, defaults)}')
     for k, v in saved.items():
         try:
             _coerce(k, v, defaults[k])
         except UserError:
-            raise UserError(f'RESUME={run_path}: {path}: {k}={v!r} is not a {type(defaults[k]).__name__}') from None
+            raise UserError(f'RESUME={run_path}: {path}: {k}={v!r} is not a {type(defaults[k]).__name__}; '
+                            f'{new_run_hint(run_path, defaults)}') from None
     return {**{k: v for k, v in FORMER_VALUES.items() if k in defaults}, **saved}  # an older run: its former form
+
+
+def new_run_hint(run_path, defaults):
+    """The end of a damaged config.json's message: the run cannot be continued, its log.txt holds the settings it ran
+    with (the '  NAME = value' lines of Run.header), and the command of a new run with them (those not the default,
+    but the machine's own: RESUMABLE_CHANGES)."""
+    log, logged = os.path.join(run_path, 'log.txt'), {}
+    try:
+        with open(log, errors='replace') as f:
+            for line in f:
+                name, sep, value = line.rstrip('\n').partition(' = ')
+                if sep and name.startswith('  ') and name.strip() in defaults:
+                    with contextlib.suppress(ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                        logged[name.strip()] = ast.literal_eval(value)
+    except OSError:
+        return 'the run cannot be continued: start a new run (the same command without --RESUME)'
+    args = [f'--{k}={v if isinstance(v, str) else v!r}' for k, v in logged.items()
+            if k not in RESUMABLE_CHANGES and v != defaults[k]]
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.path.basename(sys.argv[0]))
+    script = sys.argv[0] if os.path.isfile(here) and not here.endswith('__main__.py') else '<script>.py'
+    return (f'the run cannot be continued; {log} holds the settings it ran with (its lines "  NAME = value"): start a '
+            f'new run with them: {shlex.join(["python", script, *args])}')
 
 
 def resumed_settings(run_path, overrides, defaults):

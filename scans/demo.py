@@ -4,8 +4,8 @@ Each cube holds one real nodule: its readers' consensus shape at 1 mm (lidc.nodu
 real label, drawn into synthetic lung (parenchyma with texture, vessels, sometimes a chest wall). The
 nodule's density follows its texture rating (ground glass, part-solid, solid), its edge sharpness the
 margin rating, spicules the spiculation rating, and calcification the readers' calcification pattern.
-The cube is blurred, gets noise, and is windowed like prepare.py: HU clipped to [-1200, 600] and mapped
-linearly to uint8 0..255 (z, y, x at 1 mm, nodule centroid at voxel size // 2).
+The cube (z, y, x at 1 mm, nodule centroid at voxel size // 2) is blurred, gets noise, and is windowed by
+prepare.py's own function (scans/hu.py: HU clipped to [-1200, 600], mapped linearly to uint8 0..255, rounded).
 
 Layout: out_dir/nodules.csv (nodule_id, seriesuid, patient_id, fold, label, diameter_mm, ratings, ...)
 and out_dir/cubes/<nodule_id>.npy. Folds 0-9 are assigned by patient (so no scan straddles folds).
@@ -20,9 +20,9 @@ import numpy as np
 from scipy import ndimage
 
 from scans import lidc
+from scans.hu import window  # the HU window of prepare.py (one function for both)
 from utils import UserError, progress
 
-HU_MIN, HU_MAX = -1200.0, 600.0   # HU window of prepare.py, mapped to 0..255
 PAD_VALUE = 170                   # uint8 value prepare.py writes outside the (dilated) lung mask
 N_FOLDS = 10
 DEFAULT_DIR = os.path.join('data', 'demo')
@@ -31,11 +31,6 @@ DEFAULT_DIR = os.path.join('data', 'demo')
 def stable_int(text):
     """A 63-bit integer from a string, the same in every process and Python version."""
     return int(hashlib.sha1(text.encode()).hexdigest()[:15], 16)
-
-
-def window(hu):
-    """HU -> uint8 like prepare.py: clip to [HU_MIN, HU_MAX], scale to 0..255, truncate."""
-    return (np.clip((hu - HU_MIN) / (HU_MAX - HU_MIN), 0, 1) * 255).astype(np.uint8)
 
 
 def assign_folds(table, n_folds=N_FOLDS):

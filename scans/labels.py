@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from scans import published
+from scans.hu import CENTRE_HU, CENTRE_MIN_RADIUS_MM, densest_near
 from scans.luna import edge_margin, world_to_raw
 from utils import UserError
 
@@ -159,6 +160,28 @@ def nodules_outside(rows, headers):
             out.append(f'line {r["_line"]} (nodule {r["nodule_id"]}, scan {r["seriesuid"]}): centre '
                        f'({r["coordX"]:g}, {r["coordY"]:g}, {r["coordZ"]:g}) mm is {where} (voxel (z, y, x) '
                        f'{np.round(raw, 1).tolist()} of {h["size"]})')
+    return out
+
+
+CENTRE_CHECKS = ('refuse', 'warn')  # what a labelled centre with nothing denser than lung around it does
+CENTRE_REMEDY = ('are the coordinates LPS world mm, as LUNA16\'s (x growing to the patient\'s left, y to the back), '
+                 'and of this scan?')
+
+
+def empty_centres(nodules, hu, header):
+    """Text per nodule with nothing denser than CENTRE_HU within its radius of its centre (a wrong coordinate
+    convention, e.g. RAS instead of LPS, or the wrong scan). nodules: dicts with world (x, y, z) mm, diameter_mm and
+    optionally line and nodule_id; hu, header: lungmask.read_scan's."""
+    out = []
+    for n in nodules:
+        raw = world_to_raw(n['world'], header['origin'], header['spacing'], header['flip'], hu.shape,
+                           header['direction'])
+        densest = densest_near(hu, raw, n['diameter_mm'], header['spacing'])
+        if densest < CENTRE_HU:
+            name = ', '.join(f'{k} {n[k]}' for k in ('line', 'nodule_id') if k in n) or 'nodule'
+            out.append(f'{name}: no nodule at ({", ".join(f"{v:g}" for v in n["world"])}) mm, nothing denser than '
+                       f'{CENTRE_HU:g} HU within {max(n["diameter_mm"] / 2, CENTRE_MIN_RADIUS_MM):g} mm (densest '
+                       f'{densest:.0f} HU)')
     return out
 
 

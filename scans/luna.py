@@ -61,14 +61,16 @@ def read_header(path, reader=None):
 
 def check_header(image, path):
     """Header dict of an sitk image or reader, or ScanError naming what is wrong."""
-    if image.GetDimension() != 3:
-        raise ScanError(f'bad header: {image.GetDimension()}-D image, expected 3-D ({path})')
+    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
+        size = image.GetSize()
+        what = (f'a {image.GetDimension()}-D image of {" x ".join(map(str, size))} pixels' if len(size) != 3 else
+                f'a single 2-D slice of {size[0]} x {size[1]} pixels' if size[2] == 1 else
+                f'{size[2]} slices of {size[0]} x {size[1]} pixels')
+        raise ScanError(f'{path} is {what}: a 3-D CT volume (a series of slices) is needed')
     spacing = np.array(image.GetSpacing()[::-1], dtype=float)
     size = np.array(image.GetSize()[::-1], dtype=int)
     if not (np.all(np.isfinite(spacing)) and np.all(spacing > 0) and np.all(spacing < 50)):
         raise ScanError(f'bad header: element spacing {spacing[::-1].tolist()} ({path})')
-    if np.any(size < 2):
-        raise ScanError(f'bad header: size {size[::-1].tolist()} ({path})')
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     return {'spacing': spacing.tolist(), 'origin': list(image.GetOrigin()[::-1]), 'size': size.tolist(),
             'direction': direction.tolist(), 'flip': bool(not np.allclose(direction, np.eye(3)))}

@@ -22,10 +22,12 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from skimage.draw import polygon
 
+from scans.hu import HU_WINDOW, non_finite, not_hounsfield, sphere, window  # noqa: F401 - HU_WINDOW: its interface
+from scans.labels import CENTRE_REMEDY, empty_centres
 from scans.luna import ScanError, check_data_file, check_header, itk_message, read_header, save_npy_atomic, world_to_raw
+from scans.series import check_series, nifti_non_finite
 from utils import save_json_atomic
 
-HU_WINDOW = (-1200.0, 600.0)  # HU mapped linearly onto 0..255 (clipped)
 LUNG_HU = -600.0              # a smoothed voxel below this is air or lung
 SMOOTH_SIGMA = 1.0            # Gaussian sigma (pixels) of the per-slice smoothing
 MIN_SLICE_AREA_MM2 = 30.0     # per-slice air regions smaller than this are noise or vessels' gaps
@@ -46,7 +48,8 @@ PROTECT_MM = 4.0              # margin (mm) beyond each annotated nodule's radiu
 
 def dicom_files(folder, series=''):
     """The files of one DICOM series in `folder`, in slice order (GDCM sorts them by position); ScanError when
-    the folder holds none, or several and `series` does not choose one (the message lists them)."""
+    the folder holds none, or several and `series` does not choose one (the message lists them), or when the
+    series is not a CT volume of evenly spaced slices (series.check_series)."""
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not ids:
         raise ScanError(f'{folder} holds no DICOM series (a scan is a .mhd, a .nii / .nii.gz or a DICOM folder)')
@@ -55,8 +58,10 @@ def dicom_files(folder, series=''):
     if len(ids) > 1 and not series:
         listed = ', '.join(f'{i} ({len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, i))} files)'
                            for i in ids)
-        raise ScanError(f'{folder} holds {len(ids)} DICOM series: {listed}; choose one with SERIES=<id>')
-    return sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series or ids[0])
+        raise ScanError(f'{folder} holds {len(ids)} DICOM series: {listed}; choose one with --SERIES=<id>')
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series or ids[0])
+    check_series(files, folder, series or ids[0])
+    return files
 
 
 def read_image(path, series=''):
@@ -66,12 +71,19 @@ def read_image(path, series=''):
         if os.path.isdir(path):
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(dicom_files(path, series))
-            image = reader.Execute()
+            shown = reader.GetGlobalWarningDisplay()
+            reader.SetGlobalWarningDisplay(False)  # its spacing warning (uneven slices) is checked by dicom_files
+            try:
+                image = reader.Execute()
+            finally:
+                reader.SetGlobalWarningDisplay(shown)
             return image, check_header(image, path)
         if not os.path.isfile(path):
             raise ScanError(f'no scan at {path}')
         if path.lower().endswith('.mhd'):
             check_data_file(path)
+        if path.lower().endswith(('.nii', '.nii.gz')) and nifti_non_finite(path):  # ITK would read them as 0
+            raise ScanError(f'{path}: {nifti_non_finite(path)}')
         reader = sitk.ImageFileReader()
         reader.SetFileName(path)
         header = read_header(path, reader)
@@ -99,13 +111,18 @@ def to_lps(image, header, path):
 
 def read_scan(path, series=''):
     """(hu, header): int16 HU array (z, y, x) with its axes along +z, +y, +x (to_lps), and its geometry
-    (spacing, origin, size in that order, direction identity)."""
+    (spacing, origin, size in that order, direction identity). ScanError for NaN or infinite voxels, and for
+    values that are not the HU of a CT (scans/hu.py)."""
     image, header = to_lps(*read_image(path, series), path)
     hu = sitk.GetArrayFromImage(image)
     if not np.issubdtype(hu.dtype, np.number) or hu.ndim != 3:
         raise ScanError(f'bad pixel data: {hu.dtype} array of shape {hu.shape}')
+    if non_finite(hu):
+        raise ScanError(f'{path}: {non_finite(hu)}')
     if np.issubdtype(hu.dtype, np.floating):  # DICOM with a fractional slope: round, not truncate
         hu = np.rint(hu)
+    if not_hounsfield(hu):
+        raise ScanError(f'{path}: {not_hounsfield(hu)}')
     return np.clip(hu, -32768, 32767).astype(np.int16, copy=False), header
 
 
@@ -177,11 +194,12 @@ def bounding_box(mask, margin, shape):
 
 
 def select_lungs(air, spacing, volume_ml):
-    """3-D components of the per-slice air mask that may be lung: not touching the in-plane border (that is
-    the air around the body) and with a volume within volume_ml = (min, max) millilitres; holes filled."""
+    """(mask, ml): 3-D components of the per-slice air mask that may be lung: not touching the in-plane border
+    (that is the air around the body) and with a volume within volume_ml = (min, max) millilitres, holes filled;
+    ml: the volume of each component kept, largest first (millilitres)."""
     labels, n = ndimage.label(air)
     if n == 0:
-        return np.zeros(air.shape, dtype=bool)
+        return np.zeros(air.shape, dtype=bool), []
     border = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
                                        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
     ml = np.bincount(labels.ravel(), minlength=n + 1) * float(np.prod(spacing)) / 1000.0
@@ -189,8 +207,9 @@ def select_lungs(air, spacing, volume_ml):
     ok[0] = False
     ok[border] = False
     lungs = ok[labels]
+    kept = sorted((round(float(v), 1) for v in ml[ok]), reverse=True)
     # nodules and vessels inside the lung are bright holes of the air mask: fill them in 3-D
-    return fill_holes(lungs) if lungs.any() else lungs
+    return (fill_holes(lungs) if lungs.any() else lungs), kept
 
 
 def split_lungs(lungs, spacing):
@@ -266,13 +285,6 @@ def slice_hull(mask):
     return hull
 
 
-def window(hu):
-    """HU -> uint8 0..255 over HU_WINDOW (computed in float32, clipped: no wrap-around)."""
-    lo, hi = HU_WINDOW
-    scaled = (hu.astype(np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
 def lung_box(lungs, spacing, shape):
     """Start and stop (z, y, x) in the RESOLUTION grid of the lung bounding box plus BOX_MARGIN_MM."""
     box = bounding_box(lungs, 0, shape)
@@ -295,20 +307,6 @@ def resample_box(image, spacing, start, stop):
     out = ndimage.affine_transform(sub, step, offset=start * step - first, output_shape=tuple(stop - start),
                                    order=1, mode='nearest')
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def sphere(centre, radius_mm, spacing, shape):
-    """(box slices, bool mask of the box): the voxels of `shape` whose centres lie within radius_mm of the
-    float (z, y, x) index `centre`; None when the sphere misses the array."""
-    reach = radius_mm / spacing
-    lo = np.maximum(np.ceil(centre - reach).astype(int), 0)
-    hi = np.minimum(np.floor(centre + reach).astype(int) + 1, shape)
-    if np.any(hi <= lo):
-        return None
-    grids = np.ogrid[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing))
-    inside = d2 <= radius_mm ** 2
-    return (tuple(slice(a, b) for a, b in zip(lo, hi)), inside) if inside.any() else None
 
 
 def changed_share(fill, image, ball):
@@ -336,12 +334,13 @@ def protect_nodules(fill, image, spacing, nodules, protect_mm):
 
 
 def preprocess(hu, spacing, volume_ml, nodules=(), protect_mm=0.0):
-    """(volume uint8 (z, y, x) at RESOLUTION mm, box_start, per-nodule masking shares) of a HU array;
-    ScanError if no lung is found. nodules, protect_mm: see protect_nodules."""
+    """(volume uint8 (z, y, x) at RESOLUTION mm, box_start, per-nodule masking shares, ml of each air component
+    taken as lung) of a HU array; ScanError if no lung is found. nodules, protect_mm: see protect_nodules."""
     spacing = np.asarray(spacing, dtype=float)
-    lungs = select_lungs(binarize_slices(hu, spacing), spacing, volume_ml)
+    lungs, lung_ml = select_lungs(binarize_slices(hu, spacing), spacing, volume_ml)
     if not lungs.any():
-        raise ScanError('empty lung mask (no air region inside the body of lung size)')
+        raise ScanError(f'empty lung mask (no air region inside the body of lung size, LUNG_ML {volume_ml[0]:g}..'
+                        f'{volume_ml[1]:g} ml)')
     # mask work happens in the lung bounding box, grown by the dilation reach
     box = bounding_box(lungs, DILATION + 1, lungs.shape)
     hull = np.zeros(lungs[box].shape, dtype=bool)
@@ -355,37 +354,45 @@ def preprocess(hu, spacing, volume_ml, nodules=(), protect_mm=0.0):
     shares = protect_nodules(fill, image, spacing, nodules, protect_mm)
     image[fill] = PAD_VALUE
     start, stop = lung_box(lungs, spacing, hu.shape)
-    return resample_box(image, spacing, start, stop), start, shares
+    return resample_box(image, spacing, start, stop), start, shares, lung_ml
 
 
 def scan_volume(hu, header, nodules, volume_ml, protect_mm, uid=''):
     """(volume, geometry) of a scan read by read_scan: the preprocessed volume and the geometry that maps a
     world point into it (luna.world_to_voxel). nodules: list of dict(world (x, y, z) mm, diameter_mm), the
     annotations to protect; the geometry lists them with the share of each nodule's sphere that masking
-    changed (masked_frac) and would have changed unprotected (masked_frac_unprotected)."""
+    changed (masked_frac) and would have changed unprotected (masked_frac_unprotected), and the volume (ml) of each
+    air component taken as lung (lung_ml)."""
     centres = raw_centres(nodules, dict(header, size=list(hu.shape)))
-    volume, start, shares = preprocess(hu, header['spacing'], volume_ml,
-                                       [(c, n['diameter_mm']) for c, n in zip(centres, nodules)], protect_mm)
+    volume, start, shares, lung_ml = preprocess(hu, header['spacing'], volume_ml,
+                                                [(c, n['diameter_mm']) for c, n in zip(centres, nodules)], protect_mm)
     protected = [{'world': list(n['world']), 'diameter_mm': n['diameter_mm'], **s} for n, s in zip(nodules, shares)]
     geometry = {'seriesuid': uid, 'spacing': header['spacing'], 'origin': header['origin'],
                 'direction': header['direction'], 'flip': header['flip'], 'raw_shape': list(hu.shape),
                 'file_direction': header.get('file_direction', header['direction']),
                 'resolution': RESOLUTION, 'box_start': start.tolist(), 'shape': list(volume.shape),
-                'protect_mm': protect_mm, 'nodules': protected}
+                'protect_mm': protect_mm, 'nodules': protected, 'lung_ml': lung_ml}
     return volume, geometry
 
 
 def process_scan(job):
     """Worker: preprocess job['path'] into job['out_dir']/<seriesuid>.npy and .json (geometry, written last).
 
-    job: dict(seriesuid, path, out_dir, volume_ml, nodules, protect_mm), see scan_volume.
-    Returns dict(seriesuid, shape, seconds, nodules)."""
+    job: dict(seriesuid, path, out_dir, volume_ml, nodules, protect_mm, centre_check), see scan_volume;
+    centre_check 'refuse' / 'warn' / '': a nodule with nothing denser than lung at its centre (labels.empty_centres)
+    fails the scan / is listed in the result's empty_centres / is not looked for.
+    Returns dict(seriesuid, shape, seconds, nodules, empty_centres)."""
     t0 = time.time()
     hu, header = read_scan(job['path'])
+    empty = empty_centres(job.get('nodules', []), hu, header) if job.get('centre_check') else []
+    if empty and job['centre_check'] == 'refuse':
+        raise ScanError(f'{len(empty)} of its {len(job["nodules"])} nodules of the label table have nothing denser '
+                        f'than lung at their centre ({CENTRE_REMEDY} CENTRE_CHECK=warn keeps them): '
+                        + '; '.join(empty[:3]) + ('; ...' if len(empty) > 3 else ''))
     volume, geometry = scan_volume(hu, header, job.get('nodules', []), job['volume_ml'], job.get('protect_mm', 0.0),
                                    job['seriesuid'])
     base = os.path.join(job['out_dir'], job['seriesuid'])
     save_npy_atomic(base + '.npy', volume)
     save_json_atomic(base + '.json', geometry)
     return {'seriesuid': job['seriesuid'], 'shape': list(volume.shape), 'seconds': round(time.time() - t0, 2),
-            'nodules': geometry['nodules']}
+            'nodules': geometry['nodules'], 'empty_centres': empty}

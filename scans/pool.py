@@ -20,7 +20,7 @@ def reason_of(error):
     """One short line for a failure list."""
     text = str(error).strip().splitlines()
     name = type(error).__name__
-    return (text[-1] if name == 'ScanError' else f'{name}: {text[-1]}' if text else name)[:300]
+    return (text[-1] if name == 'ScanError' else f'{name}: {text[-1]}' if text else name)[:600]
 
 
 def run_isolated(fn, jobs, workers, timeout_s, start_method='spawn'):

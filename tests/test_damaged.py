@@ -191,3 +191,35 @@ def test_damaged_candidate_result_then_deleted(evolve_run, tmp_path, monkeypatch
     assert train_evolve.main(RESUME=str(folder))['evaluated'] == len(os.listdir(folder / 'candidates'))
     with open(folder / 'evaluations.csv') as f, open(os.path.join(evolve_run, 'evaluations.csv')) as g:
         assert f.read() == g.read()                          # candidate 1 trained again: the same search
+
+
+def test_damaged_config_names_log_and_the_command_of_a_new_run(retrain_run, tmp_path):
+    """config.json cut short: the line says the run cannot be continued, that log.txt holds the settings it ran with,
+    and gives the command of a new run with them; that command's settings are the run's own."""
+    import json
+    import shlex
+
+    import settings
+    folder = copy_of(retrain_run, tmp_path)
+    path = os.path.join(folder, 'config.json')
+    with open(path) as f:
+        saved = json.load(f)
+    with open(path, 'w') as f:
+        f.write(json.dumps(saved)[:40])
+    before = snapshot(folder)
+    with pytest.raises(UserError) as info:
+        retrain.main(RESUME=str(folder), DEVICE='cpu')
+    message = str(info.value)
+    assert snapshot(folder) == before and '\n' not in message
+    log = os.path.join(folder, 'log.txt')
+    head, sep, command = message.partition(f'; the run cannot be continued; {log} holds the settings it ran with '
+                                           '(its lines "  NAME = value"): start a new run with them: ')
+    assert head.startswith(f'RESUME={folder}: {path} cannot be read') and sep, message
+    words = shlex.split(command)
+    assert words[:2] == ['python', '<script>.py'] and '--RESUME' not in command
+    given = settings.parse_overrides(retrain.DEFAULTS, words[2:])
+    assert {'C', 'LAYERS', 'CUBE', 'EPOCHS', 'DATA'} <= set(given)
+    new = {**retrain.DEFAULTS, **given}
+    for k, v in saved.items():
+        if k not in settings.RESUMABLE_CHANGES:
+            assert json.loads(json.dumps(new[k])) == v, k

@@ -28,7 +28,19 @@ def centre_mean(cube):
 
 
 def test_window_matches_prepare():
-    assert demo.window(np.array([-2000, -1200, -300, 600, 3000])).tolist() == [0, 0, 127, 255, 255]
+    # 255 / 1800 grey levels per HU: -300 HU is 127.5 (rounded to the even 128), -1195 HU is 0.71 -> 1, -1196.6
+    # HU is 0.48 -> 0; outside the window clipped, never wrapped around
+    hu = np.array([-2000, -1200, -1196.6, -1195, -300, 600, 3000])
+    assert demo.window(hu).tolist() == [0, 0, 0, 1, 128, 255, 255]
+
+
+def test_demo_and_prepare_give_the_same_uint8_for_the_same_hu():
+    """The demo cubes (demo.render_cube) and prepare.py's volumes (lungmask.preprocess) window HU alike: every HU
+    of the window's range, in fractions of a grey level, gives the same uint8 on both paths."""
+    from scans import lungmask
+    hu = np.arange(-1300, 700, 0.37, dtype=np.float32).reshape(-1, 1, 1)
+    assert np.array_equal(demo.window(hu), lungmask.window(hu))
+    assert np.array_equal(demo.window(hu.astype(np.int16)), lungmask.window(hu.astype(np.int16)))
 
 
 def test_render_density_follows_the_ratings():

@@ -219,3 +219,76 @@ def test_the_published_table_reads_as_a_label_table(own_tree, tmp_path):
                                         r'NAS-HBO format\): line 3: no LUNA16 annotation.s. of scan plain with '
                                         r'diameter_mm 8.5'):
         labels.read_label_table(path, scans, annotations_csv=csv_path)
+
+
+def ras_tree(tmp_path):
+    """One phantom scan (subset0/plain.mhd, nodules 400 HU) and its label table in LPS (right) and in RAS (x and y
+    negated: every point lands in lung or air where there is no nodule)."""
+    root = tmp_path / 'luna'
+    (root / 'subset0').mkdir(parents=True)
+    world, _ = make_scan(str(root / 'subset0' / 'plain.mhd'), nodules=((34.0, 3.0, 8.0), (-30.0, -10.0, -12.0)))
+    lps = [{'seriesuid': 'plain', 'coordX': w[0], 'coordY': w[1], 'coordZ': w[2], 'diameter_mm': 8.0, 'label': k}
+           for k, w in enumerate(world)]
+    write_csv(str(tmp_path / 'lps.csv'), lps)
+    write_csv(str(tmp_path / 'ras.csv'), [dict(r, coordX=-r['coordX'], coordY=-r['coordY']) for r in lps])
+    return str(root), lps
+
+
+def test_empty_centres_flag_the_ras_points_and_no_true_nodule(tmp_path):
+    from scans import lungmask
+    root, lps = ras_tree(tmp_path)
+    hu, header = lungmask.read_scan(os.path.join(root, 'subset0', 'plain.mhd'))
+    nodules = [{'world': [r['coordX'], r['coordY'], r['coordZ']], 'diameter_mm': 8.0, 'line': k + 2}
+               for k, r in enumerate(lps)]
+    assert labels.empty_centres(nodules, hu, header) == []
+    ras = [dict(n, world=[-n['world'][0], -n['world'][1], n['world'][2]]) for n in nodules]
+    flagged = labels.empty_centres(ras, hu, header)
+    assert len(flagged) == 2
+    x, y, z = ras[0]['world']
+    assert flagged[0].startswith(f'line 2: no nodule at ({x:g}, {y:g}, {z:g}) mm, nothing denser than -760 HU '
+                                 'within 4 mm (densest -')
+
+
+def test_centre_threshold_flags_no_faint_demo_nodule():
+    """Calibration: the faintest nodules of the demo set's generator (pure ground glass, texture 1, small, with a
+    poor margin) keep a voxel above CENTRE_HU within their radius; its empty lung mostly does not."""
+    from scans import demo
+    from scans.hu import CENTRE_HU, densest_near
+    nodule = {'texture': 1.0, 'margin': 1.0, 'spiculation': 1.0, 'calcified': 0, 'calcification_type': 0}
+    grid = np.linalg.norm(np.indices((7, 7, 7)) - 3, axis=0)
+    faintest, empty = [], []
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        radius = 1.5 + seed % 3  # 3 to 7 mm
+        cube = demo.render_cube(grid <= radius, dict(nodule, diameter_mm=2 * radius), rng, size=24)
+        hu = cube.astype(float) * 1800 / 255 - 1200
+        hu[cube == demo.PAD_VALUE] = -1000  # chest wall: not lung, never counted as a nodule here
+        faintest.append(densest_near(hu, (12, 12, 12), 2 * radius, np.ones(3)))
+        empty.append(densest_near(hu, (4, 4, 4), 2 * radius, np.ones(3)))
+    assert min(faintest) > CENTRE_HU
+    assert np.mean(np.array(empty) < CENTRE_HU) > 0.5
+
+
+@pytest.mark.parametrize('check', ['refuse', 'warn'])
+def test_ras_label_table_fails_its_scan_or_warns(tmp_path, check):
+    root, _ = ras_tree(tmp_path)
+    out = str(tmp_path / 'prepared')
+    summary = prepare.main(LUNA16_DIR=root, OUT_DIR=out, LABEL_TABLE=str(tmp_path / 'ras.csv'), WORKERS=1,
+                           START_METHOD='fork', LUNG_ML=SMALL_LUNGS, RUNS=str(tmp_path / 'runs'), CENTRE_CHECK=check,
+                           LABELS=False) if check == 'warn' else None
+    if check == 'refuse':
+        with pytest.raises(UserError, match='no scan could be processed'):
+            prepare.main(LUNA16_DIR=root, OUT_DIR=out, LABEL_TABLE=str(tmp_path / 'ras.csv'), WORKERS=1,
+                         START_METHOD='fork', LUNG_ML=SMALL_LUNGS, RUNS=str(tmp_path / 'runs'), LABELS=False)
+        reason = read_csv(os.path.join(out, 'failures.csv'))[0]['reason']
+        assert reason.startswith('2 of its 2 nodules of the label table have nothing denser than lung at their '
+                                 'centre (are the coordinates LPS world mm, as LUNA16\'s (x growing to the patient\'s '
+                                 'left, y to the back), and of this scan? CENTRE_CHECK=warn keeps them): line 2, '
+                                 'nodule_id own00000: no nodule at (')
+        assert 'line 3, nodule_id own00001: no nodule at (' in reason
+        assert not os.path.exists(os.path.join(out, 'volumes', 'plain.npy'))
+        return
+    assert summary['processed'] == ['plain']
+    with open(os.path.join(summary['run'], 'log.txt')) as f:
+        log = f.read()
+    assert log.count('WARNING plain: line ') == 2 and 'kept (CENTRE_CHECK=warn)' in log

@@ -52,8 +52,8 @@ def region(volume, start, mask_raw):
 def test_dense_nodules_kept_ribs_removed():
     hu, nodules, ribs = phantom()
     z, y, x = offsets_mm()
-    before, start0, shares0 = lungmask.preprocess(hu, SPACING, (20.0, 8200.0))
-    after, start, shares = lungmask.preprocess(hu, SPACING, (20.0, 8200.0), list(nodules.values()), 4.0)
+    before, start0, shares0, _ = lungmask.preprocess(hu, SPACING, (20.0, 8200.0))
+    after, start, shares, _ = lungmask.preprocess(hu, SPACING, (20.0, 8200.0), list(nodules.values()), 4.0)
     assert np.array_equal(start, start0) and before.shape == after.shape and shares0 == []
     core = {k: ((z - (c[0] - 19.5) * 2.5) ** 2 + (y - (c[1] - 49.5) * 1.4) ** 2 + (x - (c[2] - 49.5) * 1.4) ** 2
                 <= 1.5 ** 2) for k, (c, _) in nodules.items()}  # within 1.5 mm of each nodule's centre

@@ -223,6 +223,27 @@ def test_nothing_processed_is_an_error(tmp_path):
     assert 'empty lung mask' in read_csv(str(tmp_path / 'out' / 'failures.csv'))[0]['reason']
 
 
+def test_non_finite_voxels_fail_the_scan_with_their_count(tmp_path):
+    """A float scan whose lungs are NaN was reported as 'empty lung mask'; a few NaN voxels in a nodule were
+    preprocessed silently."""
+    os.makedirs(tmp_path / 'luna' / 'subset0')
+    path = str(tmp_path / 'luna' / 'subset0' / 'nan.mhd')
+    make_scan(path, nodules=())
+    image = sitk.ReadImage(path)
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    hu[hu < -500] = np.nan  # air and lungs
+    nan = sitk.GetImageFromArray(hu)
+    nan.CopyInformation(image)
+    sitk.WriteImage(nan, path)
+    with pytest.raises(UserError, match='no scan could be processed'):
+        prepare.main(LUNA16_DIR=str(tmp_path / 'luna'), OUT_DIR=str(tmp_path / 'out'), WORKERS=1, LABELS=False,
+                     RUNS=str(tmp_path / 'runs'), START_METHOD='fork')
+    reason = read_csv(str(tmp_path / 'out' / 'failures.csv'))[0]['reason']
+    assert reason.startswith(f'{path}: {int(np.isnan(hu).sum())} of {hu.size} voxels are not finite numbers '
+                             f'({int(np.isnan(hu).sum())} NaN, 0 infinite; the first at voxel (z, y, x) [0, 0, 0]): '
+                             'replace them (e.g. with -1000 HU, air) and rerun')
+
+
 def test_missing_folder_and_unknown_setting(tmp_path):
     with pytest.raises(UserError, match='does not exist'):
         prepare.main(LUNA16_DIR=str(tmp_path / 'nowhere'), RUNS=str(tmp_path / 'runs'))

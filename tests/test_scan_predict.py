@@ -4,6 +4,7 @@ probabilities of predict.py on the cube set that prepare.py + nodclsgbt.py build
 and writes nothing."""
 import locale
 import os
+import re
 import shutil
 
 import numpy as np
@@ -24,24 +25,24 @@ NODULES = ((34.0, 3.0, 8.0), (-30.0, -10.0, -12.0), (50.0, -3.0, 0.0))
 SERIES_UID = '1.2.826.0.1.3680043.2.1125.1.7'
 
 
-def write_dicom_series(image, folder, series_uid=SERIES_UID):
-    """One 2-D DICOM file per slice of a 3-D image of HU: Image Position / Orientation (Patient), Pixel Spacing,
-    Slice Thickness, and the HU stored as unsigned 16 bit with Rescale Intercept -2048 and Slope 1."""
+def write_dicom_series(image, folder, series_uid=SERIES_UID, modality='CT'):
+    """One 2-D DICOM file per slice of a 3-D image of HU: Modality, Image Position / Orientation (Patient), Pixel
+    Spacing, Slice Thickness, and the HU stored as unsigned 16 bit with Rescale Intercept -2048 and Slope 1."""
     saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the process in the C locale (ASCII files)
     try:
-        _write_slices(image, folder, series_uid)
+        _write_slices(image, folder, series_uid, modality)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _write_slices(image, folder, series_uid):
+def _write_slices(image, folder, series_uid, modality):
     os.makedirs(folder, exist_ok=True)
     d, (sx, sy, sz) = image.GetDirection(), image.GetSpacing()
     hu = sitk.Cast(image, sitk.sitkFloat32)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for k in range(image.GetSize()[2]):
-        tags = {'0008|0060': 'CT', '0020|000d': series_uid + '.0', '0020|000e': series_uid,
+        tags = {'0008|0060': modality, '0020|000d': series_uid + '.0', '0020|000e': series_uid,
                 '0008|0018': f'{series_uid}.{k + 1}', '0020|0013': str(k + 1),
                 '0020|0032': '\\'.join(f'{v:.4f}' for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
                 '0020|0037': '\\'.join(f'{v:.6f}' for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
@@ -162,7 +163,7 @@ def test_bad_input_is_one_line_and_writes_nothing(finished, demo, tmp_path):  # 
         os.rename(two / 'other' / f, two / f'other{f}')
     table = os.path.join(folder, 'nodules.csv')
     refused(finished, str(two), table, rf'holds 2 DICOM series: {SERIES_UID} \(40 files\), {SERIES_UID}.2 \(5 files\); '
-            'choose one with SERIES=<id>', tmp_path)
+            'choose one with --SERIES=<id>', tmp_path)
     pred = score(finished, str(two), table, SERIES=SERIES_UID)['predictions']  # the series chosen: scored
     assert len(pred) == 3
     garbage = tmp_path / 'garbage.nii.gz'
@@ -183,3 +184,60 @@ def test_scan_modules_import_no_torch():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == 'False', out.stderr
+
+
+def test_a_lung_mask_found_only_with_a_widened_lung_ml_is_flagged(finished, tmp_path, monkeypatch):  # noqa: F811
+    """Lungs cut to 14 mm either side of the centre plane (~55 ml each, less than the default LUNG_ML's 100 ml):
+    refused at the default; with LUNG_ML=(20, 8200) scored, and the warning is in the log, in predictions.csv and
+    in the LayerCAM figure's title."""
+    path = str(tmp_path / 'small.mhd')
+    world, _ = make_scan(path, nodules=NODULES[:1])
+    image = sitk.ReadImage(path)
+    hu = sitk.GetArrayFromImage(image)
+    z = (np.arange(hu.shape[0]) - (hu.shape[0] - 1) / 2) * image.GetSpacing()[2]
+    hu[(np.abs(z) > 14)[:, None, None] & (hu < -500) & (hu > -950)] = 30  # lung beyond 14 mm: soft tissue
+    small = sitk.GetImageFromArray(hu)
+    small.CopyInformation(image)
+    sitk.WriteImage(small, path)
+    table = str(tmp_path / 'at.csv')
+    write_csv(table, [{'coordX': world[0][0], 'coordY': world[0][1], 'coordZ': world[0][2], 'diameter_mm': 8}])
+    with pytest.raises(UserError, match='empty lung mask'):
+        predict.main(RUN=finished, SCAN=path, AT=table, DEVICE='cpu')
+    titles = []
+
+    def plot_cam(cube, cam, png, title, **kw):
+        titles.append(title)
+        open(png, 'wb').close()
+    monkeypatch.setattr(predict.evaluation, 'plot_cam', plot_cam)
+    out = score(finished, path, table, CAM=True)
+    warning = out['predictions']['scan_warning'][0]
+    assert re.fullmatch(r'lung mask found only with LUNG_ML=\(20.0, 8200.0\): air region\(s\) of \d+(\.\d)?, '
+                        r'\d+(\.\d)? ml, outside the default 100..8200 ml of a lung; not a CT of the chest\? check '
+                        r'the scan before trusting its probabilities', warning), warning
+    assert f'WARNING: scan {path}: {warning}' in open(os.path.join(out['run'], 'log.txt')).read()
+    assert pd.read_csv(os.path.join(out['run'], 'predictions.csv'))['scan_warning'][0] == warning
+    assert titles[0].endswith('\nWARNING: ' + warning.replace('; ', ';\n'))
+    make_scan(str(tmp_path / 'normal.mhd'), nodules=NODULES[:1])
+    normal = score(finished, str(tmp_path / 'normal.mhd'), table)['predictions']
+    assert normal['scan_warning'].fillna('').tolist() == ['']  # whole lungs: no warning
+
+
+def test_a_table_in_ras_is_refused_or_scored_with_a_warning(finished, demo, tmp_path):  # noqa: F811
+    folder, _ = demo
+    rows = pd.read_csv(os.path.join(folder, 'nodules.csv')).to_dict('records')
+    nii = os.path.join(folder, 'demo.nii.gz')
+    image = sitk.ReadImage(nii)
+    cx, cy, _ = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+    ras = str(tmp_path / 'ras.csv')  # x and y mirrored about the scan's centre: each point lands in the other lung
+    write_csv(ras, [dict(r, coordX=round(2 * cx - r['coordX'], 3), coordY=round(2 * cy - r['coordY'], 3))
+                    for r in rows[:2]])
+    x, y, z = round(2 * cx - rows[0]['coordX'], 3), round(2 * cy - rows[0]['coordY'], 3), rows[0]['coordZ']
+    refused(finished, nii, ras, rf'^SCAN {nii}: 2 of 2 nodules of the table have nothing denser than lung at their '
+            rf'centre: line 2, nodule_id n0: no nodule at \({x:g}, {y:g}, {z:g}\) mm, nothing denser than -760 HU '
+            r'within 4 mm \(densest -\d+ HU\); line 3, .*: are the coordinates LPS world mm, as LUNA16\'s \(x growing '
+            r'to the patient\'s left, y to the back\), and of this scan\? \(--CENTRE_CHECK=warn scores them anyway\)$',
+            tmp_path)
+    out = score(finished, nii, ras, CENTRE_CHECK='warn')
+    assert len(out['predictions']) == 2
+    log = open(os.path.join(out['run'], 'log.txt')).read()
+    assert log.count(f'WARNING: scan {nii}, line ') == 2 and 'scored (CENTRE_CHECK=warn)' in log
