@@ -128,10 +128,20 @@ def markdown_code(text):
 
 # ---------------------------------------------------------------- train_search.py
 
-def search_board(folder, on, model, start):
-    """The search's board; a new stream gets the layout that draws each edge's op weights in one chart."""
+def search_board(folder, on, model, arch_optimizer, start):
+    """The search's board; a new stream gets the layout that draws each edge's op weights in one chart. Each
+    architecture step leaves a device copy of its hypergradient (the alphas' and betas' .grad as the optimizer gets
+    them; the weight steps add to .grad afterwards): a few tiny copies, no host sync; read at the epoch's end."""
     board = Board(folder, on, start)
-    if board and start == 0:
+    if not board:
+        return board
+
+    def keep_hypergradient(optimizer, args, kwargs):
+        board.hypergradient = [p.grad.detach().clone() for group in optimizer.param_groups for p in group['params']
+                               if p.grad is not None]
+    board.hypergradient = None
+    arch_optimizer.register_step_pre_hook(keep_hypergradient)
+    if start == 0:
         from figures.search import edge_label
         n_edges = model.alphas_normal.shape[0]
         board.writer.add_custom_scalars({
@@ -143,7 +153,7 @@ def search_board(folder, on, model, start):
 
 def search_epoch(board, epoch, row, model, updater, genotype):
     """The epoch's metrics.csv row, op and edge weights (weights.csv), the sparsemax temperature, the zero-one loss,
-    the norm of the last architecture step's hypergradient (its .grad, kept until the next one), the genotype."""
+    the norm of the epoch's last architecture step's hypergradient, the genotype."""
     if not board:
         return
     import torch
@@ -162,10 +172,10 @@ def search_epoch(board, epoch, row, model, updater, genotype):
             board.writer.add_scalar('search/temperature', float(model.tau), epoch)
         if updater.zero_one != 'off':
             board.writer.add_scalar('search/zero_one_loss', float(zero_one_loss(model, updater.zero_one)), epoch)
-        grads = [p.grad for p in model.arch_parameters() if p.grad is not None]
-        if grads:  # none before the first architecture step (warm-up)
-            norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads))
+        if board.hypergradient:  # none before the first architecture step (warm-up)
+            norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in board.hypergradient))
             board.writer.add_scalar('search/hypergradient_norm', norm, epoch)
+            board.hypergradient = None  # an epoch without architecture steps (ZO_T) shows none
     board.text('genotype', markdown_code(genotype), epoch)
     board.flush()
 
@@ -217,6 +227,7 @@ def evolve_candidate(board, row):
         f'generation {row["generation"]} {row["phase"]}, genome {list(row["genome"])}: C={row["C"]} '
         f'cells={row["cells"]} lr={row["lr"]:g}{" (diverged)" if row["diverged"] else ""}\n{row["genotype"]}'),
         row['index'])
+    board.flush()  # a candidate trains for minutes: an interrupted generation keeps those done
 
 
 def evolve_generation(board, g, hypervolume, archive, members, pareto_png):

@@ -234,7 +234,7 @@ def main(**overrides):
     run.log(f'supernet: {sum(p.numel() for p in model.weight_parameters()) / 1e6:.3f} M weights, '
             f'candidate ops {model.primitives}')
     train_step = graphs.search_steps(model, w_opt, updater, cfg['GRAD_CLIP'], cfg['CUDA_GRAPHS'], log=run.log)
-    board = tboard.search_board(run.path, cfg['TENSORBOARD'], model, start)
+    board = tboard.search_board(run.path, cfg['TENSORBOARD'], model, a_opt, start)
     epoch = start - 1
     for epoch in range(start, cfg['EPOCHS'] if not stopped else start):
         t0 = time.time()
