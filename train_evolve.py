@@ -57,7 +57,7 @@ DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 PARALLEL = 'off'  # independent candidates through parallel.map_jobs: 'off' (one after the other) or 'ray'
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
-TENSORBOARD = tboard.installed()  # write TensorBoard event files into the run folder (tensorboard --logdir runs)
+TENSORBOARD = tboard.installed()  # TensorBoard event files in the run folder (tensorboard --logdir runs), if installed
 RESUME = ''  # a run folder of this script: finished candidates are read back, the search continues
 DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';

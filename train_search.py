@@ -69,7 +69,7 @@ CUDA_GRAPHS = False  # capture each search step once as a CUDA graph and replay 
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
-TENSORBOARD = tboard.installed()  # write TensorBoard event files into the run folder (tensorboard --logdir runs)
+TENSORBOARD = tboard.installed()  # TensorBoard event files in the run folder (tensorboard --logdir runs), if installed
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
 DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
