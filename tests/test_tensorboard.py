@@ -18,6 +18,7 @@ import torch
 from conftest import write_cube_set
 from matplotlib.image import imsave
 from test_evolve import TINY, fake_candidate
+from test_syncfree import Guard, search_step, step_counters
 
 import engine
 import genotypes
@@ -149,6 +150,21 @@ def test_search_events_equal_its_csvs_after_a_kill_and_resume(search_run):
     assert sorted(images) == ['figures/cells', 'figures/genotype_evolution', 'figures/search_curves',
                               'figures/weights']
     assert all(len(v) == 1 and v[0][0] == 3 and min(v[0][1:]) > 100 for v in images.values())
+
+
+@pytest.mark.parametrize('hypergrad', ['second', 'zeroth'])
+def test_search_steps_with_the_board_are_sync_free(hypergrad, tmp_path):
+    """The board's copy of each architecture step's hypergradient reads nothing to the host (test_syncfree's guard)."""
+    step, a_opt = search_step(hypergrad, 'sparsemax')
+    board = tboard.search_board(str(tmp_path), True, None, a_opt, start=1)  # start 1: no layout, no model needed
+    step()
+    step()  # a zeroth-order architecture step comes every ZO_T=2 weight steps
+    board.hypergradient = None
+    with Guard(allowed=step_counters(a_opt)):
+        for _ in range(4):
+            step()
+    assert board.hypergradient is not None
+    board.close()
 
 
 def test_tensorboard_off_writes_no_events_and_needs_no_package(cubes, tmp_path, monkeypatch):
