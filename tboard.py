@@ -106,7 +106,9 @@ class Board:
         if not self:
             return
         from torch.utils.tensorboard.summary import hparams
-        plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in settings.items()}
+        # numbers as numbers (ranges to filter by), anything else as text (torch would show a bool as 0 or 1)
+        plain = {k: v if isinstance(v, (int, float, str)) and not isinstance(v, bool) else str(v)
+                 for k, v in settings.items()}
         for summary in hparams(plain, metrics):
             self.writer.file_writer.add_summary(summary)
         for tag, value in metrics.items():

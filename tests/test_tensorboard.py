@@ -202,6 +202,7 @@ def test_retrain_events_equal_its_csv_after_a_kill_and_resume(cubes, tmp_path, m
     session = plugin_data_pb2.HParamsPluginData.FromString(
         run.SummaryMetadata('_hparams_/session_start_info').plugin_data.content).session_start_info
     assert session.hparams['EPOCHS'].number_value == 3 and session.hparams['GENOTYPE'].string_value == 'NAS_HBO_PAPER'
+    assert session.hparams['AMP'].string_value == 'False'
 
 
 # ---------------------------------------------------------------- train_evolve.py
