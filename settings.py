@@ -25,6 +25,7 @@ import shlex
 import sys
 
 import console
+import tboard
 from utils import UserError
 
 
@@ -73,7 +74,8 @@ def usable_device(name):
 
 # Functions a rule may call (besides its settings, constants, arithmetic, comparisons, and/or/not, x[i]).
 RULE_FUNCTIONS = {'len': len, 'min': min, 'max': max, 'ints': _ints, 'folds': _folds, 'isfile': os.path.isfile,
-                  'isdir': os.path.isdir, 'device': usable_device}
+                  'isdir': os.path.isdir, 'device': usable_device,
+                  'tensorboard': tboard.check}
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
 _COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Eq: operator.eq,
@@ -354,7 +356,8 @@ def check_settings(overrides, defaults):
 
 
 # Settings a continued run may change, when given: where and how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CUDA_GRAPHS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL')
+RESUMABLE_CHANGES = ('RESUME', 'DEVICE', 'FAST_KERNELS', 'CUDA_GRAPHS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL',
+                     'TENSORBOARD')
 
 
 # Settings that change what a run computes and were added after run folders had been written: a config.json

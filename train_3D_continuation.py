@@ -20,6 +20,7 @@ import graphs
 import parallel
 import runfolder
 import settings
+import tboard
 import utils
 from model import NetworkLUNA
 
@@ -56,6 +57,7 @@ PARALLEL = 'off'  # 'ray': the test folds run at once as Ray tasks, one per GPU 
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
+TENSORBOARD = tboard.installed()  # TensorBoard event files in the run folder (tensorboard --logdir runs), if installed
 RESUME = ''  # a run folder of this script: finished folds are kept, the interrupted one continues
 DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
@@ -68,7 +70,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'DROP_PATH': '0 <= DROP_PATH < 1',
     'REPORT_BEST': None, 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None, 'CHECKPOINT_CELLS': None,
     'AMP': None, 'CUDA_GRAPHS': "not CUDA_GRAPHS or DEVICE != 'cpu'",
-    'PARALLEL': "in ('off', 'ray')", 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None, 'RESUME': None,
+    'PARALLEL': "in ('off', 'ray')", 'RUNS': "!= ''", 'TAG': None, 'FIGURES': None,
+    'TENSORBOARD': 'tensorboard(TENSORBOARD)', 'RESUME': None,
 }
 
 
@@ -152,12 +155,14 @@ def train_fold(cfg, genotype, table, fold, run):
         start, best = state['epoch'] + 1, state['best']
         run.log(f'fold {fold}: continuing after epoch {state["epoch"]} from {ckpt_path}')
     run.continue_metrics(start, metrics_name)
+    board = tboard.Board(run.file(f'fold{fold}'), cfg['TENSORBOARD'], start)  # curves of the folds side by side
     n_params = sum(p.numel() for p in params) / 1e6
     train_step = graphs.retrain_step(model, opt, params, cfg['GRAD_CLIP'], cfg['CUDA_GRAPHS'], log=run.log)
     ev = None
     for epoch in range(start, cfg['EPOCHS']):
         t0 = time.time()
-        graphs.set_value(model, 'drop_path_prob', cfg['DROP_PATH'] * epoch / cfg['EPOCHS'])
+        drop = cfg['DROP_PATH'] * epoch / cfg['EPOCHS']
+        graphs.set_value(model, 'drop_path_prob', drop)
         lr = float(opt.param_groups[0]['lr'])  # a device tensor with CUDA_GRAPHS
         model.train()
         steps = data.batches(len(train), cfg['BATCH_SIZE'], True, gen, train.device)
@@ -174,10 +179,13 @@ def train_fold(cfg, genotype, table, fold, run):
         if ev['acc'] > best['acc']:
             best = {**{k: ev[k] for k in utils.METRIC_NAMES}, 'epoch': epoch}
         run.metrics_row(row, metrics_name)
+        board.scalars({**row, 'drop_path_prob': drop}, epoch)
+        board.flush()
         run.log(f'fold {fold} epoch {epoch:3d} lr {lr:.5f} train loss {row["train_loss"]:.4f} acc '
                 f'{row["train_acc"]:6.2f} | test loss {ev["loss"]:.4f} acc {ev["acc"]:6.2f} sens {ev["sens"]:6.2f} '
                 f'spec {ev["spec"]:6.2f} f1 {ev["f1"]:6.2f} auc {ev["auc"]:6.2f} | {row["seconds"]:.1f} s')
         engine.save_state(ckpt_path, epoch, cfg, gen, objects, best=best)
+    board.close()
     if ev is None:  # every epoch was done before the interruption: evaluate the final weights again
         ev = engine.evaluate(model, test, cfg['BATCH_SIZE'], f'fold {fold} final test evaluation', run.path, ckpt_name)
     result = {'fold': fold, **{k: ev[k] for k in utils.METRIC_NAMES}, 'params_M': n_params,
@@ -261,9 +269,12 @@ def main(**overrides):
         run.log('best epoch on each test fold (published protocol; optimistic, selected on the test fold):')
         run.log(utils.results_table([r['best'] for r in results], extra=('epoch',)))
     utils.save_json_atomic(run.file('results.json'), results)
+    drawn = []
     if cfg['FIGURES']:
         from figures import runs
-        run.log('figures: ' + ', '.join(os.path.basename(p) for p in runs.draw_run(run.path, run.log)))
+        drawn = runs.draw_run(run.path, run.log)
+        run.log('figures: ' + ', '.join(os.path.basename(p) for p in drawn))
+    tboard.retrain_end(run.path, cfg['TENSORBOARD'], cfg, results, drawn)
     return {'folds': results, 'run': run.path}
 
 

@@ -20,6 +20,7 @@ import operations
 import parallel
 import runfolder
 import settings
+import tboard
 import utils
 from evolution import genes as eg
 from evolution import samea as sm
@@ -60,6 +61,7 @@ DEVICE = settings.default_device()  # 'cuda' or 'cpu'
 PARALLEL = 'off'  # independent candidates through parallel.map_jobs: 'off' (one after the other) or 'ray'
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
+TENSORBOARD = tboard.installed()  # TensorBoard event files in the run folder (tensorboard --logdir runs), if installed
 RESUME = ''  # a run folder of this script: finished candidates are read back, the search continues
 DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
@@ -75,7 +77,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'NEIGHBOURS': '2 <= NEIGHBOURS <= POPULATION', 'THETA': '>= 0', 'ALPHA': '>= 0', 'BETA': '>= 0',
     'METRIC': "in ('acc', 'auc')", 'EXPLORE': '>= 0',
     'MEMORY_GB': '> 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'PARALLEL': "in ('off', 'ray')",
-    'RUNS': "!= ''", 'TAG': None, 'RESUME': None,
+    'RUNS': "!= ''", 'TAG': None, 'TENSORBOARD': 'tensorboard(TENSORBOARD)', 'RESUME': None,
 }
 
 
@@ -123,6 +125,7 @@ class Search:
         self.counts = np.zeros(cfg['POPULATION'])
         self.job_cfg = {**cfg, 'DATA': os.path.abspath(cfg['DATA'])}  # workers may run in another folder
         self.lower, self.span = sm.normalizer(worst_f1(cfg['ALPHA'], cfg['BETA']), self.space.f2_range())
+        self.board = tboard.Board(run.path, cfg['TENSORBOARD'])  # a replayed search writes its stream anew
 
     def F(self, idx=None):
         F = np.array([[r['f1'], r['f2']] for r in self.archive])
@@ -160,6 +163,7 @@ class Search:
         row = {**meta, **result, 'genome': tuple(result['genome']), 'genotype': geno, 'C': C, 'cells': cells, 'lr': lr}
         self.archive.append(row)
         self.out.evaluated(self.archive)
+        tboard.evolve_candidate(self.board, row)
 
     def neighbours(self, sub):
         """(subproblem indices, normalized points of their current members) of the neighbourhood of `sub`."""
@@ -257,6 +261,7 @@ class Search:
                      + ' '.join(f'#{i} ({self.archive[i]["f1"]:.3f}, {self.archive[i]["params"] / 1e6:.3f})'
                                 for i in members)
                      + f' | hypervolume {hv:.4f} (reference f1 {worst:.2f}, ln 1e8)')
+        tboard.evolve_generation(self.board, g, hv, self.archive, members, self.run.file('pareto.png'))
         return hv
 
 
@@ -287,6 +292,7 @@ def main(**overrides):
         children = search.learning_generation(g) if learning else search.exploitation_generation(g)
         hv = search.end_generation(g, children)
     members = sm.front(search.F())
+    tboard.evolve_end(search.board, cfg['GENERATIONS'], search.archive, members)
     run.log(f'done: {len(search.archive)} candidates trained; front of {len(members)} in {run.file("pareto.csv")}; '
             f'retrain one with: python train_3D_continuation.py --GENOTYPE={run.file("front")}/<candidate>.json')
     return {'run': run.path, 'evaluated': len(search.archive), 'front': [search.archive[i] for i in members],

@@ -20,6 +20,7 @@ import graphs
 import operations
 import runfolder
 import settings
+import tboard
 import utils
 import zo
 from model_search import SearchNetwork, zero_one_loss
@@ -76,6 +77,7 @@ CUDA_GRAPHS = False  # capture each search step once as a CUDA graph and replay 
 RUNS = 'runs'  # folder of run folders
 TAG = ''  # suffix of the run folder name
 FIGURES = True  # draw the run's figures into its folder at the end (python draw.py <run folder> redraws them)
+TENSORBOARD = tboard.installed()  # TensorBoard event files in the run folder (tensorboard --logdir runs), if installed
 RESUME = ''  # a run folder of this script to continue from its last checkpoint
 DEFAULTS = settings.settings_of(globals())
 RULES = {  # allowed values of the settings above, in their order (settings.check_rules: '>= 1' reads 'EPOCHS >= 1';
@@ -90,7 +92,7 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'TAU0': '> 0', 'TAU_FACTOR': '0 < TAU_FACTOR <= 1', 'TAU_EVERY': '>= 1', 'ZO_T': '>= 1', 'ZO_MU': '> 0',
     'ZO_ARCH_LR': '>= 0', 'PATIENCE': '>= 0', 'SEED': '>= 0', 'DEVICE': 'device(DEVICE)', 'FAST_KERNELS': None,
     'CHECKPOINT_CELLS': None, 'AMP': None, 'CUDA_GRAPHS': "not CUDA_GRAPHS or DEVICE != 'cpu'",
-    'RUNS': "!= ''", 'TAG': None, 'FIGURES': None,
+    'RUNS': "!= ''", 'TAG': None, 'FIGURES': None, 'TENSORBOARD': 'tensorboard(TENSORBOARD)',
     'RESUME': None,
 }
 
@@ -243,6 +245,7 @@ def main(**overrides):
     run.log(f'supernet: {sum(p.numel() for p in model.weight_parameters()) / 1e6:.3f} M weights, '
             f'candidate ops {model.primitives}')
     train_step = graphs.search_steps(model, w_opt, updater, cfg['GRAD_CLIP'], cfg['CUDA_GRAPHS'], log=run.log)
+    board = tboard.search_board(run.path, cfg['TENSORBOARD'], model, a_opt, start)
     epoch = start - 1
     for epoch in range(start, cfg['EPOCHS'] if not stopped else start):
         t0 = time.time()
@@ -263,27 +266,32 @@ def main(**overrides):
                 + ' | reduce ' + ' '.join(f'{v:.2f}' for v in model.edge_weights(model.betas_reduce)))
         run.log('  max W per edge normal ' + ' '.join(f'{v:.2f}' for v in w['normal'].max(1).values)
                 + ' | reduce ' + ' '.join(f'{v:.2f}' for v in w['reduce'].max(1).values))
-        run.metrics_row({'epoch': epoch, 'lr': lr, 'train_loss': tr_loss, 'train_acc': tr_acc, 'train_auc': tr_auc,
-                         'val_loss': ev['loss'], 'val_acc': ev['acc'], 'val_auc': ev['auc'],
-                         'seconds': time.time() - t0})
+        row = {'epoch': epoch, 'lr': lr, 'train_loss': tr_loss, 'train_acc': tr_acc, 'train_auc': tr_auc,
+               'val_loss': ev['loss'], 'val_acc': ev['acc'], 'val_auc': ev['auc'], 'seconds': time.time() - t0}
+        run.metrics_row(row)
         log_weights(run, epoch, model)
+        tboard.search_epoch(board, epoch, row, model, updater, geno)
         engine.save_state(run.file('last.pt'), epoch, cfg, gen, ckpt, best=best)
         genotypes.save_genotype(geno, run.file('genotype.json'))
         if early_stop(cfg, epoch, best):
             run.log(f'early stop: no search-val improvement for {cfg["PATIENCE"]} epochs')
             break
-    return finish(run, model, best, epoch, cfg['FIGURES'])
+    return finish(run, model, best, epoch, cfg['FIGURES'], board)
 
 
-def finish(run, model, best, epoch, figures=True):
-    """Write the final and best-validation genotypes and the figures; return the results."""
+def finish(run, model, best, epoch, figures=True, board=None):
+    """Write the final and best-validation genotypes and the figures (and into the TensorBoard `board`); return the
+    results."""
     geno = model.genotype()
     genotypes.save_genotype(geno, run.file('genotype.json'))
     if best['genotype'] is not None:
         genotypes.save_genotype(best['genotype'], run.file('genotype_best.json'))
+    drawn = []
     if figures and os.path.exists(run.file('weights.csv')):
         from figures import runs
-        run.log('figures: ' + ', '.join(os.path.basename(p) for p in runs.draw_run(run.path, run.log)))
+        drawn = runs.draw_run(run.path, run.log)
+        run.log('figures: ' + ', '.join(os.path.basename(p) for p in drawn))
+    tboard.search_end(board, epoch + 1, geno, best, drawn)
     run.log(f'final genotype (epoch {epoch}): {geno}')
     run.log(f'best search-val genotype (epoch {best["epoch"]}, acc {best["acc"]:.2f}): {best["genotype"]}')
     run.log(f'written {run.file("genotype.json")}')

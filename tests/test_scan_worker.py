@@ -9,7 +9,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOT_FOR_A_SCAN = ('torch', 'pandas', 'sklearn', 'matplotlib', 'triton')
+NOT_FOR_A_SCAN = ('torch', 'pandas', 'sklearn', 'matplotlib', 'triton', 'tensorboard')
 
 # Run in a fresh interpreter whose __main__ is prepare.py, as `python prepare.py` has it: one job in a pool of
 # scans/pool.py, evaluated in the worker, lists the modules it holds that a scan does not need.
