@@ -125,9 +125,10 @@ def fake_result(row, auc):
 
 
 def test_entries_run_within_the_budget_and_each_outcome_is_marked(tmp_path, monkeypatch):
-    """pymoo missing: the evolutionary search is skipped with its reason and gets no budget; an entry stopped at the
-    budget's end, one that fails, one whose library is missing are marked, the others go on; once the clock passes
-    the budget the entries left are not started; the JSON holds each outcome as soon as it is known."""
+    """pymoo missing: the evolutionary search is skipped with its reason and gets no budget; a search the plan drops,
+    an entry stopped at the budget's end, one that fails, one whose library is missing are marked and the others go
+    on; once the clock passes the budget the entries left are not started; the JSON holds each outcome as soon as
+    it is known."""
     monkeypatch.setitem(sys.modules, 'pymoo', None)  # `import pymoo` raises ModuleNotFoundError
     clock, seen, cfg = Clock(), {}, settings_of(tmp_path, METHODS_RANDOM_SEEDS=2, GPU_BUDGET_S=100.0)
 
@@ -135,24 +136,27 @@ def test_entries_run_within_the_budget_and_each_outcome_is_marked(tmp_path, monk
         res['first_use_s'].update(dict.fromkeys(kinds, 1.0))
         clock.t += 50.0  # the first use is outside the budget
         start_budget()
-        res['step_s'].update({k: STEP_S[k] for k in kinds})
+        # 2nd order at 30 s a step: 1 + 2 x 30 + 0.1 s for one epoch, more than the 40.5 s of the searches
+        res['step_s'].update({k: 30.0 if k == 'search 2nd' else STEP_S[k] for k in kinds})
         seen['kinds'] = kinds
 
     def entry(name, search=None, same=None):
         def run(row, save):
             if same is not None:
                 seen.setdefault('same', []).append(same)
-            if name == 'second':
-                raise OverBudget()
+            if name == 'gbt':
+                clock.t += 10.0
             if name == 'first':
+                seen['search'] = search
+                raise OverBudget()
+            if name == 'zeroth':
                 raise RuntimeError('boom')
             if name == 'paper':
+                saved = {r['method']: r['status'] for r in json.load(open(tmp_path / 'r.json'))['methods']}
+                seen['on disk'] = (saved['first, sigmoid'], saved['zeroth, sparsemax'])
+            if name == 'random0':
                 clock.t += 1000.0
                 raise ModuleNotFoundError("No module named 'SimpleITK'")
-            if name == 'zeroth':
-                saved = {r['method']: r['status'] for r in json.load(open(tmp_path / 'r.json'))['methods']}
-                seen['on disk'] = (saved['second, sigmoid'], saved['first, sigmoid'])
-                seen['search'] = search
             fake_result(row, 90.0)
         return run
     monkeypatch.setattr(methods.measure, 'measure', fake_measure)
@@ -162,33 +166,33 @@ def test_entries_run_within_the_budget_and_each_outcome_is_marked(tmp_path, monk
     monkeypatch.setattr(methods, 'gbt_entry', lambda cfg: entry('gbt'))
     res = methods.run(cfg, clock)
     saved = json.load(open(tmp_path / 'r.json'))
-    assert saved == bench.utils.read_json(str(tmp_path / 'r.json'), '') and saved['finished']
+    assert saved['finished'] and [r['status'] for r in saved['methods']] == [
+        'cut', 'cut', 'failed', 'skipped', 'done', 'skipped', 'cut', 'done']
     rows = {r['method']: r for r in saved['methods']}
-    assert [r['status'] for r in saved['methods']] == ['cut', 'failed', 'done', 'skipped', 'skipped', 'cut', 'cut',
-                                                       'done']
     assert rows[methods.EVOLVE]['reason'].startswith('needs pymoo, which cannot be imported here')
     assert 'candidate' not in seen['kinds'] and not saved['plan']['evolve'] and saved['plan']['population'] == 0
-    assert rows['second, sigmoid']['reason'].startswith('stopped at the end of the budget')
-    assert rows['first, sigmoid']['reason'] == 'RuntimeError: boom'
-    assert rows[methods.PAPER]['reason'] == "a library is missing: No module named 'SimpleITK'"
-    assert rows[methods.random_name(0)]['reason'].startswith('not started: ')
+    assert rows['second, sigmoid']['reason'].startswith('does not fit the budget: not one search epoch fits')
+    assert rows['first, sigmoid']['reason'].startswith('stopped at the end of the budget')
+    assert rows['zeroth, sparsemax']['reason'] == 'RuntimeError: boom'
+    assert rows[methods.random_name(0)]['reason'] == "a library is missing: No module named 'SimpleITK'"
+    assert rows[methods.random_name(1)]['reason'].startswith('not started: ')
     assert seen['on disk'] == ('cut', 'failed')  # written before the next entry started
-    # the plan for the budget left after the baseline (100 s): what the entries were given
+    # the plan for the 90 s the baseline left: what the entries were given
     p = saved['plan']
-    assert p['budget_s'] == 100.0 and seen['search']['EPOCHS'] == p['search_epochs'] > 0
-    assert seen['search']['WARMUP_EPOCHS'] == p['search_epochs'] // 2
+    assert p['budget_s'] == 90.0 and p['darts'] == ['search 1st', 'search zeroth']
+    assert seen['search']['EPOCHS'] == p['search_epochs'] > 0 and seen['search']['WARMUP_EPOCHS'] == p['warmup_epochs']
     same = seen['same'][0]
     assert all(s == same for s in seen['same']) and same['EPOCHS'] == p['retrain_epochs'] > 0
     assert (same['TEST_FOLDS'], same['LR'], same['C'], same['FOLD']) == ((5,), 0.025, 16, 'all')
-    assert rows['zeroth, sparsemax']['planned_s'] == pytest.approx(p['search_s']['search zeroth'] + p['retrain_s'])
-    assert saved['first_use_s'] == dict.fromkeys(seen['kinds'], 1.0) and saved['budget_used_s'] == 1000.0
-    assert saved['elapsed_s'] == 1050.0 and res['paths'] == [str(tmp_path / 'r.json')]
+    assert rows['first, sigmoid']['planned_s'] == pytest.approx(p['search_s']['search 1st'] + p['retrain_s'])
+    assert saved['first_use_s'] == dict.fromkeys(seen['kinds'], 1.0) and saved['budget_used_s'] == 1010.0
+    assert saved['elapsed_s'] == 1060.0 and res['paths'] == [str(tmp_path / 'r.json')]
     table = methods.methods_table(saved).splitlines()
     assert table[0] == '| method | status | search | retrain | params | fold 5 AUC | fold 5 acc | mean AUC | mean acc |'
-    assert table[4] == '| zeroth, sparsemax | done |  | 2 s | 0.100 M | 90.00 | 75.00 | 90.00 | 75.00 |'
+    assert table[6] == '| reference: paper genotype | done |  | 2 s | 0.100 M | 90.00 | 75.00 | 90.00 | 75.00 |'
     assert table[9] == ('| baseline: gradient boosting (nodclsgbt.py) | done |  | 2 s | 0.100 M | 90.00 | 75.00 | '
                         '90.00 | 75.00 |')
-    assert 'first, sigmoid: failed: RuntimeError: boom' in table
+    assert 'zeroth, sparsemax: failed: RuntimeError: boom' in table
 
 
 # ---------------------------------------------------------------- the tiny CPU version, end to end
