@@ -15,8 +15,10 @@ Cost model, in seconds:
 Allocation: RESERVE of the budget stays unplanned. Of the rest, search_share goes to the searches, the same time to
 each (the DARTS-style searches run the same epochs; the evolutionary search gets its share and whatever those left),
 and the remainder to the retrains (every genotype the same epochs). When one side is held by its most epochs or
-candidates, its unused time goes to the other. A search of which not even one epoch (or the smallest population)
-fits is dropped with its reason, the costliest first, and the others are sized again without it and its retrain.
+candidates, its unused time goes to the other. When not one retrain epoch fits, the search whose smallest run costs
+most is dropped (with its retrain); a DARTS-style search of which not one epoch fits is dropped, the one of the
+costliest step first, as is the evolutionary search when fewer than 3 x 2 candidates fit; each time, the others are
+sized again without it.
 """
 import math
 
@@ -117,6 +119,17 @@ def _sized(step_s, sizes, limits, darts, evolve, references, usable):
         retrain_budget
 
 
+def smallest_runs(step_s, sizes, limits, darts, evolve):
+    """{search: seconds of its smallest run}: one epoch of a DARTS-style search, 3 x 2 candidates of the evolutionary
+    search (which to drop first when not all fit)."""
+    runs = {m: search_s(1, step_s[m], step_s['search warm-up'], sizes, limits['search_batch'], limits['overhead_s'])
+            for m in darts}
+    if evolve:
+        runs['evolutionary'] = limits['overhead_s'] + MIN_POPULATION * MIN_GENERATIONS * candidate_s(
+            limits['candidate_epochs'], step_s['candidate'], sizes, limits['evolve_batch'])
+    return runs
+
+
 def plan(step_s, sizes, budget_s, limits, darts, evolve, references):
     """Epochs and candidates of every part so that they fit budget_s.
 
@@ -131,22 +144,23 @@ def plan(step_s, sizes, budget_s, limits, darts, evolve, references):
     while True:
         s, search_budget, retrain_budget = _sized(step_s, sizes, limits, darts, evolve, references, usable)
         if s['retrain_epochs'] == 0 and (darts or evolve):
-            for m in darts:
-                dropped[m] = 'not one retrain epoch of its genotype fits the budget'
-            if evolve:
-                dropped['evolutionary'] = 'not one retrain epoch of its genotype fits the budget'
-            darts, evolve = [], False
+            costs = smallest_runs(step_s, sizes, limits, darts, evolve)
+            victim = max(costs, key=costs.get)
+            dropped[victim] = 'not one retrain epoch fits the budget with its genotype among those retrained'
         elif darts and s['search_epochs'] == 0:
-            costliest = max(darts, key=lambda m: step_s[m])
-            dropped[costliest] = (f'not one search epoch fits its share of {search_budget / (len(darts) + evolve):.0f} '
-                                  's with the other searches')
-            darts.remove(costliest)
+            victim = max(darts, key=lambda m: step_s[m])
+            dropped[victim] = (f'not one search epoch fits its share of {search_budget / (len(darts) + evolve):.0f} '
+                               's with the other searches')
         elif evolve and s['population'] == 0:
-            dropped['evolutionary'] = (f'fewer than {MIN_POPULATION * MIN_GENERATIONS} candidates fit its share of '
-                                       f'{search_budget - sum(s["search_s"].values()):.0f} s')
-            evolve = False
+            victim = 'evolutionary'
+            dropped[victim] = (f'fewer than {MIN_POPULATION * MIN_GENERATIONS} candidates fit its share of '
+                               f'{search_budget - sum(s["search_s"].values()):.0f} s')
         else:
             break
+        if victim == 'evolutionary':
+            evolve = False
+        else:
+            darts.remove(victim)
     total = sum(s['search_s'].values()) + s['evolve_s'] + s['n_retrain'] * s['retrain_s']
     return {'budget_s': budget_s, 'usable_s': usable, 'search_budget_s': search_budget,
             'retrain_budget_s': retrain_budget, 'darts': darts, 'evolve': bool(evolve), 'dropped': dropped,

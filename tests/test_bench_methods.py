@@ -81,11 +81,22 @@ def test_a_search_that_does_not_fit_is_dropped_the_costliest_first():
     assert p['search_epochs'] == 6 and p['evolve_s'] == 0
 
 
-def test_without_a_retrain_epoch_the_searches_go_and_the_references_get_the_budget():
-    # 20 s: 9 s hold not one epoch of 8 genotypes (8 x 2.225 s); the searches are dropped, and the 4 references get the
-    # 18 s usable: 4 (1 + 1.225 E) <= 18 gives E = 2
+def test_without_a_retrain_epoch_the_costliest_searches_go_first():
+    # 30 s: 13.5 s for the retrains hold not one epoch of 8 genotypes (8 x 2.225 s). Smallest runs: 2nd order 5.25 s,
+    # the evolutionary search 1 + 6 x 0.63 = 4.78 s, 1st order 3.25 s, zeroth 2.75 s: 2nd order goes, then the
+    # evolutionary search; 6 genotypes fit one epoch (13.35 s), and the 13.5 s of the two searches left 3 epochs
+    # (12.5 s)
+    p = sizing.plan(STEP_S, SIZES, 30.0, LIMITS, ALL, True, 4)
+    assert list(p['dropped']) == ['search 2nd', 'evolutionary'] and p['darts'] == ['search 1st', 'search zeroth']
+    assert p['dropped']['evolutionary'].startswith('not one retrain epoch fits')
+    assert (p['retrain_epochs'], p['search_epochs'], p['planned_s']) == (1, 3, pytest.approx(12.5 + 6 * 2.225))
+    assert sizing.smallest_runs(STEP_S, SIZES, LIMITS, ALL, True) == pytest.approx(
+        {'search 2nd': 5.25, 'search 1st': 3.25, 'search zeroth': 2.75, 'evolutionary': 4.78})
+    # 20 s: not even 5 genotypes fit (5 x 2.225 > 9 s): every search goes, the 4 references get the 18 s usable:
+    # 4 (1 + 1.225 E) <= 18 gives E = 2
     p = sizing.plan(STEP_S, SIZES, 20.0, LIMITS, ALL, True, 4)
-    assert set(p['dropped']) == {*ALL, 'evolutionary'} and p['darts'] == [] and not p['evolve']
+    assert list(p['dropped']) == ['search 2nd', 'evolutionary', 'search 1st', 'search zeroth']
+    assert p['darts'] == [] and not p['evolve']
     assert (p['retrain_epochs'], p['search_epochs'], p['planned_s']) == (2, 0, pytest.approx(4 * 3.45))
     p = sizing.plan(STEP_S, SIZES, 5.0, LIMITS, [], False, 4)  # 4.5 s: not even the references
     assert p['retrain_epochs'] == 0 and p['planned_s'] == 0
