@@ -423,7 +423,7 @@ def new_run_hint(run_path, defaults):
                         logged[name.strip()] = ast.literal_eval(value)
     except OSError:
         return 'the run cannot be continued: start a new run (the same command without --RESUME)'
-    args = [f'--{k}={v if isinstance(v, str) else v!r}' for k, v in logged.items()
+    args = [f'--{k}={v if isinstance(v, str) else repr(v)}' for k, v in logged.items()
             if k not in RESUMABLE_CHANGES and v != defaults[k]]
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.path.basename(sys.argv[0]))
     script = sys.argv[0] if os.path.isfile(here) and not here.endswith('__main__.py') else '<script>.py'

@@ -217,6 +217,7 @@ def test_damaged_config_names_log_and_the_command_of_a_new_run(retrain_run, tmp_
     assert head.startswith(f'RESUME={folder}: {path} cannot be read') and sep, message
     words = shlex.split(command)
     assert words[:2] == ['python', '<script>.py'] and '--RESUME' not in command
+    assert f'--DATA={saved["DATA"]}' in words  # a string as typed, not quoted
     given = settings.parse_overrides(retrain.DEFAULTS, words[2:])
     assert {'C', 'LAYERS', 'CUBE', 'EPOCHS', 'DATA'} <= set(given)
     new = {**retrain.DEFAULTS, **given}
