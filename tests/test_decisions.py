@@ -36,6 +36,21 @@ def test_pool_choice_lowest_predicted_f1_then_largest_std():
     assert sm.pool_choice(pool, [0.0, 0.0, 0.5, 0.1], [[0.2, 0.2]]) == [0, 1, 2]
 
 
+def test_credit_adds_to_the_counts():
+    # counts (1, 0, 2); children #5 (subproblem 0) and #7 (subproblem 2) entered the best set, #6 did not: (2, 0, 3)
+    assert sm.credit([1, 0, 2], [5, 6, 7], [5, 7], {5: 0, 6: 2, 7: 2}).tolist() == [2.0, 0.0, 3.0]
+
+
+def test_best_set_cuts_the_last_front_by_crowding_distance():
+    # one front A (0, 1), B (0.1, 0.8), C (0.5, 0.3), D (1, 0) and E (1, 1) behind it. Crowding (pymoo: per objective
+    # the neighbours' gap over the range, averaged): A and D inf, B (0.5 + 0.7) / 2 = 0.6, C (0.9 + 0.8) / 2 = 0.85
+    F = [[0, 1], [0.1, 0.8], [0.5, 0.3], [1, 0], [1, 1]]
+    assert sm.best_set(F, 3) == [0, 2, 3] and sm.best_set(F, 4) == [0, 1, 2, 3]
+    assert sm.best_set(F, 5) == [0, 1, 2, 3, 4]
+    # 20 evenly spaced points of one front: the ends, then equal distances taken in index order (a stable sort)
+    assert sm.best_set([[i / 16, 1 - i / 16] for i in range(20)], 5) == [0, 1, 2, 3, 19]
+
+
 def test_surrogate_sees_every_gene_and_the_size():
     # the features of genome (1, 2) with ln params 5 are (1, 2, 5): every gene, then f2
     assert sm.Surrogate.features([[1, 2], [3, 4]], [5.0, 6.0]).tolist() == [[1, 2, 5], [3, 4, 6]]
