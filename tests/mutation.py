@@ -45,7 +45,7 @@ TESTS = {
 SLOW = {m: 'not (tiny_search or resume_after or constant_predictors or older_search or training_seed or '
            'share_predicted or parallel_equals or kept_genotype or drop_path_tensor)'
         for m in TESTS if m.startswith('evolution/')}
-TIMEOUT_MULTIPLIER = 4.0  # a mutant may take this many times its tests' unmutated time (+ 1 s) before it is a timeout
+TIMEOUT_MULTIPLIER = 10.0  # a mutant may take this many times its tests' unmutated time (+ 1 s) before it is a timeout
 # mutmut's exit codes of a mutant's test run -> our words
 STATUS = {1: 'killed', 3: 'killed', 0: 'survived', 5: 'no tests', 33: 'no tests', 34: 'skipped', 35: 'suspicious',
           36: 'timeout', -24: 'timeout', 24: 'timeout', 152: 'timeout', 255: 'timeout', -11: 'segfault', -9: 'killed'}

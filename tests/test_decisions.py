@@ -51,6 +51,13 @@ def test_best_set_cuts_the_last_front_by_crowding_distance():
     assert sm.best_set([[i / 16, 1 - i / 16] for i in range(20)], 5) == [0, 1, 2, 3, 19]
 
 
+def test_hypervolume_worked_example():
+    # boxes up to the reference (1, 1): (0.5, 0.5) 0.25, (0.75, 0.25) 0.1875, overlapping in 0.125: 0.3125; the
+    # point (0.25, 1.5) lies beyond the reference and adds nothing; nothing inside: 0
+    assert sm.hypervolume([[0.5, 0.5], [0.25, 1.5], [0.75, 0.25]], (1.0, 1.0)) == pytest.approx(0.3125)
+    assert sm.hypervolume([[2.0, 2.0]], (1.0, 1.0)) == 0.0
+
+
 def test_surrogate_sees_every_gene_and_the_size():
     # the features of genome (1, 2) with ln params 5 are (1, 2, 5): every gene, then f2
     assert sm.Surrogate.features([[1, 2], [3, 4]], [5.0, 6.0]).tolist() == [[1, 2, 5], [3, 4, 6]]
