@@ -34,6 +34,10 @@ def test_pool_choice_lowest_predicted_f1_then_largest_std():
     # lowest predicted f1 is #1 (0.3; the highest would be #3); of {2, 3} the largest std is #2 (0.5; the smallest #3)
     pool = [[0.1, 0.1], [0.3, 0.5], [0.6, 0.4], [0.9, 0.2]]
     assert sm.pool_choice(pool, [0.0, 0.0, 0.5, 0.1], [[0.2, 0.2]]) == [0, 1, 2]
+    # equal in one objective, worse in the other is dominated: #1 (0.2, 0.6) and #2 (0.5, 0.4) by #0 (0.2, 0.4), so
+    # only #0 is non-dominated; then #1 (lowest f1 of the rest) and #4 (largest std)
+    pool = [[0.2, 0.4], [0.2, 0.6], [0.5, 0.4], [0.7, 0.7], [0.8, 0.8]]
+    assert sm.pool_choice(pool, [0.0, 0.0, 0.0, 0.1, 0.9], []) == [0, 1, 4]
 
 
 def test_credit_adds_to_the_counts():
