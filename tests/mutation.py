@@ -104,7 +104,7 @@ def main(argv):
     env = {**os.environ, 'PYTHONDONTWRITEBYTECODE': '1'}
     again = []
     if '--survivors' in argv:  # mutmut keeps a result until its function changes: name the ones to run again
-        again = sorted(n for n, s in results(dest, module).items() if s not in ('killed', 'timeout'))
+        again = sorted(n for n, s in results(dest, module).items() if s not in ('killed', 'timeout', 'not run'))
         if not again:
             print(f'{module}: no survivors to run again')
     with open(os.path.join(dest, 'mutmut.log'), 'w') as log:  # its progress display, kept out of the terminal
