@@ -293,7 +293,7 @@ def test_fold_without_nodules(small_set):
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize('args, message', [

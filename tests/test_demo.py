@@ -58,7 +58,11 @@ def test_render_density_follows_the_ratings():
 
 
 def test_folds_group_patients_and_balance():
-    table = pd.DataFrame({'patient_id': [f'p{i // 3}' for i in range(300)]})
+    # 100 patients of 3 nodules each, in 2 scans per patient (nodules 0, 1 in one, nodule 2 in the other): folds
+    # given per scan instead of per patient would split patients
+    table = pd.DataFrame({'patient_id': [f'p{i // 3}' for i in range(300)],
+                          'seriesuid': [f'p{i // 3}.{i % 3 // 2}' for i in range(300)],
+                          'nodule_id': [f'n{i}' for i in range(300)]})
     folds = demo.assign_folds(table)
     assert (table.assign(fold=folds).groupby('patient_id').fold.nunique() == 1).all()
     assert sorted(folds.value_counts().tolist()) == [30] * 10

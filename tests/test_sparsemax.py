@@ -79,6 +79,8 @@ def test_shift_invariant_and_large_inputs():
     z = torch.tensor([1.0, 0.5, -2.0], dtype=torch.float32)
     for shift in (-1e4, 0.0, 1e4):
         assert torch.allclose(sparsemax(z + shift), torch.tensor([0.75, 0.25, 0.0]), atol=1e-3)
+    # near float32's largest value (3.4e38): shifted by the max, not by minus it, the sum overflows to inf
+    assert sparsemax(torch.tensor([3e38, 0.0])).tolist() == [1.0, 0.0]
 
 
 def _away_from_support_change(z, margin=1e-3):
@@ -124,14 +126,17 @@ def test_temperature_schedule():
     assert [temperature(e) for e in (0, 4, 5, 9, 10, 49)] == [1.5, 1.5, 1.125, 1.125, 0.84375, 1.5 * 0.75 ** 9]
     assert temperature(7, tau0=2.0, factor=0.5, every=2) == 0.25
     assert temperature(100, factor=1.0) == 1.5
-    with pytest.raises(ValueError):
+    assert temperature(3, every=1) == 1.5 * 0.75 ** 3  # every epoch: the smallest period allowed
+    with pytest.raises(ValueError, match='temperature: every must be >= 1 epoch, got 0'):
         temperature(3, every=0)
+    with pytest.raises(ValueError, match='temperature: epoch must be >= 0, got -1'):
+        temperature(-1)
 
 
 def test_bad_inputs():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match='sparsemax needs a floating-point tensor, got torch.int64'):
         sparsemax(torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r'sparsemax needs at least one element along dim -1, got shape \(3, 0\)'):
         sparsemax(torch.zeros(3, 0))
 
 
