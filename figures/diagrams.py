@@ -70,6 +70,28 @@ def _bezier(p0, c, p1, ts):
     return (1 - ts) ** 2 * np.asarray(p0) + 2 * ts * (1 - ts) * np.asarray(c) + ts ** 2 * np.asarray(p1)
 
 
+def arc_control(p0, p1, rad):
+    """The control point of matplotlib's arc3 between p0 and p1: the midpoint moved by rad x the chord turned by 90
+    degrees (the arc is then the quadratic Bezier p0, control, p1)."""
+    (x0, y0), (x1, y1) = p0, p1
+    return (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
+
+
+def clear_rad(p0, p1, rad, nodes, margin=0.08):
+    """The bend of an arc from p0 to p1: rad, or bent further the same way (up to 0.7) until it passes through no box
+    centred at `nodes` (an arc through a node box read as an edge into it)."""
+    ts = np.linspace(0.05, 0.95, 50)
+    for k in range(8):
+        r = rad + np.sign(rad) * 0.08 * k
+        if abs(r) > 0.7:
+            break
+        path = _bezier(p0, arc_control(p0, p1, r), p1, ts)
+        if not any(((np.abs(path[:, 0] - x) < BOX_W / 2 + margin) & (np.abs(path[:, 1] - y) < BOX_H / 2 + margin)).any()
+                   for x, y in nodes):
+            return float(r)
+    return rad
+
+
 def label_size(op):
     """A label's box (width, height) in data units at 8 pt: about 0.07 per character, 0.17 per line, plus frame."""
     text = _two_lines(op)
@@ -120,17 +142,19 @@ def draw_cell(ax, edges, concat, title, colours):
         # Arcs for edges that jump columns: bow away from the centre line, higher the longer the jump.
         side = 1 if (y0 + y1) / 2 >= centre else -1
         rad = 0.0 if span <= 1 else -side * min(0.1 + 0.06 * span, 0.3) * (1 if x1 > x0 else -1)
+        if rad:
+            rad = clear_rad((x0, y0), (x1, y1), rad, [xy for st, xy in pos.items() if st not in (j, dst)])
         ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), connectionstyle=f'arc3,rad={rad}', arrowstyle='-|>',
                                      mutation_scale=11, lw=1.6, color=colours[op], patchA=boxes[j],
                                      patchB=boxes[dst], zorder=2))
-        # the arc as a quadratic Bezier: arc3's control point is the midpoint moved by rad x the chord turned by 90
-        # degrees
-        curves.append(((x0, y0), ((x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)), (x1, y1)))
+        curves.append(((x0, y0), arc_control((x0, y0), (x1, y1), rad), (x1, y1)))
     for s in concat:
         ax.add_patch(FancyArrowPatch(pos[s], pos['out'], arrowstyle='-|>', mutation_scale=9, lw=0.8, ls='--',
                                      color='0.6', patchA=boxes[s], patchB=boxes['out'], zorder=1))
     ts = np.linspace(0, 1, 60)
     dashed = [_bezier(pos[s], pos[s], pos['out'], ts) for s in concat]
+    arcs = np.concatenate([_bezier(*c, ts) for c in curves])
+    top, bottom = max(top, arcs[:, 1].max() - 0.3), min(bottom, arcs[:, 1].min() + 0.3)  # arcs: inside the margin
     taken = [(x, y, BOX_W, BOX_H) for x, y in pos.values()]  # boxes (centre x, y, width, height) labels avoid
     for e, (op, _) in enumerate(edges):
         others = np.concatenate([_bezier(*c, ts) for k, c in enumerate(curves) if k != e] + dashed)

@@ -9,7 +9,7 @@ import csv
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from figures.common import epoch_axis, new_figure, save
 from utils import UserError
@@ -169,7 +169,7 @@ def _heat_map(fig, ax, epochs, edges, w, ops, cell, colour):
     bar = fig.colorbar(image, ax=ax, location='bottom', shrink=0.6, aspect=30, pad=0.01)
     bar.set_label("op weight minus the edge's mean over ops", fontsize=8)
     bar.ax.xaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True))
-    bar.formatter.set_powerlimits((-2, 2))  # 0.0004 as 4 with x 1e-4 beside the bar: ticks that do not collide
+    bar.ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:.2g}'))  # -0.0004, not -4 with an offset
     bar.ax.tick_params(labelsize=7)
     return first
 

@@ -322,6 +322,10 @@ def test_cell_labels_keep_off_crossings_and_the_dashed_lines_are_named(monkeypat
     taken = []
     assert diagrams.label_spot((w, h), ((0, 0), (1, 0), (2, 0)), np.zeros((0, 2)), taken, 0.5) == (1, 0)
     assert taken == [(1, 0, w, h)]  # the next label avoids this one
+    # an arc (0, 0) -> (4, 0) bent by -0.2 peaks at (2, 0.4), through a node box there: bent on in steps of 0.08
+    # until every point clears the box (+0.08 margin): -0.36 still grazes it at x = 1.52, -0.44 passes above
+    assert diagrams.clear_rad((0, 0), (4, 0), -0.2, []) == -0.2
+    assert diagrams.clear_rad((0, 0), (4, 0), -0.2, [(2, 0.4)]) == pytest.approx(-0.44)
     figs = []
     monkeypatch.setattr(diagrams, 'save', lambda fig, path: figs.append(fig) or path)
     diagrams.plot_genotype('NAS_HBO_PAPER', 'unused.png')
