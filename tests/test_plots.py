@@ -30,9 +30,9 @@ def write_weights(path, epochs, cells=('normal', 'reduce'), edges=14, ops=OPS, c
     return path
 
 
-def assert_real_image(png):
+def assert_real_image(png, min_size=(200, 400)):
     img = imread(png)
-    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    assert img.ndim == 3 and img.shape[0] > min_size[0] and img.shape[1] > min_size[1]
     rgb = img[..., :3].reshape(-1, 3)
     # Far from blank: many distinct colours (op lines, text) and a fair share of non-white pixels.
     codes = np.round(rgb * 255).astype(np.int64) @ np.array([65536, 256, 1])  # one integer per colour: fast unique
