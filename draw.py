@@ -1,6 +1,7 @@
 """Redraw the figures of a run folder, or draw the cells of any genotype.
 
 python draw.py runs/<run folder>                       every figure the run folder supports, written into it
+                                                       (a search, evolutionary search or retrain run)
 python draw.py --GENOTYPE=NAS_HBO_PAPER                  the normal and reduction cells of a genotype (runs/cells_*.png)
 """
 import console  # first: --help answers from the source, before the heavy imports below
@@ -13,7 +14,7 @@ import settings
 import utils
 from figures import diagrams, runs
 
-RUN = ''  # a run folder of train_search.py or train_3D_continuation.py: its figures are (re)drawn into it
+RUN = ''  # a run folder of train_search.py, train_evolve.py or train_3D_continuation.py: its figures are redrawn
 GENOTYPE = ''  # a registered genotype name or a genotype.json: its cell diagram is drawn to OUT
 OUT = ''  # with GENOTYPE: its PNG ('' = runs/cells_<name>.png); with RUN: the figures' folder ('' = the run folder)
 PALETTE = False  # write 256-colour PNGs (about 3x smaller: the README's pictures under docs/)

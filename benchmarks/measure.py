@@ -47,8 +47,8 @@ def data_sizes(cfg):
     try:
         table = data.read_table(root)
     except utils.UserError as e:
-        raise utils.UserError(f'{e}; or build the cube set where that works and carry the folder here '
-                              '(BENCH=methods in the docs)') from None
+        raise utils.UserError(f'{e}; or build the cube set where that works and copy its folder here '
+                              '(docs/gpu.md, the methods comparison)') from None
     folds = [int(f) for f in cfg['METHODS_FOLDS']]
     data.select_folds(table, folds, root, 'METHODS_FOLDS')
     search = data.select_folds(table, train_search.DEFAULTS['SEARCH_FOLDS'], root, 'the searches\' SEARCH_FOLDS')

@@ -9,7 +9,6 @@ import genotypes
 import utils
 from evolution import samea as sm
 
-PAPER_PARAMS = 12.79e6  # parameters of genotypes.NAS_HBO_PAPER at C=36, 20 cells (the reference in pareto.png)
 COLUMNS = ('index', 'generation', 'phase', 'subproblem', 'screening', 'genome', 'genotype', 'C', 'cells', 'lr',
            'params', 'f1', 'f2', 'm_train', 'm_val', 'acc_val', 'auc_val', 'val_loss', 'malignant_val', 'e_best',
            'epochs', 'diverged', 'seconds', 'predicted_f1', 'predicted_std')
@@ -63,8 +62,7 @@ class Outputs:
         self.write_front(archive, members)
         from figures import search
         from figures.common import run_name
-        search.plot_pareto(self.run.file('evaluations.csv'), self.run.file('pareto.png'), PAPER_PARAMS,
-                           title=f'{run_name(self.run.path)}: {len(archive)} candidates, front of {len(members)}')
+        search.plot_pareto(self.run.file('evaluations.csv'), self.run.file('pareto.png'), run=run_name(self.run.path))
 
     def write_front(self, archive, members):
         os.makedirs(self.run.file('front'), exist_ok=True)

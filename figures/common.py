@@ -2,14 +2,13 @@
 per-fold files."""
 import csv
 import glob
-import json
 import os
 import re
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from utils import UserError
+from utils import UserError, atomic_path, read_json
 
 
 def new_figure(width, height, nrows=1, ncols=1, **kw):
@@ -42,35 +41,60 @@ def epoch_axis(ax, epochs):
         ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
 
 
-def save(fig, path, dpi=100):
+def save(fig, path, dpi=100, crop=None):
+    """Write fig as a PNG whole: to a temporary name beside path, then renamed (a kill never leaves half a PNG under
+    the final name). crop: the artists the image is cut to (a table in a wide figure). Returns path."""
+    from matplotlib.transforms import Bbox
     os.makedirs(os.path.dirname(os.path.abspath(path)) or '.', exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    box = {}
+    if crop:
+        renderer = fig.canvas.get_renderer()
+        fig.draw_without_rendering()  # the layout, as savefig will place it
+        pixels = Bbox.union([a.get_window_extent(renderer) for a in crop])
+        box = dict(bbox_inches=pixels.transformed(fig.dpi_scale_trans.inverted()).padded(0.12))
+    with atomic_path(str(path)) as tmp:
+        fig.savefig(tmp, dpi=dpi, format='png', **box)  # the format: the temporary name's suffix is not .png
     return path
 
 
-def read_rows(path):
-    """CSV rows as dicts of floats where a value parses as a number (strings otherwise)."""
+def read_rows(path, numbers=(), remedy=''):
+    """CSV rows as dicts of floats where a value parses as a number (strings otherwise). numbers: the columns every
+    row must have as numbers. An unreadable file, one without rows, or a row without those numbers is a UserError
+    naming the file and `remedy` (what to do)."""
     def value(v):
         try:
             return float(v)
         except (TypeError, ValueError):
             return v
+    tail = f': {remedy}' if remedy else ''
     try:
         with open(path, newline='') as f:
             rows = [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
-    except OSError as e:
-        raise UserError(f'{path}: cannot read ({e.strerror})') from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f'{path}: cannot read ({getattr(e, "strerror", None) or e}){tail}') from None
     if not rows:
-        raise UserError(f'{path}: no data rows')
+        raise UserError(f'{path}: no data rows{tail}')
+    for i, r in enumerate(rows):
+        bad = [c for c in numbers if not isinstance(r.get(c), float)]
+        if bad:
+            raise UserError(f'{path}, line {i + 2}: {", ".join(bad)} not a number (damaged?){tail}')
     return rows
 
 
+SEARCH_REMEDY = ('no finished epoch in it: continue the run (python train_search.py --RESUME={run}), or delete the '
+                 'file to draw the other figures')  # what to do about an empty or damaged metrics.csv of a search
+
+
 def read_config(run_path):
+    """A run folder's config.json ({} without one); a damaged one is a UserError with the remedy."""
     path = os.path.join(run_path, 'config.json')
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    config = read_json(path, 'log.txt holds the same settings; delete config.json to draw the figures without it')
+    if not isinstance(config, dict):
+        raise UserError(f'{path} is not a table of settings (damaged?): log.txt holds the same settings; delete '
+                        'config.json to draw the figures without it')
+    return config
 
 
 def fold_files(run_path, pattern):

@@ -5,13 +5,14 @@ matplotlib only (no graphviz). Nodes are placed in columns by depth (a node is o
 deepest input); edges that skip columns are drawn as arcs bowing away from the centre line, so that their
 op labels do not sit on the nodes in between.
 """
-import os
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 import genotypes
+from figures.common import save
 
 DX, DY = 2.3, 1.3  # distance between columns / between nodes of one column, data units
 BOX_W, BOX_H = 0.8, 0.42  # node box, data units
@@ -63,23 +64,56 @@ def _two_lines(op):
     return f'{head}\n{sep[1:]}{tail}' if sep else op
 
 
-def _free_spot(op, p0, c, p1, taken, t0):
-    """Where on the edge (a quadratic Bezier p0, c, p1) op's label goes: the first point from t0 outwards whose
-    label box overlaps no box in `taken` (nodes, earlier labels); appended to `taken`."""
-    text = _two_lines(op)
-    # label size in data units at 8 pt: about 0.07 per character, 0.17 per line, plus the frame
-    w, h = 0.07 * max(len(line) for line in text.split('\n')) + 0.12, 0.17 * (text.count('\n') + 1) + 0.1
-    spots = []
-    for t in [t0] + [t0 + s * d for d in (0.1, 0.2, 0.3) for s in (-1, 1)]:
-        x = (1 - t) ** 2 * p0[0] + 2 * t * (1 - t) * c[0] + t ** 2 * p1[0]
-        y = (1 - t) ** 2 * p0[1] + 2 * t * (1 - t) * c[1] + t ** 2 * p1[1]
-        spots.append((x, y))
-        if not any(abs(x - bx) < (w + bw) / 2 and abs(y - by) < (h + bh) / 2 for bx, by, bw, bh in taken):
+def _bezier(p0, c, p1, ts):
+    """Points (len(ts), 2) of the quadratic Bezier p0, c, p1 at parameters ts."""
+    ts = np.asarray(ts, dtype=float)[:, None]
+    return (1 - ts) ** 2 * np.asarray(p0) + 2 * ts * (1 - ts) * np.asarray(c) + ts ** 2 * np.asarray(p1)
+
+
+def arc_control(p0, p1, rad):
+    """The control point of matplotlib's arc3 between p0 and p1: the midpoint moved by rad x the chord turned by 90
+    degrees (the arc is then the quadratic Bezier p0, control, p1)."""
+    (x0, y0), (x1, y1) = p0, p1
+    return (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
+
+
+def clear_rad(p0, p1, rad, nodes, margin=0.08):
+    """The bend of an arc from p0 to p1: rad, or bent further the same way (up to 0.7) until it passes through no box
+    centred at `nodes` (an arc through a node box read as an edge into it)."""
+    ts = np.linspace(0.05, 0.95, 50)
+    for k in range(8):
+        r = rad + np.sign(rad) * 0.08 * k
+        if abs(r) > 0.7:
             break
-    else:
-        x, y = spots[0]
-    taken.append((x, y, w, h))
-    return x, y
+        path = _bezier(p0, arc_control(p0, p1, r), p1, ts)
+        if not any(((np.abs(path[:, 0] - x) < BOX_W / 2 + margin) & (np.abs(path[:, 1] - y) < BOX_H / 2 + margin)).any()
+                   for x, y in nodes):
+            return float(r)
+    return rad
+
+
+def label_size(op):
+    """A label's box (width, height) in data units at 8 pt: about 0.07 per character, 0.17 per line, plus frame."""
+    text = _two_lines(op)
+    return 0.07 * max(len(line) for line in text.split('\n')) + 0.12, 0.17 * (text.count('\n') + 1) + 0.1
+
+
+def label_spot(size, curve, others, taken, t0):
+    """Where on its edge (curve: a quadratic Bezier p0, c, p1) a label of `size` goes: of the points from t = 0.15 to
+    0.85, the one whose box covers the fewest points of the other edges (others: (n, 2) points along them) and
+    overlaps no box in `taken` (nodes, earlier labels), nearest t0 among equals; appended to `taken`."""
+    w, h = size
+    ts = np.linspace(0.15, 0.85, 29)
+    spots = _bezier(*curve, ts)
+    best, best_cost = None, None
+    for t, (x, y) in zip(ts, spots):
+        boxes = sum(abs(x - bx) < (w + bw) / 2 and abs(y - by) < (h + bh) / 2 for bx, by, bw, bh in taken)
+        lines = int(np.sum((np.abs(others[:, 0] - x) < w / 2 + 0.06) & (np.abs(others[:, 1] - y) < h / 2 + 0.06)))
+        cost = 1000 * boxes + 10 * lines + abs(t - t0)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = (float(x), float(y)), cost
+    taken.append((*best, w, h))
+    return best
 
 
 def _name(state):
@@ -100,7 +134,7 @@ def draw_cell(ax, edges, concat, title, colours):
         ax.text(x, y, _name(state), ha='center', va='center', fontsize=11, zorder=4)
         boxes[state] = box
     top, bottom = max(ys), min(ys)
-    taken = [(x, y, BOX_W, BOX_H) for x, y in pos.values()]  # boxes (centre x, y, width, height) labels avoid
+    curves = []
     for e, (op, j) in enumerate(edges):
         dst = e // 2 + 2
         (x0, y0), (x1, y1) = pos[j], pos[dst]
@@ -108,20 +142,26 @@ def draw_cell(ax, edges, concat, title, colours):
         # Arcs for edges that jump columns: bow away from the centre line, higher the longer the jump.
         side = 1 if (y0 + y1) / 2 >= centre else -1
         rad = 0.0 if span <= 1 else -side * min(0.1 + 0.06 * span, 0.3) * (1 if x1 > x0 else -1)
-        arrow = FancyArrowPatch((x0, y0), (x1, y1), connectionstyle=f'arc3,rad={rad}', arrowstyle='-|>',
-                                mutation_scale=11, lw=1.6, color=colours[op], patchA=boxes[j], patchB=boxes[dst],
-                                zorder=2)
-        ax.add_patch(arrow)
-        # A point of the arc (quadratic Bezier; arc3's control point is the midpoint moved by rad x the
-        # chord turned by 90 degrees): the label's place.
-        cx, cy = (x0 + x1) / 2 + rad * (y1 - y0), (y0 + y1) / 2 - rad * (x1 - x0)
-        lx, ly = _free_spot(op, (x0, y0), (cx, cy), (x1, y1), taken, 0.5 if rad else 0.6)
-        ax.text(lx, ly, _two_lines(op), ha='center', va='center', fontsize=8, color='0.1', zorder=5,
-                bbox=dict(boxstyle='round,pad=0.15', fc='white', ec=colours[op], lw=0.9))
-        top, bottom = max(top, ly), min(bottom, ly)
+        if rad:
+            rad = clear_rad((x0, y0), (x1, y1), rad, [xy for st, xy in pos.items() if st not in (j, dst)])
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), connectionstyle=f'arc3,rad={rad}', arrowstyle='-|>',
+                                     mutation_scale=11, lw=1.6, color=colours[op], patchA=boxes[j],
+                                     patchB=boxes[dst], zorder=2))
+        curves.append(((x0, y0), arc_control((x0, y0), (x1, y1), rad), (x1, y1)))
     for s in concat:
         ax.add_patch(FancyArrowPatch(pos[s], pos['out'], arrowstyle='-|>', mutation_scale=9, lw=0.8, ls='--',
                                      color='0.6', patchA=boxes[s], patchB=boxes['out'], zorder=1))
+    ts = np.linspace(0, 1, 60)
+    dashed = [_bezier(pos[s], pos[s], pos['out'], ts) for s in concat]
+    arcs = np.concatenate([_bezier(*c, ts) for c in curves])
+    top, bottom = max(top, arcs[:, 1].max() - 0.3), min(bottom, arcs[:, 1].min() + 0.3)  # arcs: inside the margin
+    taken = [(x, y, BOX_W, BOX_H) for x, y in pos.values()]  # boxes (centre x, y, width, height) labels avoid
+    for e, (op, _) in enumerate(edges):
+        others = np.concatenate([_bezier(*c, ts) for k, c in enumerate(curves) if k != e] + dashed)
+        lx, ly = label_spot(label_size(op), curves[e], others, taken, 0.5)
+        ax.text(lx, ly, _two_lines(op), ha='center', va='center', fontsize=8, color='0.1', zorder=5,
+                bbox=dict(boxstyle='round,pad=0.15', fc='white', ec=colours[op], lw=0.9))
+        top, bottom = max(top, ly), min(bottom, ly)
     xs = [x for x, _ in pos.values()]
     ax.set_xlim(min(xs) - BOX_W, max(xs) + BOX_W)
     ax.set_ylim(bottom - 0.6, top + 0.6)
@@ -143,10 +183,10 @@ def plot_genotype(genotype, png_path, title=None):
     sizes = [_extent(edges, concat) for edges, concat, _ in cells]
     width = max(w for w, _ in sizes) * INCH
     heights = [h * INCH + 0.35 for _, h in sizes]
-    head = 0.45 if title else 0.1
-    fig = Figure(figsize=(width, sum(heights) + head))
+    head, foot = (0.45 if title else 0.1), 0.3  # foot: the note on the arrows
+    fig = Figure(figsize=(max(width, 7.5), sum(heights) + head + foot))
     FigureCanvasAgg(fig)
-    total = sum(heights) + head
+    total = sum(heights) + head + foot
     y = 1 - head / total
     for (edges, concat, name), h in zip(cells, heights):
         ax = fig.add_axes((0.01, y - h / total, 0.98, h / total - 0.3 / total))
@@ -154,9 +194,10 @@ def plot_genotype(genotype, png_path, title=None):
         y -= h / total
     if title:
         fig.text(0.5, 1 - 0.12 / total, f'genotype: {title}', ha='center', va='top', fontsize=11)
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    return png_path
+    fig.text(0.5, 0.06 / total, 'coloured arrows: the op each node applies to an input (the edges the genotype keeps); '
+             'grey dashed arrows: the nodes concatenated into the cell output c$_k$', ha='center', va='bottom',
+             fontsize=8, color='0.3')
+    return save(fig, png_path)
 
 
 def _extent(edges, concat):

@@ -19,15 +19,31 @@ def fold_colour(i):
     return colormaps['tab10'](i % 10)
 
 
+CURVE_COLUMNS = ('epoch', 'train_loss', 'train_acc', 'test_loss', 'test_acc')  # of metrics_fold{f}.csv
+
+
+def resume_remedy(run_path, fold, what):
+    return (f'{what}; train_3D_continuation.py writes it as fold {fold} trains: continue the run (python '
+            f'train_3D_continuation.py --RESUME={run_path}), or delete the file to draw the other folds')
+
+
+def read_curves(run_path):
+    """{fold: rows} of metrics_fold{f}.csv, each row with the numbers retrain_curves.png draws; an empty or damaged
+    file is a UserError with what to do."""
+    return {fold: read_rows(path, CURVE_COLUMNS, resume_remedy(run_path, fold, f'fold {fold} has no finished epoch'))
+            for fold, path in fold_files(run_path, 'metrics_fold{f}.csv').items()}
+
+
 def plot_retrain_curves(run_path, png_path=None):
-    """retrain_curves.png: per test fold, train and test loss and accuracy against the epoch."""
-    files = fold_files(run_path, 'metrics_fold{f}.csv')
-    if not files:
+    """retrain_curves.png: per test fold, train and test loss and accuracy against the epoch; one legend below
+    both panels (colour: the fold; dashed: train, solid: test)."""
+    from matplotlib.lines import Line2D
+    curves = read_curves(run_path)
+    if not curves:
         raise UserError(f'{run_path}: no metrics_fold*.csv (not a train_3D_continuation run folder?)')
-    fig, axes = new_figure(11, 4, 1, 2)
+    fig, axes = new_figure(11, 4.4, 1, 2)
     all_epochs = []
-    for i, (fold, path) in enumerate(files.items()):
-        rows = read_rows(path)
+    for i, (fold, rows) in enumerate(curves.items()):
         epochs = [r['epoch'] for r in rows]
         all_epochs += epochs
         marker = 'o' if len(epochs) <= 12 else None
@@ -41,24 +57,29 @@ def plot_retrain_curves(run_path, png_path=None):
         epoch_axis(ax, all_epochs)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0][1].legend(fontsize=7, ncol=2 if len(files) > 3 else 1, loc='best')
+    handles = [Line2D([], [], color=fold_colour(i), lw=2, label=f'test fold {fold}') for i, fold in enumerate(curves)]
+    handles += [Line2D([], [], color='0.3', ls='--', label='train (other folds)'),
+                Line2D([], [], color='0.3', ls='-', label='test (the held-out fold)')]
+    fig.legend(handles=handles, loc='outside lower center', ncol=min(len(handles), 6), fontsize=9)
     fig.suptitle(f'retraining per test fold: {run_name(run_path)}\ntrain: running values over augmented batches with '
                  'drop path; test: the held-out fold after each epoch', fontsize=9)
     return save(fig, png_path or os.path.join(run_path, 'retrain_curves.png'))
 
 
 def read_probs(run_path):
-    """{fold: (labels int array, probabilities array)} from probs_fold{f}.csv; a damaged file (a row cut short, a
-    label not 0/1, a probability not in [0, 1]) is one UserError naming its line, before any figure is drawn."""
+    """{fold: (labels int array, probabilities array)} from probs_fold{f}.csv; a damaged file (empty, a row cut
+    short, a label not 0/1, a probability not in [0, 1]) is one UserError naming its line, with what to do."""
     out = {}
     for fold, path in fold_files(run_path, 'probs_fold{f}.csv').items():
-        rows = read_rows(path)
+        remedy = (f'train_3D_continuation.py writes it when fold {fold} ends: delete result_fold{fold}.json and '
+                  f'probs_fold{fold}.csv and continue the run (python train_3D_continuation.py --RESUME={run_path}) '
+                  'to evaluate the fold again')
+        rows = read_rows(path, remedy=f'the file is damaged; {remedy}')
         for i, r in enumerate(rows):
             label, prob = r.get('label'), r.get('prob')
             if label not in (0.0, 1.0) or not isinstance(prob, float) or not 0 <= prob <= 1:
                 raise UserError(f'{path}, line {i + 2}: label {label!r}, prob {prob!r} (label 0 or 1, prob in [0, 1] '
-                                'expected): the file is damaged; train_3D_continuation.py writes it when the fold '
-                                'ends (delete that fold\'s result_fold and probs_fold files and resume the run)')
+                                f'expected): the file is damaged; {remedy}')
         out[fold] = (np.array([int(r['label']) for r in rows]), np.array([r['prob'] for r in rows]))
     return out
 
@@ -82,8 +103,8 @@ def mean_roc(curves, grid):
 
 
 def plot_roc(run_path, png_path=None):
-    """roc.png: the ROC curve of each test fold (final epoch) with its AUC, and their mean (vertical average of
-    the true positive rate over a grid of false positive rates) with mean AUC +/- std over folds."""
+    """roc.png: the ROC curve of each test fold (final epoch) with its AUC, and with several folds their mean
+    (vertical average of the true positive rate over a grid of false positive rates) with mean AUC +/- std."""
     probs = read_probs(run_path)
     if not probs:
         raise UserError(f'{run_path}: no probs_fold*.csv (written by train_3D_continuation at the end of a fold)')
@@ -97,11 +118,11 @@ def plot_roc(run_path, png_path=None):
         fpr, tpr, auc = roc_points(y, p)
         aucs.append(auc)
         curves.append((fpr, tpr))
-        ax.plot(fpr, tpr, color=fold_colour(i), lw=1.2, alpha=0.8, label=f'fold {fold} (AUC {auc:.3f}, n={len(y)})')
-    if curves:
-        spread = f' ± {np.std(aucs):.3f}' if len(aucs) > 1 else ''  # no spread of a single fold
+        ax.plot(fpr, tpr, color=fold_colour(i), lw=1.2 if len(probs) > 1 else 2.2, alpha=0.8 if len(probs) > 1 else 1,
+                label=f'fold {fold} (AUC {auc:.3f}, n={len(y)})')
+    if len(curves) > 1:  # one fold's curve is its own mean: drawn over it, the mean hid it
         ax.plot(grid, mean_roc(curves, grid), color='k', lw=2.2,
-                label=f'mean of {plural(len(curves), "fold")} (AUC {np.mean(aucs):.3f}{spread})')
+                label=f'mean of {plural(len(curves), "fold")} (AUC {np.mean(aucs):.3f} ± {np.std(aucs):.3f})')
     ax.plot([0, 1], [0, 1], ':', color='0.5', lw=1, label='chance')
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
@@ -110,7 +131,8 @@ def plot_roc(run_path, png_path=None):
     ax.set_ylabel('true positive rate (sensitivity)')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc='lower right')
-    ax.set_title(f'ROC of the test folds, final epoch\n{run_name(run_path)}', fontsize=9)
+    folds = f'test fold {next(iter(probs))}' if len(probs) == 1 else 'the test folds'
+    ax.set_title(f'ROC of {folds}, final epoch\n{run_name(run_path)}', fontsize=9)
     return save(fig, png_path or os.path.join(run_path, 'roc.png'))
 
 
@@ -148,13 +170,28 @@ def plot_confusion(run_path, png_path=None):
     return save(fig, png_path or os.path.join(run_path, 'confusion.png'))
 
 
+def read_results(run_path):
+    """[result dict] of result_fold{f}.json in fold order, each with its fold and metrics; a damaged one is a
+    UserError with what to do."""
+    results = []
+    for fold, path in fold_files(run_path, 'result_fold{f}.json').items():
+        remedy = (f'delete it to evaluate fold {fold} again from its checkpoint (python train_3D_continuation.py '
+                  f'--RESUME={run_path})')
+        r = read_json(path, remedy)
+        if not isinstance(r, dict) or r.get('fold') != fold or \
+                not all(isinstance(r.get(k), (int, float)) for k in METRIC_NAMES):
+            raise UserError(f'{path} is not a result of fold {fold} with {", ".join(METRIC_NAMES)} (damaged?): '
+                            f'{remedy}')
+        results.append(r)
+    return results
+
+
 def plot_kfold_table(run_path, png_path=None):
-    """kfold_table.png: the k-fold table of the final epoch (result_fold{f}.json) with mean +/- std, in percent."""
-    files = fold_files(run_path, 'result_fold{f}.json')
-    if not files:
+    """kfold_table.png: the k-fold table of the final epoch (result_fold{f}.json) with mean +/- std, in percent;
+    the image cropped to the table and its title."""
+    results = read_results(run_path)
+    if not results:
         raise UserError(f'{run_path}: no result_fold*.json (no finished fold)')
-    results = [read_json(path, 'delete it to evaluate that fold again (train_3D_continuation.py --RESUME)')
-               for path in files.values()]
     header = ['test fold'] + [f'{METRIC_TITLES[k]} (%)' for k in METRIC_NAMES]
     cells = [[str(r['fold'])] + [f'{r[k]:.2f}' for k in METRIC_NAMES] for r in results]
     values = np.array([[r[k] for k in METRIC_NAMES] for r in results], dtype=float)
@@ -164,7 +201,7 @@ def plot_kfold_table(run_path, png_path=None):
     fig, axes = new_figure(9, 0.9 + 0.32 * (len(cells) + 1))
     ax = axes[0][0]
     ax.axis('off')
-    table = ax.table(cellText=cells, colLabels=header, loc='center', cellLoc='center')
+    table = ax.table(cellText=cells, colLabels=header, loc='upper center', cellLoc='center')  # under the title
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1, 1.3)
@@ -176,7 +213,7 @@ def plot_kfold_table(run_path, png_path=None):
     ax.set_title('k-fold results, final epoch on each test fold (malignant positive)'
                  + (f'; {params:.3f} M parameters' if params is not None else '') + f'\n{run_name(run_path)}',
                  fontsize=9)
-    return save(fig, png_path or os.path.join(run_path, 'kfold_table.png'))
+    return save(fig, png_path or os.path.join(run_path, 'kfold_table.png'), crop=(table, ax.title))
 
 
 # ---------------------------------------------------------------- LayerCAM
@@ -186,11 +223,19 @@ CAM_ALPHA = 0.3  # the map's opacity over the CT: the CT stays readable under it
 CAM_LEVELS = (0.5, 0.8)  # contour levels of the map (scaled to 0..1), drawn over the CT
 
 
+def hu_ticks(window, step=400):
+    """Grey scale ticks of a windowed CT cube: (positions 0..255, HU values) at every `step` HU in the window
+    [lo, hi] mapped linearly onto 0..255 (scans.lungmask.window)."""
+    lo, hi = window
+    hus = np.arange(np.ceil(lo / step) * step, hi + 1e-9, step)
+    return (hus - lo) * 255.0 / (hi - lo), hus
+
+
 def plot_cam(cube, cam, png_path, title, alpha=CAM_ALPHA, diameter_mm=None):
     """Three orthogonal planes through the cube centre (where the nodule is): the CT cube (uint8 0..255, windowed
-    HU) alone above; below, the map (0..1) over it at low opacity with its CAM_LEVELS contours, so the CT stays
-    visible. diameter_mm: the nodule's annotated diameter, outlined (dashed circle, 1 mm voxels) in every panel.
-    cube, cam: (S, S, S) arrays in z, y, x order."""
+    HU) alone above, its grey scale in HU; below, the map (0..1) over it at low opacity with its CAM_LEVELS
+    contours, so the CT stays visible. diameter_mm: the nodule's annotated diameter, outlined (dashed circle, 1 mm
+    voxels) in every panel. cube, cam: (S, S, S) arrays in z, y, x order."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.patches import Circle
@@ -219,6 +264,11 @@ def plot_cam(cube, cam, png_path, title, alpha=CAM_ALPHA, diameter_mm=None):
             ax.set_xlabel(xl, fontsize=8)
             ax.set_ylabel(yl, fontsize=8)
             ax.tick_params(labelsize=7)
+    from scans.lungmask import HU_WINDOW
+    grey = fig.colorbar(ScalarMappable(Normalize(0, 255), 'gray'), ax=axes[0].tolist(), shrink=0.8,
+                        label=f'CT (HU; window {HU_WINDOW[0]:g} to {HU_WINDOW[1]:g})')
+    positions, hus = hu_ticks(HU_WINDOW)
+    grey.set_ticks(positions, labels=[f'{h:g}' for h in hus])
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), CAM_COLOURS), ax=axes[1].tolist(), shrink=0.8,
                        label='LayerCAM (0..1); lines at ' + ', '.join(f'{v:g}' for v in levels))
     for v in levels:

@@ -14,8 +14,8 @@ from matplotlib.ticker import MaxNLocator
 
 import genotypes
 from figures import diagrams, evaluation, search
-from figures.common import epoch_axis, fold_files, new_figure, read_config, read_rows, run_name, save
-from utils import UserError
+from figures.common import SEARCH_REMEDY, epoch_axis, fold_files, new_figure, read_config, read_rows, run_name, save
+from utils import UserError, atomic_path
 
 FOLD_COLOURS = 'tab10'  # one colour per test fold
 NOT_KEPT = (0.93, 0.93, 0.93)  # genotype evolution: an edge the genotype does not keep
@@ -23,9 +23,14 @@ NOT_KEPT = (0.93, 0.93, 0.93)  # genotype evolution: an edge the genotype does n
 
 # ---------------------------------------------------------------- search
 
+def read_search_metrics(run_path):
+    """metrics.csv of a search, each row with its epoch."""
+    return read_rows(os.path.join(run_path, 'metrics.csv'), ('epoch',), SEARCH_REMEDY.format(run=run_path))
+
+
 def plot_search_curves(run_path, png_path=None):
     """search_curves.png: loss, accuracy and ROC AUC per epoch on search-train and search-val (metrics.csv)."""
-    rows = read_rows(os.path.join(run_path, 'metrics.csv'))
+    rows = read_search_metrics(run_path)
     warmup = read_config(run_path).get('WARMUP_EPOCHS')
     epochs = [r['epoch'] for r in rows]
     fig, axes = new_figure(12, 3.6, 1, 3)
@@ -51,24 +56,27 @@ def plot_search_curves(run_path, png_path=None):
 
 def genotype_history(weights_csv):
     """Per-epoch genotype cells recomputed from weights.csv as the search derives them (W = op weight x edge
-    weight, genotypes.derive_cell): ({cell: {epoch: [(op, input), ...]}}, ops in column order)."""
-    series, ops = search.read_op_weights(weights_csv)
+    weight, genotypes.derive_cell): ({cell: {epoch: [(op, input), ...]}}, ops in column order). A damaged file
+    (a row missing, a bad edge weight, edges that make no whole cell) is a UserError naming it."""
+    tables, ops = search.read_weights(weights_csv)
     edge_w = {}
     with open(weights_csv, newline='') as f:
-        for r in csv.DictReader(f):
-            edge_w[(int(r['epoch']), r['cell'], int(r['edge']))] = float(r.get('edge_weight') or 1.0)
+        reader = csv.DictReader(f)
+        for r in reader:
+            try:
+                edge_w[(int(r['epoch']), r['cell'], int(r['edge']))] = float(r.get('edge_weight') or 1.0)
+            except ValueError:
+                raise UserError(f'{weights_csv}, line {reader.line_num}: edge_weight must be a number, got '
+                                f'{r.get("edge_weight")!r}: the file is damaged') from None
     history = {}
-    for cell in search.CELLS:
-        edges = sorted(e for c, e in series if c == cell)
-        if not edges:
-            continue
-        steps = next(s for s in range(1, 20) if sum(2 + i for i in range(s)) == len(edges))
-        epochs = sorted({e for e, _ in series[(cell, edges[0])][ops[0]]})
-        history[cell] = {}
-        for epoch in epochs:
-            w = np.array([[dict(series[(cell, e)][op])[epoch] * edge_w[(epoch, cell, e)] for op in ops]
-                          for e in edges])
-            history[cell][epoch] = genotypes.derive_cell(w, ops, steps)
+    for cell, (epochs, edges, w) in tables.items():
+        steps = next((s for s in range(1, 20) if sum(2 + i for i in range(s)) == len(edges)), None)
+        if steps is None or edges != list(range(len(edges))):
+            raise UserError(f'{weights_csv}: the {search.CELL_NAMES[cell]} has edges {edges[0]}-{edges[-1]} '
+                            f'({len(edges)}), not the 2, 5, 9, 14, ... edges 0.. of whole nodes: the file is damaged')
+        history[cell] = {epoch: genotypes.derive_cell(w[t] * np.array([[edge_w[(epoch, cell, e)]] for e in edges]),
+                                                      ops, steps)
+                         for t, epoch in enumerate(epochs)}
     return history, ops
 
 
@@ -118,7 +126,7 @@ def plot_genotype_evolution(run_path, png_path=None):
                            fontsize=7)
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f'{cell} cell: op kept on each edge (grey: edge not kept)', fontsize=9)
+        ax.set_title(f'{search.CELL_NAMES[cell]}: op kept on each edge (grey: edge not kept)', fontsize=9)
     used = [op for op in ops if any(op in [o for g in h.values() for o, _ in g] for h in history.values())]
     handles = [Patch(color=colours[op], label=op) for op in used]
     handles.append(Patch(fc=NOT_KEPT, ec='0.6', label='not kept'))
@@ -131,43 +139,62 @@ def plot_genotype_evolution(run_path, png_path=None):
 # ---------------------------------------------------------------- a whole run folder
 
 def draw_run(run_path, log=print, out_dir=None):
-    """Draw every figure the files of a run folder support (search or retrain run) into out_dir (default: the run
-    folder); returns the PNG paths. Figures whose inputs are missing (an older run, a search stopped before its
-    first epoch) are skipped with a line through `log`."""
+    """Draw every figure the files of a run folder support (search, evolutionary search or retrain run) into out_dir
+    (default: the run folder); returns the PNG paths. Every input is read and checked before the first figure is
+    drawn (a damaged file is one line, with nothing written). Figures whose inputs are missing (an older run, a
+    search stopped before its first epoch) are skipped with a line through `log`."""
     if not os.path.isdir(run_path):
         raise UserError(f'{run_path} is not a folder (give a run folder runs/<script>-<timestamp>)')
-    out_dir = out_dir or run_path
+    jobs = run_figures(run_path, out_dir or run_path, log)
+    if not jobs:
+        raise UserError(f'{run_path}: nothing to draw (no metrics.csv, weights.csv, metrics_fold*.csv, '
+                        'evaluations.csv or genotype)')
+    for check, _ in jobs:
+        check()
+    return [draw() for _, draw in jobs]
+
+
+def run_figures(run_path, out_dir, log):
+    """[(check, draw)] per figure the run folder's files support: check() reads and checks the figure's inputs (a
+    UserError naming a damaged file), draw() draws it and returns its path."""
+    def path(name):
+        return os.path.join(run_path, name)
 
     def out(name):
         return os.path.join(out_dir, name)
-    has = {name: os.path.exists(os.path.join(run_path, name))
-           for name in ('metrics.csv', 'weights.csv', 'genotype.json')}
     cfg = read_config(run_path)
+    name = run_name(run_path)
     jobs = []
-    if has['weights.csv']:
-        jobs += [(search.plot_op_weights, (os.path.join(run_path, 'weights.csv'), out('weights.png'),
-                                           f'op weights per edge and epoch: {run_name(run_path)}')),
-                 (plot_genotype_evolution, (run_path, out('genotype_evolution.png')))]
-    if has['metrics.csv'] and has['weights.csv']:
-        jobs.append((plot_search_curves, (run_path, out('search_curves.png'))))
+    if os.path.exists(path('weights.csv')):
+        weights = path('weights.csv')
+        title = f'op weights per edge and epoch: {name}'
+        jobs += [(lambda: genotype_history(weights),
+                  lambda: search.plot_op_weights(weights, out('weights.png'), title)),
+                 (lambda: None, lambda: plot_genotype_evolution(run_path, out('genotype_evolution.png')))]
+        if os.path.exists(path('metrics.csv')):
+            jobs.append((lambda: read_search_metrics(run_path),
+                         lambda: plot_search_curves(run_path, out('search_curves.png'))))
+    if os.path.exists(path('evaluations.csv')):
+        jobs.append((lambda: search.read_evaluations(path('evaluations.csv')),
+                     lambda: search.plot_pareto(path('evaluations.csv'), out('pareto.png'), run=name)))
     if fold_files(run_path, 'metrics_fold{f}.csv'):
-        jobs.append((evaluation.plot_retrain_curves, (run_path, out('retrain_curves.png'))))
+        jobs.append((lambda: evaluation.read_curves(run_path),
+                     lambda: evaluation.plot_retrain_curves(run_path, out('retrain_curves.png'))))
     if fold_files(run_path, 'probs_fold{f}.csv'):
-        evaluation.read_probs(run_path)  # a damaged file is one line before any figure is written
-        jobs += [(evaluation.plot_roc, (run_path, out('roc.png'))),
-                 (evaluation.plot_confusion, (run_path, out('confusion.png')))]
+        jobs += [(lambda: evaluation.read_probs(run_path), lambda: evaluation.plot_roc(run_path, out('roc.png'))),
+                 (lambda: None, lambda: evaluation.plot_confusion(run_path, out('confusion.png')))]
     elif fold_files(run_path, 'result_fold{f}.json'):
         log(f'{run_path}: no probs_fold*.csv (a run from before they were saved): no ROC or confusion figure')
     if fold_files(run_path, 'result_fold{f}.json'):
-        jobs.append((evaluation.plot_kfold_table, (run_path, out('kfold_table.png'))))
-    genotype = os.path.join(run_path, 'genotype.json') if has['genotype.json'] else cfg.get('GENOTYPE')
+        jobs.append((lambda: evaluation.read_results(run_path),
+                     lambda: evaluation.plot_kfold_table(run_path, out('kfold_table.png'))))
+    genotype = path('genotype.json') if os.path.exists(path('genotype.json')) else cfg.get('GENOTYPE')
     if genotype and (genotype in genotypes.GENOTYPES or os.path.isfile(genotype)):
-        jobs.append((diagrams.plot_genotype, (genotype, out('cells.png'), genotype_title(genotype))))
+        jobs.append((lambda: genotypes.get_genotype(genotype),
+                     lambda: diagrams.plot_genotype(genotype, out('cells.png'), genotype_title(genotype))))
     elif genotype:
         log(f'{run_path}: genotype {genotype} not found from here: no cell diagram')
-    if not jobs:
-        raise UserError(f'{run_path}: nothing to draw (no metrics.csv, weights.csv, metrics_fold*.csv or genotype)')
-    return [fn(*args) for fn, args in jobs]
+    return jobs
 
 
 def genotype_title(genotype):
@@ -182,5 +209,6 @@ def to_palette(png_path):
     from PIL import Image
     with Image.open(png_path) as img:
         small = img.convert('RGB').quantize(256, method=Image.Quantize.FASTOCTREE)  # keeps small-area colours
-    small.save(png_path, optimize=True)
+    with atomic_path(str(png_path)) as tmp:  # whole or not at all, as every figure
+        small.save(tmp, format='PNG', optimize=True)
     return png_path

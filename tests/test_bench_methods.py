@@ -206,6 +206,19 @@ def test_entries_run_within_the_budget_and_each_outcome_is_marked(tmp_path, monk
     assert 'zeroth, sparsemax: failed: RuntimeError: boom' in table
 
 
+def test_bad_settings_and_a_missing_cube_set_are_one_line_errors_before_anything_is_written(tmp_path):
+    runs = str(tmp_path / 'runs')
+    with pytest.raises(bench.utils.UserError, match="METHODS_CUDA_GRAPHS='on' needs a CUDA device"):
+        bench.main(BENCH='methods', DEVICE='cpu', METHODS_CUDA_GRAPHS='on', METHODS_RUNS=runs)
+    with pytest.raises(bench.utils.UserError, match=r'nowhere does not exist .*; or build the cube set where that '
+                                                    r'works and copy its folder here \(docs/gpu.md'):
+        bench.main(BENCH='methods', DEVICE='cpu', METHODS_DATA=str(tmp_path / 'nowhere'), METHODS_RUNS=runs)
+    cubes = write_cube_set(tmp_path / 'cubes', size=12)
+    with pytest.raises(bench.utils.UserError, match=r'METHODS_FOLDS include fold 12, which has no nodules'):
+        bench.main(BENCH='methods', DEVICE='cpu', METHODS_DATA=cubes, METHODS_FOLDS=(12,), METHODS_RUNS=runs)
+    assert not os.path.exists(runs)
+
+
 # ---------------------------------------------------------------- the tiny CPU version, end to end
 
 TINY = {'DEVICE': 'cpu', 'CUBE': 12, 'METHODS_C': 4, 'METHODS_LAYERS': 3, 'METHODS_RETRAIN_C': 4,

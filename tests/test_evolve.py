@@ -488,7 +488,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tiny_run, monkeypatch)
 def test_pareto_plot_reads_evaluations_and_rejects_a_bad_file(tmp_path):
     path = tmp_path / 'evaluations.csv'
     path.write_text('index,generation,params,f1\n0,0,1000,0.5\n1,1,2000,0.3\n2,1,3000,0.4\n')
-    png = search_figures.plot_pareto(str(path), str(tmp_path / 'p.png'), 12.79e6, title='t')
+    png = search_figures.plot_pareto(str(path), str(tmp_path / 'p.png'), 12.79e6, run='t')
     assert os.path.getsize(png) > 0
     path.write_text('index,generation,f1\n0,0,0.5\n')
     with pytest.raises(UserError, match='params'):

@@ -122,8 +122,8 @@ def test_retrain_saves_test_probabilities_and_normalization(cubes, retrain_run):
         train = table[table['fold'] != f]
         assert (norm['mean'], norm['std']) == pytest.approx(data.cube_stats(data.load_cubes(cubes, train, 8)))
         assert norm['train_folds'] == sorted(set(train['fold']))
-    for name in RETRAIN_PNGS:
-        assert_real_image(os.path.join(run, name))
+    for name in RETRAIN_PNGS:  # the k-fold table is cropped to its two rows
+        assert_real_image(os.path.join(run, name), (80, 400) if name == 'kfold_table.png' else (200, 400))
 
 
 def test_last_changes_and_kept_auc():
@@ -171,7 +171,7 @@ def test_confusion_counts_rows_are_the_true_class():
 
 def drawn(monkeypatch, plot, run_path):
     """The figure a plot function draws, kept instead of saved."""
-    monkeypatch.setattr(evaluation, 'save', lambda fig, path: fig)
+    monkeypatch.setattr(evaluation, 'save', lambda fig, path, **kw: fig)
     return plot(str(run_path))
 
 
@@ -197,3 +197,136 @@ def test_confusion_figure_puts_the_true_class_on_the_rows(tmp_path, monkeypatch)
     cells = {tuple(int(round(v)) for v in t.get_position()): t.get_text() for t in ax.texts}
     # text at (x = predicted, y = true row): count and the share of its true class
     assert cells == {(0, 0): '2\n67%', (1, 0): '1\n33%', (0, 1): '2\n50%', (1, 1): '2\n50%'}
+
+
+# ---------------------------------------------------------------- a run folder drawn whole, or one line and nothing
+
+from test_plots import one_fold_run, texts  # noqa: E402
+
+from figures import search  # noqa: E402
+
+
+def pngs(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith('.png'))
+
+
+def evolve_run(root):
+    """An evolutionary search's run folder as train_evolve writes it (its figure reads evaluations.csv)."""
+    run = root / 'runs' / 'train_evolve-20260101-000000-000000'
+    run.mkdir(parents=True)
+    (run / 'config.json').write_text('{"POPULATION": 4}')
+    (run / 'evaluations.csv').write_text('index,generation,params,f1\n0,0,12000,0.5\n1,0,30000,0.3\n2,1,20000,0.4\n')
+    return str(run)
+
+
+def test_draw_redraws_an_evolve_run(tmp_path, capsys):
+    run = evolve_run(tmp_path)
+    assert draw.main(RUN=run) == [os.path.join(run, 'pareto.png')]  # was 'nothing to draw'
+    assert_real_image(os.path.join(run, 'pareto.png'))
+    assert capsys.readouterr().out == f'written {os.path.join(run, "pareto.png")}\n'
+
+
+PLOTS = {  # each figure function with the inputs it needs, writing over an earlier PNG
+    'roc': lambda root, png: evaluation.plot_roc(one_fold_run(root), png),
+    'weights': lambda root, png: search.plot_op_weights(
+        root / 'w.csv', png) if (root / 'w.csv').write_text('epoch,cell,edge,op,weight\n0,normal,0,a,0.5\n') else 0,
+    'cells': lambda root, png: diagrams.plot_genotype('NAS_HBO_PAPER', png),
+    'pareto': lambda root, png: search.plot_pareto(os.path.join(evolve_run(root), 'evaluations.csv'), png),
+    'palette': lambda root, png: runs.to_palette(png),
+}
+
+
+@pytest.mark.parametrize('plot', PLOTS)
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch, plot):
+    # a kill while the PNG is written: the earlier picture stays, no half PNG under the final name, nothing left over
+    png = tmp_path / 'out' / 'figure.png'
+    png.parent.mkdir()
+    diagrams.plot_genotype('NAS_HBO_PAPER', png)
+    before = png.read_bytes()
+
+    def half_then_killed(real):
+        def write(*args, **kwargs):
+            path = args[1] if isinstance(args[0], Image.Image) else args[0]  # Image.save(self, path), imsave(path)
+            if not isinstance(path, (str, os.PathLike)):  # a layout pass drawing into memory
+                return real(*args, **kwargs)
+            with open(path, 'wb') as f:
+                f.write(before[:100])
+            raise KeyboardInterrupt
+        return write
+    import matplotlib.image
+    monkeypatch.setattr(matplotlib.image, 'imsave', half_then_killed(matplotlib.image.imsave))
+    monkeypatch.setattr(Image.Image, 'save', half_then_killed(Image.Image.save))
+    with pytest.raises(KeyboardInterrupt):
+        PLOTS[plot](tmp_path, png)
+    assert png.read_bytes() == before and os.listdir(png.parent) == ['figure.png']
+
+
+@pytest.mark.parametrize('damage', ['result', 'metrics_fold', 'config', 'genotype'])
+def test_every_input_is_checked_before_the_first_figure(tmp_path, damage):
+    run = one_fold_run(tmp_path)
+    if damage == 'result':      # read by the last figure: three were written before it was found
+        open(os.path.join(run, 'result_fold5.json'), 'w').write('{"fold": 5, "acc": ')
+        message = r'result_fold5\.json cannot be read .*: delete it to evaluate fold 5 again'
+    elif damage == 'metrics_fold':
+        open(os.path.join(run, 'metrics_fold5.csv'), 'w').write('epoch,train_loss\n0,0.7\n')
+        message = r'metrics_fold5\.csv, line 2: train_acc, test_loss, test_acc not a number .*--RESUME='
+    elif damage == 'config':
+        open(os.path.join(run, 'config.json'), 'w').write('{"GENOTYPE": ')
+        message = r'config\.json cannot be read .*log\.txt holds the same settings'
+    else:
+        open(os.path.join(run, 'genotype.json'), 'w').write('{"normal": [["skip_connect"')
+        message = r'genotype file .*genotype\.json: cannot read json'
+    with pytest.raises(UserError, match=message):
+        runs.draw_run(run, log=lambda line: None)
+    assert pngs(run) == []
+
+
+@pytest.mark.parametrize('name,remedy', [
+    ('probs_fold5.csv', r'delete result_fold5\.json and probs_fold5\.csv and continue the run \(python '
+                        r'train_3D_continuation\.py --RESUME=.*\) to evaluate the fold again'),
+    ('metrics_fold5.csv', r'fold 5 has no finished epoch; .*continue the run \(python train_3D_continuation\.py '
+                          r'--RESUME=.*\), or delete the file to draw the other folds'),
+])
+def test_an_empty_fold_csv_says_what_to_do(tmp_path, name, remedy):
+    run = one_fold_run(tmp_path)
+    with open(os.path.join(run, name)) as f:
+        header = f.readline()
+    open(os.path.join(run, name), 'w').write(header)
+    with pytest.raises(UserError, match=rf'{name}: no data rows: .*{remedy}'):
+        runs.draw_run(run, log=lambda line: None)
+    assert pngs(run) == []
+
+
+def test_retrain_curves_legend_names_folds_and_line_styles(tmp_path, monkeypatch):
+    run = one_fold_run(tmp_path)
+    fig = drawn(monkeypatch, evaluation.plot_retrain_curves, run)
+    legend = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert legend == ['test fold 5', 'train (other folds)', 'test (the held-out fold)']
+    styles = {ln.get_label(): ln.get_linestyle() for ax in fig.axes for ln in ax.get_lines()}
+    assert styles == {'fold 5 train': '--', 'fold 5 test': '-'}
+
+
+def test_kfold_table_image_is_cropped_to_the_table(tmp_path):
+    run = one_fold_run(tmp_path)
+    img = np.asarray(Image.open(evaluation.plot_kfold_table(run, str(tmp_path / 't.png'))).convert('L'))
+    blank_rows = (img > 250).all(1)
+    assert blank_rows.mean() < 0.4, blank_rows.mean()  # the table in the middle of a blank image: 0.54 blank
+
+
+def test_cell_labels_keep_off_crossings_and_the_dashed_lines_are_named(monkeypatch):
+    # a horizontal edge (0, 0) -> (2, 0) crossed at its middle by a vertical one: the label moves along its own edge
+    crossing = np.column_stack([np.ones(41), np.linspace(-1, 1, 41)])
+    w, h = diagrams.label_size('skip_connect')
+    x, y = diagrams.label_spot((w, h), ((0, 0), (1, 0), (2, 0)), crossing, [], 0.5)
+    assert y == 0 and abs(x - 1) > w / 2 and 0.3 <= x <= 1.7
+    taken = []
+    assert diagrams.label_spot((w, h), ((0, 0), (1, 0), (2, 0)), np.zeros((0, 2)), taken, 0.5) == (1, 0)
+    assert taken == [(1, 0, w, h)]  # the next label avoids this one
+    # an arc (0, 0) -> (4, 0) bent by -0.2 peaks at (2, 0.4), through a node box there: bent on in steps of 0.08
+    # until every point clears the box (+0.08 margin): -0.36 still grazes it at x = 1.52, -0.44 passes above
+    assert diagrams.clear_rad((0, 0), (4, 0), -0.2, []) == -0.2
+    assert diagrams.clear_rad((0, 0), (4, 0), -0.2, [(2, 0.4)]) == pytest.approx(-0.44)
+    figs = []
+    monkeypatch.setattr(diagrams, 'save', lambda fig, path: figs.append(fig) or path)
+    diagrams.plot_genotype('NAS_HBO_PAPER', 'unused.png')
+    assert any('grey dashed arrows: the nodes concatenated into the cell output' in t for t in texts(figs[0]))

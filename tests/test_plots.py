@@ -30,9 +30,9 @@ def write_weights(path, epochs, cells=('normal', 'reduce'), edges=14, ops=OPS, c
     return path
 
 
-def assert_real_image(png):
+def assert_real_image(png, min_size=(200, 400)):
     img = imread(png)
-    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 400
+    assert img.ndim == 3 and img.shape[0] > min_size[0] and img.shape[1] > min_size[1]
     rgb = img[..., :3].reshape(-1, 3)
     # Far from blank: many distinct colours (op lines, text) and a fair share of non-white pixels.
     codes = np.round(rgb * 255).astype(np.int64) @ np.array([65536, 256, 1])  # one integer per colour: fast unique
@@ -46,8 +46,7 @@ def test_plot_many_and_one_epoch(tmp_path, epochs, cells):
     csv_path = write_weights(tmp_path / 'weights.csv', epochs, cells=cells)
     png = tmp_path / 'out' / 'weights.png'
     assert plot_op_weights(csv_path, png, title=f'{epochs} epochs') == png
-    img = assert_real_image(png)
-    assert img.shape[0] < img.shape[1]  # 2 or 4 rows x 7 columns of panels: wider than tall
+    assert_real_image(png)
 
 
 def test_plot_single_cell_few_edges(tmp_path):
@@ -154,8 +153,11 @@ def test_one_fold_one_epoch_run_reads_in_singular_with_integer_ticks_and_no_mach
     for ax in curves.axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks)
-    legend = [t for t in texts(roc) if t.startswith('mean of')]
-    assert legend == ['mean of 1 fold (AUC 1.000)']  # no '1 folds', no '± 0.000'
+    # one fold: its own curve, not hidden under a 'mean of 1 fold' drawn over it
+    assert not [t for t in texts(roc) if t.startswith('mean')]
+    fold = [ln for ln in roc.axes[0].get_lines() if ln.get_label().startswith('fold 5')]
+    assert [ln.get_label() for ln in fold] == ['fold 5 (AUC 1.000, n=8)'] and fold[0].get_linewidth() >= 2
+    assert any(t.startswith('ROC of test fold 5,') for t in texts(roc))
     assert not any('mean' in t for t in texts(table)) and '75.00' in texts(table)
 
 
@@ -167,24 +169,68 @@ def test_roc_mean_of_several_folds_keeps_the_plural_and_spread(tmp_path, drawn):
     assert [t for t in texts(drawn[0]) if t.startswith('mean of')] == ['mean of 2 folds (AUC 1.000 ± 0.000)']
 
 
-def test_weights_panels_scale_to_their_data():
-    # After warm-up sigmoid weights sit at 0.5 +/- 0.002: a 0..1 axis drew one line; each panel now spans its data.
-    fig = Figure()
-    ax = fig.add_subplot()
-    lo, hi = search.set_weight_scale(ax, [0.499, 0.5, 0.501])
-    assert lo < 0.499 and hi > 0.501 and hi - lo < 0.02
-    lo, hi = search.set_weight_scale(ax, [0.5, 0.5])  # a flat panel keeps MIN_SPAN
-    assert hi - lo == pytest.approx(search.MIN_SPAN * 1.1) and lo < 0.5 < hi
-    assert search.set_weight_scale(ax, [0.1, 0.9]) == pytest.approx((0.06, 0.94))
+def test_leaders_and_their_leads_worked_example():
+    # edge 0: b leads a by 0.02; edge 1: a and b tie (the first wins, lead 0); edge 2: 'none' is highest but never
+    # leads nor runs up (derive_cell never keeps it): c leads a by 0.1
+    ops = ['a', 'b', 'c', 'none']
+    w = [[0.50, 0.52, 0.49, 0.1], [0.3, 0.3, 0.2, 0.1], [0.4, 0.2, 0.5, 0.9]]
+    first, lead = search.leaders(w, ops)
+    assert first.tolist() == [1, 0, 2] and lead == pytest.approx([0.02, 0.0, 0.1])
+    # the final leader's lead per epoch: b trailed a by 0.02 at epoch 0, led by 0.02 at epoch 1
+    history = search.lead_history([[[0.52, 0.50, 0.49, 0.9]], [[0.50, 0.52, 0.49, 0.9]]], [1], ops)
+    assert history[:, 0] == pytest.approx([-0.02, 0.02])
+    assert [search.lead_text(v) for v in (0.0, 0.00021, 0.31)] == ['tie', '+0.00021', '+0.31']
+    assert [search.node_of(e) for e in (0, 1, 2, 4, 5, 13)] == [(0, 0), (0, 1), (1, 0), (1, 2), (2, 0), (3, 4)]
 
 
-def test_weights_png_gives_each_panel_its_own_range(tmp_path, drawn):
+def test_weights_png_frames_each_edges_leader_and_plots_its_lead(tmp_path, drawn):
+    # one node (edges 0, 1), 2 epochs: on edge 0 b overtakes a (lead -0.002, then +0.003); on edge 1 a leads by 0.4
     path = tmp_path / 'w.csv'
-    path.write_text('epoch,cell,edge,op,weight\n0,normal,0,a,0.5\n0,normal,0,b,0.502\n1,normal,0,a,0.499\n'
-                    '1,normal,0,b,0.503\n0,normal,1,a,0.1\n0,normal,1,b,0.9\n1,normal,1,a,0.2\n1,normal,1,b,0.8\n')
+    path.write_text('epoch,cell,edge,op,weight\n0,reduce,0,a,0.502\n0,reduce,0,b,0.5\n1,reduce,0,a,0.499\n'
+                    '1,reduce,0,b,0.502\n0,reduce,1,a,0.6\n0,reduce,1,b,0.4\n1,reduce,1,a,0.7\n1,reduce,1,b,0.3\n')
     plot_op_weights(path, tmp_path / 'w.png')
-    first, second = [ax for ax in drawn[0].axes if ax.get_visible()][:2]
-    assert np.diff(first.get_ylim())[0] < 0.02 and np.diff(second.get_ylim())[0] > 0.8
+    fig = drawn[0]
+    heat, lines = fig.axes[0], fig.axes[2]
+    frames = sorted(p.get_xy() for p in heat.patches)
+    assert frames == [(-0.5, 0.5), (0.5, -0.5)]  # edge 0 (row 0): b (column 1); edge 1 (row 1): a (column 0)
+    assert [t.get_text() for t in heat.child_axes[0].get_yticklabels()] == ['b +0.003', 'a +0.4']  # on the right
+    assert np.asarray(heat.images[0].get_array()) == pytest.approx(np.array([[-0.0015, 0.0015], [0.2, -0.2]]))
+    leads = [ln for ln in lines.get_lines() if ln.get_label().startswith('c$')]
+    assert [ln.get_label() for ln in leads] == ['c$_{k-2}$: b', 'c$_{k-1}$: a']
+    assert list(leads[0].get_ydata()) == pytest.approx([-0.002, 0.003])
+    assert list(leads[1].get_ydata()) == pytest.approx([0.2, 0.4])
+    shown = texts(fig)
+    assert any(t.startswith('reduction cell') for t in shown) and not any('reduce' in t for t in shown)
+
+
+def test_weights_with_a_missing_row_is_one_line(tmp_path):
+    path = tmp_path / 'w.csv'
+    path.write_text('epoch,cell,edge,op,weight\n0,normal,0,a,0.5\n0,normal,0,b,0.5\n1,normal,0,a,0.5\n')
+    with pytest.raises(UserError, match=r'w\.csv: no weight of b on normal cell edge 0 at epoch 1'):
+        plot_op_weights(path, tmp_path / 'w.png')
+    assert not (tmp_path / 'w.png').exists()
+
+
+def test_pareto_size_axis_keeps_to_the_candidates():
+    # candidates of 0.01-0.05 M beside the paper's 12.79 M: the axis spans the candidates only (with a 1.25x margin)
+    assert search.size_range(np.array([1e4, 5e4]), 12.79e6) == pytest.approx((8e3, 6.25e4, False))
+    # a paper size within 4x of them widens the axis to it
+    assert search.size_range(np.array([1e6, 5e6]), 12.79e6) == pytest.approx((8e5, 12.79e6 * 1.25, True))
+    assert search.size_range(np.array([1e6]), None)[2] is False
+
+
+def test_pareto_says_where_the_paper_genotype_lies(tmp_path, drawn):
+    csv_path = tmp_path / 'evaluations.csv'
+    csv_path.write_text('params,f1,generation\n10000,0.5,0\n50000,0.3,0\n')
+    search.plot_pareto(csv_path, tmp_path / 'p.png', run='train_evolve-x')
+    ax = drawn[0].axes[0]
+    assert ax.get_xlim() == pytest.approx((0.008, 0.0625))  # millions
+    assert ax.get_title() == ('train_evolve-x: 2 candidates, front of 2\npaper genotype, C=36, 20 cells: 12.79 M '
+                              'parameters, 256x the largest candidate (right of this axis)')
+    assert not [ln for ln in ax.get_lines() if 'paper' in ln.get_label()]
+    csv_path.write_text('params,f1,generation\n')
+    with pytest.raises(UserError, match='evaluations.csv: no candidate rows yet'):
+        search.plot_pareto(csv_path, tmp_path / 'q.png')
 
 
 def test_pareto_generations_are_whole_numbers(tmp_path, drawn):
@@ -238,3 +284,18 @@ def test_cam_without_a_usable_diameter_draws_no_outline(tmp_path, drawn):
         fig = drawn[-1]
         assert not [p for ax in fig.axes for p in ax.patches if isinstance(p, Circle)]
         assert 'nan' not in fig._suptitle.get_text() and 'dashed circle' not in fig._suptitle.get_text()
+
+
+def test_cam_ct_planes_have_a_grey_scale_in_hounsfield_units(tmp_path, drawn):
+    from scans.lungmask import HU_WINDOW, window
+    positions, hus = evaluation.hu_ticks((-1200.0, 600.0))
+    assert hus.tolist() == [-1200, -800, -400, 0, 400]
+    assert positions == pytest.approx([0, 56.667, 113.333, 170, 226.667], abs=1e-3)
+    # the cubes' own windowing puts each HU value where its tick is
+    assert window(hus).tolist() == np.rint(evaluation.hu_ticks(HU_WINDOW)[0]).astype(int).tolist()
+    cube, cam = np.full((8, 8, 8), 100, np.uint8), np.random.default_rng(0).random((8, 8, 8))
+    evaluation.plot_cam(cube, cam, str(tmp_path / 'c.png'), 'nodule')
+    bars = [ax for ax in drawn[0].axes if ax.get_label() == '<colorbar>']
+    grey = next(ax for ax in bars if ax.get_ylabel().startswith('CT (HU'))
+    assert [t.get_text() for t in grey.get_yticklabels()] == ['-1200', '-800', '-400', '0', '400']
+    assert grey.get_yticks() == pytest.approx(evaluation.hu_ticks(HU_WINDOW)[0])
