@@ -191,7 +191,7 @@ def test_zeroth_order_perturbation_is_relative_to_the_norm():
 
 # ---------------------------------------------------------------- settings.py: what a resume may change
 
-RESUMABLE = {'DEVICE', 'FAST_KERNELS', 'CUDA_GRAPHS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL'}  # this machine's
+RESUMABLE = {'DEVICE', 'FAST_KERNELS', 'CUDA_GRAPHS', 'CHECKPOINT_CELLS', 'FIGURES', 'PARALLEL', 'TENSORBOARD'}
 
 
 def another_value(v):
