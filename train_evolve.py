@@ -40,7 +40,8 @@ GRAD_CLIP = 5.0  # max gradient norm
 PRIMITIVES = 'mrfc'  # candidate ops of the cells: 'mrfc' (the paper's 9) or a tuple of op names
 FILTERS = (8, 16, 32)  # initial channels C (EMONAS: 8, 16, 32)
 CELLS = (5, 7, 9)  # numbers of cells (EMONAS: 5, 7, 9)
-LRS = tuple(round(m * 10.0 ** e, 6) for e in (-3, -2) for m in range(1, 10)) + (0.1,)  # EMONAS' 19 Adam rates x100, SGD
+LRS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07,
+       0.08, 0.09, 0.1)  # EMONAS' 19 Adam rates x100, SGD
 POPULATION = 10  # subproblems = population (EMONAS: 10)
 GENERATIONS = 40  # generations, 0 = initialization (EMONAS: 40)
 LEARNING_GENERATIONS = 10  # generations 1..this are the learning phase, the rest exploitation (EMONAS: 10)
