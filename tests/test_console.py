@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 from conftest import write_cube_set
 
 import console
@@ -215,6 +216,32 @@ def test_search_logs_first_step_time_and_estimate_of_each_phase(monkeypatch, cap
     assert lines[3].startswith('search (architecture and weight steps): 1 epoch x 3 steps x ')
     log = open(os.path.join(tmp_path / 'runs', os.listdir(tmp_path / 'runs')[0], 'log.txt')).read()
     assert all(line in log for line in lines)
+    assert out.out.index('rough estimate on this CPU from one cube') < out.out.index(lines[0])  # before any step
+    cells = [line for line in out.out.splitlines() if ' cell, per edge: leading op' in line]
+    assert len(cells) == 4  # normal and reduce, two epochs
+    edges = cells[0].partition(': leading op, its W, its lead over the next: ')[2].split(' | ')
+    assert len(edges) == 14 and all(e.split()[1] in SEARCH['PRIMITIVES'] for e in edges)
+    assert len({e.split()[2] for e in edges}) > 1  # W to 4 digits tells the edges apart after one epoch
+
+
+def test_edge_leaders_names_each_edges_leading_op_its_weight_and_lead():
+    w = torch.tensor([[0.25, 0.2512, 0.2499], [0.1, 0.3, 0.6]])
+    assert engine.edge_leaders(w, ['a', 'b', 'c']) == '0 b 0.2512 +1.2e-03 | 1 c 0.6000 +3.0e-01'
+
+
+def test_cpu_estimate_scales_one_forward_by_the_passes_and_names_the_tiny_command(monkeypatch):
+    monkeypatch.setattr(engine, 'forward_seconds', lambda model, cube, device: 2.0)
+    lines = []
+    total = engine.cpu_estimate(None, 32, 'cpu', [('warm-up', 23, 38, 7, 3), ('search', 27, 38, 7, 15)], 242,
+                                'python tiny.py', lines.append)
+    assert total == 2.0 * (23 * 38 * 7 * 3 + 27 * 38 * 7 * 15 + 50 * 242)
+    assert 'warm-up step about 42 s (7 cubes x 3 passes), search step about 4 min (7 cubes x 15 passes)' in lines[1]
+    assert lines[2].endswith('a run that finishes in minutes on a CPU (a tiny network on one fold; its numbers mean '
+                             'nothing):\n  python tiny.py')
+    assert len(lines) == 2 + (total > engine.CPU_SIZED_S)
+    lines.clear()
+    assert engine.cpu_estimate(None, 16, 'cpu', [('warm-up', 1, 2, 8, 3)], 10, 'tiny', lines.append) < 3600
+    assert len(lines) == 2  # a run under an hour: no GPU-sized note
 
 
 # ---------------------------------------------------------------- Ctrl-C
