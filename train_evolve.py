@@ -16,6 +16,7 @@ import shutil
 import numpy as np
 
 import data
+import engine
 import operations
 import parallel
 import runfolder
@@ -88,6 +89,15 @@ def check_inputs(cfg):
     parallel.check_mode(cfg['PARALLEL'])  # Ray missing: one line now, not after the run folder is made
 
 
+def planned_candidates(cfg):
+    """(fewest, most) candidates the search trains: POPULATION at initialization and in each learning generation, then
+    per exploitation generation 1 to POPULATION (those the surrogate predicts to beat a neighbour, and a few from the
+    pool)."""
+    fixed = cfg['POPULATION'] * (1 + cfg['LEARNING_GENERATIONS'])
+    exploit = cfg['GENERATIONS'] - 1 - cfg['LEARNING_GENERATIONS']
+    return fixed + exploit, fixed + exploit * cfg['POPULATION']
+
+
 def refuse_older_run(run_path):
     """A run folder of the search before its MUTATION_FLOOR setting went (issue 20: the published mutation rate, gene
     score and initial order) cannot be replayed by this code: one line saying so, before anything is written."""
@@ -155,6 +165,11 @@ class Search:
         row = {**meta, **result, 'genome': tuple(result['genome']), 'genotype': geno, 'C': C, 'cells': cells, 'lr': lr}
         self.archive.append(row)
         self.out.evaluated(self.archive)
+        if len(self.archive) == 1:
+            fewest, most = planned_candidates(self.cfg)
+            self.run.log(f'  the first candidate took {result["seconds"]:.0f} s: {fewest} to {most} candidates take '
+                         f'roughly {engine.duration(fewest * result["seconds"])} to '
+                         f'{engine.duration(most * result["seconds"])} one after the other (sizes vary by genome)')
 
     def neighbours(self, sub):
         """(subproblem indices, normalized points of their current members) of the neighbourhood of `sub`."""
@@ -247,7 +262,10 @@ class Search:
         members = sm.front(self.F())
         worst = 1.0 + self.cfg['ALPHA'] + self.cfg['BETA']
         hv = sm.hypervolume(self.F(members), (worst, np.log(1e8)))
-        self.run.log(f'generation {g:2d}: {len(children)} trained, {len(self.archive)} in all; front of '
+        fewest, most = planned_candidates(self.cfg)
+        self.run.log(f'generation {g:2d} of {self.cfg["GENERATIONS"] - 1}: {len(children)} trained, '
+                     f'{len(self.archive)} in all ({100 * len(self.archive) / most:.0f}% to '
+                     f'{100 * len(self.archive) / fewest:.0f}% of {fewest} to {most}); front of '
                      f'{len(members)} (f1, M params): '
                      + ' '.join(f'#{i} ({self.archive[i]["f1"]:.3f}, {self.archive[i]["params"] / 1e6:.3f})'
                                 for i in members)
@@ -274,6 +292,11 @@ def main(**overrides):
         shutil.rmtree(run.file('front'), ignore_errors=True)
         done = [n for n in os.listdir(run.file('candidates')) if RESULT_NAME.fullmatch(n)]
         run.log(f'resuming: replaying the search, {len(done)} candidates are done')
+    fewest, most = planned_candidates(cfg)
+    run.log(f'{fewest} to {most} candidates: {cfg["POPULATION"]} at initialization and in each of '
+            f'{cfg["LEARNING_GENERATIONS"]} learning generations, then 1 to {cfg["POPULATION"]} in each of '
+            f'{cfg["GENERATIONS"] - 1 - cfg["LEARNING_GENERATIONS"]} exploitation generations (the surrogate decides); '
+            f'each trains up to {cfg["EPOCHS"]} epochs (the time is estimated after the first)')
     search = Search(cfg, run, Outputs(run, cfg))
     search.initialize()
     hv = search.end_generation(0, [])  # the initial population is nobody's offspring: no subproblem is credited
