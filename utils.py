@@ -99,13 +99,13 @@ METRIC_NAMES = ('acc', 'sens', 'spec', 'f1', 'auc')
 
 
 def results_table(rows, keys=METRIC_NAMES, extra=()):
-    """Per-fold rows ({'fold': f, metric: value}) and a mean +/- std line, as text."""
+    """Per-fold rows ({'fold': f, metric: value}) and, for two folds or more, a mean +/- std line, as text."""
     cols = list(keys) + list(extra)
     lines = ['fold  ' + ''.join(f'{k:>14}' for k in cols)]
     for r in rows:
         lines.append(f'{r["fold"]!s:<6}' + ''.join(f'{r[k]:>14d}' if isinstance(r[k], int) else f'{r[k]:>14.2f}'
                                                    for k in cols))
-    if rows:
+    if len(rows) > 1:  # one fold: its row is the table (a mean of one, a spread of 0, would say nothing)
         stats = []
         for k in cols:
             v = np.array([r[k] for r in rows], dtype=float)
