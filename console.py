@@ -170,7 +170,11 @@ def _words(node, name):
                 and isinstance(first.operand, ast.Name) and first.operand.id == name):
             # 'not CUDA_GRAPHS or DEVICE != 'cpu'': True only where the rest holds
             return 'True only with ' + ' or '.join(_words(v, name) for v in values[1:])
-        return (', ' if isinstance(node.op, ast.And) else ' or ').join(_words(v, name) for v in values)
+        if isinstance(node.op, ast.And):
+            return ', '.join(_words(v, name) for v in values)
+        # a term that does not read the setting frees it: "SCAN == '' or DATA == ''" is "'' or any value when ..."
+        return ' or '.join(_words(v, name) if _reads(v, name) else f'any value when {_words(v, name)}'
+                           for v in values)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) == 1:
         arg, fn = node.args[0], node.func.id
         if fn in RULE_FUNCTION_WORDS:
@@ -190,7 +194,8 @@ def _words(node, name):
             return f'a multiple of {ast.unparse(left.right)}'
         if _is(left, name):
             if op in (ast.In, ast.NotIn) and isinstance(right, ast.Tuple):
-                listed = ' or '.join(ast.unparse(e) for e in right.elts)
+                items = [ast.unparse(e) for e in right.elts]
+                listed = ' or '.join([', '.join(items[:-1]), items[-1]] if len(items) > 2 else items)
                 return listed if op is ast.In else f'not {listed}'
             if op is ast.NotEq and isinstance(right, ast.Constant) and right.value == '':
                 return 'not empty'
@@ -198,6 +203,10 @@ def _words(node, name):
                 return ast.unparse(right)
             return f'{_OPS[op]} {ast.unparse(right)}'
     return ast.unparse(node)
+
+
+def _reads(node, name):
+    return any(_is(n, name) for n in ast.walk(node))
 
 
 def _is(node, name):

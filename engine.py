@@ -99,16 +99,16 @@ CPU_SIZED_S = 3600.0  # on a CPU, a run estimated longer than this gets the GPU-
 
 
 def forward_seconds(model, cube, device):
-    """Seconds of one cube's forward pass, the unit of cpu_estimate: eval mode, no gradients, a zero input (no random
-    number drawn, no batch-norm statistics changed: the run computes what it would without it)."""
+    """(wall, CPU) seconds of one cube's forward pass, the unit of cpu_estimate: eval mode, no gradients, a zero input
+    (no random number drawn, no batch-norm statistics changed: the run computes what it would without it)."""
     was_training = model.training
     model.eval()
     x = torch.zeros(1, 1, cube, cube, cube, device=device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         model(x)
     model.train(was_training)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def cpu_estimate(model, cube, device, phases, eval_cubes, tiny_command, log):
@@ -118,12 +118,14 @@ def cpu_estimate(model, cube, device, phases, eval_cubes, tiny_command, log):
     count about 3); eval_cubes: cubes evaluated per epoch. Returns the estimated seconds."""
     log('DEVICE=cpu: timing one cube\'s forward pass for a rough estimate of the run (with GPU-sized settings this '
         'takes a minute or more, and one training step many minutes)')
-    fwd = forward_seconds(model, cube, device)
+    fwd, cpu = forward_seconds(model, cube, device)
+    busy = (f', {cpu:.0f} s of it on this process\'s CPU: other work slows this machine' if cpu < 0.5 * fwd
+            and fwd > 1 else '')
     parts = [f'{name} step about {duration(passes * cubes * fwd)} ({cubes} cubes x {passes:g} passes)'
              for name, epochs, steps, cubes, passes in phases if epochs > 0]
     total = sum(epochs * steps * cubes * passes * fwd for _, epochs, steps, cubes, passes in phases)
     total += sum(epochs for _, epochs, *_ in phases) * eval_cubes * fwd
-    log(f'rough estimate on this CPU from one cube\'s forward pass ({fwd:.2f} s; its backward counts 2 more): '
+    log(f'rough estimate on this CPU from one cube\'s forward pass ({fwd:.2f} s{busy}; its backward counts 2 more): '
         + ', '.join(parts) + f'; the whole run about {duration(total)} with evaluation (the steps are timed as they '
         'run)')
     if total > CPU_SIZED_S:

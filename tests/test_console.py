@@ -121,6 +121,8 @@ def test_help_of_the_shown_setting_reads_the_rule_words():
     assert console.rule_words('M', "in ('off', 'ray')") == "'off' or 'ray'"
     assert console.rule_words('T', "T == () or folds(T)") == '() or fold numbers (one or more, each >= 0)'
     assert console.rule_words('N', '2 <= N <= P') == '2 <= N <= P'  # kept as written where no words fit
+    assert console.rule_words('S', "S == '' or D == ''") == "'' or any value when D == ''"
+    assert console.rule_words('M', "in ('a', 'b', 'c')") == "'a', 'b' or 'c'"
     assert console.rule_words('N', None) is None
 
 
@@ -230,7 +232,7 @@ def test_edge_leaders_names_each_edges_leading_op_its_weight_and_lead():
 
 
 def test_cpu_estimate_scales_one_forward_by_the_passes_and_names_the_tiny_command(monkeypatch):
-    monkeypatch.setattr(engine, 'forward_seconds', lambda model, cube, device: 2.0)
+    monkeypatch.setattr(engine, 'forward_seconds', lambda model, cube, device: (2.0, 1.9))
     lines = []
     total = engine.cpu_estimate(None, 32, 'cpu', [('warm-up', 23, 38, 7, 3), ('search', 27, 38, 7, 15)], 242,
                                 'python tiny.py', lines.append)
@@ -242,6 +244,10 @@ def test_cpu_estimate_scales_one_forward_by_the_passes_and_names_the_tiny_comman
     lines.clear()
     assert engine.cpu_estimate(None, 16, 'cpu', [('warm-up', 1, 2, 8, 3)], 10, 'tiny', lines.append) < 3600
     assert len(lines) == 2  # a run under an hour: no GPU-sized note
+    assert "CPU: other work" not in lines[1]
+    monkeypatch.setattr(engine, 'forward_seconds', lambda model, cube, device: (200.0, 40.0))  # a busy machine
+    engine.cpu_estimate(None, 16, 'cpu', [('warm-up', 1, 2, 8, 3)], 10, 'tiny', lines.append)
+    assert "forward pass (200.00 s, 40 s of it on this process's CPU: other work slows this machine;" in lines[-2]
 
 
 # ---------------------------------------------------------------- Ctrl-C
