@@ -124,6 +124,8 @@ def test_help_of_the_shown_setting_reads_the_rule_words():
     assert console.rule_words('S', "S == '' or D == ''") == "'' or any value when D == ''"
     assert console.rule_words('M', "in ('a', 'b', 'c')") == "'a', 'b' or 'c'"
     assert console.rule_words('N', None) is None
+    # every function a rule may call, besides len/min/max (read as counts and bounds), has its words
+    assert set(settings.RULE_FUNCTIONS) - {'len', 'min', 'max'} == set(console.RULE_FUNCTION_WORDS)
 
 
 def test_help_shows_default_as_written_comment_continuation_and_rule(helps):
