@@ -119,6 +119,8 @@ def cpu_estimate(model, cube, device, phases, eval_cubes, tiny_command, log):
     log('DEVICE=cpu: timing one cube\'s forward pass for a rough estimate of the run (with GPU-sized settings this '
         'takes a minute or more, and one training step many minutes)')
     fwd, cpu = forward_seconds(model, cube, device)
+    if fwd < 5:  # where it is cheap, a second pass: the first one includes one-time setup (oneDNN's kernels)
+        fwd, cpu = forward_seconds(model, cube, device)
     busy = (f', {cpu:.0f} s of it on this process\'s CPU: other work slows this machine' if cpu < 0.5 * fwd
             and fwd > 1 else '')
     parts = [f'{name} step about {duration(passes * cubes * fwd)} ({cubes} cubes x {passes:g} passes)'
