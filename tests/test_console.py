@@ -228,6 +228,17 @@ def test_search_logs_first_step_time_and_estimate_of_each_phase(monkeypatch, cap
     assert len({e.split()[2] for e in edges}) > 1  # W to 4 digits tells the edges apart after one epoch
 
 
+def test_cpu_estimate_leaves_the_search_unchanged(monkeypatch, cubes, tmp_path):
+    """The timed forward pass draws no random number and moves no batch-norm statistic: the same search with and
+    without it gives the same numbers."""
+    with_it = train_search.main(**SEARCH, DATA=cubes, RUNS=str(tmp_path / 'a'))
+    monkeypatch.setattr(engine, 'cpu_estimate', lambda *args: 0.0)
+    without = train_search.main(**SEARCH, DATA=cubes, RUNS=str(tmp_path / 'b'))
+    rows = [open(os.path.join(r['run'], 'metrics.csv')).read().splitlines() for r in (with_it, without)]
+    assert [x.split(',')[:-1] for x in rows[0]] == [x.split(',')[:-1] for x in rows[1]]  # all but the seconds
+    assert with_it['genotype'] == without['genotype']
+
+
 def test_edge_leaders_names_each_edges_leading_op_its_weight_and_lead():
     w = torch.tensor([[0.25, 0.2512, 0.2499], [0.1, 0.3, 0.6]])
     assert engine.edge_leaders(w, ['a', 'b', 'c']) == '0 b 0.2512 +1.2e-03 | 1 c 0.6000 +3.0e-01'
