@@ -89,12 +89,13 @@ def check_inputs(cfg):
     parallel.check_mode(cfg['PARALLEL'])  # Ray missing: one line now, not after the run folder is made
 
 
-def planned_candidates(cfg):
-    """(fewest, most) candidates the search trains: POPULATION at initialization and in each learning generation, then
-    per exploitation generation 1 to POPULATION (those the surrogate predicts to beat a neighbour, and a few from the
-    pool)."""
-    fixed = cfg['POPULATION'] * (1 + cfg['LEARNING_GENERATIONS'])
-    exploit = cfg['GENERATIONS'] - 1 - cfg['LEARNING_GENERATIONS']
+def planned_candidates(cfg, after=-1):
+    """(fewest, most) candidates the search trains after generation `after` (-1: all of them): POPULATION at
+    initialization (generation 0) and in each learning generation, then per exploitation generation 1 to POPULATION
+    (those the surrogate predicts to beat a neighbour, and a few from the pool)."""
+    learning = max(0, cfg['LEARNING_GENERATIONS'] - max(after, 0)) + (after < 0)  # initialization counted as one
+    exploit = cfg['GENERATIONS'] - 1 - max(after, cfg['LEARNING_GENERATIONS'])
+    fixed = cfg['POPULATION'] * learning
     return fixed + exploit, fixed + exploit * cfg['POPULATION']
 
 
@@ -262,10 +263,11 @@ class Search:
         members = sm.front(self.F())
         worst = 1.0 + self.cfg['ALPHA'] + self.cfg['BETA']
         hv = sm.hypervolume(self.F(members), (worst, np.log(1e8)))
-        fewest, most = planned_candidates(self.cfg)
-        self.run.log(f'generation {g:2d} of {self.cfg["GENERATIONS"] - 1}: {len(children)} trained, '
-                     f'{len(self.archive)} in all ({100 * len(self.archive) / most:.0f}% to '
-                     f'{100 * len(self.archive) / fewest:.0f}% of {fewest} to {most}); front of '
+        n, (fewest, most) = len(self.archive), planned_candidates(self.cfg, g)
+        done = f'{100 * n / (n + most):.0f}%' + (f' to {100 * n / (n + fewest):.0f}%' if fewest != most else '')
+        self.run.log(f'generation {g:2d} of {self.cfg["GENERATIONS"] - 1}: {len(children)} trained, {n} in all '
+                     f'({done} of the {n + fewest}' + (f' to {n + most}' if fewest != most else '')
+                     + ' candidates); front of '
                      f'{len(members)} (f1, M params): '
                      + ' '.join(f'#{i} ({self.archive[i]["f1"]:.3f}, {self.archive[i]["params"] / 1e6:.3f})'
                                 for i in members)

@@ -520,7 +520,9 @@ def test_log_says_how_many_candidates_how_long_and_how_far(tiny_run):
     first = next(x for x in log if x.startswith('  the first candidate took '))
     assert ': 9 to 12 candidates take roughly ' in first
     done = next(x for x in log if x.startswith('generation  1 of 2: 4 trained, 8 in all '))
-    assert '8 in all (67% to 89% of 9 to 12)' in done  # 8/12, 8/9
+    assert '8 in all (67% to 89% of the 9 to 12 candidates)' in done  # 8/12, 8/9
+    last = next(x for x in log if x.startswith('generation  2 of 2: '))
+    assert f'{out["evaluated"]} in all (100% of the {out["evaluated"]} candidates)' in last
     rows = read_rows(os.path.join(out['run'], 'evaluations.csv'), drop=())
     line = next(x for x in log if x.startswith('  candidate 0 '))
     assert f', search-val acc {100 * float(rows[0]["m_val"]):.1f}%, ' in line  # percent, as every other log
