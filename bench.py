@@ -1,23 +1,25 @@
-"""Speed benchmarks on a CUDA GPU: the fast path (Triton depthwise kernels) against torch's native kernels.
+"""Benchmarks: operations per training step (on a CPU too), step times and kernels (a CUDA GPU), hypergradient errors.
 
 python bench.py [config.py] [--NAME=value ...]
 This entry point holds the settings and dispatches; each benchmark lives in its own module (benchmarks/kernels.py,
-benchmarks/step_times.py, benchmarks/methods.py).
-Section 1: the depthwise 3D convolution kernels at the shapes the search and retrain networks use, and the
+benchmarks/step_times.py, benchmarks/methods.py, benchmarks/hypergrad.py, benchmarks/gpu.py). BENCH picks them:
+'kernels' (CUDA): the depthwise 3D convolution kernels at the shapes the search and retrain networks use, and the
 host time per launch (Triton launcher vs torch conv3d).
-Section 2: whole training steps (search 2nd / 1st / zeroth order, retrain of the paper genotype; 2nd-order search
-and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step,
-samples/s and peak memory, each with the fast path and with torch's kernels (same code, switch off).
-Section 3: operations per step (what the host issues; the search step appeared host-bound on an H100).
-BENCH='hypergrad' (separately, benchmarks/hypergrad.py): each hypergradient estimator's error against the exact one,
-and its time and peak memory per architecture update; CPU-sized by default.
-BENCH='methods' (separately, benchmarks/methods.py): 2nd / 1st / zeroth-order and evolutionary searches on the demo set
-within GPU_BUDGET_S (epochs and candidates sized from measured steps), each genotype retrained the same way and tested
-on the same folds, beside the paper genotype, random genotypes of the same cell space and the gradient-boosting
-baseline: search time, retrain time, parameters, test AUC and accuracy per fold, in a JSON written as it goes.
-BENCH='gpu' (separately, benchmarks/gpu.py): one command for a short GPU session that measures every target of the speed
-issue within GPU_BUDGET_S and writes a results JSON as it goes (docs/gpu.md, BENCHMARKS.md "To be run").
-The steps and the counts also run on a CPU (BENCH='steps', 'ops' or 'gpu', small settings); the kernels need CUDA.
+'steps': whole training steps (search 2nd / 1st / zeroth order, retrain of the paper genotype; 2nd-order search
+and retrain also with cells recomputed in backward, CHECKPOINT_CELLS of the scripts), ms/step, samples/s and peak
+memory, each with the fast path (Triton depthwise kernels on CUDA) and with torch's kernels.
+'ops': operations per step (what the host issues; the search step appeared host-bound on an H100).
+'all' (the default): these three; 'steps' and 'ops' also run on a CPU with small settings.
+'hypergrad': each hypergradient estimator's error against the exact one, and its time and peak memory per
+architecture update; CPU-sized by default.
+'methods': 2nd / 1st / zeroth-order and evolutionary searches on the demo set within GPU_BUDGET_S (epochs and
+candidates sized from measured steps), each genotype retrained the same way and tested on the same folds, beside
+the paper genotype, random genotypes of the same cell space and the gradient-boosting baseline: search time,
+retrain time, parameters, test AUC and accuracy per fold, in a JSON written as it goes.
+'gpu': one command for a short GPU session that measures every target of the speed issue within GPU_BUDGET_S and
+writes a results JSON as it goes (docs/gpu.md, BENCHMARKS.md "To be run").
+A CPU run that finishes in minutes: python bench.py --DEVICE=cpu --BENCH=ops --SEARCH_C=4 --SEARCH_LAYERS=3
+--RETRAIN_C=4 --RETRAIN_LAYERS=3 --CUBE=16
 """
 import console  # first: --help answers from the source, before the heavy imports below
 
@@ -49,6 +51,7 @@ RETRAIN_C = 36  # retrain channels (paper: 36)
 RETRAIN_LAYERS = 20  # retrain cells (paper: 20)
 CUBE = 32  # input edge
 AMP = False  # bf16 autocast in the step benchmarks
+
 # BENCH='methods' (not in 'all'; benchmarks/methods.py): the searches (2nd / 1st / zeroth order, evolutionary), the
 # paper genotype, random genotypes and gradient boosting on the same test folds, all within GPU_BUDGET_S: one step of
 # each kind is measured first, then the epochs and candidates are sized to fit (benchmarks/sizing.py); the first use
@@ -76,6 +79,7 @@ METHODS_FIRST_USE_S = 120.0  # cap of the first use of all kinds of step togethe
 METHODS_CUDA_GRAPHS = 'default'  # 'default': each script's CUDA_GRAPHS (on CUDA only), 'on' or 'off'
 METHODS_RUNS = 'runs'  # folder of the run folders of the searches, retrains and the baseline
 METHODS_OUT = ''  # results JSON; '' = <METHODS_RUNS>/bench_methods-<time>.json (also written to $OUT/ when OUT is set)
+
 # BENCH='hypergrad' (not in 'all'): each hypergradient estimator's error against the exact hypergradient (float64),
 # median over seeds x batches, and the time and peak memory of one architecture update (float32, DEVICE).
 HG_PRIMITIVES = 'mrfc'  # candidate ops of the supernet ('mrfc': the paper's 9)
@@ -96,6 +100,7 @@ HG_TIME_STEPS = 3  # timed architecture updates per estimator (median)
 HG_CHECKPOINT_CELLS = False  # timing: recompute cells in backward (the search's CHECKPOINT_CELLS); AMP as above
 HG_FAST_KERNELS = False  # timing: Triton depthwise kernels on CUDA (the search's FAST_KERNELS default: off)
 MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estimated for it
+
 # BENCH='gpu' (benchmarks/gpu.py, not in 'all'): every target of the speed issue in one run for a short GPU session
 GPU_BUDGET_S = 380.0  # wall-clock budget of the steps' parts, s (parts past it are skipped with a note); with the
 # first use's cap (+10 s) and the start-up, the whole run takes under 8 minutes

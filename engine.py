@@ -95,6 +95,47 @@ def step_time_logger(log, what, epochs):
     return on_step_time
 
 
+CPU_SIZED_S = 3600.0  # on a CPU, a run estimated longer than this gets the GPU-sized notice and the tiny command
+
+
+def forward_seconds(model, cube, device):
+    """(wall, CPU) seconds of one cube's forward pass, the unit of cpu_estimate: eval mode, no gradients, a zero input
+    (no random number drawn, no batch-norm statistics changed: the run computes what it would without it)."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 1, cube, cube, cube, device=device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def cpu_estimate(model, cube, device, phases, eval_cubes, tiny_command, log):
+    """Before the first step on a CPU: a rough estimate of the run from one cube's timed forward pass, and for a run
+    longer than CPU_SIZED_S the note that its settings are sized for a GPU, with a command that finishes in minutes.
+    phases: (name, epochs, steps, cubes per step, forward passes per cube in a step; a forward and its backward
+    count about 3); eval_cubes: cubes evaluated per epoch. Returns the estimated seconds."""
+    log('DEVICE=cpu: timing one cube\'s forward pass for a rough estimate of the run (with GPU-sized settings this '
+        'takes a minute or more, and one training step many minutes)')
+    fwd, cpu = forward_seconds(model, cube, device)
+    if fwd < 5:  # where it is cheap, a second pass: the first one includes one-time setup (oneDNN's kernels)
+        fwd, cpu = forward_seconds(model, cube, device)
+    busy = (f', {cpu:.0f} s of it on this process\'s CPU: other work slows this machine' if cpu < 0.5 * fwd
+            and fwd > 1 else '')
+    parts = [f'{name} step about {duration(passes * cubes * fwd)} ({cubes} cubes x {passes:g} passes)'
+             for name, epochs, steps, cubes, passes in phases if epochs > 0]
+    total = sum(epochs * steps * cubes * passes * fwd for _, epochs, steps, cubes, passes in phases)
+    total += sum(epochs for _, epochs, *_ in phases) * eval_cubes * fwd
+    log(f'rough estimate on this CPU from one cube\'s forward pass ({fwd:.2f} s{busy}; its backward counts 2 more): '
+        + ', '.join(parts) + f'; the whole run about {duration(total)} with evaluation (the steps are timed as they '
+        'run)')
+    if total > CPU_SIZED_S:
+        log(f'these settings are sized for a GPU: on a CPU they take about {duration(total)}; a run that finishes '
+            f'in minutes on a CPU (a tiny network on one fold; its numbers mean nothing):\n  {tiny_command}')
+    return total
+
+
 def stop_if_non_finite(losses, first, desc, run_path, checkpoint):
     """Read the losses (0-dim tensors) of steps first, first + 1, ... in one host sync; at the first NaN/inf one, stop
     as check_finite does, naming that step."""
@@ -174,3 +215,15 @@ def class_balance(labels):
     """'n (benign/malignant)' for logs."""
     labels = np.asarray(labels)
     return f'{len(labels)} ({int((labels == 0).sum())}/{int((labels == 1).sum())})'
+
+
+def edge_leaders(w, primitives):
+    """One log line's worth per cell: for each edge (rows of W = op weight x edge weight, as the genotype reads them)
+    its leading op, its W and its lead over the next op, with the digits that tell edges apart early in a search
+    (every W within 0.001 of 0.25): '0 sep_conv_3x3x3 0.2513 +1.2e-03'."""
+    top = torch.topk(torch.as_tensor(w, dtype=torch.float64), min(2, w.shape[1]), dim=1)
+    rows = []
+    for e, (values, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        lead = values[0] - values[1] if len(values) > 1 else float('nan')
+        rows.append(f'{e} {primitives[index[0]]} {values[0]:.4f} +{lead:.1e}')
+    return ' | '.join(rows)

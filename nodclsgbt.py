@@ -159,11 +159,14 @@ def main(**overrides):
     run.log(f'{len(y)} nodules ({int(y.sum())} malignant) in folds {sorted(set(fold.tolist()))}; '
             f'{x.shape[1]} features per cube')
     rows, preds = [], []
-    for f in cfg['TEST_FOLDS']:
+    for k, f in enumerate(cfg['TEST_FOLDS']):
         t0 = time.time()
         test = fold == f
         if len(set(y[~test].tolist())) < 2:
             raise utils.UserError(f'cube set {cfg["CUBE_SET"]}: the training folds of test fold {f} lack a class')
+        run.log(f'fold {f} ({k + 1} of {len(cfg["TEST_FOLDS"])}): fitting {cfg["MAX_ITER"]} trees on '
+                f'{int((~test).sum())} cubes' + (f', about {rows[0]["seconds"]:.0f} s as the first fold' if rows else
+                                                 ' (minutes on a CPU with the default settings)'))
         prob = fit_predict(x[~test], y[~test], x[test], cfg)
         row = {'fold': f, **utils.binary_metrics(y[test], prob), 'n_test': int(test.sum()),
                'seconds': round(time.time() - t0, 2)}

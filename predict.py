@@ -264,9 +264,9 @@ def main(**overrides):
     probs = result[[f'prob_fold{f}' for f in models]]
     result['prob_mean'], result['prob_std'] = probs.mean(axis=1), probs.std(axis=1, ddof=0)
     own = not cfg['SCAN'] and os.path.abspath(root) == os.path.abspath(run_cfg['DATA'])
-    if own and 'fold' in result.columns:  # the model of a nodule's own fold never trained on it
-        result['prob_heldout'] = [row[f'prob_fold{int(row["fold"])}'] if int(row['fold']) in models else np.nan
-                                  for _, row in result.iterrows()]
+    if own and 'fold' in result.columns:  # the model of a nodule's own fold never trained on it (float32 as the rest)
+        result['prob_heldout'] = np.array([row[f'prob_fold{int(row["fold"])}'] if int(row['fold']) in models
+                                           else np.nan for _, row in result.iterrows()], dtype=np.float32)
     out = output_folder(cfg)
     try:
         return write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, own, geometries)
@@ -300,6 +300,7 @@ def write_outputs(out, cfg, result, table, cubes, models, cells, notes, root, ow
         result.to_csv(tmp, index=False)
     out.log(f'{len(result)} nodules of {root}, fold models {list(models)}: written {out.file("predictions.csv")} '
             '(prob_mean: mean of the fold models; prob_std: their spread, a simple uncertainty)')
+    out.log(utils.prediction_table(result))
     if own:
         out.log('note: this is the run\'s own cube set: prob_fold<f> is a held-out prediction only for the nodules '
                 'of fold f (prob_heldout); the other fold models may have trained on them')

@@ -26,8 +26,9 @@ class Run:
             stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')
             path = os.path.join(root, f'{script}-{stamp}' + (f'-{tag}' if tag else ''))
         self.path = path
+        new = not os.path.isdir(path)
         os.makedirs(path, exist_ok=True)
-        settings.note_run_folder(path)  # named by the resume command when the run is interrupted
+        settings.note_run_folder(path, new)  # named by the resume command (or removed) when the run is interrupted
         self.quiet = False
         self.previous = self._previous_config()  # settings of a continued run before this start; None: a new run
         save_json_atomic(self.file('config.json'), cfg, default=str)  # a kill mid-write keeps the previous one

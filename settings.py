@@ -22,6 +22,7 @@ import json
 import operator
 import os
 import shlex
+import shutil
 import sys
 
 import console
@@ -287,12 +288,27 @@ def settings_of(module_globals):
 
 
 RESUME_HINT = 'the last checkpoint is kept'
-_RUN_FOLDER = []  # the run folder this process opened (runfolder.Run notes it), named when a run is interrupted
+_RUN_FOLDER = []  # [path, new]: the run folder this process opened (runfolder.Run notes it) and whether it made it
+STARTED_FILES = ('config.json', 'log.txt')  # what a run folder holds before its first checkpoint or result
 
 
-def note_run_folder(path):
-    """Called by runfolder.Run: the folder an interrupted run names in its resume command."""
-    _RUN_FOLDER[:] = [path]
+def note_run_folder(path, new=False):
+    """Called by runfolder.Run: the folder an interrupted run names in its resume command; new: this process made it
+    (a run interrupted before its first checkpoint removes it)."""
+    _RUN_FOLDER[:] = [path, new]
+
+
+def discard_unstarted(path):
+    """Remove a run folder this process made when it holds nothing but STARTED_FILES (the run was interrupted before
+    anything worth keeping was written); returns whether it did. Anything else in it keeps the folder."""
+    try:
+        for folder, _, files in os.walk(path):
+            if folder != path and files or folder == path and set(files) - set(STARTED_FILES):
+                return False
+        shutil.rmtree(path)
+    except OSError:
+        return False
+    return True
 
 
 def run_cli(main, defaults, on_interrupt=RESUME_HINT, kept=None):
@@ -336,10 +352,14 @@ def interrupt_message(script, on_interrupt, kept, overrides):
         return f'interrupted: {on_interrupt}'
     if not _RUN_FOLDER:
         return 'interrupted before the run folder was made: nothing to resume; rerun the same command to start again'
-    path = _RUN_FOLDER[0]
+    path, new = _RUN_FOLDER
     if not any(glob.glob(os.path.join(glob.escape(path), pattern)) for pattern in kept):
-        return (f'interrupted before the first checkpoint: nothing to resume in {path}; rerun the same command to '
-                'start again')
+        if new and discard_unstarted(path):
+            return (f'interrupted before the first checkpoint: nothing to resume; removed its new run folder {path} '
+                    f'(it held only {" and ".join(STARTED_FILES)}); rerun the same command to start again')
+        why = f'it holds more than {" and ".join(STARTED_FILES)}' if new else 'the folder given by RESUME'
+        return (f'interrupted before the first checkpoint: nothing to resume in {path} (kept: {why}); rerun the same '
+                'command to start again')
     args = [f'--RESUME={path}'] + [f'--{k}={v if isinstance(v, str) else repr(v)}' for k, v in overrides.items()
                                    if k in RESUMABLE_CHANGES and k != 'RESUME']  # this machine's, not in config.json
     shown = sys.argv[0] if os.path.basename(sys.argv[0]) == os.path.basename(script) else os.path.relpath(script)
@@ -447,5 +467,6 @@ def resumed_settings(run_path, overrides, defaults):
 
 
 def default_device():
+    """'cuda' when torch sees a GPU, else 'cpu'."""
     import torch
     return 'cuda' if torch.cuda.is_available() else 'cpu'

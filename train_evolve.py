@@ -16,6 +16,7 @@ import shutil
 import numpy as np
 
 import data
+import engine
 import operations
 import parallel
 import runfolder
@@ -45,7 +46,8 @@ FILTERS = (8, 16, 32)  # initial channels C (EMONAS: 8, 16, 32)
 CELLS = (5, 7, 9)  # numbers of cells (EMONAS: 5, 7, 9)
 REDUCE_SHIFT = False  # FactorizedReduce's 2nd 1x1x1 stride-2 conv reads x one voxel on (DARTS); False: both read the
 # same voxels (the published NAS-HBO code)
-LRS = tuple(round(m * 10.0 ** e, 6) for e in (-3, -2) for m in range(1, 10)) + (0.1,)  # EMONAS' 19 Adam rates x100, SGD
+LRS = (0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07,
+       0.08, 0.09, 0.1)  # EMONAS' 19 Adam rates x100, SGD
 POPULATION = 10  # subproblems = population (EMONAS: 10)
 GENERATIONS = 40  # generations, 0 = initialization (EMONAS: 40)
 LEARNING_GENERATIONS = 10  # generations 1..this are the learning phase, the rest exploitation (EMONAS: 10)
@@ -93,6 +95,16 @@ def check_inputs(cfg):
             raise utils.UserError(f"METRIC='auc': {name} ({len(idx)} nodules) holds one class only; its AUC is "
                                   "undefined: use more SEARCH_FOLDS, another VAL_FRACTION or METRIC='acc'")
     parallel.check_mode(cfg['PARALLEL'])  # Ray missing: one line now, not after the run folder is made
+
+
+def planned_candidates(cfg, after=-1):
+    """(fewest, most) candidates the search trains after generation `after` (-1: all of them): POPULATION at
+    initialization (generation 0) and in each learning generation, then per exploitation generation 1 to POPULATION
+    (those the surrogate predicts to beat a neighbour, and a few from the pool)."""
+    learning = max(0, cfg['LEARNING_GENERATIONS'] - max(after, 0)) + (after < 0)  # initialization counted as one
+    exploit = cfg['GENERATIONS'] - 1 - max(after, cfg['LEARNING_GENERATIONS'])
+    fixed = cfg['POPULATION'] * learning
+    return fixed + exploit, fixed + exploit * cfg['POPULATION']
 
 
 def refuse_older_run(run_path):
@@ -164,6 +176,11 @@ class Search:
         self.archive.append(row)
         self.out.evaluated(self.archive)
         tboard.evolve_candidate(self.board, row)
+        if len(self.archive) == 1:
+            fewest, most = planned_candidates(self.cfg)
+            self.run.log(f'  the first candidate took {result["seconds"]:.0f} s: {fewest} to {most} candidates take '
+                         f'roughly {engine.duration(fewest * result["seconds"])} to '
+                         f'{engine.duration(most * result["seconds"])} one after the other (sizes vary by genome)')
 
     def neighbours(self, sub):
         """(subproblem indices, normalized points of their current members) of the neighbourhood of `sub`."""
@@ -256,7 +273,11 @@ class Search:
         members = sm.front(self.F())
         worst = 1.0 + self.cfg['ALPHA'] + self.cfg['BETA']
         hv = sm.hypervolume(self.F(members), (worst, np.log(1e8)))
-        self.run.log(f'generation {g:2d}: {len(children)} trained, {len(self.archive)} in all; front of '
+        n, (fewest, most) = len(self.archive), planned_candidates(self.cfg, g)
+        done = f'{100 * n / (n + most):.0f}%' + (f' to {100 * n / (n + fewest):.0f}%' if fewest != most else '')
+        self.run.log(f'generation {g:2d} of {self.cfg["GENERATIONS"] - 1}: {len(children)} trained, {n} in all '
+                     f'({done} of the {n + fewest}' + (f' to {n + most}' if fewest != most else '')
+                     + ' candidates); front of '
                      f'{len(members)} (f1, M params): '
                      + ' '.join(f'#{i} ({self.archive[i]["f1"]:.3f}, {self.archive[i]["params"] / 1e6:.3f})'
                                 for i in members)
@@ -284,6 +305,11 @@ def main(**overrides):
         shutil.rmtree(run.file('front'), ignore_errors=True)
         done = [n for n in os.listdir(run.file('candidates')) if RESULT_NAME.fullmatch(n)]
         run.log(f'resuming: replaying the search, {len(done)} candidates are done')
+    fewest, most = planned_candidates(cfg)
+    run.log(f'{fewest} to {most} candidates: {cfg["POPULATION"]} at initialization and in each of '
+            f'{cfg["LEARNING_GENERATIONS"]} learning generations, then 1 to {cfg["POPULATION"]} in each of '
+            f'{cfg["GENERATIONS"] - 1 - cfg["LEARNING_GENERATIONS"]} exploitation generations (the surrogate decides); '
+            f'each trains up to {cfg["EPOCHS"]} epochs (the time is estimated after the first)')
     search = Search(cfg, run, Outputs(run, cfg))
     search.initialize()
     hv = search.end_generation(0, [])  # the initial population is nobody's offspring: no subproblem is credited

@@ -6,6 +6,7 @@ import console  # first: --help answers from the source, before the heavy import
 
 console.help_if_asked(__file__, __name__)
 
+import math
 import os
 import time
 
@@ -194,6 +195,20 @@ def early_stop(cfg, epoch, best):
                 and epoch - best['epoch'] >= cfg['PATIENCE'])
 
 
+def cpu_estimate(cfg, model, n_train, n_val, start, log):
+    """engine.cpu_estimate of the epochs left: a weight step is a forward and backward per cube (3 passes), an
+    architecture update adds passes over a training and a validation batch (second order: the virtual step, the
+    validation pass and the two finite-difference passes; zeroth order: its twin weights' step)."""
+    steps, batch = math.ceil(n_train / cfg['BATCH_SIZE']), cfg['BATCH_SIZE']
+    warm = max(0, min(cfg['WARMUP_EPOCHS'], cfg['EPOCHS']) - start)
+    arch = {'second': 12, 'first': 3, 'zeroth': 3}.get(cfg['HYPERGRAD'], 3)
+    tiny = ('python train_search.py --DEVICE=cpu --SEARCH_FOLDS="(0,)" --C=4 --LAYERS=3 --CUBE=16 --EPOCHS=2 '
+            '--WARMUP_EPOCHS=1 --BATCH_SIZE=8')
+    return engine.cpu_estimate(model, cfg['CUBE'], 'cpu', [('warm-up', warm, steps, batch, 3),
+                                                           ('search', cfg['EPOCHS'] - start - warm, steps, batch,
+                                                            3 + arch)], n_val, tiny, log)
+
+
 def log_weights(run, epoch, model):
     """Per-epoch op weights (and edge weights) of every edge, one CSV row per edge x op."""
     for cell in ('normal', 'reduce'):
@@ -244,6 +259,8 @@ def main(**overrides):
                 f'{cfg["PATIENCE"]} epochs')
     run.log(f'supernet: {sum(p.numel() for p in model.weight_parameters()) / 1e6:.3f} M weights, '
             f'candidate ops {model.primitives}')
+    if cfg['DEVICE'] == 'cpu' and start < cfg['EPOCHS'] and not stopped:
+        cpu_estimate(cfg, model, len(train), len(val), start, run.log)
     train_step = graphs.search_steps(model, w_opt, updater, cfg['GRAD_CLIP'], cfg['CUDA_GRAPHS'], log=run.log)
     board = tboard.search_board(run.path, cfg['TENSORBOARD'], model, a_opt, start)
     epoch = start - 1
@@ -262,10 +279,9 @@ def main(**overrides):
                 f'{time.time() - t0:6.1f} s')
         run.log(f'  genotype {geno}')
         w = model.edge_op_weights()
-        run.log('  edge weights normal ' + ' '.join(f'{v:.2f}' for v in model.edge_weights(model.betas_normal))
-                + ' | reduce ' + ' '.join(f'{v:.2f}' for v in model.edge_weights(model.betas_reduce)))
-        run.log('  max W per edge normal ' + ' '.join(f'{v:.2f}' for v in w['normal'].max(1).values)
-                + ' | reduce ' + ' '.join(f'{v:.2f}' for v in w['reduce'].max(1).values))
+        for cell in ('normal', 'reduce'):  # W = op weight x edge weight, whose order decides the genotype
+            run.log(f'  {cell} cell, per edge: leading op, its W, its lead over the next: '
+                    + engine.edge_leaders(w[cell], model.primitives))
         row = {'epoch': epoch, 'lr': lr, 'train_loss': tr_loss, 'train_acc': tr_acc, 'train_auc': tr_auc,
                'val_loss': ev['loss'], 'val_acc': ev['acc'], 'val_auc': ev['auc'], 'seconds': time.time() - t0}
         run.metrics_row(row)

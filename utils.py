@@ -99,16 +99,38 @@ METRIC_NAMES = ('acc', 'sens', 'spec', 'f1', 'auc')
 
 
 def results_table(rows, keys=METRIC_NAMES, extra=()):
-    """Per-fold rows ({'fold': f, metric: value}) and a mean +/- std line, as text."""
+    """Per-fold rows ({'fold': f, metric: value}) and, for two folds or more, a mean +/- std line, as text."""
     cols = list(keys) + list(extra)
     lines = ['fold  ' + ''.join(f'{k:>14}' for k in cols)]
     for r in rows:
         lines.append(f'{r["fold"]!s:<6}' + ''.join(f'{r[k]:>14d}' if isinstance(r[k], int) else f'{r[k]:>14.2f}'
                                                    for k in cols))
-    if rows:
+    if len(rows) > 1:  # one fold: its row is the table (a mean of one, a spread of 0, would say nothing)
         stats = []
         for k in cols:
             v = np.array([r[k] for r in rows], dtype=float)
             stats.append(f'{np.nanmean(v):>7.2f} ± {np.nanstd(v):<4.2f}')
         lines.append('mean  ' + ''.join(f'{s:>14}' for s in stats))
     return '\n'.join(lines)
+
+
+def prediction_table(result, limit=20):
+    """The console's view of predictions.csv (a DataFrame with nodule_id, prob_mean, prob_std and optionally label
+    and prob_heldout): a row per nodule, its mean P(malignant) over the fold models, their spread, the predicted class
+    (P >= 0.5); the first `limit` rows, then how many more the file holds."""
+    cols = [c for c in ('label', 'prob_heldout') if c in result.columns]
+    width = max(12, *(len(str(n)) for n in result['nodule_id'][:limit]))
+    lines = [f'{"nodule":<{width}}  P(malignant)  spread  predicted' + ''.join(f'  {c:>12}' for c in cols)]
+    for _, r in result.head(limit).iterrows():
+        lines.append(f'{r["nodule_id"]!s:<{width}}  {r["prob_mean"]:>12.4f}  {r["prob_std"]:>6.4f}  '
+                     f'{"malignant" if r["prob_mean"] >= 0.5 else "benign":<9}'
+                     + ''.join(f'  {_table_cell(r[c]):>12}' for c in cols))
+    if len(result) > limit:
+        lines.append(f'... {len(result) - limit} more in predictions.csv')
+    return '\n'.join(lines)
+
+
+def _table_cell(value):
+    if isinstance(value, (float, np.floating)):
+        return '' if value != value else f'{value:.4f}'
+    return str(value)

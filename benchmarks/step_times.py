@@ -1,6 +1,11 @@
 """Benchmarks of whole training steps (search second / first / zeroth order, retrain of the paper genotype):
 ms/step, peak memory, the largest batch that fits, and operations per step. Run through bench.py --BENCH=steps/ops;
 they also run on a CPU with small settings."""
+import contextlib
+import os
+import re
+import sys
+import tempfile
 import time
 
 import torch
@@ -108,6 +113,30 @@ def step_cases(cfg):
             ('retrain, cells recomputed', cfg['RETRAIN_BATCH'], lambda b: retrain_step(b, cfg, True))]
 
 
+PROFILER_NOISE = re.compile(r'USDT:.*(profiler_start|profiler_stop)|ActivityProfiler|^STAGE:')
+
+
+@contextlib.contextmanager
+def quiet_stderr(noise=PROFILER_NOISE):
+    """The process's stderr (file descriptor 2, where the profiler's C++ library writes its start and stop lines)
+    goes to a temporary file while the block runs; its lines that do not match `noise` are written back after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode='w+') as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp if not noise.search(line)]
+            if kept:
+                sys.stderr.write(''.join(kept))
+                sys.stderr.flush()
+
+
 def count_ops(cfg):
     """{step: top-level operations per step} (aten ops and autograd nodes as torch.profiler lists them, after
     one untimed step): the host-side work a step issues, the same for any batch and cube size. Recomputed cells
@@ -118,7 +147,7 @@ def count_ops(cfg):
         torch.manual_seed(0)
         step = make(batch)
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
         counts[name] = sum(1 for e in prof.events() if e.cpu_parent is None)
         print(f'  {name}: {counts[name]} top-level ops per step', flush=True)

@@ -50,8 +50,8 @@ class Outputs:
         sub = f', subproblem {r["subproblem"]}' if r['subproblem'] != '' else ''
         self.run.log(f'  candidate {r["index"]} (gen {r["generation"]} {r["phase"]}{sub}): '
                      f'C={r["C"]} cells={r["cells"]} lr={r["lr"]:g} {r["params"] / 1e6:.3f} M params, f1 '
-                     f'{r["f1"]:.4f}{" (diverged)" if r["diverged"] else ""}, val {self.cfg["METRIC"]} '
-                     f'{r["m_val"]:.3f}, {r["epochs"]} epochs, {r["seconds"]:.1f} s{tail}')
+                     f'{r["f1"]:.4f}{" (diverged)" if r["diverged"] else ""}, search-val {self.cfg["METRIC"]} '
+                     f'{100 * r["m_val"]:.1f}%, {r["epochs"]} epochs, {r["seconds"]:.1f} s{tail}')
         one_class = constant_prediction(r)
         if one_class:
             self.run.log(f'  candidate {r["index"]} predicts one class only: every search-val nodule {one_class} '

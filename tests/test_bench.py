@@ -39,8 +39,11 @@ def test_kernel_benchmarks_need_cuda_and_bad_settings_are_rejected():
         bench.main(BENCH='gpu', DEVICE='cpu', GPU_CASES=('retrain fp64',))
 
 
-def test_operation_counts_on_cpu():
+def test_operation_counts_on_cpu(capfd):
     counts = bench.main(BENCH='ops', **TINY)['ops']
+    out, err = capfd.readouterr()  # the process's descriptors: the profiler's C++ start/stop lines are not shown
+    assert 'profiler_start' not in err and 'profiler_stop' not in err and 'USDT' not in out + err
+    assert len([line for line in out.splitlines() if 'top-level ops per step' in line]) == len(counts)
     assert set(counts) == {name for name, _, _ in step_times.step_cases(bench.DEFAULTS)}
     # second order: a virtual step, a validation pass at w', two HVP passes, then the weight step
     assert counts['search 2nd order'] > 2 * counts['search 1st order'] > 0
@@ -211,3 +214,10 @@ def test_top_kernels_sums_gpu_time_by_kernel_name():
               event('copy', 0.5)]
     prof = NS(profiler=NS(kineto_results=NS(events=lambda: events)))
     assert gpu.top_kernels(prof, n=2) == [['dw_fwd', 5.0], ['bn', 1.0]]
+
+
+def test_quiet_stderr_drops_only_the_profilers_lines(capfd):
+    with step_times.quiet_stderr():
+        os.write(2, b'USDT:2026-12-08 00:44:22 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n')
+        os.write(2, b'a real warning\n')
+    assert capfd.readouterr().err == 'a real warning\n'

@@ -1,7 +1,9 @@
 """What a user sees on the console: --help of every script (fast, before torch), the first step's time and the run's
 estimate, and Ctrl-C (between steps, during a long C call, with the exact resume command or 'nothing to resume')."""
+import ast
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 from conftest import write_cube_set
 
 import console
@@ -67,13 +70,68 @@ def test_help_lists_every_setting_with_default_comment_and_rule(helps, script):
     assert sorted(lines) == sorted(f'--{k}' for k in module.DEFAULTS)  # every setting, nothing else
     for name, rule in module.RULES.items():
         if rule is not None:
-            assert rule.strip() in lines[f'--{name}'], name
+            assert lines[f'--{name}'].endswith(f'  [{console.rule_words(name, rule)}]'), name
+    for line in lines.values():  # a default is a value: a literal, or a <description> of what it depends on
+        default = line.split()[0].partition('=')[2]
+        if not default.startswith('<'):
+            ast.literal_eval(line[2:].partition('=')[2].partition('  ')[0].strip())
+
+
+def test_help_shows_values_not_source_expressions(helps):
+    def line(script, name):
+        return next(x for x in helps[script][1].splitlines() if x.startswith(f'  --{name}='))
+    assert line('train_search', 'DATA').startswith(f"  --DATA={os.path.join('data', 'demo')!r} ")  # data.DEMO_DIR
+    assert line('train_search', 'DEVICE').startswith("  --DEVICE=<'cuda' when torch sees a GPU, else 'cpu'> ")
+    assert line('predict', 'LUNG_ML').startswith('  --LUNG_ML=(100.0, 8200.0) ')  # lungmask.LUNG_ML
+    assert line('prepare', 'PROTECT_MM').startswith('  --PROTECT_MM=4.0 ')
+    assert line('nodclsgbt', 'CUBE_SET').startswith(f"  --CUBE_SET={os.path.join('data', 'luna16', 'cubes')!r} ")
+    assert line('train_evolve', 'LRS').startswith('  --LRS=(0.001, 0.002, ')
+    assert line('train_search', 'WEIGHT_DECAY').startswith('  --WEIGHT_DECAY=3e-4 ')  # a literal as written
+
+
+def test_help_shows_rules_in_words(helps):
+    text = helps['train_search'][1]
+    assert '[fold numbers (one or more, each >= 0)]' in text and 'folds(' not in text
+    assert "['cpu', 'cuda' or 'cuda:<index>' of a GPU this machine has]" in text and 'device(' not in text
+    assert "[True only with DEVICE != 'cpu']" in text
+    assert '  --EPOCHS=50 ' in text and 'search epochs  [>= 1]' in text
+    assert '--C=16 ' in text and '[>= 1, a multiple of PC_K]' in text
+    assert "  ['acc' or 'auc']" in helps['train_evolve'][1]
+    assert "['' or an existing file]" in helps['prepare'][1]  # NODULE_TABLE == '' or isfile(NODULE_TABLE)
+    assert '[one or more values, whole numbers, each >= 1]' in helps['train_evolve'][1]  # FILTERS
+    assert '[2 values, 0 <= LUNG_ML[0] < LUNG_ML[1]]' in helps['predict'][1]
+
+
+def test_bench_help_heads_sections_instead_of_attaching_them_to_the_setting_above(helps):
+    text = helps['bench'][1]
+    assert text.startswith('bench.py: Benchmarks: operations per training step (on a CPU too)')
+    lines = text.splitlines()
+    amp = lines.index(next(x for x in lines if x.startswith('  --AMP=')))
+    assert lines[amp].endswith('bf16 autocast in the step benchmarks')
+    assert lines[amp + 1] == '' and lines[amp + 2].startswith("  BENCH='methods' (not in 'all'): search with each")
+    assert lines[amp + 3].startswith('  --METHODS_EPOCHS=')
+    assert next(x for x in lines if x.startswith('  --MEMORY_GB=')).endswith('the largest batch that fits is '
+                                                                             'estimated for it  [> 0]')
+    budget = next(x for x in lines if x.startswith('  --GPU_BUDGET_S='))  # a comment's next line continues it
+    assert 'the whole run takes under 8 minutes  [> 0]' in budget
+
+
+def test_help_of_the_shown_setting_reads_the_rule_words():
+    assert console.rule_words('X', "X == '' or isdir(X)") == "'' or an existing folder"
+    assert console.rule_words('M', "in ('off', 'ray')") == "'off' or 'ray'"
+    assert console.rule_words('T', "T == () or folds(T)") == '() or fold numbers (one or more, each >= 0)'
+    assert console.rule_words('N', '2 <= N <= P') == '2 <= N <= P'  # kept as written where no words fit
+    assert console.rule_words('S', "S == '' or D == ''") == "'' or any value when D == ''"
+    assert console.rule_words('M', "in ('a', 'b', 'c')") == "'a', 'b' or 'c'"
+    assert console.rule_words('N', None) is None
+    # every function a rule may call, besides len/min/max (read as counts and bounds), has its words
+    assert set(settings.RULE_FUNCTIONS) - {'len', 'min', 'max'} == set(console.RULE_FUNCTION_WORDS)
 
 
 def test_help_shows_default_as_written_comment_continuation_and_rule(helps):
     text = helps['train_search'][1]
-    assert '  --EPOCHS=50 ' in text and 'search epochs  [EPOCHS >= 1]' in text
-    assert '--C=16 ' in text and '[C >= 1 and C % PC_K == 0]' in text
+    assert "capture each search step once as a CUDA graph and replay it (graphs.py; CUDA only; off until a GPU " \
+        "measurement decides, BENCHMARKS.md)  [True only" in text  # the continuation line, not a section head
     assert text.startswith('train_search.py: Architecture search (NAS-HBO)')
     retrain = [line for line in helps['train_3D_continuation'][1].splitlines() if line.startswith('  --GENOTYPE=')]
     assert retrain and retrain[0].endswith("which become this run's defaults unless given explicitly)")  # next line
@@ -85,7 +143,7 @@ def test_help_is_read_without_running_the_source(tmp_path):
     script.write_text('"""A tool."""\nimport settings\nX = 1 / 0  # a number\n# more about X\nY = "#"  # a hash\n'
                       'DEFAULTS = {}\nRULES = {"X": "> 0", "Y": None}\n')
     text = console.script_help(str(script))
-    assert '--X=1 / 0' in text and 'a number more about X  [X > 0]' in text
+    assert '--X=1 / 0' in text and 'a number more about X  [> 0]' in text
     assert '--Y="#"' in text and text.rstrip().endswith('a hash')
 
 
@@ -162,16 +220,76 @@ def test_search_logs_first_step_time_and_estimate_of_each_phase(monkeypatch, cap
     assert lines[3].startswith('search (architecture and weight steps): 1 epoch x 3 steps x ')
     log = open(os.path.join(tmp_path / 'runs', os.listdir(tmp_path / 'runs')[0], 'log.txt')).read()
     assert all(line in log for line in lines)
+    assert out.out.index('rough estimate on this CPU from one cube') < out.out.index(lines[0])  # before any step
+    cells = [line for line in out.out.splitlines() if ' cell, per edge: leading op' in line]
+    assert len(cells) == 4  # normal and reduce, two epochs
+    edges = cells[0].partition(': leading op, its W, its lead over the next: ')[2].split(' | ')
+    assert len(edges) == 14 and all(e.split()[1] in SEARCH['PRIMITIVES'] for e in edges)
+    assert len({e.split()[2] for e in edges}) > 1  # W to 4 digits tells the edges apart after one epoch
+
+
+def test_cpu_estimate_leaves_the_search_unchanged(monkeypatch, cubes, tmp_path):
+    """The timed forward pass draws no random number and moves no batch-norm statistic: the same search with and
+    without it gives the same numbers."""
+    with_it = train_search.main(**SEARCH, DATA=cubes, RUNS=str(tmp_path / 'a'))
+    monkeypatch.setattr(engine, 'cpu_estimate', lambda *args: 0.0)
+    without = train_search.main(**SEARCH, DATA=cubes, RUNS=str(tmp_path / 'b'))
+    rows = [open(os.path.join(r['run'], 'metrics.csv')).read().splitlines() for r in (with_it, without)]
+    assert [x.split(',')[:-1] for x in rows[0]] == [x.split(',')[:-1] for x in rows[1]]  # all but the seconds
+    assert with_it['genotype'] == without['genotype']
+
+
+def test_edge_leaders_names_each_edges_leading_op_its_weight_and_lead():
+    w = torch.tensor([[0.25, 0.2512, 0.2499], [0.1, 0.3, 0.6]])
+    assert engine.edge_leaders(w, ['a', 'b', 'c']) == '0 b 0.2512 +1.2e-03 | 1 c 0.6000 +3.0e-01'
+
+
+def test_cpu_estimate_scales_one_forward_by_the_passes_and_names_the_tiny_command(monkeypatch):
+    monkeypatch.setattr(engine, 'forward_seconds', lambda model, cube, device: (2.0, 1.9))
+    lines = []
+    total = engine.cpu_estimate(None, 32, 'cpu', [('warm-up', 23, 38, 7, 3), ('search', 27, 38, 7, 15)], 242,
+                                'python tiny.py', lines.append)
+    assert total == 2.0 * (23 * 38 * 7 * 3 + 27 * 38 * 7 * 15 + 50 * 242)
+    assert 'warm-up step about 42 s (7 cubes x 3 passes), search step about 4 min (7 cubes x 15 passes)' in lines[1]
+    assert lines[2].endswith('a run that finishes in minutes on a CPU (a tiny network on one fold; its numbers mean '
+                             'nothing):\n  python tiny.py')
+    assert len(lines) == 2 + (total > engine.CPU_SIZED_S)
+    lines.clear()
+    assert engine.cpu_estimate(None, 16, 'cpu', [('warm-up', 1, 2, 8, 3)], 10, 'tiny', lines.append) < 3600
+    assert len(lines) == 2  # a run under an hour: no GPU-sized note
+    assert "CPU: other work" not in lines[1]
+    monkeypatch.setattr(engine, 'forward_seconds', lambda model, cube, device: (200.0, 40.0))  # a busy machine
+    engine.cpu_estimate(None, 16, 'cpu', [('warm-up', 1, 2, 8, 3)], 10, 'tiny', lines.append)
+    assert "forward pass (200.00 s, 40 s of it on this process's CPU: other work slows this machine;" in lines[-2]
 
 
 # ---------------------------------------------------------------- Ctrl-C
 
 def test_interrupt_before_the_first_checkpoint_says_nothing_to_resume(monkeypatch, capsys, cubes, tmp_path):
+    """The new run folder holds only config.json and log.txt: it is removed, and the message says so."""
     code, out = run_cli_search(monkeypatch, capsys, cubes, tmp_path / 'runs', interrupt_at=0)
     assert code == 130
-    (folder,) = os.listdir(tmp_path / 'runs')
-    assert out.err.strip() == (f'interrupted before the first checkpoint: nothing to resume in '
-                               f'{os.path.join(tmp_path / "runs", folder)}; rerun the same command to start again')
+    assert os.listdir(tmp_path / 'runs') == []
+    folder = re.search(r'removed its new run folder (\S+) ', out.err).group(1)
+    assert os.path.dirname(folder) == str(tmp_path / 'runs')
+    assert out.err.strip() == (f'interrupted before the first checkpoint: nothing to resume; removed its new run '
+                               f'folder {folder} (it held only config.json and log.txt); rerun the same command to '
+                               'start again')
+
+
+def test_interrupt_before_the_first_checkpoint_keeps_a_folder_with_more_or_given_by_resume(monkeypatch, tmp_path):
+    run = tmp_path / 'runs' / 'train_search-1'
+    run.mkdir(parents=True)
+    for name in ('config.json', 'log.txt', 'notes.txt'):
+        (run / name).write_text('x')
+    monkeypatch.setattr(settings, '_RUN_FOLDER', [str(run), True])
+    assert settings.interrupt_message('train_search.py', 'kept', ('last.pt',), {}) == (
+        f'interrupted before the first checkpoint: nothing to resume in {run} (kept: it holds more than config.json '
+        'and log.txt); rerun the same command to start again')
+    (run / 'notes.txt').unlink()
+    monkeypatch.setattr(settings, '_RUN_FOLDER', [str(run), False])  # a RESUME folder is never removed
+    assert 'nothing to resume in' in settings.interrupt_message('train_search.py', 'kept', ('last.pt',), {})
+    assert sorted(os.listdir(run)) == ['config.json', 'log.txt']
 
 
 def test_interrupt_prints_the_exact_resume_command_and_it_continues(monkeypatch, capsys, cubes, tmp_path):

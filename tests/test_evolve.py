@@ -457,7 +457,7 @@ def test_tiny_search_writes_all_outputs_and_a_member_retrains(tiny_run):
     front = read_rows(os.path.join(run, 'pareto.csv'), drop=())
     assert len(front) == len(out['front']) == len(os.listdir(os.path.join(run, 'front')))
     log = open(os.path.join(run, 'log.txt')).read()
-    assert 'generation  2:' in log and 'hypervolume' in log
+    assert 'generation  2 of 2:' in log and 'hypervolume' in log
     member = front[0]
     result = train_3D_continuation.main(DATA=cubes, RUNS=str(root / 'retrain'), GENOTYPE=member['genotype_file'],
                                         DEVICE='cpu', FOLD=5, TRAIN_FOLDS=(0, 1), CUBE=8, EPOCHS=1, LAYERS=2)
@@ -509,6 +509,23 @@ def test_budget_estimate_is_anchored_on_the_measured_paper_step():
     hours, step = eg.search_hours_estimate(space, 40, 20, 2, 10, 3, np.random.default_rng(0))
     per_epoch = step * (math.ceil(40 / space.batch) + 60 / space.batch / 3)
     assert hours == pytest.approx(10 * 2 * per_epoch / 3600)
+
+
+def test_log_says_how_many_candidates_how_long_and_how_far(tiny_run):
+    cubes, root, out = tiny_run
+    log = open(os.path.join(out['run'], 'log.txt')).read().splitlines()
+    # 4 at initialization and in the 1 learning generation, then 1 to 4 in the 1 exploitation generation
+    plan = [line for line in log if line.startswith('9 to 12 candidates: 4 at initialization and in each of 1 ')]
+    assert len(plan) == 1 and log.index(plan[0]) < next(i for i, x in enumerate(log) if x.startswith('  candidate 0 '))
+    first = next(x for x in log if x.startswith('  the first candidate took '))
+    assert ': 9 to 12 candidates take roughly ' in first
+    done = next(x for x in log if x.startswith('generation  1 of 2: 4 trained, 8 in all '))
+    assert '8 in all (67% to 89% of the 9 to 12 candidates)' in done  # 8/12, 8/9
+    last = next(x for x in log if x.startswith('generation  2 of 2: '))
+    assert f'{out["evaluated"]} in all (100% of the {out["evaluated"]} candidates)' in last
+    rows = read_rows(os.path.join(out['run'], 'evaluations.csv'), drop=())
+    line = next(x for x in log if x.startswith('  candidate 0 '))
+    assert f', search-val acc {100 * float(rows[0]["m_val"]):.1f}%, ' in line  # percent, as every other log
 
 
 def test_constant_predictors_are_named_in_the_log(tiny_run):

@@ -68,6 +68,12 @@ def test_gbt_on_cube_set_end_to_end(tmp_path):
         assert out['mean'][k] == pytest.approx(np.mean([r[k] for r in out['folds']]))
     assert len(read_csv(os.path.join(out['run'], 'metrics.csv'))) == 3
     assert os.path.exists(os.path.join(out['run'], 'config.json'))
+    log = open(os.path.join(out['run'], 'log.txt')).read().splitlines()
+    starts = [line for line in log if ' trees on 24 cubes' in line]  # a line before each fold's fit
+    assert [line.split(':')[0] for line in starts] == ['fold 0 (1 of 3)', 'fold 1 (2 of 3)', 'fold 2 (3 of 3)']
+    assert starts[1].endswith(f'about {out["folds"][0]["seconds"]:.0f} s as the first fold')
+    assert log.index(starts[0]) < log.index(next(x for x in log if x.startswith('fold 0: acc')))
+    assert log[-1].startswith('mean ')  # three folds: a mean and spread
 
 
 def test_missing_test_fold_is_named(tmp_path):

@@ -62,6 +62,22 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(finished, cubes):
     pd.testing.assert_frame_equal(written, pred, check_dtype=False)
     assert os.path.dirname(out['run']) == finished
     assert 'held-out prediction only for the nodules of fold f' in read_log(out['run'])
+    with open(os.path.join(out['run'], 'predictions.csv')) as f:  # every probability with float32's digits
+        cells = [dict(zip(header, line.split(','))) for header in [f.readline().strip().split(',')] for line in f]
+    digits = {c: max(len(r[c].strip().partition('.')[2]) for r in cells) for c in cells[0] if c.startswith('prob_')}
+    assert max(digits.values()) <= 9 and digits['prob_heldout'] <= digits['prob_fold8'] + 1, digits
+
+
+def test_predict_prints_a_table_of_what_it_wrote(finished, capsys):
+    out = predict.main(RUN=finished, DEVICE='cpu', NODULES=('f8s0n0', 'f9s1n0'))
+    printed = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(printed) if line.startswith('nodule '))
+    assert printed[head].split() == ['nodule', 'P(malignant)', 'spread', 'predicted', 'label', 'prob_heldout']
+    pred = out['predictions']
+    for line, (_, r) in zip(printed[head + 1:head + 3], pred.iterrows()):
+        cells = line.split()
+        assert cells[:4] == [r['nodule_id'], f'{r["prob_mean"]:.4f}', f'{r["prob_std"]:.4f}',
+                             'malignant' if r['prob_mean'] >= 0.5 else 'benign']
 
 
 def test_older_run_without_saved_normalization(finished, tmp_path):

@@ -45,6 +45,13 @@ def test_results_table_mean_and_std():
     assert len(lines) == 4
 
 
+def test_results_table_of_one_fold_has_no_mean_or_spread():
+    row = {'fold': 5, 'acc': 90.0, 'sens': 80.0, 'spec': 100.0, 'f1': 85.0, 'auc': 95.0, 'params_M': 0.03}
+    lines = utils.results_table([row], extra=('params_M',)).splitlines()
+    assert len(lines) == 2 and lines[1].split() == ['5', '90.00', '80.00', '100.00', '85.00', '95.00', '0.03']
+    assert '±' not in '\n'.join(lines)
+
+
 def test_progress_lines_without_a_terminal(capsys):
     # pytest's stderr is not a terminal: plain lines, at most one per every_s seconds, never after the last item
     assert list(utils.progress(range(4), desc='steps', every_s=0.0)) == [0, 1, 2, 3]
