@@ -6,7 +6,8 @@ clipping and optimizer steps inside one graph). For that the steps must be graph
 - no host syncs (tests/test_syncfree.py) and no Python state that differs between calls of one graph;
 - values that change between replays live in device tensors updated in place: the weight optimizer's learning
   rate (graph_ready_sgd: a 0-dim tensor, the fused SGD kernel reads it on the device; the cosine schedule fills it
-  once per epoch) and the retrain's drop-path probability (set_value);
+  once per epoch), the retrain's drop-path probability and the search's sparsemax temperature (graph_ready_values,
+  set_value): every value a run schedules (tests/test_graphs.py replays frozen captures to check it);
 - the architecture's Adam keeps its step counter on the device (capturable=True, CUDA only);
 - random draws inside a step (drop path) come from the default CUDA generator, which graphs replay with fresh
   offsets; the augmentation runs before the copy into the static buffers, outside the graph, unchanged.
@@ -75,11 +76,28 @@ def set_value(obj, name, value):
         setattr(obj, name, value)
 
 
-def graph_ready_drop_path(model):
-    """The retrain network's drop-path probability as a 0-dim tensor on the model's device (set_value updates it)."""
+SCHEDULED = ('drop_path_prob', 'tau')  # the model attributes a run changes between steps (per epoch): the retrain's
+# drop-path probability, the search's sparsemax temperature. A graphed step reads them from a 0-dim device tensor
+# (a Python number would be read once, at the capture, and baked into the graph: the schedule would silently stop)
+
+
+def graph_ready_values(model, names=SCHEDULED):
+    """Each of `names` that the model has, as a 0-dim fp32 tensor on the model's device (set_value updates it in
+    place); an attribute already such a tensor is kept (the same object: a captured graph reads its memory)."""
     device = next(model.parameters()).device
-    model.drop_path_prob = torch.tensor(float(model.drop_path_prob), device=device)
+    for name in names:
+        value = getattr(model, name, None)
+        if value is not None and not (isinstance(value, torch.Tensor) and value.device == device):
+            setattr(model, name, torch.tensor(float(value), device=device))
     return model
+
+
+def refuse_checkpointed_cells(model):
+    """CUDA_GRAPHS with CHECKPOINT_CELLS: the recomputed cells save and restore the RNG state around each cell, which
+    a capture cannot record; refused in one line (UserError)."""
+    if getattr(model, 'checkpoint_cells', False):
+        raise UserError('CUDA_GRAPHS and CHECKPOINT_CELLS cannot be combined (recomputed cells read the RNG state '
+                        'during the capture): set one of them False')
 
 
 def cuda_capture(fn, pool):
@@ -172,8 +190,9 @@ def retrain_step(model, optimizer, params, grad_clip, cuda_graphs=False, **kw):
     if not cuda_graphs:
         eager_ready(optimizer)
         return lambda x, y: engine.train_step(model, optimizer, x, y, params, grad_clip)
+    refuse_checkpointed_cells(model)
     graph_ready_sgd(optimizer)
-    graph_ready_drop_path(model)
+    graph_ready_values(model)
     graphs = StepGraphs(lambda x, y: engine.train_step(model, optimizer, x, y, params, grad_clip), **kw)
     return graphs
 
@@ -197,7 +216,9 @@ def search_steps(model, w_opt, updater, grad_clip, cuda_graphs=False, **kw):
         eager_ready(w_opt, updater.a_opt if zeroth else updater.a_optimizer,
                     *([updater.twin['opt']] if zeroth and updater.twin is not None else []))
         return eager
+    refuse_checkpointed_cells(model)
     graph_ready_sgd(w_opt)
+    graph_ready_values(model)
     graph_ready_adam(updater.a_opt if zeroth else updater.a_optimizer)
     if zeroth:
         updater.make_persistent()
