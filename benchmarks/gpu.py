@@ -154,7 +154,13 @@ def fill_kernel_cache(cfg, out, limit_s, workers=None):
     t0 = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, '-c', code, json.dumps(g), str(cfg['DEVICE'])], cwd=utils.REPO,
                               env={**os.environ, 'TRITON_CACHE_DIR': cache}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for g in groups]
+                              stderr=subprocess.PIPE, start_new_session=True) for g in groups]
+
+    def stop(p):  # the worker and the ptxas it runs (which holds its output open)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     results, errors, stopped = [], [], False
     try:
         for p in procs:
@@ -162,7 +168,7 @@ def fill_kernel_cache(cfg, out, limit_s, workers=None):
                 stdout, stderr = p.communicate(timeout=max(0.1, limit_s - (time.perf_counter() - t0)))
             except subprocess.TimeoutExpired:
                 stopped = True
-                p.kill()
+                stop(p)
                 stdout, stderr = p.communicate()
             results += [json.loads(line) for line in stdout.decode().splitlines() if line.startswith('{')]
             if p.returncode and not stopped:
@@ -170,7 +176,7 @@ def fill_kernel_cache(cfg, out, limit_s, workers=None):
     finally:  # stopped, failed or interrupted: no worker outlives the part (they would slow the timed steps)
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                stop(p)
                 p.wait()
     wall = time.perf_counter() - t0
     binaries = kernel_binaries(cache)

@@ -407,7 +407,7 @@ def test_gpu_bench_runs_with_only_torch_numpy_and_triton(tmp_path):
     args = [f'--{k}={v!r}' if isinstance(v, str) else f'--{k}={v}' for k, v in GPU_TINY.items()]
     done = subprocess.run([sys.executable, '-c', NO_EXTRAS.format(blocked=BLOCKED), '--BENCH=gpu', *args,
                            "--GPU_CASES=('retrain fp32 fast',)", f'--GPU_OUT={out}', '--GPU_COMPILE_S=1',
-                           '--GPU_BUDGET_S=40'], env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                           '--GPU_COMPILE_WORKERS=1', '--GPU_BUDGET_S=40'], env={**os.environ, 'OMP_NUM_THREADS': '1'},
                           cwd=bench.utils.REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     saved = json.load(open(out))
