@@ -162,6 +162,8 @@ def fill_kernel_cache(cfg, out, limit_s, workers=None):
         except ProcessLookupError:
             pass
     results, errors, stopped = [], [], False
+    out.update(plans=len(plans), workers=workers, first_use_s=None, first_use='unfinished', kernel_binaries=None,
+               note='stopped before the workers were done')  # (kept if the part's own cap stops it)
     try:
         for p in procs:
             try:
@@ -178,19 +180,24 @@ def fill_kernel_cache(cfg, out, limit_s, workers=None):
             if p.poll() is None:
                 stop(p)
                 p.wait()
+        out['process_s'] = out['first_use_at_least_s'] = time.perf_counter() - t0
+        os.environ['TRITON_CACHE_DIR'] = cache  # the steps load what was compiled
     wall = time.perf_counter() - t0
     binaries = kernel_binaries(cache)
     out.update(plans=len(plans), workers=workers, process_s=wall, worker_compile_s=[r['compile_s'] for r in results],
                kernel_binaries=sum(binaries.values()) if binaries is not None else None, kernels=binaries,
                target='this GPU' if str(cfg['DEVICE']).startswith('cuda') else 'sm_90, compiled on the CPU',
                first_use_s=None if stopped or errors else wall, first_use_at_least_s=wall if stopped else None,
-               note=(f'stopped at its cap of {limit_s:.0f} s: {sum(r["binaries"] for r in results)} of {len(plans)} '
-                     'binaries compiled' if stopped else f'{len(errors)} worker(s) failed' if errors else None))
+               note=(f'stopped at its cap of {limit_s:.0f} s: {out_of(binaries)} of {len(plans)} binaries compiled'
+                     if stopped else f'{len(errors)} worker(s) failed' if errors else None))
     out['first_use'] = (f'{wall:.1f} s' if out['first_use_s'] is not None else
                         f'over {limit_s:.0f} s' if stopped else 'failed')
     if errors:
         out['stderr_tail'] = errors[0]
-    os.environ['TRITON_CACHE_DIR'] = cache  # the steps load what was compiled
+
+
+def out_of(binaries):
+    return sum(binaries.values()) if binaries else 0
 
 
 def kernel_binaries(cache=None):
