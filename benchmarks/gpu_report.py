@@ -29,7 +29,8 @@ DEFINITIONS = {
                   'implausible (a replay listing almost no kernels), else null',
     'first_use_s': 'seconds to compile the Triton binaries of the default search and retrain networks (fp32, '
                    'benchmarks.kernels.launch_plans) into an empty TRITON_CACHE_DIR, GPU_COMPILE_WORKERS processes at '
-                   'once (workers, worker_compile_s); target: on a CPU the binaries are compiled for sm_90; when '
+                   'once (workers, worker_compile_s; plan_s: tracing which binaries, before, within the same cap); '
+                   'target: on a CPU the binaries are compiled for sm_90; when '
                    'stopped at its cap (or failed) first_use_s is null and first_use_at_least_s its running time. '
                    'cuDNN autotuning and CUDA start-up fall in each case\'s first_s',
     'kernel_binaries': 'compiled binaries (.cubin/.hsaco) in that cache; kernel_binaries_after_all: in the same cache '
