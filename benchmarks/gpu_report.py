@@ -120,7 +120,7 @@ def summary_table(res):
                      f'{f(r.get("host_share"), "10.1%")}')
     lines.append(f'largest batch in the memory budget: {res["largest_batch"]}')
     c = res['compile']
-    lines.append(f'first use (empty Triton cache): {f(c.get("first_use_s"), ".1f")} s, '
+    lines.append(f'first use (binaries compiled in parallel): {f(c.get("first_use_s"), ".1f")} s, '
                  f'{f(c.get("kernel_binaries"), "d")} kernel binaries')
     for name, t in res['targets'].items():
         lines.append(f'target {name} <= {t["bound"]}: best {f(t["best"], ".4g")} ({t["case"]}) met: {t["met"]}')
