@@ -104,7 +104,8 @@ MEMORY_GB = 24.0  # the workstation budget: the largest batch that fits is estim
 # BENCH='gpu' (benchmarks/gpu.py, not in 'all'): every target of the speed issue in one run for a short GPU session
 GPU_BUDGET_S = 380.0  # wall-clock budget of the steps' parts, s (parts past it are skipped with a note); with the
 # first use's cap (+10 s) and the start-up, the whole run takes under 8 minutes
-GPU_COMPILE_S = 60.0  # cap of the first use in an empty Triton cache (a subprocess), s; slower: 'over 60 s'
+GPU_COMPILE_S = 60.0  # cap of the first use (the Triton binaries compiled into an empty cache), s; slower: 'over 60 s'
+GPU_COMPILE_WORKERS = 8  # processes compiling those binaries at once (one group of binaries each)
 GPU_TIMED_S = 8.0  # timed steps per case: about this many seconds of them (at least 2 steps)
 GPU_CASES = ()  # names of gpu.CASES to time (and fit); () = all, in bench_gpu's order
 GPU_OUT = ''  # results JSON; '' = runs/bench_gpu-<time>.json (also written to $OUT/ when OUT is set)
@@ -133,8 +134,8 @@ RULES = {  # allowed values of the settings above, in their order (settings.chec
     'HG_DIRECTIONS': 'len(HG_DIRECTIONS) >= 1 and ints(HG_DIRECTIONS) and min(HG_DIRECTIONS) >= 1',
     'HG_ZO_T': '>= 1', 'HG_ALPHA_STD': '>= 0', 'HG_ERRORS': None, 'HG_TIME_STEPS': '>= 1',
     'HG_CHECKPOINT_CELLS': None, 'HG_FAST_KERNELS': None, 'MEMORY_GB': '> 0', 'GPU_BUDGET_S': '> 0',
-    'GPU_COMPILE_S': '> 0', 'GPU_TIMED_S': '> 0', 'GPU_CASES': None, 'GPU_OUT': None, 'PROTOCOL_SEARCH_NODULES': '>= 1',
-    'PROTOCOL_RETRAIN_NODULES': '>= 1',
+    'GPU_COMPILE_S': '> 0', 'GPU_COMPILE_WORKERS': '>= 1', 'GPU_TIMED_S': '> 0', 'GPU_CASES': None, 'GPU_OUT': None,
+    'PROTOCOL_SEARCH_NODULES': '>= 1', 'PROTOCOL_RETRAIN_NODULES': '>= 1',
 }
 
 

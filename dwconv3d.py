@@ -93,20 +93,21 @@ def _gather_kernel(src, wt, dst, C, SD, SH, SW, DD, DH, DW, AD, AH, AW,
         m_h = hw_ok & (sh >= 0) & (sh < SH)
         p_h = src_a0 + sh * SW
         for iw in tl.static_range(len(WTAPS)):
-            tap = tl.constexpr(WTAPS[iw])  # (kw, w offset); constexpr keeps it static
-            sw = aw * SI + tap[1]
+            # WTAPS[iw] = (kw, w offset). Indexed where used: a tuple wrapped in tl.constexpr breaks Triton 3.6's
+            # interpreter, and a name bound to a constant is no longer one to Triton's compiler (slices need it)
+            sw = aw * SI + WTAPS[iw][1]
             m_hw = m_h & (sw >= 0) & (sw < SW)
             wk = ()
             for kd in tl.static_range(K):
-                wk = wk + (tl.load(w_c + kd * K * K + kh * K + tap[0]).to(tl.float32),)
+                wk = wk + (tl.load(w_c + kd * K * K + kh * K + WTAPS[iw][0]).to(tl.float32),)
             for j in tl.static_range(len(PLANES)):
-                plane = tl.constexpr(PLANES[j])  # (z, row, kd, row, kd, ...): plane a0*SI + z, read once
-                zi = a0 * SI + plane[0]
+                zi = a0 * SI + PLANES[j][0]  # PLANES[j] = (z, row, kd, row, kd, ...): plane a0*SI + z, read once
                 # (a scalar condition selects the mask: the interpreter mistypes block & scalar booleans)
-                xv = tl.load(p_h + sw + plane[0] * (SH * SW), mask=tl.where((zi >= 0) & (zi < SD), m_hw, False),
+                xv = tl.load(p_h + sw + PLANES[j][0] * (SH * SW), mask=tl.where((zi >= 0) & (zi < SD), m_hw, False),
                              other=0.0).to(tl.float32)
-                for u in tl.static_range(1, len(plane), 2):  # (row, kd) = plane[u], plane[u + 1]
-                    accs = accs[:plane[u]] + (tl.fma(xv, wk[plane[u + 1]], accs[plane[u]]),) + accs[plane[u] + 1:]
+                for u in tl.static_range(1, len(PLANES[j]), 2):  # (row, kd) = PLANES[j][u], PLANES[j][u + 1]
+                    accs = (accs[:PLANES[j][u]] + (tl.fma(xv, wk[PLANES[j][u + 1]], accs[PLANES[j][u]]),)
+                            + accs[PLANES[j][u] + 1:])
     dst_hw = dst + nc * (DD * DH * DW) + (ah * SO + PH) * DW + aw * SO + PW
     for r in tl.static_range(ROWS):
         a = a0 + r
@@ -148,18 +149,16 @@ def _grad_weight_kernel(x, gy, part, C, NTILES, SD, SH, SW, OD, OH, OW, SPLIT,
         m_h = hw_ok & (sh >= 0) & (sh < SH)
         x_a0 = x + nc * (SD * SH * SW) + a0 * STRIDE * (SH * SW) + sh * SW
         for i in tl.static_range(len(TAPS)):
-            tap = tl.constexpr(TAPS[i])
-            sw = hw % OW * STRIDE + tap[1]
+            sw = hw % OW * STRIDE + TAPS[i][1]  # TAPS[i] = (kw, w offset), indexed where used (_gather_kernel)
             m_hw = m_h & (sw >= 0) & (sw < SW)
             for j in tl.static_range(len(PLANES)):
-                plane = tl.constexpr(PLANES[j])
-                zi = a0 * STRIDE + plane[0]
-                xv = tl.load(x_a0 + sw + plane[0] * (SH * SW), mask=tl.where((zi >= 0) & (zi < SD), m_hw, False),
+                zi = a0 * STRIDE + PLANES[j][0]
+                xv = tl.load(x_a0 + sw + PLANES[j][0] * (SH * SW), mask=tl.where((zi >= 0) & (zi < SD), m_hw, False),
                              other=0.0).to(tl.float32)
-                for u in tl.static_range(1, len(plane), 2):  # (row, kd) -> accumulator kd*K + kw
-                    accs = (accs[:plane[u + 1] * K + tap[0]]
-                            + (tl.fma(xv, gys[plane[u]], accs[plane[u + 1] * K + tap[0]]),)
-                            + accs[plane[u + 1] * K + tap[0] + 1:])
+                for u in tl.static_range(1, len(PLANES[j]), 2):  # (row, kd) -> accumulator kd*K + kw
+                    accs = (accs[:PLANES[j][u + 1] * K + TAPS[i][0]]
+                            + (tl.fma(xv, gys[PLANES[j][u]], accs[PLANES[j][u + 1] * K + TAPS[i][0]]),)
+                            + accs[PLANES[j][u + 1] * K + TAPS[i][0] + 1:])
     out = part + (c * SPLIT + tl.program_id(1)) * (K * K * K) + kh * K
     for i in tl.static_range(K * K):
         tl.store(out + (i // K) * (K * K) + i % K, tl.sum(accs[i], axis=0))
@@ -226,6 +225,7 @@ def _launch(kernel, grid, args, warps, **consts):
     integer's width, value 1 and divisibility by 16, and the device.
     """
     if interpreted():
+        _interpreter_index_fix()
         kernel[grid](*args, **consts, num_warps=warps, enable_fp_fusion=True)
         return
     key = (kernel.__name__, warps, args[0].device.index, tuple(consts.items()),
@@ -240,6 +240,25 @@ def _launch(kernel, grid, args, warps, **consts):
         return
     compiled, constants = hit
     compiled[grid](*args, *constants, stream=torch.cuda.current_stream(args[0].device).cuda_stream)
+
+
+def _interpreter_index_fix():
+    """Let a runtime scalar bound a range() in Triton's interpreter on every Triton version (tests only).
+
+    The interpreter holds a scalar as a 1-element array; Triton before 3.7 turns it into an int with
+    int(array), which NumPy 2.4 refuses for arrays that are not 0-dimensional ('only 0-dimensional arrays can be
+    converted to Python scalars'): the grad-weight kernel's loop over its tiles would fail there. Wrapping the
+    interpreter's tensor patch (applied at every launch) keeps the kernels one source for both backends."""
+    from triton.runtime import interpreter
+    patch = getattr(interpreter, '_patch_lang_tensor', None)
+    if patch is None or getattr(patch, 'index_fixed', False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data.reshape(-1)[0]))
+    patched.index_fixed = True
+    interpreter._patch_lang_tensor = patched
 
 
 def interpreted():

@@ -6,7 +6,8 @@ clipping and optimizer steps inside one graph). For that the steps must be graph
 - no host syncs (tests/test_syncfree.py) and no Python state that differs between calls of one graph;
 - values that change between replays live in device tensors updated in place: the weight optimizer's learning
   rate (graph_ready_sgd: a 0-dim tensor, the fused SGD kernel reads it on the device; the cosine schedule fills it
-  once per epoch) and the retrain's drop-path probability (set_value);
+  once per epoch), the retrain's drop-path probability and the search's sparsemax temperature (graph_ready_values,
+  set_value): every value a run schedules (tests/test_graphs.py replays frozen captures to check it);
 - the architecture's Adam keeps its step counter on the device (capturable=True, CUDA only);
 - random draws inside a step (drop path) come from the default CUDA generator, which graphs replay with fresh
   offsets; the augmentation runs before the copy into the static buffers, outside the graph, unchanged.
@@ -14,6 +15,9 @@ On the CPU the graph-ready steps compute what the eager ones do (tests/test_grap
 (enabled False), so nothing changes there.
 """
 import contextlib
+import signal
+import threading
+import time
 
 import torch
 
@@ -75,19 +79,72 @@ def set_value(obj, name, value):
         setattr(obj, name, value)
 
 
-def graph_ready_drop_path(model):
-    """The retrain network's drop-path probability as a 0-dim tensor on the model's device (set_value updates it)."""
+SCHEDULED = ('drop_path_prob', 'tau')  # the model attributes a run changes between steps (per epoch): the retrain's
+# drop-path probability, the search's sparsemax temperature. A graphed step reads them from a 0-dim device tensor
+# (a Python number would be read once, at the capture, and baked into the graph: the schedule would silently stop)
+
+
+def graph_ready_values(model, names=SCHEDULED):
+    """Each of `names` that the model has, as a 0-dim fp32 tensor on the model's device (set_value updates it in
+    place); an attribute already such a tensor is kept (the same object: a captured graph reads its memory)."""
     device = next(model.parameters()).device
-    model.drop_path_prob = torch.tensor(float(model.drop_path_prob), device=device)
+    for name in names:
+        value = getattr(model, name, None)
+        if value is not None and not (isinstance(value, torch.Tensor) and value.device == device):
+            setattr(model, name, torch.tensor(float(value), device=device))
     return model
 
 
+def refuse_checkpointed_cells(model):
+    """CUDA_GRAPHS with CHECKPOINT_CELLS: the recomputed cells save and restore the RNG state around each cell, which
+    a capture cannot record; refused in one line (UserError)."""
+    if getattr(model, 'checkpoint_cells', False):
+        raise UserError('CUDA_GRAPHS and CHECKPOINT_CELLS cannot be combined (recomputed cells read the RNG state '
+                        'during the capture): set one of them False')
+
+
 def cuda_capture(fn, pool):
-    """Record fn() into a CUDA graph (memory from `pool`, shared by a StepGraphs' graphs); (replay, outputs)."""
+    """Record fn() into a CUDA graph (memory from `pool`, shared by a StepGraphs' graphs); (replay, outputs).
+    A capture that fails leaves the current stream restored (torch's graph context restores it only after a
+    capture_end that succeeded)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        outputs = fn()
+    stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+    except BaseException:
+        torch.cuda.set_stream(stream)
+        raise
     return graph.replay, outputs
+
+
+@contextlib.contextmanager
+def alarm_blocked():
+    """SIGALRM held back (delivered at the end) in the main thread: an alarm between capture_begin and capture_end
+    (a benchmark's cap, benchmarks/gpu.py) would break the capture and leave CUDA in a capturing state."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, 'pthread_sigmask'):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+
+
+def generator_works(device):
+    """One draw from the default generator of `device` (after a failed capture it can be left mid-capture)."""
+    try:
+        torch.rand(1, device=device)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        return True
+    except RuntimeError:
+        return False
+
+
+class CaptureBroken(RuntimeError):
+    """A capture failed and left the device unusable for eager steps (the default generator mid-capture)."""
 
 
 class StepGraphs:
@@ -99,7 +156,8 @@ class StepGraphs:
     returned as clones (the static outputs are overwritten by the next replay). enabled False: every call runs
     fn eagerly, as without this class. capture(fn, pool) -> (replay, outputs) is cuda_capture unless injected
     (tests); the CUDA one refuses non-CUDA inputs with one line. If a capture fails, that key runs eagerly from then
-    on and the reason is printed once.
+    on and the reason is printed once (kept in `failures`; `stats` counts captures, eager calls and replays); a
+    failure that leaves the CUDA generator unusable raises CaptureBroken. SIGALRM is held back during a capture.
     """
 
     def __init__(self, fn, enabled=True, warmup=WARMUP, capture=None, log=print):
@@ -109,6 +167,10 @@ class StepGraphs:
         self.calls = {}  # key -> eager calls so far
         self.pool = None
         self.side = None
+        # what a benchmark reports (benchmarks/gpu_case.py): graphs captured, calls run eagerly (warm-ups, and keys
+        # whose capture failed), replays, host seconds of each capture, and why a capture failed
+        self.stats = {'captured': 0, 'warmup_calls': 0, 'eager_fallback_calls': 0, 'replays': 0, 'capture_s': []}
+        self.failures = []
 
     def key(self, inputs, tag):
         return (tag,) + tuple((tuple(t.shape), t.dtype, t.device) for t in inputs)
@@ -119,13 +181,17 @@ class StepGraphs:
         key = self.key(inputs, tag)
         if key in self.graphs:
             entry = self.graphs[key]
-            return self.fn(*inputs) if entry is None else self._replay(entry, inputs)
+            if entry is None:
+                self.stats['eager_fallback_calls'] += 1
+                return self.fn(*inputs)
+            return self._replay(entry, inputs)
         if self.capture is cuda_capture and not all(t.is_cuda for t in inputs):
             raise UserError('CUDA_GRAPHS needs the CUDA device: the step inputs are on '
                             f'{inputs[0].device} (set CUDA_GRAPHS=False or DEVICE=cuda)')
         n = self.calls.get(key, 0)
         if n < self.warmup:
             self.calls[key] = n + 1
+            self.stats['warmup_calls'] += 1
             with self._side_stream():
                 return self.fn(*inputs)
         return self._capture(key, inputs)
@@ -146,23 +212,35 @@ class StepGraphs:
         static = [t.detach().clone() for t in inputs]
         if self.pool is None and self.capture is cuda_capture:
             self.pool = torch.cuda.graph_pool_handle()
+        t0 = time.perf_counter()
         try:
-            replay, outputs = self.capture(lambda: self.fn(*static), self.pool)
-        except RuntimeError as e:  # an op that cannot be captured (torch names it)
-            self.log(f'CUDA graphs: capturing the step {key[0] or ""}{[k[0] for k in key[1:]]} failed '
-                     f'({str(e).splitlines()[0][:200]}); it runs eagerly')
+            with alarm_blocked():
+                replay, outputs = self.capture(lambda: self.fn(*static), self.pool)
+        except RuntimeError as e:  # an op that cannot be captured (torch names it), or out of memory
+            what = 'out of memory during the capture' if isinstance(e, torch.cuda.OutOfMemoryError) else \
+                str(e).splitlines()[0][:200]
+            where = f'the step {key[0] or ""}{[k[0] for k in key[1:]]}'
+            self.failures.append(f'{where}: {what}')
+            if self.capture is cuda_capture and not generator_works(inputs[0].device):
+                raise CaptureBroken(f'CUDA graphs: capturing {where} failed ({what}) and left the CUDA generator '
+                                    'unusable: rerun with CUDA_GRAPHS=False (a run resumes from its checkpoint)') \
+                    from e
+            self.log(f'CUDA graphs: capturing {where} failed ({what}); it runs eagerly')
             self.graphs[key] = None
+            self.stats['eager_fallback_calls'] += 1
             return self.fn(*inputs)
+        self.stats['capture_s'].append(time.perf_counter() - t0)
+        self.stats['captured'] += 1
         self.graphs[key] = (static, replay, outputs)
         return self._replay(self.graphs[key], inputs)
 
-    @staticmethod
-    def _replay(entry, inputs):
+    def _replay(self, entry, inputs):
         static, replay, outputs = entry
         with torch.no_grad():
             for s, t in zip(static, inputs):
                 s.copy_(t)
         replay()
+        self.stats['replays'] += 1
         return tuple(o.clone() for o in outputs)
 
 
@@ -172,8 +250,9 @@ def retrain_step(model, optimizer, params, grad_clip, cuda_graphs=False, **kw):
     if not cuda_graphs:
         eager_ready(optimizer)
         return lambda x, y: engine.train_step(model, optimizer, x, y, params, grad_clip)
+    refuse_checkpointed_cells(model)
     graph_ready_sgd(optimizer)
-    graph_ready_drop_path(model)
+    graph_ready_values(model)
     graphs = StepGraphs(lambda x, y: engine.train_step(model, optimizer, x, y, params, grad_clip), **kw)
     return graphs
 
@@ -197,7 +276,9 @@ def search_steps(model, w_opt, updater, grad_clip, cuda_graphs=False, **kw):
         eager_ready(w_opt, updater.a_opt if zeroth else updater.a_optimizer,
                     *([updater.twin['opt']] if zeroth and updater.twin is not None else []))
         return eager
+    refuse_checkpointed_cells(model)
     graph_ready_sgd(w_opt)
+    graph_ready_values(model)
     graph_ready_adam(updater.a_opt if zeroth else updater.a_optimizer)
     if zeroth:
         updater.make_persistent()

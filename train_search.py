@@ -186,7 +186,7 @@ def phase_estimate(cfg, epoch, run, first):
 def set_temperature(model, cfg, epoch):
     """Sparsemax temperature of `epoch` (also restored on resume: the final genotype is derived at the last one)."""
     if cfg['WEIGHTS'] == 'sparsemax':
-        model.tau = temperature(max(epoch, 0), cfg['TAU0'], cfg['TAU_FACTOR'], cfg['TAU_EVERY'])
+        graphs.set_value(model, 'tau', temperature(max(epoch, 0), cfg['TAU0'], cfg['TAU_FACTOR'], cfg['TAU_EVERY']))
 
 
 def early_stop(cfg, epoch, best):

@@ -13,21 +13,32 @@ TARGETS = (  # issue #15: (name, step (or 'profiled': any profiled case, 'compil
     ('first use compile s', 'compile', 'first_use_s', 60))
 DEFINITIONS = {
     'ms': 'wall time per step, mean over steps_timed steps (host clock around the loop, synchronized at both ends), '
-          'after the first step and two warm-up steps; ms_halves: the means of the first and second half (noise)',
-    'peak_gb': 'torch.cuda.max_memory_allocated over the timed steps (1e9 bytes); peak_first_gb: over the building, '
-               'first and second steps',
+          'after the first step and one warm-up step; a graphed case times only replays, after every graph of the '
+          'step was captured (settle_calls: the eager warm-ups and captures before; eager_calls_timed: eager calls '
+          'inside the timing, 0 unless a capture failed), at least 20 replays or 2 s of them; ms_halves: the means '
+          'of the first and second half (noise)',
+    'peak_gb': 'torch.cuda.max_memory_allocated (1e9 bytes), peak_source says over what: the timed steps (eager), or '
+               'the captures and replays (graphed: the graphs\' private pool is allocated while a capture runs); '
+               'reserved_gb: torch.cuda.memory_reserved after the timing; peak_first_gb: over the building and the '
+               'first step',
     'syncs_per_step': 'host syncs in one step after the timed ones (torch.cuda.set_sync_debug_mode("warn") warnings)',
     'host_share': '1 - gpu_busy_ms / ms: the share of a step during which the GPU has no kernel to run (it waits for '
                   'the host to launch work); gpu_busy_ms is the union of the intervals of every GPU activity (kernels, '
-                  'memcpy, memset) of one step traced by torch.profiler (CUDA activity only), ms the unprofiled step',
-    'first_use_s': 'first step with the Triton kernels in a subprocess with an empty TRITON_CACHE_DIR (compilation, '
-                   'cuDNN autotuning, allocations), summed over the cases of COMPILED; when the subprocess was stopped '
-                   'at its cap (or failed) first_use_s is null and first_use_at_least_s its running time',
-    'kernel_binaries': 'distinct kernel specializations compiled: compiled binaries (.cubin/.hsaco) in that cache; '
-                       'kernel_binaries_after_all: in the same cache at the end of the run (every case measured)',
-    'first_use': 'first_use_s as text, or "over N s" when the subprocess ran past its cap of N s (GPU_COMPILE_S)',
-    'graphed': 'the step captured once as a CUDA graph and replayed (graphs.py, the scripts\' CUDA_GRAPHS); capture_s: '
-               'the call that captured it (after graphs.WARMUP eager calls), not in ms',
+                  'memcpy, memset) of one step traced by torch.profiler (CUDA activity only; set up for CUDA graphs '
+                  'before the first capture: meta.profiler), ms the unprofiled step; profile_check: why a trace is '
+                  'implausible (a replay listing almost no kernels), else null',
+    'first_use_s': 'seconds to compile the Triton binaries of the default search and retrain networks (fp32, '
+                   'benchmarks.kernels.launch_plans) into an empty TRITON_CACHE_DIR, GPU_COMPILE_WORKERS processes at '
+                   'once (workers, worker_compile_s; plan_s: tracing which binaries, before, within the same cap); '
+                   'target: on a CPU the binaries are compiled for sm_90; when '
+                   'stopped at its cap (or failed) first_use_s is null and first_use_at_least_s its running time. '
+                   'cuDNN autotuning and CUDA start-up fall in each case\'s first_s',
+    'kernel_binaries': 'compiled binaries (.cubin/.hsaco) in that cache; kernel_binaries_after_all: in the same cache '
+                       'at the end of the run (every case measured: more means some step compiled on its first use)',
+    'first_use': 'first_use_s as text, or "over N s" when the workers ran past the cap of N s (GPU_COMPILE_S)',
+    'graphed': 'the step captured once per graph as a CUDA graph and replayed (graphs.py, the scripts\' CUDA_GRAPHS); '
+               'graphs_captured, warmup_calls, eager_fallback_calls, replays and capture_failures from its '
+               'StepGraphs; capture_s: host seconds of the captures themselves, not in ms',
     'top_kernels': '[kernel name, GPU ms] of the kernels with the most GPU time in one traced step of a profiled case',
     'graph_check': 'per step kind, after 5 steps graphed and 5 eager from the same start: max_abs (largest difference '
                    'of weights, alphas/betas, BatchNorm statistics, optimizer buffers), worst (its tensor), equal '
@@ -109,7 +120,7 @@ def summary_table(res):
                      f'{f(r.get("host_share"), "10.1%")}')
     lines.append(f'largest batch in the memory budget: {res["largest_batch"]}')
     c = res['compile']
-    lines.append(f'first use (empty Triton cache): {f(c.get("first_use_s"), ".1f")} s, '
+    lines.append(f'first use (binaries compiled in parallel): {f(c.get("first_use_s"), ".1f")} s, '
                  f'{f(c.get("kernel_binaries"), "d")} kernel binaries')
     for name, t in res['targets'].items():
         lines.append(f'target {name} <= {t["bound"]}: best {f(t["best"], ".4g")} ({t["case"]}) met: {t["met"]}')

@@ -157,6 +157,67 @@ def default_conv_calls():
     return {'search': conv_calls(search, 32, 7), 'retrain': conv_calls(retrain, 32, 4)}
 
 
+def launch_plans(calls, dtypes=(torch.float32,), sms=132):
+    """One launch of each distinct Triton binary that the forward, grad-input and grad-weight launches of `calls`
+    compile (as specializations() counts them), as JSON-able plans [kernel name, num_warps, constants, arguments]:
+    an argument is ['tensor', dtype] or ['int', value]. Nothing is launched (recorded on meta tensors)."""
+    plans = {}
+
+    def record(kernel, grid, args, warps, **consts):
+        skip = {kernel.arg_names[i] if isinstance(i, int) else i for i in getattr(kernel, 'do_not_specialize', ())}
+        spec = tuple(str(a.dtype) if torch.is_tensor(a) else
+                     (None if name in skip else (a == 1, a % 16 == 0)) for name, a in zip(kernel.arg_names, args))
+        key = (kernel.__name__, warps, tuple(sorted((k, str(v)) for k, v in consts.items())), spec)
+        plans.setdefault(key, [kernel.__name__, warps, consts,
+                               [['tensor', str(a.dtype).replace('torch.', '')] if torch.is_tensor(a) else ['int', a]
+                                for a in args]])
+    _record_launches(record, calls, dtypes, sms)
+    return [plans[k] for k in sorted(plans)]
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def compile_plans(plans, device):
+    """Compile each plan into Triton's cache (TRITON_CACHE_DIR) without running it: on CUDA through the kernel's own
+    warmup (the key a later launch looks up); on a CPU for an H100/H200 (sm_90) through triton.compile, to measure
+    what a GPU machine's first use compiles (it needs Triton's bundled ptxas, not a GPU). Returns seconds per plan."""
+    import time
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    seconds = []
+    for name, warps, consts, args in plans:
+        kernel, consts = getattr(dwconv3d, name), {k: _tuples(v) for k, v in consts.items()}
+        t0 = time.perf_counter()
+        if str(device).startswith('cuda'):
+            values = [torch.empty(16, dtype=getattr(torch, a), device=device) if kind == 'tensor' else a
+                      for kind, a in args]
+            kernel.warmup(*values, grid=(1,), **consts, num_warps=warps, enable_fp_fusion=True)
+        else:
+            names = kernel.arg_names
+            sig = {n: 'constexpr' if n in consts else
+                   ('*' + {'float32': 'fp32', 'bfloat16': 'bf16'}[a[1]] if a[0] == 'tensor' else 'i32')
+                   for n, a in zip(names, args + [None] * len(consts))}
+            attrs = {(i,): [['tt.divisibility', 16]] for i, a in enumerate(args) if a[0] == 'tensor'}
+            src = ASTSource(kernel, sig, {(names.index(k),): v for k, v in consts.items()}, attrs)
+            triton.compile(src, target=GPUTarget('cuda', 90, 32), options={'num_warps': warps})
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def compile_worker(plans_json, device):
+    """A process of the parallel first use (benchmarks/gpu.py): compile its group of plans; prints one JSON line."""
+    import json
+    import time
+    t0 = time.perf_counter()
+    seconds = compile_plans(json.loads(plans_json), device)
+    print(json.dumps({'binaries': len(seconds), 'compile_s': sum(seconds), 'process_s': time.perf_counter() - t0}),
+          flush=True)
+
+
 def specializations(calls, dtypes=(torch.float32, torch.bfloat16), sms=132):
     """The distinct Triton binaries the forward, grad-input and grad-weight launches of `calls` would compile, on a
     GPU with `sms` multiprocessors (an H100/H200: 132): a sorted list of (kernel, num_warps, constants, argument
@@ -170,6 +231,12 @@ def specializations(calls, dtypes=(torch.float32, torch.bfloat16), sms=132):
         spec = tuple(str(a.dtype) if torch.is_tensor(a) else
                      (None if name in skip else (a == 1, a % 16 == 0)) for name, a in zip(kernel.arg_names, args))
         found.add((kernel.__name__, warps, tuple(sorted((k, str(v)) for k, v in consts.items())), spec))
+    _record_launches(record, calls, dtypes, sms)
+    return sorted(found)
+
+
+def _record_launches(record, calls, dtypes, sms):
+    """Call record(kernel, grid, args, warps, **constants) for each launch of the three passes of `calls`."""
     saved = dwconv3d._launch, dwconv3d.interpreted
     dwconv3d._launch, dwconv3d.interpreted = record, (lambda: True)
     try:
@@ -182,4 +249,3 @@ def specializations(calls, dtypes=(torch.float32, torch.bfloat16), sms=132):
                 dwconv3d.dwconv3d_grad_weight(x, y, k, stride, dil, split=-(-8 * sms // (shape[1] * k)))
     finally:
         dwconv3d._launch, dwconv3d.interpreted = saved
-    return sorted(found)

@@ -88,7 +88,8 @@ def interpreter_results(tmp_path_factory):
             data[name] = (x, w, gy)
         path = str(folder / f'part{part}.pt')
         torch.save(data, path)
-        env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=REPO, OMP_NUM_THREADS='1')
+        env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join(filter(None, (REPO, os.environ.get('PYTHONPATH')))))  # (a side-folder triton)
         children.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), path] + chunk, env=env,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = {}

@@ -5,6 +5,8 @@ import types
 import pytest
 import torch
 from test_syncfree import SEARCH, Guard, step_counters
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 import graphs
 import train_3D_continuation
@@ -32,6 +34,79 @@ def fake_capture(log=None):
                 outputs[:] = new
         return replay, outputs
     return capture
+
+
+class _Recorder(TorchDispatchMode):
+    """Records every aten op of a step (function, arguments, result) and saves each tensor made outside the step
+    before its first use (to undo the capture's writes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.made, self.saved = [], {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        for t in inputs:  # (every op: native_batch_norm writes the running statistics without saying so)
+            if id(t) not in self.made and id(t) not in self.saved:
+                self.saved[id(t)] = (t, t.detach().clone())
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        ids = {id(t) for t in inputs}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and id(t) not in ids:
+                self.made[id(t)] = t  # (kept alive: its id is not reused)
+        return out
+
+
+def frozen_capture(log=None):
+    """A CPU capture that, like a CUDA graph, freezes what the step read at the capture: the step's aten ops are
+    recorded once with their arguments as they were (Python numbers included) and each replay re-runs those ops, not
+    the Python code. Tensors made outside the step are read (and written) live, as a graph reads their memory; tensors
+    made inside are made anew at each replay. A value that changes between replays thus reaches a replay only through
+    a tensor updated in place: a Python number, or a tensor replaced by a new one, stays as it was at the capture.
+    The capture's own effects (in-place writes, random draws) are undone: it computes nothing, as a graph's capture."""
+    def capture(fn, pool):
+        if log is not None:
+            log.append('capture')
+        rng, rec = torch.get_rng_state(), _Recorder()
+        with rec:
+            outputs = fn()
+        with torch.no_grad():
+            for t, value in rec.saved.values():
+                t.copy_(value)
+        torch.set_rng_state(rng)
+
+        def replay():
+            env = {}
+
+            def live(x):
+                return env.get(id(x), x) if isinstance(x, torch.Tensor) else x
+            with torch.no_grad():
+                for func, args, kwargs, out in rec.ops:
+                    new = func(*tree_map(live, args), **tree_map(live, kwargs))
+                    for o, n in zip(tree_flatten(out)[0], tree_flatten(new)[0]):
+                        if isinstance(o, torch.Tensor) and id(o) in rec.made:
+                            env[id(o)] = n
+                for o in outputs:
+                    o.copy_(env[id(o)])
+        return replay, outputs
+    return capture
+
+
+def capturable_adam_on_cpu(monkeypatch):
+    """The architecture's Adam as on CUDA (graph_ready_adam: capturable, its step counter read on the device) on the
+    CPU, which torch does not list for it: the frozen capture would otherwise keep the bias correction of the
+    capture's step (a non-capturable Adam reads its step counter as a Python number)."""
+    import torch.optim.adam as adam
+    devices = adam._get_capturable_supported_devices
+    monkeypatch.setattr(adam, '_get_capturable_supported_devices', lambda *a, **k: devices(*a, **k) + ['cpu'])
+
+    def ready(optimizer):
+        for group in optimizer.param_groups:
+            group['capturable'] = True
+        return optimizer
+    monkeypatch.setattr(graphs, 'graph_ready_adam', ready)
 
 
 def batches(n, b, cube, seed=0):
@@ -305,3 +380,49 @@ def test_scripts_run_with_cuda_graphs(script, tmp_path, monkeypatch):
         loss = 'train_loss'
         tol = 0.05 if script == 'search zeroth' else 1e-4  # (zeroth order: see test_search_graph_ready_equals_eager)
         assert float(a[loss]) == pytest.approx(float(b[loss]), rel=tol, abs=tol)
+
+
+@pytest.mark.parametrize('script', ['search sparsemax', 'search zeroth', 'retrain'])
+def test_scheduled_values_reach_the_graphed_steps(script, tmp_path, monkeypatch):
+    """Every value a run schedules (learning rate, drop-path probability, sparsemax temperature) reaches the graphed
+    steps: epochs of each script with CUDA_GRAPHS and a frozen capture (frozen_capture: the step as recorded at the
+    capture, as a CUDA graph replays it) end where the same epochs with a capture that re-runs the Python step end. A
+    value read as a Python number, or put in a new tensor, stays at its capture-time value in the frozen replays."""
+    from conftest import write_cube_set
+    cubes = write_cube_set(tmp_path / 'set', scans_per_fold=2, nodules_per_scan=1)
+    mod = train_search if script.startswith('search') else train_3D_continuation
+    monkeypatch.setitem(mod.RULES, 'CUDA_GRAPHS', None)
+    capturable_adam_on_cpu(monkeypatch)
+    common = dict(DATA=cubes, C=4, LAYERS=3, CUBE=8, DEVICE='cpu', SEED=0, FIGURES=False, EPOCHS=2,
+                  CUDA_GRAPHS=True)
+    if mod is train_search:  # the temperature and the lr change after the first epoch
+        common.update(BATCH_SIZE=3, SEARCH_FOLDS=(0, 1, 2, 3), VAL_FRACTION=0.4, WARMUP_EPOCHS=0,
+                      PRIMITIVES=('max_pool_3x3x3', 'skip_connect', 'sep_conv_3x3x3'), ZO_T=2, TAU_EVERY=1,
+                      WEIGHTS='sparsemax', HYPERGRAD='first' if script == 'search sparsemax' else 'zeroth',
+                      EPOCHS=3)  # (a full and a partial batch per epoch: each captured in epoch 1, replayed in 2)
+        name = 'last.pt'
+    else:  # the drop-path probability (0 in epoch 0, then 0.4) and the lr change
+        common.update(BATCH_SIZE=4, FOLD=5, DROP_PATH=0.8)
+        name = 'last_fold5.pt'
+    states = []
+    for capture in (fake_capture, frozen_capture):
+        captures = []
+        monkeypatch.setattr(graphs.StepGraphs.__init__, '__defaults__', (True, 1, capture(captures), print))
+        run = mod.main(RUNS=str(tmp_path / capture.__name__), **common)['run']
+        states.append(torch.load(f'{run}/{name}', weights_only=False)['model'])
+        assert len(captures) >= 2
+    assert_close(*states, atol=1e-6, rtol=1e-5)
+
+
+def test_cuda_graphs_with_recomputed_cells_are_refused():
+    """CHECKPOINT_CELLS reads the RNG state inside the step (not capturable): graphed steps refuse it in one line."""
+    model = NetworkLUNA(4, 2, 3, NAS_HBO_PAPER)
+    model.checkpoint_cells = True
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    with pytest.raises(UserError, match='CUDA_GRAPHS and CHECKPOINT_CELLS cannot be combined'):
+        graphs.retrain_step(model, opt, list(model.parameters()), 5.0, True)
+    graphs.retrain_step(model, opt, list(model.parameters()), 5.0, False)  # eager: allowed
+    cfg = {**train_search.DEFAULTS, **SEARCH, 'HYPERGRAD': 'second', 'CHECKPOINT_CELLS': True}
+    model, w_opt, _, _, updater = train_search.build(cfg)
+    with pytest.raises(UserError, match='CUDA_GRAPHS and CHECKPOINT_CELLS cannot be combined'):
+        graphs.search_steps(model, w_opt, updater, 5.0, True)

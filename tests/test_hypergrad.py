@@ -206,21 +206,24 @@ def test_depthwise_function_backward_is_differentiable(monkeypatch, k, stride, d
     assert torch.autograd.gradcheck(first, (x, w, gy))
 
 
-def _double_backward_child(path):
-    """In a TRITON_INTERPRET=1 child: second derivatives through the Triton kernels for the saved cases."""
+def _double_backward(cases, device='cpu'):
+    """{name: d/d(x, w, gy) of <grad_x, a> + <grad_w, b>} through the Triton kernels (interpreter or CUDA)."""
     out = {}
-    for name, (x, w, gy, a, b, stride, dilation) in torch.load(path).items():
-        x, w, gy = (t.clone().requires_grad_() for t in (x, w, gy))
+    for name, (x, w, gy, a, b, stride, dilation) in cases.items():
+        x, w, gy = (t.to(device).clone().requires_grad_() for t in (x, w, gy))
         y = dwconv3d._DepthwiseConv3dFunction.apply(x, w, stride, dilation)
         gx, gw = torch.autograd.grad(y, (x, w), gy, create_graph=True)
-        out[name] = torch.autograd.grad((gx * a).sum() + (gw * b).sum(), (x, w, gy))
-    torch.save(out, path + '.out')
+        out[name] = tuple(g.cpu() for g in torch.autograd.grad((gx * a.to(device)).sum() + (gw * b.to(device)).sum(),
+                                                               (x, w, gy)))
+    return out
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason='triton is not installed')
-def test_triton_kernels_twice_differentiated_match_conv3d(tmp_path):
-    """The real kernels (Triton interpreter, child process as in test_dwconv3d.py): d/d(x, w, gy) of
-    <grad_x, a> + <grad_w, b> against float64 conv3d double backward."""
+def _double_backward_child(path):
+    """In a TRITON_INTERPRET=1 child: _double_backward of the saved cases."""
+    torch.save(_double_backward(torch.load(path)), path + '.out')
+
+
+def _twice_cases():
     cases = {}
     g = torch.Generator().manual_seed(0)
     for k, stride, dilation, c in ((3, 2, 1, 2), (5, 1, 2, 1)):
@@ -229,13 +232,11 @@ def test_triton_kernels_twice_differentiated_match_conv3d(tmp_path):
         n = (5 - 1) // stride + 1
         gy, a, b = torch.randn(1, c, n, n, n, generator=g), torch.randn_like(x), torch.randn_like(w)
         cases[f'k{k}s{stride}d{dilation}'] = (x, w, gy, a, b, stride, dilation)
-    path = str(tmp_path / 'cases.pt')
-    torch.save(cases, path)
-    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=REPO, OMP_NUM_THREADS='1')
-    child = subprocess.run([sys.executable, os.path.abspath(__file__), path], env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
-    results = torch.load(path + '.out')
+    return cases
+
+
+def _check_twice(cases, results):
+    """results (from _double_backward) against float64 conv3d double backward."""
     for name, (x, w, gy, a, b, stride, dilation) in cases.items():
         x64, w64, gy64 = (t.double().requires_grad_() for t in (x, w, gy))
         k = w.shape[-1]
@@ -245,6 +246,28 @@ def test_triton_kernels_twice_differentiated_match_conv3d(tmp_path):
         for got, ref in zip(results[name], want):
             assert got.shape == ref.shape
             assert float((got.double() - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), name
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason='triton is not installed')
+def test_triton_kernels_twice_differentiated_match_conv3d(tmp_path):
+    """The real kernels (Triton interpreter, child process as in test_dwconv3d.py): d/d(x, w, gy) of
+    <grad_x, a> + <grad_w, b> against float64 conv3d double backward."""
+    cases = _twice_cases()
+    path = str(tmp_path / 'cases.pt')
+    torch.save(cases, path)
+    env = dict(os.environ, TRITON_INTERPRET='1', OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join(filter(None, (REPO, os.environ.get('PYTHONPATH')))))  # (a side-folder triton)
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), path], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
+    _check_twice(cases, torch.load(path + '.out'))
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason='needs CUDA and triton')
+def test_triton_kernels_twice_differentiated_on_cuda():
+    """The same check with the compiled kernels on CUDA tensors (where the GPU machine runs them)."""
+    cases = _twice_cases()
+    _check_twice(cases, _double_backward(cases, 'cuda'))
 
 
 # ---------------------------------------------------------------- bench.py --BENCH=hypergrad
