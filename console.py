@@ -149,7 +149,8 @@ def full_rule(name, rule):
 # What the functions a rule may call (settings.RULE_FUNCTIONS) allow, in words.
 RULE_FUNCTION_WORDS = {'folds': 'fold numbers (one or more, each >= 0)', 'ints': 'whole numbers',
                        'isfile': 'an existing file', 'isdir': 'an existing folder',
-                       'device': "'cpu', 'cuda' or 'cuda:<index>' of a GPU this machine has"}
+                       'device': "'cpu', 'cuda' or 'cuda:<index>' of a GPU this machine has",
+                       'tensorboard': 'True only where the tensorboard package is installed'}
 _OPS = {ast.Lt: '<', ast.LtE: '<=', ast.Gt: '>', ast.GtE: '>=', ast.Eq: '==', ast.NotEq: '!=', ast.In: 'in',
         ast.NotIn: 'not in'}
 

@@ -262,7 +262,8 @@ def main(**overrides):
     for fold, (model, mean, std) in models.items():
         result[f'prob_fold{fold}'] = fold_probs(model, cubes, mean, std, cfg['BATCH_SIZE'], cfg['DEVICE'])
     probs = result[[f'prob_fold{f}' for f in models]]
-    result['prob_mean'], result['prob_std'] = probs.mean(axis=1), probs.std(axis=1, ddof=0)
+    result['prob_mean'] = probs.mean(axis=1).astype(np.float32)  # float32's digits, as the fold models'
+    result['prob_std'] = probs.std(axis=1, ddof=0).astype(np.float32)
     own = not cfg['SCAN'] and os.path.abspath(root) == os.path.abspath(run_cfg['DATA'])
     if own and 'fold' in result.columns:  # the model of a nodule's own fold never trained on it (float32 as the rest)
         result['prob_heldout'] = np.array([row[f'prob_fold{int(row["fold"])}'] if int(row['fold']) in models

@@ -290,6 +290,7 @@ def settings_of(module_globals):
 RESUME_HINT = 'the last checkpoint is kept'
 _RUN_FOLDER = []  # [path, new]: the run folder this process opened (runfolder.Run notes it) and whether it made it
 STARTED_FILES = ('config.json', 'log.txt')  # what a run folder holds before its first checkpoint or result
+EVENT_FILES = 'events.out.tfevents.'  # TensorBoard's (tboard.py), in the folder and in a retrain's fold<f>/
 
 
 def note_run_folder(path, new=False):
@@ -299,11 +300,12 @@ def note_run_folder(path, new=False):
 
 
 def discard_unstarted(path):
-    """Remove a run folder this process made when it holds nothing but STARTED_FILES (the run was interrupted before
-    anything worth keeping was written); returns whether it did. Anything else in it keeps the folder."""
+    """Remove a run folder this process made when it holds nothing but STARTED_FILES and TensorBoard event files
+    (the run was interrupted before anything worth keeping was written); returns whether it did. Anything else in it
+    keeps the folder."""
     try:
         for folder, _, files in os.walk(path):
-            if folder != path and files or folder == path and set(files) - set(STARTED_FILES):
+            if any(not f.startswith(EVENT_FILES) and (folder != path or f not in STARTED_FILES) for f in files):
                 return False
         shutil.rmtree(path)
     except OSError:

@@ -108,8 +108,8 @@ def test_bench_help_heads_sections_instead_of_attaching_them_to_the_setting_abov
     lines = text.splitlines()
     amp = lines.index(next(x for x in lines if x.startswith('  --AMP=')))
     assert lines[amp].endswith('bf16 autocast in the step benchmarks')
-    assert lines[amp + 1] == '' and lines[amp + 2].startswith("  BENCH='methods' (not in 'all'): search with each")
-    assert lines[amp + 3].startswith('  --METHODS_EPOCHS=')
+    assert lines[amp + 1] == '' and lines[amp + 2].startswith("  BENCH='methods' (not in 'all'; benchmarks/methods.py)")
+    assert lines[amp + 3].startswith('  --METHODS_DATA=')
     assert next(x for x in lines if x.startswith('  --MEMORY_GB=')).endswith('the largest batch that fits is '
                                                                              'estimated for it  [> 0]')
     budget = next(x for x in lines if x.startswith('  --GPU_BUDGET_S='))  # a comment's next line continues it

@@ -64,7 +64,8 @@ def test_predict_reproduces_the_runs_test_fold_probabilities(finished, cubes):
     assert 'held-out prediction only for the nodules of fold f' in read_log(out['run'])
     with open(os.path.join(out['run'], 'predictions.csv')) as f:  # every probability with float32's digits
         cells = [dict(zip(header, line.split(','))) for header in [f.readline().strip().split(',')] for line in f]
-    digits = {c: max(len(r[c].strip().partition('.')[2]) for r in cells) for c in cells[0] if c.startswith('prob_')}
+    digits = {c: max(len(r[c].strip().partition('e')[0].partition('.')[2].lstrip('0')) for r in cells)  # significant
+              for c in cells[0] if c.startswith('prob_')}
     assert max(digits.values()) <= 9 and digits['prob_heldout'] <= digits['prob_fold8'] + 1, digits
 
 
