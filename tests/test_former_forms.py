@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import write_cube_set
+from test_resume import Killed, only_folder
 
 import architect
 import data
@@ -29,18 +30,9 @@ SEARCH = dict(DEVICE='cpu', C=4, LAYERS=3, CUBE=8, BATCH_SIZE=3, SEARCH_FOLDS=(0
 FORMER = dict(REDUCE_SHIFT=True, MBCONV_AFFINE=False)  # the forms of main before this change
 
 
-class Killed(Exception):
-    """A simulated kill."""
-
-
 @pytest.fixture(scope='module')
 def cubes(tmp_path_factory):
     return write_cube_set(tmp_path_factory.mktemp('set'), scans_per_fold=2, nodules_per_scan=1)
-
-
-def only_folder(runs):
-    (name,) = os.listdir(runs)
-    return os.path.join(runs, name)
 
 
 def as_written_before(folder, names):
