@@ -270,7 +270,7 @@ def test_an_interrupted_atomic_write_leaves_the_old_file_and_no_temporary(tmp_pa
 
 
 def test_drop_path_tensor_of_a_graphed_retrain_is_updated_in_place(tmp_path, monkeypatch):
-    # With CUDA_GRAPHS the captured step reads the drop-path tensor graphs.graph_ready_drop_path made: each epoch
+    # With CUDA_GRAPHS the captured step reads the drop-path tensor graphs.graph_ready_values made: each epoch
     # must write its new value (DROP_PATH e / E = 0, 0.1, 0.2) into that tensor, not bind a new one. On the CPU the
     # graphed step is the eager one over the same graph-ready model.
     cubes = write_cube_set(tmp_path / 'cubes', size=8)
@@ -278,7 +278,7 @@ def test_drop_path_tensor_of_a_graphed_retrain_is_updated_in_place(tmp_path, mon
     eager, real_epoch = graphs.retrain_step, engine.run_epoch
 
     def graph_ready(model, opt, params, grad_clip, cuda_graphs=False, **kw):
-        ready['model'], ready['tensor'] = model, graphs.graph_ready_drop_path(model).drop_path_prob
+        ready['model'], ready['tensor'] = model, graphs.graph_ready_values(model).drop_path_prob
         return eager(model, opt, params, grad_clip, False, **kw)
 
     def run_epoch(*a, **k):
