@@ -212,16 +212,13 @@ def write_cams(out_dir, table, cubes, models, probs, cells, cfg, log):
         luna.save_npy_atomic(os.path.join(out_dir, f'{nid}.npy'), volume)
         label = table['label'][i] if 'label' in table.columns else float('nan')
         truth = 'unknown' if pd.isna(label) else ('malignant' if int(label) else 'benign')
-        png = os.path.join(out_dir, f'{nid}.png')
-        part = os.path.join(out_dir, f'.{nid}.part.png')  # matplotlib takes the format from the suffix
-        evaluation.plot_cam(cubes[i], volume, part,
+        evaluation.plot_cam(cubes[i], volume, os.path.join(out_dir, f'{nid}.png'),  # written whole (common.save)
                             f'nodule {nid}: P(malignant) = {probs[i]:.3f} '
                             f'(mean of {plural(len(models), "fold model")}), '
                             f'predicted {"malignant" if target else "benign"}, label {truth}\n'
                             f'LayerCAM of class {"malignant" if target else "benign"}, {which}; '
                             f'{run_name(cfg["RUN"])}' + scan_warning(table, i),
                             diameter_mm=table['diameter_mm'].iloc[i] if 'diameter_mm' in table.columns else None)
-        os.replace(part, png)
     log(f'LayerCAM: {len(table)} maps in {time.time() - t0:.0f} s: {out_dir}')
 
 
